@@ -1,0 +1,60 @@
+"""Build: `pip install -e .` (install torch first: `pip install torch==2.13.0` on a CPU machine).
+
+The C++ extension `xlmr_mp._C` (csrc/*.cpp, pybind11 + numpy only) is always built. The CUDA
+kernels (`xlmr_mp._cuda`, csrc/cuda/) are built only when torch is importable in the build
+environment as a CUDA build and nvcc is present (use `pip install --no-build-isolation -e .`
+on GPU machines); otherwise they are skipped cleanly and the torch references are used.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+except ImportError as e:  # pragma: no cover
+    raise SystemExit("pybind11 is needed to build xlmr_mp: pip install pybind11") from e
+
+
+def cuda_extensions():
+    """CUDA kernels, only with a CUDA build of torch and nvcc; [] otherwise."""
+    if os.environ.get("XLMR_MP_NO_CUDA", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    if not sources or torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "7.0;8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+    ext = CUDAExtension("xlmr_mp._cuda", sources, include_dirs=[os.path.abspath("csrc/cuda")],
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})
+    return [ext], {"build_ext": BuildExtension}
+
+
+cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+ext_modules = [Pybind11Extension("xlmr_mp._C", cpp_sources, cxx_std=17,
+                                 extra_compile_args=["-O3"])] if cpp_sources else []
+cmdclass = {"build_ext": build_ext}
+cuda_exts, cuda_cmd = cuda_extensions()
+ext_modules += cuda_exts
+cmdclass.update(cuda_cmd)
+
+setup(
+    name="xlmr_mp",
+    version="0.1.0",
+    description="Megatron-style model-parallel pretraining of XLM-R-style multilingual masked LMs",
+    packages=find_packages(include=["xlmr_mp", "xlmr_mp.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    # torch is deliberately unpinned: install the right build first (CPU: torch==2.13.0).
+    install_requires=["torch", "megatron-core>=0.16", "sentencepiece", "numpy", "pybind11",
+                      "pyyaml", "tqdm", "safetensors"],
+    extras_require={"mpi": ["mpi4py"], "hf": ["transformers"], "tb": ["tensorboard"],
+                    "test": ["pytest", "pytest-timeout", "transformers", "mpi4py"]},
+    zip_safe=False,
+)

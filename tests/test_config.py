@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import yaml
+
+from xlmr_mp.config import ConfigError, dump_config, grad_accumulation_steps, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "launch", "configs", "tiny.yaml")
+
+
+def test_tiny_preset_loads_and_overrides():
+    cfg = load_config(TINY, ["model.hidden_size=64", "optim.lr=1e-3", "optim.betas=[0.9,0.99]"])
+    assert cfg.model.hidden_size == 64
+    assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("override,fragment", [
+    (["model.hiden_size=3"], "model.hiden_size"),
+    (["optim.lr=abc"], "optim.lr"),
+    (["parallel.schedule=zigzag"], "parallel.schedule"),
+    (["model.num_heads=3"], "model.num_heads"),
+    (["train.global_batch=10", "train.micro_batch=4"], "train.global_batch"),
+])
+def test_bad_options_are_named(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(TINY, override)
+
+
+def test_layout_checks_world_size():
+    with pytest.raises(ConfigError, match="parallel.tensor"):
+        load_config(TINY, ["parallel.tensor=2", "parallel.pipeline=2"], world_size=6)
+    cfg = load_config(TINY, ["parallel.tensor=2", "train.global_batch=16", "train.micro_batch=2"], world_size=4)
+    assert cfg.parallel.data == 2 and grad_accumulation_steps(cfg) == 4
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(TINY, ["optim.lr=2e-3"])
+    out = tmp_path / "run" / "config.yaml"
+    dump_config(cfg, str(out))
+    again = load_config(str(out))
+    assert again == cfg
+    assert yaml.safe_load(out.read_text())["optim"]["lr"] == 2e-3

@@ -1,0 +1,312 @@
+"""Run configuration: small per-component dataclasses composed into one `RunConfig`.
+
+Precedence: dataclass defaults, then a YAML preset, then `key.sub=value` overrides.
+`load_config()` validates everything before anything is allocated; errors name the option.
+`dump_config()` writes the resolved config (YAML) into the run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from xlmr_mp.data.config import DataConfig
+from xlmr_mp.model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the option and the fix."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1                 # TP size
+    pipeline: int = 1               # PP size
+    data: int = 0                   # DP size; 0 = world_size / (TP * PP)
+    virtual_stages: int = 1         # >1 selects the interleaved 1F1B schedule
+    schedule: str = "1f1b"          # 1f1b | interleaved | gpipe
+    stage_layers: Optional[list] = None  # explicit layers per (virtual) stage, e.g. [5, 6, 6, 7]
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded across DP
+    ddp_bucket_mb: float = 25.0
+    backend: str = "auto"           # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+    def validate(self) -> None:
+        for name in ("tensor", "pipeline", "virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.data < 0:
+            raise ConfigError(f"parallel.data={self.data} must be >= 0 (0 = infer from world size)")
+        if self.schedule not in ("1f1b", "interleaved", "gpipe"):
+            raise ConfigError(f"parallel.schedule={self.schedule!r}: choose 1f1b, interleaved or gpipe")
+        if self.schedule == "interleaved" and self.virtual_stages < 2:
+            raise ConfigError("parallel.schedule=interleaved needs parallel.virtual_stages >= 2")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"parallel.backend={self.backend!r}: choose auto, nccl or gloo")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 0.0
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01      # not applied to biases and LayerNorm weights
+    clip_grad: float = 1.0          # global gradient-norm clip; 0 disables
+    warmup_steps: int = 10000
+    decay: str = "linear"           # linear | cosine | constant
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas} must be two values in [0, 1)")
+        if self.decay not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"optim.decay={self.decay!r}: choose linear, cosine or constant")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"             # fp32 | bf16 | fp16
+    initial_loss_scale: float = 2.0 ** 16
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000   # steps without overflow before doubling the scale
+    hysteresis: int = 1
+
+    def validate(self) -> None:
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision.dtype={self.dtype!r}: choose fp32, bf16 or fp16")
+        if self.min_loss_scale <= 0 or self.initial_loss_scale < self.min_loss_scale:
+            raise ConfigError("precision.initial_loss_scale must be >= precision.min_loss_scale > 0")
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 8192        # sequences per optimizer step
+    micro_batch: int = 16           # sequences per forward on one DP rank
+    train_steps: int = 1_500_000
+    seed: int = 1234
+    recompute: str = "none"         # none | full | selective
+    eval_interval: int = 2000
+    eval_batches: int = 10
+    device: str = "auto"            # auto | cpu | cuda
+
+    def validate(self) -> None:
+        if self.global_batch < 1 or self.micro_batch < 1:
+            raise ConfigError("train.global_batch and train.micro_batch must be >= 1")
+        if self.recompute not in ("none", "full", "selective"):
+            raise ConfigError(f"train.recompute={self.recompute!r}: choose none, full or selective")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device={self.device!r}: choose auto, cpu or cuda")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""                   # default: <run_dir>/checkpoints
+    interval: int = 1000            # steps between saves; 0 = only at the end / on signal
+    keep_last: int = 3
+    load: str = ""                  # checkpoint dir to start from (any TP/PP/DP layout)
+    resume: bool = True             # resume from <dir>/latest when it exists
+
+    def validate(self) -> None:
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    tensorboard: bool = True
+    jsonl: bool = True
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Validate every component, then the cross-component layout (world size, batch)."""
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if hasattr(sub, "validate"):
+                sub.validate()
+        validate_layout(self, world_size)
+
+
+def validate_layout(cfg: RunConfig, world_size: Optional[int]) -> None:
+    """Check TP x PP x DP against the world size and the batch arithmetic; fill parallel.data."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    if m.num_heads % p.tensor:
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
+    if m.hidden_size % p.tensor:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by parallel.tensor={p.tensor}")
+    if m.ffn_size % p.tensor:
+        raise ConfigError(f"model.ffn_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
+    if world_size is not None:
+        mp = p.tensor * p.pipeline
+        if world_size % mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
+                f"{p.tensor} x {p.pipeline} = {mp}; change the task count or the layout")
+        dp = world_size // mp
+        if p.data and p.data != dp:
+            raise ConfigError(
+                f"parallel.data={p.data} but world size {world_size} / (TP {p.tensor} x PP {p.pipeline}) = {dp}; "
+                f"set parallel.data=0 to infer it")
+        p.data = dp
+    dp = p.data or 1
+    if t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
+            f"data-parallel size {dp} = {t.micro_batch * dp}; change train.global_batch or train.micro_batch")
+    nstages = p.pipeline * p.virtual_stages
+    if p.stage_layers is not None:
+        if len(p.stage_layers) != nstages:
+            raise ConfigError(
+                f"parallel.stage_layers has {len(p.stage_layers)} entries, need pipeline x virtual_stages = {nstages}")
+        if sum(p.stage_layers) != m.num_layers:
+            raise ConfigError(
+                f"parallel.stage_layers sums to {sum(p.stage_layers)}, model.num_layers={m.num_layers}")
+    elif m.num_layers < nstages:
+        raise ConfigError(f"model.num_layers={m.num_layers} < pipeline stages {nstages}")
+
+
+def grad_accumulation_steps(cfg: RunConfig) -> int:
+    return cfg.train.global_batch // (cfg.train.micro_batch * max(cfg.parallel.data, 1))
+
+
+# ----------------------------------------------------------------------------- YAML + overrides
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a YAML/override value to the annotated type of `key`."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = [a for a in args if a is not type(None)][0]
+        origin = typing.get_origin(typ)
+    if isinstance(value, str) and typ not in (str,):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {value!r}: {e}") from None
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if typ is str:
+            return str(value)
+        if typ in (tuple, list) or origin in (tuple, list):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return (tuple if (typ is tuple or origin is tuple) else list)(value)
+        if typ is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
+    return value
+
+
+def _apply(obj: Any, path: list, value: Any, full_key: str) -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    head = path[0]
+    if head not in names:
+        raise ConfigError(
+            f"unknown option {full_key!r}: {type(obj).__name__} has no field {head!r} "
+            f"(valid: {', '.join(sorted(names))})")
+    cur = getattr(obj, head)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(cur):
+            raise ConfigError(f"unknown option {full_key!r}: {head!r} has no sub-options")
+        _apply(cur, path[1:], value, full_key)
+        return
+    if dataclasses.is_dataclass(cur):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{full_key} is a section; give it a mapping or set {full_key}.<field>")
+        for k, v in value.items():
+            _apply(cur, [k], v, f"{full_key}.{k}")
+        return
+    setattr(obj, head, _coerce(value, _field_types(type(obj))[head], full_key))
+
+
+def apply_overrides(cfg: RunConfig, overrides: list) -> RunConfig:
+    """Apply `key.sub=value` strings to `cfg` in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip().split("."), value, key.strip())
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
+                world_size: Optional[int] = None, validate: bool = True) -> RunConfig:
+    """Defaults, then the YAML preset at `path`, then overrides; validated unless told not to."""
+    cfg = RunConfig()
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} does not exist (presets live in launch/configs/)")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for k, v in data.items():
+            _apply(cfg, [k], v, k)
+    apply_overrides(cfg, overrides or [])
+    if validate:
+        cfg.validate(world_size)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    def conv(x):
+        if isinstance(x, tuple):
+            return list(x)
+        if isinstance(x, list):
+            return [conv(i) for i in x]
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return x
+    return conv(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config as YAML, atomically (tmp name, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,36 @@
+"""Data configuration: where the indexed datasets are, language sampling, packing, masking."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                   # OUT of tools/preprocess_data.py: <path>/<lang>/{train,valid,test}.{bin,idx}
+    tokenizer: str = ""              # SentencePiece model (P.model) with P.dict.txt beside it
+    languages: Optional[list] = None  # None = every language found under path
+    alpha: float = 0.3               # q_i proportional to p_i^alpha
+    share_unit: str = "tokens"       # tokens | sentences: what p_i counts
+    seq_length: int = 512            # block size (tokens, incl. <s>)
+    mask_prob: float = 0.15
+    mask_replace_prob: float = 0.8   # of masked: <mask>
+    random_replace_prob: float = 0.1  # of masked: random non-special token
+    whole_word_mask: bool = False
+    span_mask: bool = False
+    span_mean_length: float = 3.0
+    num_workers: int = 0
+    seed: int = 1234
+
+    def validate(self) -> None:
+        from xlmr_mp.config import ConfigError
+        if self.alpha <= 0 or self.alpha > 1:
+            raise ConfigError(f"data.alpha={self.alpha} must be in (0, 1]")
+        if self.share_unit not in ("tokens", "sentences"):
+            raise ConfigError(f"data.share_unit={self.share_unit!r}: choose tokens or sentences")
+        if not 0 < self.mask_prob < 1:
+            raise ConfigError(f"data.mask_prob={self.mask_prob} must be in (0, 1)")
+        if self.mask_replace_prob + self.random_replace_prob > 1:
+            raise ConfigError("data.mask_replace_prob + data.random_replace_prob must be <= 1")
+        if self.seq_length < 4:
+            raise ConfigError(f"data.seq_length={self.seq_length} must be >= 4")
