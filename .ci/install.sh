@@ -14,3 +14,8 @@ if [ -n "$need_apt" ] && [ "$(id -u)" = 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need_apt >/dev/null
 fi
 $PIP -e ".[test,mpi,hf,tb]"
+# Component-specific install steps (SLURM cluster, CUDA compile toolchain wheels, ...).
+for f in .ci/install.d/*.sh; do
+  [ -e "$f" ] && bash "$f"
+done
+exit 0
