@@ -1,0 +1,377 @@
+"""Pipeline parallelism on `torch.distributed.pipelining`: stage layout, stage construction, and
+one optimizer step's forward+backward over all micro-batches (1F1B, interleaved 1F1B, GPipe).
+
+    chunks = build_pipeline_stages(cfg.model, groups, cfg.parallel)  # this rank's model chunks
+    sync_tied_embedding_weight(chunks, groups)                      # once, after init / load
+    pipe = PipelineSchedule(chunks, groups, cfg.parallel, n_microbatches)
+    loss = pipe.step(micro_batches, global_num_masked)   # float on the last stage, else None
+    loss = broadcast_step_loss(loss, groups)             # the same float on every PP rank
+    sync_tied_embedding_grads(chunks, groups)            # before clipping / optimizer step
+
+A stage is a contiguous range of encoder layers (global indices) plus the embeddings on global
+stage 0 and the masked-LM head on the last global stage. With `virtual_stages` V > 1 each rank
+holds V chunks; chunk v of pipeline rank r is global stage v * PP + r (Megatron's interleaving,
+the order `ScheduleInterleaved1F1B` expects).
+
+Between stages only the hidden states travel ([B, S, H] float, the only tensor with a
+gradient); the attention mask and the labels are passed to every stage as keyword arguments
+from the micro-batch dicts, so every rank of a pipeline group must call `step()` with the same
+micro-batches (each rank of one DP replica reads the same data). The last stage's output is the
+micro-batch's masked-LM loss sum; the schedule's loss function divides it by the step's global
+number of masked tokens (the loss normalisation contract), so gradients accumulate exactly as in
+a single-process loop over the same micro-batches.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from xlmr_mp.config import ConfigError
+
+SCHEDULES = ("1f1b", "interleaved", "gpipe")
+
+
+# ----------------------------------------------------------------------------- stage layout
+
+def stage_layer_counts(num_layers: int, num_stages: int, stage_layers: Optional[Sequence[int]] = None,
+                       first_last_fewer: int = 0) -> list[int]:
+    """Encoder layers per global stage: `stage_layers` when given (validated), else an even split
+    in which the first and last stage count as carrying `first_last_fewer` extra layers (the
+    250k-row embedding and the masked-LM head), so they get that many fewer when it balances."""
+    if num_stages < 1:
+        raise ConfigError(f"pipeline stages = {num_stages}; parallel.pipeline and parallel.virtual_stages must be >= 1")
+    if stage_layers is not None:
+        counts = list(stage_layers)
+        if len(counts) != num_stages:
+            raise ConfigError(
+                f"parallel.stage_layers={counts} has {len(counts)} entries; it needs one per pipeline stage, "
+                f"parallel.pipeline x parallel.virtual_stages = {num_stages}")
+        for i, c in enumerate(counts):
+            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                raise ConfigError(f"parallel.stage_layers[{i}]={c!r} must be an integer >= 0")
+            if c == 0 and 0 < i < num_stages - 1:
+                raise ConfigError(
+                    f"parallel.stage_layers[{i}]=0: a middle stage without layers holds nothing; "
+                    f"give it at least one layer or use fewer stages")
+        if sum(counts) != num_layers:
+            raise ConfigError(
+                f"parallel.stage_layers={counts} sums to {sum(counts)} but model.num_layers={num_layers}; "
+                f"make the entries add up to the layer count")
+        return counts
+    if first_last_fewer < 0:
+        raise ConfigError(f"parallel.first_last_fewer={first_last_fewer} must be >= 0")
+    if num_layers < num_stages:
+        raise ConfigError(
+            f"model.num_layers={num_layers} < {num_stages} pipeline stages (parallel.pipeline x "
+            f"parallel.virtual_stages); use fewer stages or set parallel.stage_layers explicitly")
+    ends = {0, num_stages - 1}
+    extra = [first_last_fewer if (s in ends and num_stages > 1) else 0 for s in range(num_stages)]
+    counts = [0] * num_stages
+    for _ in range(num_layers):
+        # water-filling: the next layer goes to the stage with the least work; ties prefer middle
+        # stages (the ends carry the embedding / head), then the lower index.
+        s = min(range(num_stages), key=lambda i: (counts[i] + extra[i], i in ends, i))
+        counts[s] += 1
+    if any(c == 0 for c in counts[1:-1]):
+        raise ConfigError(
+            f"parallel.first_last_fewer={first_last_fewer} leaves a middle stage without layers "
+            f"({counts}); lower it or set parallel.stage_layers")
+    return counts
+
+
+def stage_layer_ids(num_layers: int, pp_size: int, virtual_stages: int = 1,
+                    stage_layers: Optional[Sequence[int]] = None, first_last_fewer: int = 0) -> list[list[int]]:
+    """Global encoder-layer indices of every global pipeline stage (PP x V stages, in model
+    order). Chunk v of pipeline rank r is global stage v * pp_size + r."""
+    counts = stage_layer_counts(num_layers, pp_size * virtual_stages, stage_layers, first_last_fewer)
+    out, start = [], 0
+    for c in counts:
+        out.append(list(range(start, start + c)))
+        start += c
+    return out
+
+
+def local_stage_indices(pp_rank: int, pp_size: int, virtual_stages: int) -> list[int]:
+    """Global stage indices of the chunks held by pipeline rank `pp_rank`, chunk order."""
+    return [v * pp_size + pp_rank for v in range(virtual_stages)]
+
+
+def _layout_from_config(model_cfg, parallel_cfg) -> list[list[int]]:
+    return stage_layer_ids(model_cfg.num_layers, parallel_cfg.pipeline, parallel_cfg.virtual_stages,
+                           parallel_cfg.stage_layers, getattr(parallel_cfg, "first_last_fewer", 0))
+
+
+def validate_pipeline_config(model_cfg, parallel_cfg, n_microbatches: Optional[int] = None) -> None:
+    """Check the pipeline options against the model and the number of micro-batches per step;
+    errors name the option to change."""
+    pp, v = parallel_cfg.pipeline, parallel_cfg.virtual_stages
+    if parallel_cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"parallel.schedule={parallel_cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if v > 1 and pp < 2:
+        raise ConfigError(
+            f"parallel.virtual_stages={v} needs parallel.pipeline >= 2 (interleaving spreads chunks over "
+            f"pipeline ranks); set parallel.virtual_stages=1")
+    if v > 1 and parallel_cfg.schedule == "gpipe":
+        raise ConfigError("parallel.schedule=gpipe supports one chunk per rank; set parallel.virtual_stages=1 "
+                          "or parallel.schedule=interleaved")
+    _layout_from_config(model_cfg, parallel_cfg)
+    if n_microbatches is not None and pp > 1:
+        if n_microbatches < 1:
+            raise ConfigError(f"{n_microbatches} micro-batches per step; need at least one")
+        kind = schedule_kind(parallel_cfg)
+        if kind == "1f1b" and n_microbatches < pp:
+            raise ConfigError(
+                f"1F1B needs at least parallel.pipeline={pp} micro-batches per step but gets {n_microbatches} "
+                f"(train.global_batch / (train.micro_batch x DP)); raise train.global_batch or lower "
+                f"train.micro_batch")
+        if kind == "interleaved":
+            rounds = max(1, n_microbatches // pp)
+            if n_microbatches % rounds:
+                raise ConfigError(
+                    f"interleaved 1F1B needs the micro-batches per step ({n_microbatches}) to be a multiple of "
+                    f"{rounds} (= micro-batches // parallel.pipeline); use a multiple of parallel.pipeline={pp}")
+
+
+def schedule_kind(parallel_cfg) -> str:
+    """'1f1b', 'interleaved' or 'gpipe' (virtual_stages > 1 always means interleaved)."""
+    if parallel_cfg.virtual_stages > 1:
+        return "interleaved"
+    return "1f1b" if parallel_cfg.schedule == "interleaved" else parallel_cfg.schedule
+
+
+# ----------------------------------------------------------------------------- building stages
+
+def build_pipeline_stages(model_cfg, groups, parallel_cfg, model_cls=None) -> list[nn.Module]:
+    """This rank's model chunks (one per virtual stage, chunk order), each an `XLMRModel` holding
+    its global stage's layers, the embeddings on global stage 0 and the head on the last one.
+    Parameters keep global names and are initialised from per-parameter generators, so they equal
+    the single-process model's (the tied decoder copy on the last stage starts equal to the
+    embedding; `sync_tied_embedding_weight` re-asserts it after loading)."""
+    if model_cls is None:
+        from xlmr_mp.model.xlmr import XLMRModel as model_cls
+    validate_pipeline_config(model_cfg, parallel_cfg)
+    pp_size = groups.pp_size if groups is not None else 1
+    pp_rank = groups.pp_rank if groups is not None else 0
+    if pp_size != parallel_cfg.pipeline:
+        raise ConfigError(f"parallel.pipeline={parallel_cfg.pipeline} but the pipeline group has {pp_size} ranks")
+    layout = _layout_from_config(model_cfg, parallel_cfg)
+    last = len(layout) - 1
+    chunks = []
+    for g in local_stage_indices(pp_rank, pp_size, parallel_cfg.virtual_stages):
+        chunk = model_cls(model_cfg, tp_group=groups.tp_group if groups is not None else None,
+                          layer_ids=layout[g], has_embeddings=(g == 0), has_head=(g == last))
+        chunk.pipeline_stage_index = g
+        chunks.append(chunk)
+    return chunks
+
+
+# ----------------------------------------------------------------------------- tied embedding
+
+def _tied_weight(chunks: Sequence[nn.Module]) -> Optional[torch.Tensor]:
+    """The word-embedding weight (first stage) or the tied decoder copy (last stage) of this rank,
+    None on ranks that hold neither. A rank holding both (PP=1) shares one tensor: nothing to sync."""
+    first = [c for c in chunks if getattr(c, "has_embeddings", False)]
+    last = [c for c in chunks if getattr(c, "has_head", False)]
+    if first and last:
+        return None
+    if first:
+        return _embedding_weight(first[0])
+    if last:
+        return _decoder_weight(last[0])
+    return None
+
+
+def _embedding_weight(model: nn.Module) -> torch.Tensor:
+    fn = getattr(model, "word_embedding_weight", None)
+    if callable(fn):
+        return fn()
+    return model.embeddings.word_embeddings.weight
+
+
+def _decoder_weight(model: nn.Module) -> torch.Tensor:
+    fn = getattr(model, "tied_decoder_weight", None)
+    if callable(fn):
+        return fn()
+    return model.lm_head.decoder_weight
+
+
+def _embedding_group_active(groups) -> bool:
+    return groups is not None and groups.pp_size > 1 and groups.embedding_group is not None \
+        and dist.get_world_size(groups.embedding_group) > 1
+
+
+def sync_tied_embedding_weight(chunks: Sequence[nn.Module], groups) -> None:
+    """Copy the first stage's word embedding into the last stage's tied decoder weight
+    (broadcast over the embedding group); no-op without pipeline parallelism."""
+    if not _embedding_group_active(groups):
+        return
+    w = _tied_weight(chunks)
+    if w is None:
+        return
+    with torch.no_grad():
+        dist.broadcast(w.data, group=groups.embedding_group, group_src=0)
+
+
+def sync_tied_embedding_grads(chunks: Sequence[nn.Module], groups) -> None:
+    """Sum the gradients of the word embedding (first stage) and its tied decoder copy (last
+    stage) over the embedding group, so both copies take the same optimizer step. Call after
+    `step()` (and after the DP all-reduce or before it: both are sums), before clipping."""
+    if not _embedding_group_active(groups):
+        return
+    w = _tied_weight(chunks)
+    if w is None:
+        return
+    if w.grad is None:
+        w.grad = torch.zeros_like(w)
+    dist.all_reduce(w.grad, group=groups.embedding_group)
+
+
+def broadcast_step_loss(loss: Optional[float], groups) -> float:
+    """The step loss computed on the last pipeline stage, as a float on every rank of the
+    pipeline group (identity without pipeline parallelism)."""
+    if groups is None or groups.pp_size == 1:
+        return float(loss)
+    t = torch.tensor([float(loss) if loss is not None else 0.0], dtype=torch.float64)
+    dist.broadcast(t, group=groups.pp_group, group_src=groups.pp_size - 1)
+    return t.item()
+
+
+# ----------------------------------------------------------------------------- stage modules
+
+def masked_lm_loss_sum(model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the masked-token cross entropy of one micro-batch (a 0-d tensor)."""
+    fn = getattr(model, "loss_sum", None)
+    if fn is None:
+        fn = getattr(model, "masked_lm_loss_sum")
+    out = fn(x, attention_mask=attention_mask, labels=labels)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _StageModule(nn.Module):
+    """What `PipelineStage` runs for one chunk: hidden states in, hidden states out; the last
+    stage returns the micro-batch's masked-LM loss sum instead. `attention_mask` and `labels`
+    arrive as keyword arguments on every stage (they never travel between stages)."""
+
+    def __init__(self, model: nn.Module, is_last: bool):
+        super().__init__()
+        self.model = model
+        self.is_last = is_last
+
+    def forward(self, x, attention_mask=None, labels=None):
+        if self.is_last:
+            # [] float: sum of masked-token CE of this micro-batch
+            return masked_lm_loss_sum(self.model, x, attention_mask, labels)
+        # [B, S, H] float: hidden states sent to the next stage
+        return self.model(x, attention_mask=attention_mask)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+class PipelineSchedule:
+    """Forward and backward of all micro-batches of one optimizer step on this rank's chunks,
+    with gradients accumulated into the chunks' parameters (not zeroed here, not DP-reduced).
+    PP=1 runs a plain loop over the micro-batches with the same loss normalisation."""
+
+    def __init__(self, chunks: Sequence[nn.Module], groups, parallel_cfg, n_microbatches: int,
+                 device: Optional[torch.device] = None):
+        self.chunks = list(chunks)
+        self.groups = groups
+        self.n_microbatches = n_microbatches
+        self.pp_size = groups.pp_size if groups is not None else 1
+        self.kind = schedule_kind(parallel_cfg)
+        self._global_num_masked: Optional[float] = None
+        if self.pp_size > 1:
+            if n_microbatches < 1:
+                raise ConfigError(f"{n_microbatches} micro-batches per step; need at least one")
+            self._check_micro_batch_count(parallel_cfg)
+            self.device = device or _chunk_device(self.chunks[0])
+            self._schedule = self._build_schedule(parallel_cfg)
+        elif len(self.chunks) != 1:
+            raise ConfigError("without pipeline parallelism a rank holds exactly one model chunk")
+
+    def _check_micro_batch_count(self, parallel_cfg) -> None:
+        pp = self.pp_size
+        if self.kind == "1f1b" and self.n_microbatches < pp:
+            raise ConfigError(
+                f"1F1B needs at least parallel.pipeline={pp} micro-batches per step but gets {self.n_microbatches} "
+                f"(train.global_batch / (train.micro_batch x DP)); raise train.global_batch or lower train.micro_batch")
+        if self.kind == "interleaved":
+            rounds = max(1, self.n_microbatches // pp)
+            if self.n_microbatches % rounds:
+                raise ConfigError(
+                    f"interleaved 1F1B needs the micro-batches per step ({self.n_microbatches}) to be a multiple of "
+                    f"{rounds}; use a multiple of parallel.pipeline={pp}")
+
+    def _build_schedule(self, parallel_cfg):
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
+        num_stages = self.pp_size * len(self.chunks)
+        self._stages = []
+        for chunk in self.chunks:
+            g = chunk.pipeline_stage_index
+            self._stages.append(PipelineStage(_StageModule(chunk, is_last=(g == num_stages - 1)), g, num_stages,
+                                              self.device, group=self.groups.pp_group))
+        kw = dict(n_microbatches=self.n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
+        if self.kind == "interleaved":
+            return ScheduleInterleaved1F1B(self._stages, **kw)
+        cls = ScheduleGPipe if self.kind == "gpipe" else Schedule1F1B
+        return cls(self._stages[0], **kw)
+
+    def _loss_fn(self, loss_sum: torch.Tensor, target) -> torch.Tensor:
+        return loss_sum / self._global_num_masked
+
+    @property
+    def has_last_stage(self) -> bool:
+        return any(getattr(c, "has_head", False) for c in self.chunks)
+
+    @property
+    def has_first_stage(self) -> bool:
+        return any(getattr(c, "has_embeddings", False) for c in self.chunks)
+
+    def step(self, micro_batches: Sequence[dict], global_num_masked: float) -> Optional[float]:
+        """Run forward+backward of every micro-batch (dicts with `input_ids`, `attention_mask`,
+        `labels` [B, S] int64); each contributes loss_sum_mb / global_num_masked. Returns the sum
+        of the contributions on the rank holding the last stage, None elsewhere."""
+        if len(micro_batches) != self.n_microbatches:
+            raise ValueError(f"PipelineSchedule built for {self.n_microbatches} micro-batches, got {len(micro_batches)}")
+        if not global_num_masked or global_num_masked <= 0:
+            raise ValueError(f"global_num_masked={global_num_masked}: a step needs at least one masked token")
+        self._global_num_masked = float(global_num_masked)
+        if self.pp_size == 1:
+            return self._step_no_pipeline(micro_batches)
+        return self._step_pipeline(micro_batches)
+
+    def _step_no_pipeline(self, micro_batches) -> float:
+        model = self.chunks[0]
+        total = 0.0
+        for mb in micro_batches:
+            loss = masked_lm_loss_sum(model, mb["input_ids"], mb["attention_mask"], mb["labels"])
+            loss = self._loss_fn(loss, None)
+            loss.backward()
+            total += loss.item()
+        return total
+
+    def _step_pipeline(self, micro_batches) -> Optional[float]:
+        dev = self.device
+        cat = lambda key: torch.cat([mb[key] for mb in micro_batches]).to(dev)  # noqa: E731
+        kwargs = dict(attention_mask=cat("attention_mask"), labels=cat("labels"))
+        args = (cat("input_ids"),) if self.has_first_stage else ()
+        losses: list = []
+        target = kwargs["labels"] if self.has_last_stage else None
+        self._schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        if not self.has_last_stage:
+            return None
+        total = 0.0
+        for loss in losses:
+            total += loss.item()
+        return total
+
+
+def _chunk_device(chunk: nn.Module) -> torch.device:
+    for p in chunk.parameters():
+        return p.device
+    return torch.device("cpu")
