@@ -75,10 +75,6 @@ def stage_layer_counts(num_layers: int, num_stages: int, stage_layers: Optional[
         # stages (the ends carry the embedding / head), then the lower index.
         s = min(range(num_stages), key=lambda i: (counts[i] + extra[i], i in ends, i))
         counts[s] += 1
-    if any(c == 0 for c in counts[1:-1]):
-        raise ConfigError(
-            f"parallel.first_last_fewer={first_last_fewer} leaves a middle stage without layers "
-            f"({counts}); lower it or set parallel.stage_layers")
     return counts
 
 
