@@ -1,0 +1,134 @@
+"""Training metrics: timers, FLOPs per token, peak FLOP/s table, MFU, memory, JSONL/TensorBoard sinks.
+
+FLOPs count model FLOPs (no recomputation), as the MFU definition of PaLM / Megatron-LM:
+per token and layer the forward costs 8h^2 (QKV + output projections) + 4hf (FFN) + 4sh (scores
+and weighted values); the masked-LM head runs on the gathered masked positions only:
+mask_prob * (2h^2 + 2hV) per token. Training = 3x forward (backward is twice the forward).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from typing import Dict, Optional
+
+import torch
+
+# Dense peak FLOP/s per device, by precision (vendor datasheets; SXM parts; no sparsity).
+PEAK_FLOPS = {
+    "V100": {"fp32": 15.7e12, "fp16": 125e12, "bf16": 15.7e12},   # V100 has no bf16 tensor cores
+    "A100": {"fp32": 19.5e12, "fp16": 312e12, "bf16": 312e12},
+    "H100": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12},
+    "H200": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12},
+    # Nominal CPU peak for one process: cores it may use x 2.5 GHz x 32 fp32 FLOP/cycle (AVX2, 2 FMA units).
+    "CPU": {"fp32": 2.5e9 * 32, "fp16": 2.5e9 * 32, "bf16": 2.5e9 * 32},
+}
+
+
+def device_kind(device: torch.device) -> str:
+    """'V100' | 'A100' | 'H100' | 'H200' | 'CPU' (unknown GPUs are treated as A100)."""
+    if device.type != "cuda":
+        return "CPU"
+    name = torch.cuda.get_device_name(device).upper()
+    for k in ("H200", "H100", "A100", "V100"):
+        if k in name:
+            return k
+    return "A100"
+
+
+def peak_flops(device: torch.device, dtype: str) -> float:
+    """Peak FLOP/s of one device (CPU: per process, times the torch threads it runs)."""
+    kind = device_kind(device)
+    peak = PEAK_FLOPS[kind][dtype]
+    if kind == "CPU":
+        peak *= torch.get_num_threads()
+    return peak
+
+
+def flops_per_token(mcfg, seq_length: int, mask_prob: float = 0.15) -> float:
+    """Training FLOPs (forward + backward) per input token for the whole model."""
+    h, f, s, L, V = mcfg.hidden_size, mcfg.ffn_size, seq_length, mcfg.num_layers, mcfg.vocab_size
+    fwd = L * (8 * h * h + 4 * h * f + 4 * s * h) + mask_prob * (2 * h * h + 2 * h * V)
+    return 3.0 * fwd
+
+
+def memory_stats(device: torch.device) -> Dict[str, float]:
+    """Peak memory in GiB: allocated on the GPU, or the process's max RSS on the CPU."""
+    if device.type == "cuda":
+        return {"mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+    return {"mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+class Timer:
+    """Wall time between start() and stop(), synchronising CUDA when present."""
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.device = device
+        self.elapsed = 0.0
+        self._t0 = None
+
+    def _sync(self):
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> "Timer":
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        self._sync()
+        self.elapsed = time.perf_counter() - self._t0
+        return self.elapsed
+
+
+def throughput(tokens: int, seconds: float, n_devices: int, fpt: float, peak: float) -> Dict[str, float]:
+    """tokens/s (all devices), model TFLOP/s per device and MFU."""
+    tps = tokens / max(seconds, 1e-12)
+    tflops = tps * fpt / n_devices / 1e12
+    return {"tokens_per_s": tps, "tflops": tflops, "mfu": tflops * 1e12 / peak}
+
+
+class MetricsLogger:
+    """JSONL and TensorBoard (<run_dir>/tb) sinks; silent off rank 0.
+
+    Training steps go to <run_dir>/metrics.jsonl (one object per logged step); other prefixes
+    (e.g. 'valid') to <run_dir>/<prefix>.jsonl, so metrics.jsonl holds training steps only.
+    """
+
+    def __init__(self, run_dir: str, rank: int, jsonl: bool = True, tensorboard: bool = False):
+        self.active = rank == 0
+        self.run_dir, self.jsonl = run_dir, jsonl
+        self._files = {}
+        self._tb = None
+        if not self.active:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def log(self, step: int, values: Dict[str, float], prefix: str = "train") -> None:
+        if not self.active:
+            return
+        if self.jsonl:
+            if prefix not in self._files:
+                name = "metrics.jsonl" if prefix == "train" else f"{prefix}.jsonl"
+                self._files[prefix] = open(os.path.join(self.run_dir, name), "a")
+            f = self._files[prefix]
+            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -1,0 +1,107 @@
+"""AdamW with the RoBERTa/XLM-R recipe, the learning-rate schedule, and global gradient clipping.
+
+- `param_groups()`: weight decay on matrices (and embeddings), none on biases and LayerNorm
+  weights (every 1-D parameter).
+- `LRSchedule`: linear warmup to `optim.lr`, then linear or cosine decay to `optim.min_lr` at
+  `train.train_steps` (or constant).
+- `global_grad_norm()` / `clip_grads()`: the L2 norm of the full model's gradient, with each
+  parameter counted once: TP-replicated parameters only on TP rank 0, the last stage's tied
+  decoder copy never (its gradient equals the first stage's embedding gradient after the tied
+  all-reduce), summed over TP then PP; DP replicas are identical after the DP all-reduce and are
+  not summed (ZeRO-1 keeps full gradients, see parallel/data_parallel.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases and LayerNorm parameters (all 1-D tensors) get no weight decay."""
+    return p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+
+
+def param_groups(named_params: Iterable[Tuple[str, torch.nn.Parameter]], weight_decay: float) -> List[dict]:
+    """Two AdamW groups: decayed matrices, undecayed biases/LayerNorms (each keeps its names)."""
+    decay, skip = {"params": [], "names": [], "weight_decay": weight_decay}, \
+        {"params": [], "names": [], "weight_decay": 0.0}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        g = skip if no_decay(name, p) else decay
+        g["params"].append(p)
+        g["names"].append(name)
+    return [g for g in (decay, skip) if g["params"]]
+
+
+def build_adamw(groups: List[dict], ocfg) -> torch.optim.AdamW:
+    """torch AdamW (decoupled weight decay, as fairseq's adam with weight_decay) from OptimConfig."""
+    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
+                             weight_decay=ocfg.weight_decay, foreach=False)
+
+
+class LRSchedule:
+    """lr(step) for 0-based optimizer step: linear warmup, then linear/cosine decay or constant."""
+
+    def __init__(self, lr: float, warmup_steps: int, total_steps: int, decay: str = "linear",
+                 min_lr: float = 0.0):
+        self.lr, self.warmup, self.total, self.decay, self.min_lr = lr, warmup_steps, total_steps, decay, min_lr
+
+    @classmethod
+    def from_config(cls, ocfg, train_steps: int) -> "LRSchedule":
+        return cls(ocfg.lr, ocfg.warmup_steps, train_steps, ocfg.decay, ocfg.min_lr)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.decay == "constant":
+            return self.lr
+        span = max(self.total - self.warmup, 1)
+        frac = min(max(step - self.warmup, 0) / span, 1.0)
+        if self.decay == "linear":
+            return self.min_lr + (self.lr - self.min_lr) * (1.0 - frac)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+
+def norm_counted(name: str, p: torch.nn.Parameter, tp_rank: int, is_partitioned: Callable[[str, torch.nn.Parameter], bool],
+                 tied_copy_names: Sequence[str] = ()) -> bool:
+    """Whether `p`'s gradient enters the global norm on this rank (each element counted once)."""
+    if name in tied_copy_names:
+        return False
+    return tp_rank == 0 or is_partitioned(name, p)
+
+
+@torch.no_grad()
+def global_grad_norm(grads: Iterable[torch.Tensor], tp_group: Optional[dist.ProcessGroup] = None,
+                     pp_group: Optional[dist.ProcessGroup] = None) -> float:
+    """L2 norm of the given (already de-duplicated) local gradients summed over TP and PP."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for g in grads:
+        if g is not None:
+            total += g.detach().double().pow(2).sum().cpu()
+    if dist.is_initialized():
+        for grp in (tp_group, pp_group):
+            if grp is not None and dist.get_world_size(grp) > 1:
+                dist.all_reduce(total, group=grp)
+    return float(total.sqrt().item())
+
+
+@torch.no_grad()
+def clip_grads(params: Iterable[torch.nn.Parameter], total_norm: float, max_norm: float) -> float:
+    """Scale every gradient by max_norm / total_norm when the norm exceeds max_norm; return the factor."""
+    if max_norm <= 0 or not math.isfinite(total_norm) or total_norm <= max_norm:
+        return 1.0
+    coef = max_norm / (total_norm + 1e-6)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef)
+    return coef

@@ -1,0 +1,123 @@
+"""Mixed precision: autocast contexts and a dynamic loss scaler for fp16.
+
+Parameters, gradients and optimizer state stay fp32 (they are the master weights); the forward and
+backward matmuls run in bf16/fp16 under `torch.autocast`. With fp16 the loss is multiplied by the
+scaler's scale before backward; `DynamicLossScaler.update(found_inf)` says whether to skip the
+step, halves the scale after an overflow (after `hysteresis` overflows), doubles it after
+`window` clean steps, and raises `LossScaleAtMinimum` when it would go below the minimum (the
+trainer then saves a checkpoint and aborts).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LossScaleAtMinimum(RuntimeError):
+    """fp16 gradients overflowed with the loss scale already at precision.min_loss_scale."""
+
+
+def autocast(dtype: str, device: torch.device):
+    """Autocast context for `dtype` ('fp32' gives a no-op context)."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+class DynamicLossScaler:
+    """Loss scale with skip-on-overflow, backoff, growth and a minimum (Megatron/fairseq style)."""
+
+    def __init__(self, initial_scale: float = 2.0 ** 16, min_scale: float = 1.0, window: int = 1000,
+                 hysteresis: int = 1, backoff: float = 0.5, growth: float = 2.0, max_scale: float = 2.0 ** 24):
+        self.scale = float(initial_scale)
+        self.min_scale = float(min_scale)
+        self.window = int(window)
+        self.hysteresis = int(hysteresis)
+        self.backoff = backoff
+        self.growth = growth
+        self.max_scale = max_scale
+        self._good_steps = 0
+        self._hysteresis_left = self.hysteresis
+        self.skipped_steps = 0
+
+    def update(self, found_inf: bool) -> bool:
+        """Record one step's overflow flag; return True when the optimizer step must be skipped."""
+        if found_inf:
+            self.skipped_steps += 1
+            self._good_steps = 0
+            self._hysteresis_left -= 1
+            if self._hysteresis_left <= 0:
+                if self.scale <= self.min_scale:
+                    raise LossScaleAtMinimum(
+                        f"fp16 gradients overflow at the minimum loss scale {self.min_scale}; the run "
+                        f"diverged: lower optim.lr, use precision.dtype=bf16, or lower precision.min_loss_scale")
+                self.scale = max(self.scale * self.backoff, self.min_scale)
+                self._hysteresis_left = self.hysteresis
+            return True
+        self._good_steps += 1
+        if self._good_steps >= self.window:
+            self.scale = min(self.scale * self.growth, self.max_scale)
+            self._good_steps = 0
+            self._hysteresis_left = self.hysteresis
+        return False
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self._good_steps,
+                "hysteresis_left": self._hysteresis_left, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.scale = float(sd["scale"])
+        self._good_steps = int(sd["good_steps"])
+        self._hysteresis_left = int(sd["hysteresis_left"])
+        self.skipped_steps = int(sd.get("skipped_steps", 0))
+
+
+class ConstantScaler:
+    """Scale 1, never skips: used for fp32 and bf16 (same interface as DynamicLossScaler)."""
+    scale = 1.0
+    skipped_steps = 0
+
+    def update(self, found_inf: bool) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {"scale": 1.0}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass
+
+
+def build_scaler(pcfg) -> "DynamicLossScaler | ConstantScaler":
+    """Dynamic scaler for fp16, constant 1 otherwise."""
+    if pcfg.dtype == "fp16":
+        return DynamicLossScaler(pcfg.initial_loss_scale, pcfg.min_loss_scale,
+                                 pcfg.loss_scale_window, pcfg.hysteresis)
+    return ConstantScaler()
+
+
+def grads_have_inf(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup] = None) -> bool:
+    """True when any gradient on any rank of `group` (default: the world) holds inf or nan."""
+    flag = torch.zeros(1)
+    for p in params:
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            flag.fill_(1.0)
+            break
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item() > 0)
+
+
+@torch.no_grad()
+def unscale_grads(params: Iterable[torch.nn.Parameter], scale: float) -> None:
+    """Divide every gradient by the loss scale (no-op at scale 1)."""
+    if scale == 1.0:
+        return
+    inv = 1.0 / scale
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(inv)
