@@ -1,0 +1,113 @@
+"""The post-LayerNorm XLM-R / RoBERTa encoder layer, tensor-parallel Megatron style.
+
+    x = LN(x + Dropout(Attn(x)))      attention: QKV column-parallel, output row-parallel
+    x = LN(x + Dropout(FFN(x)))       FFN: fc1 column-parallel, exact GELU, fc2 row-parallel
+
+Activations are batch-first [B, S, H] (replicated on every TP rank); inside the attention and the
+FFN they are sharded over heads / FFN columns. No collective is called here: the all-reduces live
+in the parallel layers (xlmr_mp.parallel.layers).
+
+QKV weight layout (global, [3H, H]): Megatron's per-head interleave, row (h * 3 + j) * D + d for
+head h, j in (q, k, v), d < D = H / heads; a contiguous split by rows then gives each TP rank whole
+heads. The HF name map (xlmr_mp.checkpoint.hf) converts from/to HF's separate query/key/value.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from xlmr_mp.kernels import ops
+from xlmr_mp.model.config import ModelConfig
+from xlmr_mp.parallel.layers import (check_divisible, column_parallel_linear, row_parallel_linear,
+                                     tp_size_of)
+from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
+
+
+def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive key-padding bias [B, 1, 1, S] from a [B, S] mask (1 = real token), as HF builds it
+    (dtype's most negative finite value at padding keys, so fully padded rows stay finite)."""
+    if attention_mask is None:
+        return None
+    keep = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the local heads, through scaled_dot_product_attention (flash
+    or memory-efficient kernels on GPUs that have them, the math path elsewhere)."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None):
+        super().__init__()
+        tp = tp_size_of(tp_group)
+        self.tp_size = tp
+        self.local_heads = check_divisible(cfg.num_heads, tp, "model.num_heads")
+        check_divisible(cfg.hidden_size, tp, "model.hidden_size")
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.attention_dropout = cfg.attention_dropout
+        self.selective_recompute = False
+        self.qkv = column_parallel_linear(cfg.hidden_size, 3 * cfg.hidden_size, tp_group,
+                                          option="3 x model.hidden_size")
+        self.out = row_parallel_linear(cfg.hidden_size, cfg.hidden_size, tp_group, option="model.hidden_size")
+
+    def core(self, q, k, v, bias):
+        """softmax(q k^T / sqrt(D) + bias) v with attention dropout; q, k, v [B, heads, S, D]."""
+        p = self.attention_dropout if self.training else 0.0
+        with tp_rng_context(self.tp_size):  # heads differ per TP rank: sharded-region RNG stream
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p,
+                                                  scale=1.0 / math.sqrt(self.head_dim))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None):
+        """x [B, S, H] -> (output [B, S, H] before its bias, output bias)."""
+        B, S, _ = x.shape
+        qkv, qkv_bias = self.qkv(x)
+        if qkv_bias is not None:
+            qkv = qkv + qkv_bias
+        qkv = qkv.view(B, S, self.local_heads, 3, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, heads, S, D]
+        if bias is not None and bias.dtype != q.dtype:
+            bias = bias.to(q.dtype)
+        if self.selective_recompute and torch.is_grad_enabled():
+            ctx = checkpoint(self.core, q, k, v, bias, use_reentrant=False, context_fn=RecomputeRNG())
+        else:
+            ctx = self.core(q, k, v, bias)
+        ctx = ctx.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim)
+        return self.out(ctx)
+
+
+class FeedForward(nn.Module):
+    """fc1 (column-parallel) -> exact GELU -> fc2 (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None):
+        super().__init__()
+        check_divisible(cfg.ffn_size, tp_size_of(tp_group), "model.ffn_size")
+        self.fc1 = column_parallel_linear(cfg.hidden_size, cfg.ffn_size, tp_group, option="model.ffn_size")
+        self.fc2 = row_parallel_linear(cfg.ffn_size, cfg.hidden_size, tp_group, option="model.ffn_size")
+
+    def forward(self, x):
+        h, b = self.fc1(x)
+        return self.fc2(ops.bias_gelu(h, b))
+
+
+class EncoderLayer(nn.Module):
+    """One post-LN transformer layer; forward(x [B, S, H], bias [B, 1, 1, S] | None) -> [B, S, H]."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None):
+        super().__init__()
+        self.dropout = cfg.dropout
+        self.eps = cfg.layernorm_eps
+        self.attention = SelfAttention(cfg, tp_group)
+        self.attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.ffn = FeedForward(cfg, tp_group)
+        self.ffn_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        a, a_bias = self.attention(x, bias)
+        x = ops.bias_dropout_add_layernorm(a, a_bias, x, self.attention_layernorm.weight,
+                                           self.attention_layernorm.bias, self.dropout, self.training, self.eps)
+        f, f_bias = self.ffn(x)
+        return ops.bias_dropout_add_layernorm(f, f_bias, x, self.ffn_layernorm.weight,
+                                              self.ffn_layernorm.bias, self.dropout, self.training, self.eps)

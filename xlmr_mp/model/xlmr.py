@@ -1,0 +1,261 @@
+"""XLM-R: embeddings (offset learned positions), post-LN encoder layers, tied masked-LM head.
+
+`XLMRModel(cfg, tp_group, layer_ids, has_embeddings, has_head)` builds the whole model or one
+pipeline stage of it (a range of layers plus optionally the embeddings and / or the head).
+Layers live in `layers` (nn.ModuleDict) keyed by their GLOBAL index, so parameter names are global
+in every stage (`layers.7.attention.qkv.weight`).
+
+Parameter names (HF XLMRobertaForMaskedLM equivalents in xlmr_mp/checkpoint/hf.py):
+    embeddings.word_embeddings.weight        [V/TP (padded), H]   vocab-parallel
+    embeddings.position_embeddings.weight    [max_positions, H]   row pad_id stays zero
+    embeddings.token_type_embeddings         [1, H] buffer (not trained; zero, HF checkpoints carry it)
+    embeddings.layernorm.{weight,bias}
+    layers.{i}.attention.qkv.{weight,bias}   [3H/TP, H] per-head interleaved q,k,v (see encoder.py)
+    layers.{i}.attention.out.{weight,bias}   [H, H/TP], bias replicated
+    layers.{i}.attention_layernorm.{weight,bias}
+    layers.{i}.ffn.fc1.{weight,bias}         [F/TP, H]
+    layers.{i}.ffn.fc2.{weight,bias}         [H, F/TP], bias replicated
+    layers.{i}.ffn_layernorm.{weight,bias}
+    lm_head.dense.{weight,bias}, lm_head.layernorm.{weight,bias}
+    lm_head.bias                             [V/TP (padded)] output bias of the tied decoder
+    lm_head.decoder_weight                   only when has_head and not has_embeddings (last
+                                             pipeline stage): a copy of the word embedding whose
+                                             gradient the trainer all-reduces with the first stage
+
+Layout: batch-first [B, S, H] everywhere, including between pipeline stages.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from xlmr_mp.kernels import ops
+from xlmr_mp.model.config import ModelConfig
+from xlmr_mp.model.encoder import EncoderLayer, attention_bias
+from xlmr_mp.parallel.layers import check_divisible, tp_rank_of, tp_size_of
+from xlmr_mp.parallel.shard import partition_dim, shard_tensor
+from xlmr_mp.parallel.state import RecomputeRNG
+from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, padded_vocab_size,
+                                    parallel_lm_logits, vocab_parallel_cross_entropy, vocab_range)
+
+IGNORE_INDEX = -100
+RECOMPUTE_MODES = ("none", "full", "selective")
+
+
+def position_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """fairseq/HF positions: real tokens count from pad_id + 1, pads stay at pad_id."""
+    mask = input_ids.ne(pad_id).int()
+    return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + pad_id
+
+
+class Embeddings(nn.Module):
+    """Token (vocab-parallel) + zero token-type row + offset learned positions, LayerNorm, dropout."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None):
+        super().__init__()
+        self.pad_id = cfg.pad_id
+        self.max_positions = cfg.max_positions
+        self.dropout = cfg.dropout
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, tp_group, cfg.pad_id)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, padding_idx=cfg.pad_id)
+        self.register_buffer("token_type_embeddings", torch.zeros(1, cfg.hidden_size))
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"the first stage takes input_ids [B, S] int64, got {input_ids.dtype} "
+                            f"{tuple(input_ids.shape)}")
+        pos = position_ids(input_ids, self.pad_id)
+        if input_ids.shape[1] + self.pad_id >= self.max_positions:
+            raise ValueError(f"sequence length {input_ids.shape[1]} needs {input_ids.shape[1] + self.pad_id + 1} "
+                             f"position rows but model.max_positions={self.max_positions}; shorten "
+                             f"data.seq_length or raise model.max_positions")
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings
+        x = x + self.position_embeddings(pos)
+        x = self.layernorm(x)
+        return F.dropout(x, self.dropout, self.training)
+
+
+class MLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> tied decoder (+ output bias), on the local vocabulary shard."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, own_decoder: bool = False):
+        super().__init__()
+        self.tp_group = tp_group
+        self.vocab_size = cfg.vocab_size
+        self.vocab_start, end = vocab_range(padded_vocab, tp_rank_of(tp_group), tp_size_of(tp_group))
+        self.eps = cfg.layernorm_eps
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.bias = nn.Parameter(torch.zeros(end - self.vocab_start))
+        if own_decoder:
+            self.decoder_weight = nn.Parameter(torch.empty(end - self.vocab_start, cfg.hidden_size))
+        else:
+            self.decoder_weight = None
+
+    def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        """h [..., H] -> local logits [..., V_local], padding ids at -inf."""
+        x = ops.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias)
+        x = self.layernorm(x)
+        logits = parallel_lm_logits(x, decoder_weight, self.bias, self.tp_group)
+        return mask_padded_logits(logits, self.vocab_size, self.vocab_start)
+
+
+class XLMRModel(nn.Module):
+    """XLM-R masked LM, whole or one pipeline stage, tensor-parallel over `tp_group` (None = TP 1).
+
+    forward(x, attention_mask=None, labels=None):
+      x: input_ids [B, S] int64 when has_embeddings, else hidden [B, S, H] from the previous stage.
+      no head            -> hidden [B, S, H]
+      head, labels       -> mean masked-LM loss over positions with labels != -100 (scalar)
+      head, no labels    -> logits [B, S, V_local] for every position (vocabulary shard when TP > 1,
+                            padding ids at -inf; `strip_vocab_padding=True` at TP 1 cuts them off)
+    `loss_and_count` gives (loss_sum, num_masked) for normalising by a global token count.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, layer_ids: Optional[Sequence[int]] = None,
+                 has_embeddings: bool = True, has_head: bool = True, sequence_parallel: bool = False,
+                 init_seed: Optional[int] = None):
+        super().__init__()
+        cfg.validate()
+        if sequence_parallel and tp_size_of(tp_group) > 1:
+            raise NotImplementedError("parallel.sequence_parallel=true is not supported yet; set it to false")
+        tp = tp_size_of(tp_group)
+        check_divisible(cfg.num_heads, tp, "model.num_heads")
+        check_divisible(cfg.hidden_size, tp, "model.hidden_size")
+        check_divisible(cfg.ffn_size, tp, "model.ffn_size")
+        self.cfg = cfg
+        self.tp_group = tp_group
+        self.tp_size = tp
+        self.tp_rank = tp_rank_of(tp_group)
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+        self.layer_ids = list(range(cfg.num_layers)) if layer_ids is None else [int(i) for i in layer_ids]
+        bad = [i for i in self.layer_ids if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"layer_ids {bad} outside 0..{cfg.num_layers - 1} (model.num_layers={cfg.num_layers})")
+        self.has_embeddings = has_embeddings
+        self.has_head = has_head
+        self.strip_vocab_padding = False
+        self.recompute = "none"
+        self.embeddings = Embeddings(cfg, self.padded_vocab, tp_group) if has_embeddings else None
+        self.layers = nn.ModuleDict({str(i): EncoderLayer(cfg, tp_group) for i in self.layer_ids})
+        self.lm_head = MLMHead(cfg, self.padded_vocab, tp_group, own_decoder=not has_embeddings) if has_head else None
+        self.reset_parameters(torch.initial_seed() if init_seed is None else init_seed)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """normal(0, init_std) weights, zero biases, unit LayerNorm, zero padding rows. Each
+        parameter's FULL tensor is drawn from its own generator seeded by (seed, global name),
+        then sharded: the initial model is the same at every TP / PP layout, and the last stage's
+        decoder copy equals the first stage's word embedding."""
+        for name, p in self.named_parameters():
+            full_name = "embeddings.word_embeddings.weight" if name == "lm_head.decoder_weight" else name
+            p.copy_(self._init_full(full_name, seed).to(p.dtype) if self._needs_random(full_name)
+                    else self._init_constant(name, p))
+        if self.embeddings is not None:
+            self.embeddings.token_type_embeddings.zero_()
+
+    @staticmethod
+    def _needs_random(name: str) -> bool:
+        return name.endswith(".weight") and "layernorm" not in name
+
+    def _init_constant(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(p) if "layernorm" in name and name.endswith(".weight") else torch.zeros_like(p)
+
+    def _full_shape(self, name: str) -> tuple:
+        c = self.cfg
+        if name == "embeddings.word_embeddings.weight":
+            return (c.vocab_size, c.hidden_size)
+        if name == "embeddings.position_embeddings.weight":
+            return (c.max_positions, c.hidden_size)
+        suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
+        return {"attention.qkv.weight": (3 * c.hidden_size, c.hidden_size),
+                "attention.out.weight": (c.hidden_size, c.hidden_size),
+                "ffn.fc1.weight": (c.ffn_size, c.hidden_size),
+                "ffn.fc2.weight": (c.hidden_size, c.ffn_size),
+                "lm_head.dense.weight": (c.hidden_size, c.hidden_size)}[suffix]
+
+    def _init_full(self, name: str, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+        full = torch.empty(self._full_shape(name)).normal_(0.0, self.cfg.init_std, generator=g)
+        if name in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"):
+            full[self.cfg.pad_id] = 0.0
+        return shard_tensor(name, full, self.cfg, self.tp_size, self.tp_rank)
+
+    # ------------------------------------------------------------------ recompute
+    def set_recompute(self, mode: str) -> None:
+        """Activation checkpointing: 'none', 'full' (whole layers) or 'selective' (attention core)."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"train.recompute={mode!r}: choose none, full or selective")
+        self.recompute = mode
+        for layer in self.layers.values():
+            layer.attention.selective_recompute = mode == "selective"
+
+    # ------------------------------------------------------------------ forward
+    def decoder_weight(self) -> torch.Tensor:
+        """The tied decoder matrix [V_local, H] (the word embedding, or the last stage's copy)."""
+        if self.embeddings is not None:
+            return self.embeddings.word_embeddings.weight
+        return self.lm_head.decoder_weight
+
+    def encode(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings (first stage) and this stage's layers: -> hidden [B, S, H]."""
+        if self.embeddings is not None:
+            x = self.embeddings(x)
+        elif x.dim() != 3 or not x.is_floating_point():
+            raise TypeError(f"a stage without embeddings takes hidden [B, S, H] floats, got {x.dtype} "
+                            f"{tuple(x.shape)}")
+        bias = attention_bias(attention_mask, x.dtype)
+        for layer in self.layers.values():
+            if self.recompute == "full" and torch.is_grad_enabled():
+                x = checkpoint(layer, x, bias, use_reentrant=False, context_fn=RecomputeRNG())
+            else:
+                x = layer(x, bias)
+        return x
+
+    def masked_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor):
+        """(sum of the CE over positions with labels != -100, their number as a float tensor);
+        the head runs on those positions only."""
+        h = hidden.reshape(-1, hidden.shape[-1])
+        flat = labels.reshape(-1)
+        sel = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        h, target = h.index_select(0, sel), flat.index_select(0, sel)
+        logits = self.lm_head(h, self.decoder_weight())
+        loss = vocab_parallel_cross_entropy(logits, target, self.tp_group,
+                                            self.lm_head.vocab_start, IGNORE_INDEX)
+        return loss.sum(), torch.tensor(float(sel.numel()), device=hidden.device)
+
+    def loss_and_count(self, x, attention_mask=None, labels=None):
+        """(loss_sum, num_masked) of this microbatch. With gradient accumulation / DP, divide the
+        summed loss by the GLOBAL number of masked tokens (every position weighs the same)."""
+        if not self.has_head:
+            raise RuntimeError("loss_and_count needs a model with the MLM head (has_head=True)")
+        if labels is None:
+            raise ValueError("loss_and_count needs labels [B, S] (-100 where not masked)")
+        return self.masked_loss_sum(self.encode(x, attention_mask), labels)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden = self.encode(x, attention_mask)
+        if not self.has_head:
+            return hidden
+        if labels is not None:
+            loss_sum, count = self.masked_loss_sum(hidden, labels)
+            return loss_sum / count.clamp(min=1.0)
+        logits = self.lm_head(hidden, self.decoder_weight())
+        if self.strip_vocab_padding:
+            if self.tp_size != 1:
+                raise RuntimeError("strip_vocab_padding needs TP 1 (the logits are vocabulary shards)")
+            logits = logits[..., : self.cfg.vocab_size]
+        return logits
+
+    # ------------------------------------------------------------------ helpers
+    def partition_dims(self) -> dict:
+        """{parameter name: TP partition dim or None} for every parameter of this stage."""
+        return {n: partition_dim(n) for n, _ in self.named_parameters()}
