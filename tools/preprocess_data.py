@@ -1,0 +1,454 @@
+#!/usr/bin/env python
+"""Tokenize per-language raw text into Megatron MMIDIDX datasets: OUT/<lang>/{train,valid,test}.{bin,idx}.
+
+    python tools/preprocess_data.py --input DIR --tokenizer P.model --output-dir OUT --workers N
+    mpirun -np K python tools/preprocess_data.py --input DIR --tokenizer P.model --output-dir OUT
+
+Input: DIR/<lang>.txt (one sentence per line, a blank line between documents) or DIR/<lang>.jsonl
+(one document per line, sentences = lines of its text field), either optionally .gz / .xz.
+Output: one sequence per sentence, each ending in </s> (id 2), ids of tokenizer P.model with the
+XLM-R dictionary (xlmr_mp.tokenizer), one document-index entry per document; uint16 tokens when
+the vocabulary has < 65500 ids, else int32.
+
+Split: a document goes to train/valid/test by a keyed hash (--seed) of its first sentence against
+the --split fractions. That depends on neither position nor worker/rank count (and keeps
+documents with the same opening line in the same split), so the output is byte-identical for
+any --workers and any MPI rank count.
+
+Streaming: the reader holds about (2 * workers + 2) chunks of --chunk-bytes; token lengths and
+document ends are spooled to disk, so memory does not grow with the file size.
+
+MPI: plain files are cut into ranges of about --range-bytes at document boundaries (compressed
+files are one range each); ranges go round-robin to ranks, each rank writes shard datasets under
+OUT/.shards/, then languages are merged (tools/merge_datasets.py logic) in range order.
+
+Datasets only appear complete: written under temporary names, .bin renamed before .idx.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, CorpusError, RawChunk, align_range_start,  # noqa: E402
+                                    count_lines_before, find_language_files, is_seekable,
+                                    iter_raw_chunks, parse_chunk, split_ext)
+from xlmr_mp.data.indexed import IndexedWriter, token_dtype  # noqa: E402
+
+SPLITS = ("train", "valid", "test")
+_TOKENIZER = None  # per-process XLMRTokenizer, set by _init_worker
+
+
+def parse_split(text: str) -> np.ndarray:
+    """'98,1,1' -> cumulative fractions [0.98, 0.99, 1.0]."""
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise CorpusError(f"--split {text!r}: expected three numbers like 98,1,1") from None
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise CorpusError(f"--split {text!r}: expected three non-negative numbers like 98,1,1")
+    c = np.cumsum(parts) / sum(parts)
+    c[-1] = 1.0
+    return c
+
+
+def document_split(first_sentence: str, seed: int, cumulative: np.ndarray) -> int:
+    """Split index (0 train, 1 valid, 2 test) of a document, from a keyed hash of its first sentence."""
+    h = hashlib.blake2b(first_sentence.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    u = int.from_bytes(h, "little") / 2.0 ** 64
+    return int(np.searchsorted(cumulative, u, side="right"))
+
+
+def _init_worker(model_path: str) -> None:
+    global _TOKENIZER
+    from xlmr_mp.tokenizer import XLMRTokenizer
+    _TOKENIZER = XLMRTokenizer(model_path)
+
+
+def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad_line: str,
+                 json_key: str, seed: int, cumulative: np.ndarray):
+    """Parse and encode one raw chunk; everything the writer needs, as compact arrays."""
+    parsed = parse_chunk(raw, path, fmt, max_line_bytes, on_bad_line, json_key)
+    ids, lengths = _TOKENIZER.encode_flat(parsed.sentences, add_eos=True, num_threads=1)
+    doc_start = np.asarray(parsed.doc_start, dtype=bool)
+    split = np.full(len(parsed.sentences), -1, dtype=np.int8)
+    for k in np.flatnonzero(doc_start).tolist() + ([0] if parsed.sentences else []):
+        split[k] = document_split(parsed.sentences[k], seed, cumulative)
+    return dict(ids=ids, lengths=lengths.astype(np.int32), doc_start=doc_start, split=split,
+                trailing_break=parsed.trailing_break, skipped=parsed.skipped, n_bytes=len(raw.data),
+                n_unk=int(np.count_nonzero(ids == 3)))
+
+
+class _Sink:
+    """Routes encoded chunks, in file order, to the train/valid/test writers by document."""
+
+    def __init__(self, prefixes, dtype):
+        self.writers = [IndexedWriter(p, dtype) for p in prefixes]
+        self.pending_break = True
+        self.current = None
+        self.stats = dict(documents=[0, 0, 0], sentences=0, tokens=0, unk=0, bytes=0, skipped=0,
+                          skipped_examples=[])
+
+    def consume(self, r) -> int:
+        st = self.stats
+        st["bytes"] += r["n_bytes"]
+        st["skipped"] += len(r["skipped"])
+        for item in r["skipped"]:
+            if len(st["skipped_examples"]) < 5:
+                st["skipped_examples"].append(item)
+        lengths = r["lengths"]
+        n = lengths.size
+        new_docs = 0
+        if n:
+            starts = r["doc_start"].copy()
+            starts[0] |= self.pending_break
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            cuts = np.flatnonzero(starts).tolist()
+            bounds = ([0] if not starts[0] else []) + cuts + [n]
+            ids = r["ids"]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                if starts[a]:
+                    if self.current is not None:
+                        self.writers[self.current].end_document()
+                    self.current = int(r["split"][a])
+                    self.stats["documents"][self.current] += 1
+                    new_docs += 1
+                self.writers[self.current].add_sequences(ids[offsets[a]:offsets[b]], lengths[a:b])
+            st["sentences"] += n
+            st["tokens"] += int(offsets[-1])
+            st["unk"] += r["n_unk"]
+            self.pending_break = r["trailing_break"]
+        else:
+            self.pending_break = self.pending_break or r["trailing_break"]
+        return new_docs
+
+    def finalize(self):
+        for w in self.writers:
+            w.finalize()
+
+    def abort(self):
+        for w in self.writers:
+            w.abort()
+
+
+class _Progress:
+    """tqdm over text bytes with documents/s in the postfix (stderr)."""
+
+    def __init__(self, total, desc, disable):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
+                        mininterval=1.0, disable=disable, dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+        self.docs = 0
+        self.last = 0.0
+
+    def update(self, n_bytes, n_docs):
+        self.docs += n_docs
+        self.bar.update(n_bytes)
+        now = time.perf_counter()
+        if now - self.last > 1.0:
+            self.last = now
+            self.bar.set_postfix_str(f"{self.docs / max(now - self.t0, 1e-9):,.0f} docs/s", refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+def process_range(args, pool, lang, path, start, end, first_line, prefixes, dtype, progress):
+    """Encode path[start:end] into the three datasets at `prefixes`; return its statistics."""
+    _, fmt, _ = split_ext(path)
+    cumulative = parse_split(args.split)
+    sink = _Sink(prefixes, dtype)
+    extra = (path, fmt, args.max_line_bytes, args.on_bad_line, args.json_key, args.seed, cumulative)
+    try:
+        chunks = iter_raw_chunks(path, args.chunk_bytes, args.max_line_bytes, args.on_bad_line,
+                                 start=start, end=end, first_line=first_line)
+        if pool is None:
+            for raw in chunks:
+                r = encode_chunk(raw, *extra)
+                progress.update(r["n_bytes"], sink.consume(r))
+        else:
+            inflight = collections.deque()
+            limit = 2 * args.workers + 2
+            for raw in chunks:
+                inflight.append(pool.apply_async(encode_chunk, (raw,) + extra))
+                while len(inflight) >= limit:
+                    r = inflight.popleft().get()
+                    progress.update(r["n_bytes"], sink.consume(r))
+            while inflight:
+                r = inflight.popleft().get()
+                progress.update(r["n_bytes"], sink.consume(r))
+    except BaseException:
+        sink.abort()
+        raise
+    return sink
+
+
+def _check_nonempty(lang, path, stats):
+    if sum(stats["documents"]) == 0:
+        raise CorpusError(f"{path}: no documents for language {lang!r} (every line blank or skipped); "
+                          f"remove the file or pass --languages without {lang}")
+
+
+def _merge_stats(parts):
+    out = dict(documents=[0, 0, 0], sentences=0, tokens=0, unk=0, bytes=0, skipped=0, skipped_examples=[])
+    for p in parts:
+        out["documents"] = [a + b for a, b in zip(out["documents"], p["documents"])]
+        for k in ("sentences", "tokens", "unk", "bytes", "skipped"):
+            out[k] += p[k]
+        out["skipped_examples"] = (out["skipped_examples"] + [list(x) for x in p["skipped_examples"]])[:5]
+    return out
+
+
+def print_summary(stats_by_lang, seconds, workers, ranks):
+    """Per-language table: documents (train/valid/test), sentences, tokens, unknown-token rate."""
+    print(f"{'lang':<8} {'docs':>9} {'train/valid/test':>20} {'sentences':>11} {'tokens':>12} "
+          f"{'unk%':>7} {'MB':>8} {'skipped':>8}")
+    tot = _merge_stats(stats_by_lang.values())
+    for lang, st in list(stats_by_lang.items()) + [("TOTAL", tot)]:
+        pieces = st["tokens"] - st["sentences"]
+        unk = 100.0 * st["unk"] / max(pieces, 1)
+        d = st["documents"]
+        print(f"{lang:<8} {sum(d):>9,} {'/'.join(map(str, d)):>20} {st['sentences']:>11,} {st['tokens']:>12,} "
+              f"{unk:>7.3f} {st['bytes'] / 1e6:>8.2f} {st['skipped']:>8,}")
+        for line, reason in st["skipped_examples"] if lang != "TOTAL" else []:
+            print(f"         skipped line {line}: {reason}")
+    mb = tot["bytes"] / 1e6
+    print(f"done in {seconds:.1f} s: {mb / max(seconds, 1e-9):.2f} MB/s, "
+          f"{tot['tokens'] / max(seconds, 1e-9):,.0f} tokens/s, "
+          f"{sum(tot['documents']) / max(seconds, 1e-9):,.0f} docs/s "
+          f"({workers} worker(s) x {ranks} rank(s))")
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _make_pool(args):
+    if args.workers <= 1:
+        _init_worker(args.tokenizer)
+        return None
+    return mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.tokenizer,))
+
+
+def _dtype_for(model_path):
+    from xlmr_mp.tokenizer import XLMRTokenizer
+    return token_dtype(XLMRTokenizer(model_path).vocab_size)
+
+
+def run_single(args, files):
+    """One process (plus --workers encoders) for every language, straight into the final datasets."""
+    dtype = _dtype_for(args.tokenizer)
+    total = sum(os.path.getsize(p) for p in files.values()) if all(map(is_seekable, files.values())) else None
+    progress = _Progress(total, "preprocess", args.quiet)
+    pool = _make_pool(args)
+    stats = {}
+    t0 = time.perf_counter()
+    try:
+        for lang, path in files.items():
+            prefixes = [os.path.join(args.output_dir, lang, s) for s in SPLITS]
+            sink = process_range(args, pool, lang, path, 0, None, 1, prefixes, dtype, progress)
+            try:
+                _check_nonempty(lang, path, sink.stats)
+            except CorpusError:
+                sink.abort()
+                raise
+            sink.finalize()
+            stats[lang] = sink.stats
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    return stats, time.perf_counter() - t0
+
+
+def plan_units(files, range_bytes):
+    """[(lang, path, start, end)] in canonical order: plain files cut at document starts."""
+    units = []
+    for lang, path in files.items():
+        if not is_seekable(path):
+            units.append((lang, path, 0, None))
+            continue
+        size = os.path.getsize(path)
+        _, fmt, _ = split_ext(path)
+        cuts = sorted({align_range_start(path, o, fmt) for o in range(0, size, max(1, range_bytes))} | {size})
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if b > a:
+                units.append((lang, path, a, b))
+    return units
+
+
+def run_mpi(args, files, comm):
+    """Ranks encode disjoint ranges into shards, then merge languages in canonical range order."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    dtype = _dtype_for(args.tokenizer)
+    units = plan_units(files, args.range_bytes)
+    shard_root = os.path.join(args.output_dir, ".shards")
+    mine = [u for i, u in enumerate(units) if i % size == rank]
+    total = sum((u[3] or 0) - u[2] for u in mine) if all(u[3] is not None for u in mine) else None
+    progress = _Progress(total, f"rank {rank}", args.quiet or rank != 0)
+    t0 = time.perf_counter()
+    error = None
+    pool = None
+    try:
+        pool = _make_pool(args)
+        for i, (lang, path, start, end) in enumerate(units):
+            if i % size != rank:
+                continue
+            first_line = 1 + (count_lines_before(path, start) if start else 0)
+            prefixes = [os.path.join(shard_root, lang, f"u{i:06d}.{s}") for s in SPLITS]
+            sink = process_range(args, pool, lang, path, start, end, first_line, prefixes, dtype, progress)
+            sink.finalize()
+            _write_json(os.path.join(shard_root, lang, f"u{i:06d}.stats.json"), sink.stats)
+    except Exception as e:  # noqa: BLE001 - every rank must learn about a failure
+        error = f"rank {rank}: {e}"
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    errors = [e for e in comm.allgather(error) if e]
+    if errors:
+        return None, errors
+    # merge: language j on rank j % size
+    langs = list(files)
+    stats, error = {}, None
+    try:
+        for j, lang in enumerate(langs):
+            if j % size != rank:
+                continue
+            idxs = [i for i, u in enumerate(units) if u[0] == lang]
+            parts = []
+            for i in idxs:
+                with open(os.path.join(shard_root, lang, f"u{i:06d}.stats.json")) as f:
+                    parts.append(json.load(f))
+            st = _merge_stats(parts)
+            _check_nonempty(lang, files[lang], st)
+            for s in SPLITS:
+                merge_shards([os.path.join(shard_root, lang, f"u{i:06d}.{s}") for i in idxs],
+                             os.path.join(args.output_dir, lang, s), dtype)
+            stats[lang] = st
+            shutil.rmtree(os.path.join(shard_root, lang), ignore_errors=True)
+    except Exception as e:  # noqa: BLE001
+        error = f"rank {rank}: {e}"
+    gathered = comm.allgather((stats, error))
+    errors = [e for _, e in gathered if e]
+    if errors:
+        return None, errors
+    merged = {}
+    for st, _ in gathered:
+        merged.update(st)
+    if rank == 0:
+        shutil.rmtree(shard_root, ignore_errors=True)
+    return ({l: merged[l] for l in langs}, time.perf_counter() - t0), []
+
+
+def merge_shards(prefixes, out_prefix, dtype=None):
+    """Concatenate complete datasets in the given order into out_prefix (streamed)."""
+    from xlmr_mp.data.indexed import read_index
+    if dtype is None:
+        dtype = read_index(prefixes[0])[0]
+    w = IndexedWriter(out_prefix, dtype)
+    try:
+        for p in prefixes:
+            w.append_dataset(p)
+        w.finalize()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="directory of <lang>.txt / <lang>.jsonl [.gz|.xz]")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece model P.model (P.dict.txt beside it is used)")
+    p.add_argument("--output-dir", required=True, help="writes OUT/<lang>/{train,valid,test}.{bin,idx}")
+    p.add_argument("--languages", default=None, help="comma list (default: every language file in --input)")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes on this machine (default 1)")
+    p.add_argument("--split", default="98,1,1", help="train,valid,test proportions of documents (default 98,1,1)")
+    p.add_argument("--seed", type=int, default=1234, help="key of the document split hash")
+    p.add_argument("--on-bad-line", choices=BAD_LINE_POLICIES, default="error",
+                   help="invalid UTF-8 / over-long / bad JSON lines: stop with file:line, or skip and count")
+    p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longer lines are bad (default 1 MiB)")
+    p.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per work item (default 1 MiB)")
+    p.add_argument("--json-key", default="text", help="text field of JSONL input (default text)")
+    p.add_argument("--mpi", choices=("auto", "on", "off"), default="auto",
+                   help="auto: MPI mode when launched by mpirun with more than one rank")
+    p.add_argument("--range-bytes", type=int, default=256 << 20,
+                   help="MPI mode: plain files are cut into ranges of about this size (default 256 MiB)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_args(args):
+    if args.workers < 1:
+        raise CorpusError(f"--workers {args.workers}: must be >= 1")
+    if args.chunk_bytes < 1024:
+        raise CorpusError(f"--chunk-bytes {args.chunk_bytes}: must be >= 1024")
+    if args.max_line_bytes < 16:
+        raise CorpusError(f"--max-line-bytes {args.max_line_bytes}: must be >= 16")
+    if not os.path.isfile(args.tokenizer):
+        raise CorpusError(f"--tokenizer {args.tokenizer}: no such file (train one with tools/train_spm.py)")
+    parse_split(args.split)
+
+
+def _mpi_comm(mode):
+    launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
+    if mode == "off" or (mode == "auto" and not launched):
+        return None
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    return comm if comm.Get_size() > 1 or mode == "on" else None
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    comm = _mpi_comm(args.mpi)
+    rank = comm.Get_rank() if comm is not None else 0
+    try:
+        _check_args(args)
+        langs = [l for l in args.languages.split(",") if l] if args.languages else None
+        files = find_language_files(args.input, langs)
+    except CorpusError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if comm is None:
+        try:
+            stats, seconds = run_single(args, files)
+        except CorpusError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        ranks = 1
+    else:
+        result, errors = run_mpi(args, files, comm)
+        if errors:
+            if rank == 0:
+                for e in errors:
+                    print(f"error: {e}", file=sys.stderr)
+            return 2
+        stats, seconds = result
+        ranks = comm.Get_size()
+        if rank != 0:
+            return 0
+    print_summary(stats, seconds, args.workers, ranks)
+    _write_json(os.path.join(args.output_dir, "preprocess_summary.json"),
+                dict(languages=stats, split=args.split, seed=args.seed, tokenizer=os.path.abspath(args.tokenizer)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
