@@ -13,13 +13,14 @@ class DataConfig:
     alpha: float = 0.3               # q_i proportional to p_i^alpha
     share_unit: str = "tokens"       # tokens | sentences: what p_i counts
     seq_length: int = 512            # block size (tokens, incl. <s>)
+    break_mode: str = "complete"     # complete (blocks cross documents, fairseq) | complete_doc
     mask_prob: float = 0.15
     mask_replace_prob: float = 0.8   # of masked: <mask>
     random_replace_prob: float = 0.1  # of masked: random non-special token
     whole_word_mask: bool = False
     span_mask: bool = False
     span_mean_length: float = 3.0
-    num_workers: int = 0
+    num_workers: int = 0             # loader worker processes (samples identical for any value)
     seed: int = 1234
 
     def validate(self) -> None:
@@ -34,3 +35,11 @@ class DataConfig:
             raise ConfigError("data.mask_replace_prob + data.random_replace_prob must be <= 1")
         if self.seq_length < 4:
             raise ConfigError(f"data.seq_length={self.seq_length} must be >= 4")
+        if self.break_mode not in ("complete", "complete_doc"):
+            raise ConfigError(f"data.break_mode={self.break_mode!r}: choose complete or complete_doc")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.span_mask and self.span_mean_length < 1:
+            raise ConfigError(f"data.span_mean_length={self.span_mean_length} must be >= 1")
+        if self.mask_replace_prob < 0 or self.random_replace_prob < 0:
+            raise ConfigError("data.mask_replace_prob and data.random_replace_prob must be >= 0")

@@ -1,0 +1,87 @@
+// The single pybind11 module xlmr_mp._C: the C++ side of the data pipeline's index building.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "blend_index.h"
+
+namespace py = pybind11;
+using namespace xlmr_mp;
+
+namespace {
+
+template <typename T>
+using CArr = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+py::tuple py_pack_blocks(CArr<int64_t> sizes, CArr<int64_t> doc_index, int64_t block_size,
+                         bool break_at_documents) {
+  if (block_size < 1) throw std::invalid_argument("pack_blocks: block_size must be >= 1");
+  std::vector<int64_t> starts, lengths;
+  {
+    py::gil_scoped_release nogil;
+    pack_blocks(sizes.data(), sizes.size(), doc_index.data(), doc_index.size(), block_size,
+                break_at_documents, starts, lengths);
+  }
+  CArr<int64_t> s(static_cast<py::ssize_t>(starts.size())), l(static_cast<py::ssize_t>(lengths.size()));
+  std::copy(starts.begin(), starts.end(), s.mutable_data());
+  std::copy(lengths.begin(), lengths.end(), l.mutable_data());
+  return py::make_tuple(s, l);
+}
+
+template <typename LangT, typename BlockT>
+void run_blend(CArr<uint64_t>& w, CArr<uint64_t>& o, CArr<uint64_t>& n, uint64_t total, uint64_t seed,
+               uint64_t start, py::array& out_lang, py::array& out_block) {
+  auto* lang = static_cast<LangT*>(out_lang.mutable_data());
+  auto* block = static_cast<BlockT*>(out_block.mutable_data());
+  const uint64_t count = static_cast<uint64_t>(out_lang.size());
+  py::gil_scoped_release nogil;
+  blend_window<LangT, BlockT>(w.data(), o.data(), n.data(), w.size(), total, seed, start, count,
+                              lang, block);
+}
+
+void py_blend_window(CArr<uint64_t> weights, CArr<uint64_t> offsets, CArr<uint64_t> n_blocks,
+                     uint64_t total_weight, uint64_t seed, uint64_t start, py::array out_lang,
+                     py::array out_block) {
+  if (weights.size() != offsets.size() || weights.size() != n_blocks.size())
+    throw std::invalid_argument("blend_window: weights, offsets and n_blocks differ in length");
+  if (out_lang.size() != out_block.size())
+    throw std::invalid_argument("blend_window: out_lang and out_block differ in length");
+  if (!(out_lang.flags() & py::array::c_style) || !(out_block.flags() & py::array::c_style) ||
+      !out_lang.writeable() || !out_block.writeable())
+    throw std::invalid_argument("blend_window: outputs must be writeable C-contiguous arrays");
+  for (py::ssize_t i = 0; i < n_blocks.size(); ++i)
+    if (weights.data()[i] > 0 && n_blocks.data()[i] == 0)
+      throw std::invalid_argument("blend_window: a language with weight > 0 has no blocks");
+  const bool lang8 = out_lang.dtype().is(py::dtype::of<uint8_t>());
+  const bool lang16 = out_lang.dtype().is(py::dtype::of<uint16_t>());
+  const bool block32 = out_block.dtype().is(py::dtype::of<uint32_t>());
+  const bool block64 = out_block.dtype().is(py::dtype::of<int64_t>());
+  if (lang8 && block32) run_blend<uint8_t, uint32_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block);
+  else if (lang8 && block64) run_blend<uint8_t, int64_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block);
+  else if (lang16 && block32) run_blend<uint16_t, uint32_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block);
+  else if (lang16 && block64) run_blend<uint16_t, int64_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block);
+  else throw std::invalid_argument("blend_window: out_lang must be uint8/uint16 and out_block uint32/int64");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "xlmr_mp C++ helpers: data index building (packing, blended language index)";
+  m.def("pack_blocks", &py_pack_blocks, py::arg("sizes"), py::arg("doc_index"), py::arg("block_size"),
+        py::arg("break_at_documents"),
+        "Pack sentences into blocks of <= block_size tokens; returns (token starts, lengths).");
+  m.def("blend_window", &py_blend_window, py::arg("weights"), py::arg("offsets"), py::arg("n_blocks"),
+        py::arg("total_weight"), py::arg("seed"), py::arg("start"), py::arg("out_lang"),
+        py::arg("out_block"),
+        "Fill out_lang/out_block with blended stream positions [start, start + len(out_lang)).");
+  m.def("blend_rank", [](CArr<uint64_t> w, CArr<uint64_t> o, uint64_t total, uint64_t bucket) {
+          return blend_rank(w.data(), o.data(), w.size(), total, bucket);
+        }, py::arg("weights"), py::arg("offsets"), py::arg("total_weight"), py::arg("bucket"),
+        "Number of blended draws in buckets [0, bucket).");
+  m.def("feistel_permute", &feistel_permute, py::arg("x"), py::arg("n"), py::arg("seed"),
+        py::arg("lang"), py::arg("epoch"),
+        "Position of x under the block permutation of (seed, lang, epoch) on [0, n).");
+}
