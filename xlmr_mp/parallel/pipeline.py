@@ -140,12 +140,15 @@ def schedule_kind(parallel_cfg) -> str:
 
 # ----------------------------------------------------------------------------- building stages
 
-def build_pipeline_stages(model_cfg, groups, parallel_cfg, model_cls=None) -> list[nn.Module]:
+def build_pipeline_stages(model_cfg, groups, parallel_cfg, init_seed: Optional[int] = None,
+                          model_cls=None) -> list[nn.Module]:
     """This rank's model chunks (one per virtual stage, chunk order), each an `XLMRModel` holding
     its global stage's layers, the embeddings on global stage 0 and the head on the last one.
-    Parameters keep global names and are initialised from per-parameter generators, so they equal
-    the single-process model's (the tied decoder copy on the last stage starts equal to the
-    embedding; `sync_tied_embedding_weight` re-asserts it after loading)."""
+    Parameters keep global names and are drawn from per-parameter generators seeded by
+    (`init_seed`, global name), so they equal the single-process model built with the same seed
+    (the tied decoder copy starts equal to the embedding; `sync_tied_embedding_weight` re-asserts
+    it after loading). Pass the run's seed explicitly: the default, `torch.initial_seed()`,
+    differs between pipeline stages once `seed_parallel_rng` has run."""
     if model_cls is None:
         from xlmr_mp.model.xlmr import XLMRModel as model_cls
     validate_pipeline_config(model_cfg, parallel_cfg)
@@ -158,7 +161,8 @@ def build_pipeline_stages(model_cfg, groups, parallel_cfg, model_cls=None) -> li
     chunks = []
     for g in local_stage_indices(pp_rank, pp_size, parallel_cfg.virtual_stages):
         chunk = model_cls(model_cfg, tp_group=groups.tp_group if groups is not None else None,
-                          layer_ids=layout[g], has_embeddings=(g == 0), has_head=(g == last))
+                          layer_ids=layout[g], has_embeddings=(g == 0), has_head=(g == last),
+                          init_seed=init_seed)
         chunk.pipeline_stage_index = g
         chunks.append(chunk)
     return chunks
@@ -181,16 +185,10 @@ def _tied_weight(chunks: Sequence[nn.Module]) -> Optional[torch.Tensor]:
 
 
 def _embedding_weight(model: nn.Module) -> torch.Tensor:
-    fn = getattr(model, "word_embedding_weight", None)
-    if callable(fn):
-        return fn()
     return model.embeddings.word_embeddings.weight
 
 
 def _decoder_weight(model: nn.Module) -> torch.Tensor:
-    fn = getattr(model, "tied_decoder_weight", None)
-    if callable(fn):
-        return fn()
     return model.lm_head.decoder_weight
 
 
@@ -239,12 +237,10 @@ def broadcast_step_loss(loss: Optional[float], groups) -> float:
 
 def masked_lm_loss_sum(model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the masked-token cross entropy of one micro-batch (a 0-d tensor)."""
-    fn = getattr(model, "loss_sum", None)
-    if fn is None:
-        fn = getattr(model, "masked_lm_loss_sum")
-    out = fn(x, attention_mask=attention_mask, labels=labels)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """Sum of the masked-token cross entropy of one micro-batch (a 0-d tensor), from the model's
+    `loss_and_count` (x: input_ids on the first stage, hidden states elsewhere)."""
+    loss_sum, _ = model.loss_and_count(x, attention_mask=attention_mask, labels=labels)
+    return loss_sum
 
 
 class _StageModule(nn.Module):
