@@ -49,3 +49,87 @@ def dp_rank_body(rank, world_size, steps, zero):
     out = {n: p.detach().clone() for n, p in net.named_parameters()}
     out["__owned__"] = list(opt.state_by_name().keys())
     return out
+
+
+# ----------------------------------------------------------------------------- trainer end-to-end
+
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+TINY = __import__("os").path.join(ROOT, "launch", "configs", "tiny.yaml")
+
+
+class SyntheticBatches:
+    """Deterministic masked-LM global batches (random tokens, variable lengths, 15% masked); DP rank
+    r of D reads its contiguous slice, in micro-batches of `micro`. Global batch b depends only on
+    (seed, b), so every layout sees the same data; `state_dict` holds the position."""
+
+    def __init__(self, vocab, seq, global_batch, micro, dp_rank=0, dp_size=1, seed=0):
+        self.v, self.s, self.G, self.m = vocab, seq, global_batch, micro
+        self.r, self.d, self.seed = dp_rank, dp_size, seed
+        self.b, self.i = 0, 0
+
+    def global_batch(self, b):
+        g = torch.Generator().manual_seed(self.seed * 100003 + b)
+        ids = torch.randint(4, min(self.v - 1, 104), (self.G, self.s), generator=g)  # learnable: a 100-token unigram
+        lens = torch.randint(self.s // 2, self.s + 1, (self.G,), generator=g)
+        pos = torch.arange(self.s)[None]
+        attn = (pos < lens[:, None]).long()
+        ids[:, 0] = 0
+        ids[torch.arange(self.G), lens - 1] = 2
+        ids = torch.where(attn.bool(), ids, torch.ones_like(ids))
+        mask = (torch.rand(self.G, self.s, generator=g) < 0.15) & attn.bool() & (pos > 0)
+        mask[:, 1] = True
+        labels = torch.where(mask, ids, torch.full_like(ids, -100))
+        inp = torch.where(mask, torch.full_like(ids, self.v - 1), ids)
+        lang = torch.arange(self.G) % 3
+        return {"input_ids": inp, "attention_mask": attn, "labels": labels, "lang": lang}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        gb = self.global_batch(self.b)
+        per = self.G // self.d
+        lo = self.r * per + self.i * self.m
+        mb = {k: v[lo:lo + self.m].clone() for k, v in gb.items()}
+        self.i += 1
+        if self.i * self.m >= per:
+            self.b, self.i = self.b + 1, 0
+        return mb
+
+    def state_dict(self):
+        return {"batch": self.b, "micro": self.i}
+
+    def load_state_dict(self, sd):
+        self.b, self.i = sd["batch"], sd["micro"]
+
+
+def tiny_cfg(overrides=(), world_size=None):
+    from xlmr_mp.config import load_config
+    return load_config(TINY, list(overrides), world_size=world_size)
+
+
+def make_trainer(cfg, seed=0):
+    import torch.distributed as dist
+    from xlmr_mp.parallel.state import init_parallel
+    from xlmr_mp.train import Trainer
+    groups = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+    loader = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch,
+                              cfg.train.micro_batch, groups.dp_rank, groups.dp_size, seed)
+    return Trainer(cfg, groups, torch.device("cpu"), loader), groups
+
+
+def local_params(tr):
+    return {n: p.detach().clone() for n, p in tr.named}
+
+
+def train_rank_body(rank, world_size, overrides, steps, run_dir):
+    """Train `steps` steps of the tiny config at the layout in `overrides`; return losses, params, coords."""
+    from xlmr_mp.parallel.state import destroy_parallel
+    cfg = tiny_cfg(list(overrides) + [f"run_dir={run_dir}", "logging.jsonl=false"], world_size)
+    tr, g = make_trainer(cfg)
+    metrics = [tr.train_step() for _ in range(steps)]
+    out = {"losses": [m["loss"] for m in metrics], "grad_norms": [m["grad_norm"] for m in metrics],
+           "params": local_params(tr), "tp_rank": g.tp_rank, "tp_size": g.tp_size, "pp_rank": g.pp_rank,
+           "dp_rank": g.dp_rank}
+    destroy_parallel()
+    return out

@@ -1,0 +1,48 @@
+"""The trainer at DP=2, ZeRO-1, TP=2, PP=2, TP=2 x PP=2 and interleaved PP gives the losses and the
+parameters of the single-process run (fp32, gloo, real multi-process runs)."""
+import pytest
+import torch
+
+from dist import run_distributed
+import _train_bodies as b
+
+STEPS = 10
+BASE = ["train.global_batch=8", "train.micro_batch=2", "optim.warmup_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process run: 10 steps, micro-batch 2 x 4 accumulation."""
+    return run_distributed(b.train_rank_body, 1, args=(BASE, STEPS, str(tmp_path_factory.mktemp("ref"))),
+                           timeout=300)[0]
+
+
+def check_same(reference, results, rtol_loss=1e-5):
+    """Every rank's losses within rtol_loss of the reference, its parameters equal to the
+    reference's full parameters cut for its TP rank."""
+    from xlmr_mp.parallel.shard import full_to_local, local_to_full
+    cfg = b.tiny_cfg().model
+    full = local_to_full([reference["params"]], cfg)
+    full["lm_head.decoder_weight"] = full["embeddings.word_embeddings.weight"]
+    for r in results:
+        for a, e in zip(r["losses"], reference["losses"]):
+            assert abs(a - e) <= rtol_loss * abs(e), (r["losses"], reference["losses"])
+        local = full_to_local({n: full[n] for n in r["params"]}, cfg, r["tp_size"], r["tp_rank"])
+        for n, t in local.items():
+            torch.testing.assert_close(r["params"][n], t, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_reference_learns(reference):
+    assert reference["losses"][-1] < reference["losses"][0]
+    assert all(x == x for x in reference["grad_norms"])
+
+
+@pytest.mark.parametrize("extra", [[], ["parallel.distributed_optimizer=true"]], ids=["ddp", "zero1"])
+def test_dp2_equals_single(reference, extra, tmp_path):
+    res = run_distributed(b.train_rank_body, 2, args=(BASE + extra, STEPS, str(tmp_path)), timeout=300)
+    check_same(reference, res)
+
+
+def test_tp2_equals_single(reference, tmp_path):
+    res = run_distributed(b.train_rank_body, 2, args=(BASE + ["parallel.tensor=2"], STEPS, str(tmp_path)), timeout=300)
+    check_same(reference, res)

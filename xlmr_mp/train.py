@@ -1,0 +1,377 @@
+"""Train XLM-R at any TP x PP x DP layout: `python -m xlmr_mp.train --config PRESET.yaml key=value ...`.
+
+Works under torchrun, srun and mpirun (see xlmr_mp/distributed.py) and as a single process.
+One optimizer step:
+
+    micro-batches  = accumulation x next(loader)                  (this DP rank's slice of the global batch)
+    global_masked  = all-reduce_DP(sum of labels != -100)         (before any forward: the loss contract)
+    loss           = schedule.step(micro-batches, global_masked / loss_scale)
+                     every micro-batch backpropagates loss_sum_mb * scale / global_masked
+                     (PP=1: a plain loop; PP>1: 1F1B / interleaved on torch.distributed.pipelining)
+    DP all-reduce  = SUM, bucketed, overlapped with the last backward (parallel/data_parallel.py)
+    tied grads     = all-reduce of word-embedding / decoder-copy grads over first + last stage
+    fp16           = overflow anywhere -> skip the step, lower the scale (abort at the minimum)
+    clip, AdamW    = global norm over TP/PP (each element counted once); ZeRO-1 optional
+
+Everything needed to resume exactly (step, RNG states, loss scaler, data position, Adam state)
+is in the sharded checkpoint (checkpoint/sharded.py). SIGTERM / SIGUSR1: finish the step, save,
+exit with code 75 (EXIT_REQUEUE), which the SLURM launcher requeues on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from xlmr_mp.config import ConfigError, RunConfig, config_to_dict, dump_config, grad_accumulation_steps, load_config
+
+EXIT_REQUEUE = 75          # SIGTERM / SIGUSR1: checkpoint written, requeue me
+EXIT_LOSS_SCALE = 3        # fp16 loss scale hit its minimum: checkpoint written, run diverged
+
+
+def log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[xlmr_mp.train] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- signals
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; the loop checks it (agreed over all ranks) after each step."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def install(self) -> "StopFlag":
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def any_rank(self) -> bool:
+        t = torch.tensor([1.0 if self.signum is not None else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict:
+    from xlmr_mp.parallel.state import get_rng_tracker
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate(), "numpy": np.random.get_state(), "tracker": get_rng_tracker().get_states()}
+
+
+def set_rng_state(st: dict) -> None:
+    from xlmr_mp.parallel.state import get_rng_tracker
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    get_rng_tracker().set_states(st["tracker"])
+
+
+# ----------------------------------------------------------------------------- data
+
+def build_loaders(cfg: RunConfig, groups):
+    """(train loader, {lang: validation iterable factory} or None) for this DP rank."""
+    from xlmr_mp.data import loader as L
+    train = L.build_train_loader(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
+    valid = L.build_valid_loaders(cfg) if hasattr(L, "build_valid_loaders") else None
+    return train, valid
+
+
+# ----------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """The model chunks, optimizer, scaler, loader and step counter of one rank (the TrainState),
+    and the step / evaluate / save / load operations `train()` strings together."""
+
+    def __init__(self, cfg: RunConfig, groups, device: torch.device, loader=None, valid=None):
+        from xlmr_mp.metrics import MetricsLogger, flops_per_token, peak_flops
+        from xlmr_mp.optim import LRSchedule, norm_counted
+        from xlmr_mp.parallel.data_parallel import DistributedAdamW, GradReducer
+        from xlmr_mp.parallel.pipeline import (PipelineSchedule, build_pipeline_stages,
+                                               sync_tied_embedding_weight)
+        from xlmr_mp.parallel.shard import partition_dim
+        from xlmr_mp.parallel.state import seed_parallel_rng
+        from xlmr_mp.precision import build_scaler
+
+        self.cfg, self.groups, self.device = cfg, groups, device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.n_accum = grad_accumulation_steps(cfg)
+        torch.manual_seed(cfg.train.seed)               # model init: per-parameter generators from this seed
+        self.chunks = [c.to(device) for c in build_pipeline_stages(cfg.model, groups, cfg.parallel)]
+        for c in self.chunks:
+            c.set_recompute(cfg.train.recompute)
+            c.train()
+        sync_tied_embedding_weight(self.chunks, groups)
+        seed_parallel_rng(cfg.train.seed, groups)      # dropout streams (differ per PP / DP / TP rank)
+        self.named = [(n, p) for c in self.chunks for n, p in c.named_parameters()]
+        self.params = [p for _, p in self.named]
+        tied = [n for n, _ in self.named if n == "lm_head.decoder_weight"]
+        self.norm_params = [p for n, p in self.named
+                            if norm_counted(n, p, groups.tp_rank, lambda n_, p_: partition_dim(n_) is not None, tied)]
+        self.optimizer = DistributedAdamW(self.named, cfg.optim, groups.dp_group, cfg.parallel.distributed_optimizer)
+        self.reducer = GradReducer(self.params, groups.dp_group, cfg.parallel.ddp_bucket_mb)
+        self.schedule = PipelineSchedule(self.chunks, groups, cfg.parallel, self.n_accum, device=device)
+        self.lr_schedule = LRSchedule.from_config(cfg.optim, cfg.train.train_steps)
+        self.scaler = build_scaler(cfg.precision)
+        self.loader, self.valid = loader, valid
+        self.step = 0
+        self.ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+        self.logger = MetricsLogger(cfg.run_dir, self.rank, cfg.logging.jsonl, cfg.logging.tensorboard)
+        self.fpt = flops_per_token(cfg.model, cfg.data.seq_length, cfg.data.mask_prob)
+        self.peak = peak_flops(device, cfg.precision.dtype)
+
+    # ------------------------------------------------------------------ one step
+    def _next_micro_batches(self) -> List[Dict[str, torch.Tensor]]:
+        return [next(self.loader) for _ in range(self.n_accum)]
+
+    def train_step(self, micro_batches: Optional[List[dict]] = None) -> Dict[str, float]:
+        """One optimizer step over the global batch; returns its metrics (same on every rank)."""
+        from xlmr_mp.optim import clip_grads, global_grad_norm
+        from xlmr_mp.parallel.pipeline import broadcast_step_loss, sync_tied_embedding_grads
+        from xlmr_mp.precision import autocast, grads_have_inf, unscale_grads
+        g = self.groups
+        t0 = time.perf_counter()
+        mbs = micro_batches if micro_batches is not None else self._next_micro_batches()
+        counts = torch.tensor([sum(float((mb["labels"] != -100).sum()) for mb in mbs),
+                               sum(float(mb["attention_mask"].sum()) for mb in mbs)], dtype=torch.float64)
+        if dist.is_initialized() and g.dp_size > 1:
+            dist.all_reduce(counts, group=g.dp_group)
+        global_masked, global_tokens = counts.tolist()
+        if global_masked <= 0:
+            raise RuntimeError(f"step {self.step}: the global batch has no masked token; check data.mask_prob")
+        lr = self.lr_schedule.apply(self.optimizer, self.step)
+        scale = self.scaler.scale
+        self.reducer.start_step(self.n_accum)
+        with autocast(self.cfg.precision.dtype, self.device):
+            part = self.schedule.step([{k: v.to(self.device) for k, v in mb.items()} for mb in mbs],
+                                      global_masked / scale)
+        self.reducer.finish()
+        sync_tied_embedding_grads(self.chunks, g)
+        # step loss: per-DP-rank partial sums on the last stage, summed over DP, sent to all stages
+        if self.schedule.has_last_stage:
+            t = torch.tensor([part / scale], dtype=torch.float64)
+            if dist.is_initialized() and g.dp_size > 1:
+                dist.all_reduce(t, group=g.dp_group)
+            part = t.item()
+        loss = broadcast_step_loss(part, g)
+        found_inf = grads_have_inf(self.params) if self.cfg.precision.dtype == "fp16" else False
+        skipped = self.scaler.update(found_inf)     # may raise LossScaleAtMinimum
+        grad_norm = float("nan")
+        if not skipped:
+            unscale_grads(self.params, scale)
+            grad_norm = global_grad_norm([p.grad for p in self.norm_params], g.tp_group, g.pp_group)
+            clip_grads(self.params, grad_norm, self.cfg.optim.clip_grad)
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        from xlmr_mp.metrics import memory_stats, throughput
+        out = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "loss_scale": scale,
+               "skipped": int(skipped), "step_time_s": dt, "tokens": global_tokens}
+        out.update(throughput(global_tokens, dt, self.world, self.fpt, self.peak))
+        out.update(memory_stats(self.device))
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Per-language validation loss (nats per masked token) and bits per character when the
+        loader reports characters; only ranks holding the last stage compute the head."""
+        from xlmr_mp.parallel.pipeline import broadcast_step_loss
+        if self.valid is None or self.groups.pp_size > 1:
+            return {}
+        model = self.chunks[0]
+        model.eval()
+        out = {}
+        try:
+            for lang, make_iter in self.valid.items():
+                tot = torch.zeros(3, dtype=torch.float64)     # loss sum, masked tokens, characters
+                for i, mb in enumerate(make_iter()):
+                    if i >= self.cfg.train.eval_batches:
+                        break
+                    with __import__("xlmr_mp.precision", fromlist=["autocast"]).autocast(self.cfg.precision.dtype, self.device):
+                        ls, n = model.loss_and_count(mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
+                                                     mb["labels"].to(self.device))
+                    tot[0] += float(ls)
+                    tot[1] += float(n)
+                    tot[2] += float(mb["num_chars"].sum()) if "num_chars" in mb else 0.0
+                if dist.is_initialized() and self.groups.dp_size > 1:
+                    dist.all_reduce(tot, group=self.groups.dp_group)
+                if tot[1] > 0:
+                    out[f"loss_{lang}"] = float(tot[0] / tot[1])
+                    if tot[2] > 0:
+                        out[f"bpc_{lang}"] = float(tot[0] / math.log(2) / tot[2])
+        finally:
+            model.train()
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        from xlmr_mp.checkpoint.sharded import save_checkpoint
+        g = self.groups
+        p = self.cfg.parallel
+        meta = {"model": config_to_dict(self.cfg.model), "tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size,
+                "virtual_stages": p.virtual_stages, "zero": bool(p.distributed_optimizer),
+                "config": config_to_dict(self.cfg)}
+        rank_state = {"step": self.step, "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                      "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None}
+        path = save_checkpoint(self.ckpt_root, self.step, g,
+                               model_state={n: p_.detach() for n, p_ in self.named},
+                               optim_state=self.optimizer.state_by_name(), rank_state=rank_state, meta=meta,
+                               keep_last=self.cfg.checkpoint.keep_last,
+                               write_optim=bool(p.distributed_optimizer) or g.dp_rank == 0)
+        log0(f"saved checkpoint {path}")
+        return path
+
+    def load(self, path: str, load_optim: bool = True) -> None:
+        """Restore from a step directory saved at any layout (exact when the layout is the same)."""
+        from xlmr_mp.checkpoint.sharded import (load_model_state, load_optim_state, load_rank_state, read_meta,
+                                                same_layout)
+        from xlmr_mp.parallel.pipeline import sync_tied_embedding_weight
+        meta = read_meta(path)
+        g = self.groups
+        same = same_layout(meta, g, self.cfg.parallel.virtual_stages, self.cfg.parallel.distributed_optimizer)
+        names = [n for n, _ in self.named]
+        sd = load_model_state(path, names, self.cfg.model, g, same)
+        with torch.no_grad():
+            for n, p in self.named:
+                if n not in sd:
+                    raise KeyError(f"{path}: no weights for {n!r}; model.* options differ from the checkpoint's")
+                if tuple(sd[n].shape) != tuple(p.shape):
+                    raise ValueError(f"{path}: {n} has shape {tuple(sd[n].shape)}, this model {tuple(p.shape)}; "
+                                     f"model.* options differ from the checkpoint's meta.json")
+                p.copy_(sd[n])
+        sync_tied_embedding_weight(self.chunks, g)
+        if load_optim:
+            self.optimizer.load_state_by_name(load_optim_state(path, self.optimizer.owned_names, self.cfg.model, g, same))
+        rs = load_rank_state(path, self.rank if same else 0)
+        self.step = int(meta["step"])
+        if rs is not None:
+            self.scaler.load_state_dict(rs["scaler"])
+            if rs.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
+                self.loader.load_state_dict(rs["loader"])
+        if same and rs is not None:
+            set_rng_state(rs["rng"])
+        else:   # RNG streams do not map across layouts: reseed from (seed, step)
+            from xlmr_mp.parallel.state import seed_parallel_rng
+            seed_parallel_rng(self.cfg.train.seed + self.step, g)
+        log0(f"loaded checkpoint {path} (step {self.step}, {'same' if same else 'resharded from'} layout "
+             f"tp={meta['tp']} pp={meta['pp']} dp={meta['dp']})")
+
+    def resume_path(self) -> Optional[str]:
+        from xlmr_mp.checkpoint.sharded import latest_checkpoint
+        if self.cfg.checkpoint.resume:
+            p = latest_checkpoint(self.ckpt_root)
+            if p is not None:
+                return p
+        return self.cfg.checkpoint.load or None
+
+
+def _format(m: dict) -> str:
+    return (f"step {m['step']:>6d} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | gnorm {m['grad_norm']:.3f} | "
+            f"scale {m['loss_scale']:g} | {m['tokens_per_s']:.0f} tok/s | {m['tflops']:.3f} TFLOP/s/dev | "
+            f"MFU {100 * m['mfu']:.2f}% | mem {m['mem_gib']:.2f} GiB")
+
+
+def train(cfg: RunConfig) -> List[float]:
+    """Train from `cfg` (torch.distributed must not be initialised yet, or already be for this run);
+    returns the step losses of this process's run. Exits 75 on SIGTERM/SIGUSR1 after saving."""
+    from xlmr_mp.distributed import init_distributed, pick_device
+    from xlmr_mp.parallel.state import destroy_parallel, init_parallel
+    from xlmr_mp.precision import LossScaleAtMinimum
+    env = init_distributed(cfg.parallel.backend, cfg.train.device)
+    cfg.validate(env.world_size)
+    from xlmr_mp.parallel.pipeline import validate_pipeline_config
+    validate_pipeline_config(cfg.model, cfg.parallel, grad_accumulation_steps(cfg))
+    device = pick_device(cfg.train.device)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and env.world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(env.world_size, 1)))
+    groups = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data or None)
+    if env.rank == 0:
+        dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    loader, valid = build_loaders(cfg, groups)
+    tr = Trainer(cfg, groups, device, loader, valid)
+    path = tr.resume_path()
+    if path:
+        tr.load(path)
+    log0(f"world {env.world_size} ({env.source}) = TP {groups.tp_size} x PP {groups.pp_size} x DP {groups.dp_size}; "
+         f"global batch {cfg.train.global_batch} = micro {cfg.train.micro_batch} x accum {tr.n_accum} x DP "
+         f"{groups.dp_size}; {sum(p.numel() for p in tr.params)} params on rank 0; precision {cfg.precision.dtype}")
+    stop = StopFlag().install()
+    losses: List[float] = []
+    try:
+        while tr.step < cfg.train.train_steps:
+            try:
+                m = tr.train_step()
+            except LossScaleAtMinimum as e:
+                log0(f"ABORT: {e}")
+                tr.save()
+                sys.exit(EXIT_LOSS_SCALE)
+            losses.append(m["loss"])
+            if tr.step % cfg.logging.interval == 0 or tr.step == cfg.train.train_steps:
+                tr.logger.log(tr.step, {k: v for k, v in m.items() if k != "step"})
+                log0(_format(m))
+            if cfg.train.eval_interval and tr.step % cfg.train.eval_interval == 0:
+                ev = tr.evaluate()
+                if ev:
+                    tr.logger.log(tr.step, ev, prefix="valid")
+                    log0("valid " + " ".join(f"{k} {v:.4f}" for k, v in sorted(ev.items())))
+            if stop.any_rank():
+                log0(f"signal {stop.signum or 'on another rank'}: saving at step {tr.step} and exiting {EXIT_REQUEUE}")
+                tr.save()
+                sys.exit(EXIT_REQUEUE)
+            if cfg.checkpoint.interval and tr.step % cfg.checkpoint.interval == 0 and tr.step < cfg.train.train_steps:
+                tr.save()
+        if cfg.checkpoint.interval >= 0:
+            tr.save()
+    finally:
+        stop.uninstall()
+        tr.logger.close()
+    destroy_parallel()
+    return losses
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML preset (launch/configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.micro_batch=8")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, validate=False)
+        cfg.validate(None)
+        train(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from xlmr_mp.distributed import destroy_distributed
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
