@@ -1,0 +1,83 @@
+"""Packing sentences into blocks (fairseq 'complete' / 'complete_doc'), C++ == Python reference,
+and the per-language packed dataset over megatron-core IndexedDatasets."""
+import os
+
+import numpy as np
+import pytest
+
+from _data_corpus import write_corpus
+from xlmr_mp.data.blend import have_cpp
+from xlmr_mp.data.dataset import MultilingualCorpus, PackedLanguageDataset
+from xlmr_mp.data.packing import pack_blocks, pack_blocks_reference
+
+
+def _random_sentences(seed, n=3000, max_len=70):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, max_len, n)
+    sizes[rng.integers(0, n, 30)] = rng.integers(100, 300, 30)  # some longer than a block
+    cuts = np.sort(rng.choice(np.arange(1, n), n // 7, replace=False))
+    return sizes, np.concatenate([[0], cuts, [n]])
+
+
+@pytest.mark.parametrize("mode", ["complete", "complete_doc"])
+@pytest.mark.parametrize("block", [1, 63, 127])
+def test_properties_and_cpp_equals_reference(mode, block):
+    sizes, docs = _random_sentences(block)
+    starts, lengths = pack_blocks_reference(sizes, docs, block, mode)
+    if have_cpp():
+        s2, l2 = pack_blocks(sizes, docs, block, mode, use_cpp=True)
+        np.testing.assert_array_equal(starts, s2); np.testing.assert_array_equal(lengths, l2)
+    assert lengths.max() <= block and lengths.min() >= 1
+    # every token covered exactly once, in order
+    assert starts[0] == 0 and np.array_equal(starts[1:], np.cumsum(lengths)[:-1])
+    assert lengths.sum() == sizes.sum()
+    sent_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    sent_ends = np.cumsum(sizes)
+    block_ends = starts + lengths
+    # a sentence that fits a block is never split: no block boundary strictly inside it
+    inside = np.searchsorted(block_ends, sent_starts, side="right")
+    for s in np.nonzero(sizes <= block)[0][:2000]:
+        j = inside[s]
+        assert block_ends[j] >= sent_ends[s], f"sentence {s} split"
+    # greedy: the next sentence would not have fit (unless the block is a split piece)
+    if mode == "complete_doc":  # no block crosses a document boundary
+        doc_tok = np.cumsum(sizes)[docs[1:-1] - 1]
+        assert np.all(np.isin(doc_tok, block_ends))
+
+
+def test_long_sentence_is_split_and_tail_joins_next():
+    starts, lengths = pack_blocks_reference([3, 10, 2], [0, 3], 4)
+    assert lengths.tolist() == [3, 4, 4, 4]  # [s0] [s1 0:4] [s1 4:8] [s1 8:10 + s2]
+    assert starts.tolist() == [0, 3, 7, 11]
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="break_mode"):
+        pack_blocks([1], [0, 1], 4, "eos")
+    with pytest.raises(ValueError, match="block_size"):
+        pack_blocks([1], [0, 1], 0)
+
+
+def test_packed_dataset_blocks_are_complete_sentences(tmp_path):
+    docs = write_corpus(str(tmp_path), {"xx": 40}, splits=("train",))[("xx", "train")]
+    flat = [s for d in docs for s in d]
+    ds = PackedLanguageDataset(str(tmp_path / "xx" / "train"), 63)
+    assert ds.num_sentences == len(flat) and ds.num_tokens == sum(len(s) for s in flat)
+    got = np.concatenate([ds.block(i) for i in range(len(ds))])
+    np.testing.assert_array_equal(got, np.concatenate(flat))
+    for i in range(len(ds)):
+        b = ds.block(i)
+        assert 1 <= len(b) <= 63 and b[-1] == 2  # sentences (max 40 tokens) are never split here
+    corpus = MultilingualCorpus(str(tmp_path), "train", 63)
+    assert corpus.languages == ["xx"] and corpus.sizes("sentences")[0] == len(flat)
+
+
+def test_bad_data_gives_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="preprocess_data"):
+        MultilingualCorpus(str(tmp_path / "nope"), "train", 63)
+    write_corpus(str(tmp_path), {"xx": 3}, splits=("train",))
+    with pytest.raises(FileNotFoundError, match="zz"):
+        MultilingualCorpus(str(tmp_path), "train", 63, languages=["xx", "zz"])
+    os.remove(tmp_path / "xx" / "train.bin")
+    with pytest.raises(FileNotFoundError, match="train.bin"):
+        PackedLanguageDataset(str(tmp_path / "xx" / "train"), 63)
