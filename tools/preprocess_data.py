@@ -39,11 +39,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, CorpusError, RawChunk, align_range_start,  # noqa: E402
                                     count_lines_before, find_language_files, is_seekable,
                                     iter_raw_chunks, parse_chunk, split_ext)
 from xlmr_mp.data.indexed import IndexedWriter, token_dtype  # noqa: E402
+from merge_datasets import merge_datasets  # noqa: E402  (tools/merge_datasets.py)
 
 SPLITS = ("train", "valid", "test")
 _TOKENIZER = None  # per-process XLMRTokenizer, set by _init_worker
@@ -338,7 +340,7 @@ def run_mpi(args, files, comm):
             st = _merge_stats(parts)
             _check_nonempty(lang, files[lang], st)
             for s in SPLITS:
-                merge_shards([os.path.join(shard_root, lang, f"u{i:06d}.{s}") for i in idxs],
+                merge_datasets([os.path.join(shard_root, lang, f"u{i:06d}.{s}") for i in idxs],
                              os.path.join(args.output_dir, lang, s), dtype)
             stats[lang] = st
             shutil.rmtree(os.path.join(shard_root, lang), ignore_errors=True)
@@ -354,21 +356,6 @@ def run_mpi(args, files, comm):
     if rank == 0:
         shutil.rmtree(shard_root, ignore_errors=True)
     return ({l: merged[l] for l in langs}, time.perf_counter() - t0), []
-
-
-def merge_shards(prefixes, out_prefix, dtype=None):
-    """Concatenate complete datasets in the given order into out_prefix (streamed)."""
-    from xlmr_mp.data.indexed import read_index
-    if dtype is None:
-        dtype = read_index(prefixes[0])[0]
-    w = IndexedWriter(out_prefix, dtype)
-    try:
-        for p in prefixes:
-            w.append_dataset(p)
-        w.finalize()
-    except BaseException:
-        w.abort()
-        raise
 
 
 def build_parser():

@@ -1,0 +1,32 @@
+"""Shared helpers for the data-preparation tests: run the tools, build a tiny tokenizer."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
+if TOOLS not in sys.path:
+    sys.path.insert(0, TOOLS)
+
+
+def run_tool(name, *args, check=True, env=None, timeout=300, prefix=()):
+    """Run tools/<name>.py as a subprocess; returns CompletedProcess (text)."""
+    cmd = list(prefix) + [sys.executable, os.path.join(TOOLS, name + ".py")] + [str(a) for a in args]
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    if env:
+        e.update(env)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=e, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{name} failed ({r.returncode}):\nstdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}")
+    return r
+
+
+def train_tiny_spm(corpus_dir, prefix, vocab_size=1000, extra=()):
+    """Train a tiny SentencePiece model with tools/train_spm.py (in-process); returns PREFIX.model."""
+    import train_spm
+    rc = train_spm.main(["--input", str(corpus_dir), "--output-prefix", str(prefix), "--vocab-size", str(vocab_size),
+                         "--quiet", *map(str, extra)])
+    assert rc == 0
+    return str(prefix) + ".model"
