@@ -133,3 +133,31 @@ def train_rank_body(rank, world_size, overrides, steps, run_dir):
            "dp_rank": g.dp_rank}
     destroy_parallel()
     return out
+
+
+def make_indexed_data(root, langs=("en", "fr", "sw"), vocab=1002, docs=(40, 4), seed=0):
+    """Tiny preprocessed data in the contract format (<root>/<lang>/{train,valid}.{bin,idx},
+    megatron-core MMIDIDX, uint16, each sentence ending in </s>=2): learnable token statistics
+    (each language draws from its own Zipf-like range), written with megatron's builder."""
+    import os
+    import warnings
+    import numpy as np
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    rng = np.random.default_rng(seed)
+    for li, lang in enumerate(langs):
+        os.makedirs(os.path.join(root, lang), exist_ok=True)
+        lo = 4 + 50 * li
+        for split, n_docs in zip(("train", "valid"), docs):
+            prefix = os.path.join(root, lang, split)
+            builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+            for _ in range(n_docs):
+                for _ in range(int(rng.integers(2, 6))):
+                    n = int(rng.integers(4, 20))
+                    toks = lo + np.minimum(rng.zipf(1.5, n) - 1, 99)
+                    toks = np.minimum(toks, vocab - 2)
+                    builder.add_item(torch.from_numpy(np.append(toks, 2).astype(np.int64)))
+                builder.end_document()
+            builder.finalize(prefix + ".idx")
+    return root

@@ -94,10 +94,15 @@ def set_rng_state(st: dict) -> None:
 # ----------------------------------------------------------------------------- data
 
 def build_loaders(cfg: RunConfig, groups):
-    """(train loader, {lang: validation iterable factory} or None) for this DP rank."""
+    """(train MLMLoader, ValidationLoader or None) for this DP rank (xlmr_mp/data/loader.py)."""
     from xlmr_mp.data import loader as L
     train = L.build_train_loader(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
-    valid = L.build_valid_loaders(cfg) if hasattr(L, "build_valid_loaders") else None
+    valid = None
+    if cfg.train.eval_interval:
+        try:
+            valid = L.build_validation_loader(cfg, groups.dp_rank, groups.dp_size)
+        except FileNotFoundError as e:
+            log0(f"no validation split ({e}); validation disabled")
     return train, valid
 
 
@@ -121,8 +126,8 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.n_accum = grad_accumulation_steps(cfg)
-        torch.manual_seed(cfg.train.seed)               # model init: per-parameter generators from this seed
-        self.chunks = [c.to(device) for c in build_pipeline_stages(cfg.model, groups, cfg.parallel)]
+        self.chunks = [c.to(device) for c in build_pipeline_stages(cfg.model, groups, cfg.parallel,
+                                                                  init_seed=cfg.train.seed)]
         for c in self.chunks:
             c.set_recompute(cfg.train.recompute)
             c.train()
@@ -200,32 +205,36 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Per-language validation loss (nats per masked token) and bits per character when the
-        loader reports characters; only ranks holding the last stage compute the head."""
-        from xlmr_mp.parallel.pipeline import broadcast_step_loss
+        """Per-language validation loss (nats per masked token) and bits per character (masked-token
+        NLL / ln 2 / characters of the masked pieces), over train.eval_batches batches per language,
+        summed over DP. Runs without pipeline parallelism (PP=1) only."""
+        from xlmr_mp.precision import autocast
         if self.valid is None or self.groups.pp_size > 1:
             return {}
         model = self.chunks[0]
         model.eval()
         out = {}
         try:
-            for lang, make_iter in self.valid.items():
+            for lang in self.valid.languages:
                 tot = torch.zeros(3, dtype=torch.float64)     # loss sum, masked tokens, characters
-                for i, mb in enumerate(make_iter()):
-                    if i >= self.cfg.train.eval_batches:
-                        break
-                    with __import__("xlmr_mp.precision", fromlist=["autocast"]).autocast(self.cfg.precision.dtype, self.device):
-                        ls, n = model.loss_and_count(mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
+                for mb in self.valid.batches(lang, max_batches=self.cfg.train.eval_batches):
+                    with autocast(self.cfg.precision.dtype, self.device):
+                        ls, n = model.loss_and_count(mb["input_ids"].to(self.device),
+                                                     mb["attention_mask"].to(self.device),
                                                      mb["labels"].to(self.device))
                     tot[0] += float(ls)
                     tot[1] += float(n)
-                    tot[2] += float(mb["num_chars"].sum()) if "num_chars" in mb else 0.0
+                    if "masked_chars" in mb:
+                        tot[2] += float(mb["masked_chars"].sum())
                 if dist.is_initialized() and self.groups.dp_size > 1:
                     dist.all_reduce(tot, group=self.groups.dp_group)
                 if tot[1] > 0:
                     out[f"loss_{lang}"] = float(tot[0] / tot[1])
                     if tot[2] > 0:
                         out[f"bpc_{lang}"] = float(tot[0] / math.log(2) / tot[2])
+            if out:
+                losses = [v for k, v in out.items() if k.startswith("loss_")]
+                out["loss"] = sum(losses) / len(losses)
         finally:
             model.train()
         return out
