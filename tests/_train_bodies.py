@@ -161,3 +161,31 @@ def make_indexed_data(root, langs=("en", "fr", "sw"), vocab=1002, docs=(40, 4), 
                 builder.end_document()
             builder.finalize(prefix + ".idx")
     return root
+
+
+def fp16_inf_body(rank, world_size, run_dir):
+    """fp16 trainer: a clean step, then a step whose gradient is forced to inf on rank 0 only:
+    every rank must skip it, halve the scale and change nothing else; then training continues."""
+    from xlmr_mp.parallel.state import destroy_parallel
+    cfg = tiny_cfg(["train.global_batch=8", "train.micro_batch=2", "precision.dtype=fp16",
+                    "precision.initial_loss_scale=1024", f"run_dir={run_dir}", "logging.jsonl=false"], world_size)
+    tr, g = make_trainer(cfg)
+    first = tr.train_step()
+    params0 = {n: p.detach().clone() for n, p in tr.named}
+    opt0 = tr.optimizer.state_by_name()
+    handle = None
+    if rank == 0:
+        p = dict(tr.named)["layers.1.ffn.fc1.weight"]
+        handle = p.register_hook(lambda grad: grad * float("inf"))
+    bad = tr.train_step()
+    if handle is not None:
+        handle.remove()
+    params1 = {n: p.detach().clone() for n, p in tr.named}
+    opt1 = tr.optimizer.state_by_name()
+    after = tr.train_step()
+    params2 = {n: p.detach().clone() for n, p in tr.named}
+    destroy_parallel()
+    return {"first": first, "bad": bad, "after": after, "params_same": all(torch.equal(params0[n], params1[n]) for n in params0),
+            "opt_same": opt0.keys() == opt1.keys() and all(torch.equal(opt0[n][k], opt1[n][k]) for n in opt0 for k in opt0[n]),
+            "params_moved_after": any(not torch.equal(params1[n], params2[n]) for n in params1),
+            "step": tr.step, "skipped_total": tr.scaler.skipped_steps}

@@ -1,0 +1,19 @@
+"""fp16 in the trainer: a forced inf gradient skips the step, halves the loss scale and changes
+nothing else (parameters, Adam state), on every DP rank; bf16 trains close to fp32."""
+import math
+
+from dist import run_distributed
+import _train_bodies as b
+
+
+def test_forced_inf_skips_step_and_halves_scale(tmp_path):
+    res = run_distributed(b.fp16_inf_body, 2, args=(str(tmp_path),), timeout=300)
+    for r in res:
+        assert r["first"]["skipped"] == 0 and r["first"]["loss_scale"] == 1024.0
+        assert r["bad"]["skipped"] == 1 and r["bad"]["loss_scale"] == 1024.0
+        assert math.isnan(r["bad"]["grad_norm"])
+        assert r["params_same"] and r["opt_same"]
+        assert r["after"]["skipped"] == 0 and r["after"]["loss_scale"] == 512.0
+        assert r["params_moved_after"]
+        assert r["step"] == 3 and r["skipped_total"] == 1
+        assert math.isfinite(r["after"]["loss"])
