@@ -33,18 +33,18 @@ py::tuple py_pack_blocks(CArr<int64_t> sizes, CArr<int64_t> doc_index, int64_t b
 
 template <typename LangT, typename BlockT>
 void run_blend(CArr<uint64_t>& w, CArr<uint64_t>& o, CArr<uint64_t>& n, uint64_t total, uint64_t seed,
-               uint64_t start, py::array& out_lang, py::array& out_block) {
+               uint64_t start, py::array& out_lang, py::array& out_block, uint32_t* epoch) {
   auto* lang = static_cast<LangT*>(out_lang.mutable_data());
   auto* block = static_cast<BlockT*>(out_block.mutable_data());
   const uint64_t count = static_cast<uint64_t>(out_lang.size());
   py::gil_scoped_release nogil;
   blend_window<LangT, BlockT>(w.data(), o.data(), n.data(), w.size(), total, seed, start, count,
-                              lang, block);
+                              lang, block, epoch);
 }
 
 void py_blend_window(CArr<uint64_t> weights, CArr<uint64_t> offsets, CArr<uint64_t> n_blocks,
                      uint64_t total_weight, uint64_t seed, uint64_t start, py::array out_lang,
-                     py::array out_block) {
+                     py::array out_block, py::object out_epoch) {
   if (weights.size() != offsets.size() || weights.size() != n_blocks.size())
     throw std::invalid_argument("blend_window: weights, offsets and n_blocks differ in length");
   if (out_lang.size() != out_block.size())
@@ -55,14 +55,22 @@ void py_blend_window(CArr<uint64_t> weights, CArr<uint64_t> offsets, CArr<uint64
   for (py::ssize_t i = 0; i < n_blocks.size(); ++i)
     if (weights.data()[i] > 0 && n_blocks.data()[i] == 0)
       throw std::invalid_argument("blend_window: a language with weight > 0 has no blocks");
+  uint32_t* epoch = nullptr;
+  if (!out_epoch.is_none()) {
+    py::array e = out_epoch.cast<py::array>();
+    if (!e.dtype().is(py::dtype::of<uint32_t>()) || e.size() != out_lang.size() ||
+        !(e.flags() & py::array::c_style) || !e.writeable())
+      throw std::invalid_argument("blend_window: out_epoch must be a writeable uint32 array like out_lang");
+    epoch = static_cast<uint32_t*>(e.mutable_data());
+  }
   const bool lang8 = out_lang.dtype().is(py::dtype::of<uint8_t>());
   const bool lang16 = out_lang.dtype().is(py::dtype::of<uint16_t>());
   const bool block32 = out_block.dtype().is(py::dtype::of<uint32_t>());
   const bool block64 = out_block.dtype().is(py::dtype::of<int64_t>());
-  if (lang8 && block32) run_blend<uint8_t, uint32_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block);
-  else if (lang8 && block64) run_blend<uint8_t, int64_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block);
-  else if (lang16 && block32) run_blend<uint16_t, uint32_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block);
-  else if (lang16 && block64) run_blend<uint16_t, int64_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block);
+  if (lang8 && block32) run_blend<uint8_t, uint32_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block, epoch);
+  else if (lang8 && block64) run_blend<uint8_t, int64_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block, epoch);
+  else if (lang16 && block32) run_blend<uint16_t, uint32_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block, epoch);
+  else if (lang16 && block64) run_blend<uint16_t, int64_t>(weights, offsets, n_blocks, total_weight, seed, start, out_lang, out_block, epoch);
   else throw std::invalid_argument("blend_window: out_lang must be uint8/uint16 and out_block uint32/int64");
 }
 
@@ -75,8 +83,8 @@ PYBIND11_MODULE(_C, m) {
         "Pack sentences into blocks of <= block_size tokens; returns (token starts, lengths).");
   m.def("blend_window", &py_blend_window, py::arg("weights"), py::arg("offsets"), py::arg("n_blocks"),
         py::arg("total_weight"), py::arg("seed"), py::arg("start"), py::arg("out_lang"),
-        py::arg("out_block"),
-        "Fill out_lang/out_block with blended stream positions [start, start + len(out_lang)).");
+        py::arg("out_block"), py::arg("out_epoch") = py::none(),
+        "Fill out_lang/out_block (and out_epoch: pass over the language, uint32, if given) with blended stream positions [start, start + len(out_lang)).");
   m.def("blend_rank", [](CArr<uint64_t> w, CArr<uint64_t> o, uint64_t total, uint64_t bucket) {
           return blend_rank(w.data(), o.data(), w.size(), total, bucket);
         }, py::arg("weights"), py::arg("offsets"), py::arg("total_weight"), py::arg("bucket"),

@@ -10,6 +10,7 @@
 // Python reference: xlmr_mp/data/blend.py (blend_window_reference).
 #include "blend_index.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -81,7 +82,7 @@ uint64_t blend_rank(const uint64_t* weights, const uint64_t* offsets, int64_t n_
 template <typename LangT, typename BlockT>
 void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64_t* n_blocks,
                   int64_t n_lang, uint64_t total_weight, uint64_t seed, uint64_t start,
-                  uint64_t count, LangT* out_lang, BlockT* out_block) {
+                  uint64_t count, LangT* out_lang, BlockT* out_block, uint32_t* out_epoch) {
   if (count == 0) return;
   // First bucket: the largest B with rank(B) <= start (rank(B) is within n_lang of B).
   uint64_t lo = 0, hi = start + static_cast<uint64_t>(n_lang) + 2;
@@ -110,18 +111,22 @@ void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64
     c.perm.init(n_blocks[i], seed, static_cast<uint64_t>(i), c.epoch);
   }
 
-  const uint64_t window = 1ULL << 16;
-  std::vector<uint32_t> slot(window + 1);
+  const uint64_t max_window = 1ULL << 16;
+  std::vector<uint32_t> slot(max_window + 1);
   std::vector<uint32_t> item_bucket;
   std::vector<LangT> item_lang, sorted_lang;
   std::vector<BlockT> item_block, sorted_block;
+  std::vector<uint32_t> item_epoch, sorted_epoch;
   const uint64_t end = start + count;
   while (pos < end) {
+    // buckets [bucket, bucket + window) hold >= window - n_lang draws: enough for what is left
+    const uint64_t window = std::min<uint64_t>(max_window, end - pos + static_cast<uint64_t>(n_lang) + 1);
     const uint64_t bucket_end = bucket + window;
     item_bucket.clear();
     item_lang.clear();
     item_block.clear();
-    std::fill(slot.begin(), slot.end(), 0u);
+    item_epoch.clear();
+    std::fill(slot.begin(), slot.begin() + window + 1, 0u);
     for (int64_t i = 0; i < n_lang; ++i) {
       const uint64_t w = weights[i];
       if (w == 0) continue;
@@ -132,6 +137,7 @@ void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64
         item_bucket.push_back(local);
         item_lang.push_back(static_cast<LangT>(i));
         item_block.push_back(static_cast<BlockT>(c.perm(c.j)));
+        if (out_epoch) item_epoch.push_back(static_cast<uint32_t>(c.epoch));
         ++slot[local + 1];
         ++c.k;
         c.q += c.qstep;
@@ -149,15 +155,18 @@ void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64
     const size_t n_items = item_bucket.size();
     sorted_lang.resize(n_items);
     sorted_block.resize(n_items);
+    if (out_epoch) sorted_epoch.resize(n_items);
     for (size_t t = 0; t < n_items; ++t) {
       const uint32_t p = slot[item_bucket[t]]++;
       sorted_lang[p] = item_lang[t];
       sorted_block[p] = item_block[t];
+      if (out_epoch) sorted_epoch[p] = item_epoch[t];
     }
     const uint64_t first = pos < start ? start - pos : 0;
     for (uint64_t t = first; t < n_items && pos + t < end; ++t) {
       out_lang[pos + t - start] = sorted_lang[t];
       out_block[pos + t - start] = sorted_block[t];
+      if (out_epoch) out_epoch[pos + t - start] = sorted_epoch[t];
     }
     pos += n_items;
     bucket = bucket_end;
@@ -166,7 +175,7 @@ void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64
 
 #define XLMR_MP_BLEND_INSTANCE(L, B)                                                              \
   template void blend_window<L, B>(const uint64_t*, const uint64_t*, const uint64_t*, int64_t,      \
-                                   uint64_t, uint64_t, uint64_t, uint64_t, L*, B*);
+                                   uint64_t, uint64_t, uint64_t, uint64_t, L*, B*, uint32_t*);
 XLMR_MP_BLEND_INSTANCE(uint8_t, uint32_t)
 XLMR_MP_BLEND_INSTANCE(uint8_t, int64_t)
 XLMR_MP_BLEND_INSTANCE(uint16_t, uint32_t)

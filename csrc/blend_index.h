@@ -21,11 +21,12 @@ void pack_blocks(const int64_t* sizes, int64_t n_sent, const int64_t* doc_index,
                  int64_t block_size, bool break_at_documents,
                  std::vector<int64_t>& starts, std::vector<int64_t>& lengths);
 
-// Blended stream positions [start, start + count): language and block of each; see blend.py.
+// Blended stream positions [start, start + count): language, block and (if out_epoch is not
+// null) the pass over its language of each; see blend.py.
 template <typename LangT, typename BlockT>
 void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64_t* n_blocks,
                   int64_t n_lang, uint64_t total_weight, uint64_t seed, uint64_t start,
-                  uint64_t count, LangT* out_lang, BlockT* out_block);
+                  uint64_t count, LangT* out_lang, BlockT* out_block, uint32_t* out_epoch);
 
 uint64_t blend_rank(const uint64_t* weights, const uint64_t* offsets, int64_t n_lang,
                     uint64_t total_weight, uint64_t bucket);

@@ -28,11 +28,13 @@ def test_sampling_weights_formula():
 @pytest.mark.parametrize("start,count", [(0, 5000), (777, 3001), (123_456, 2000), (10_000_000_000, 300)])
 def test_cpp_equals_reference(start, count):
     spec = BlendSpec(sampling_weights(SIZES, 0.3), BLOCKS, seed=11)
-    lang_c, block_c = blend_window(spec, start, count, use_cpp=True)
+    lang_c, block_c, epoch_c = blend_window(spec, start, count, use_cpp=True, with_epoch=True)
     lang_r, block_r = blend_window_reference(spec, start, count)
     assert lang_c.dtype == lang_r.dtype == np.uint8 and block_c.dtype == block_r.dtype == np.uint32
     np.testing.assert_array_equal(lang_c, lang_r)
     np.testing.assert_array_equal(block_c, block_r)
+    np.testing.assert_array_equal(epoch_c, pass_of_draw(spec, lang_r, start))
+    assert epoch_c.max() > 0
 
 
 @needs_cpp

@@ -186,8 +186,10 @@ def have_cpp() -> bool:
         return False
 
 
-def blend_window(spec: BlendSpec, start: int, count: int, use_cpp: Optional[bool] = None):
-    """Blended positions [start, start+count) -> (language, block) arrays.
+def blend_window(spec: BlendSpec, start: int, count: int, use_cpp: Optional[bool] = None,
+                 with_epoch: bool = False):
+    """Blended positions [start, start+count) -> (language, block) arrays, plus the pass over its
+    language of each (int64) when with_epoch.
 
     Uses the C++ helper when built (use_cpp=None), else the numpy reference; both give the same bits.
     """
@@ -196,12 +198,14 @@ def blend_window(spec: BlendSpec, start: int, count: int, use_cpp: Optional[bool
     if use_cpp is None:
         use_cpp = have_cpp()
     if not use_cpp:
-        return blend_window_reference(spec, start, count)
+        lang, block = blend_window_reference(spec, start, count)
+        return (lang, block, pass_of_draw(spec, lang, start)) if with_epoch else (lang, block)
     from xlmr_mp import _C
     lang = np.empty(count, dtype=spec.lang_dtype)
     block = np.empty(count, dtype=spec.block_dtype)
-    _C.blend_window(spec.weights, spec.offsets, spec.n_blocks, TOTAL_WEIGHT, spec.seed, start, lang, block)
-    return lang, block
+    epoch = np.empty(count, dtype=np.uint32) if with_epoch else None
+    _C.blend_window(spec.weights, spec.offsets, spec.n_blocks, TOTAL_WEIGHT, spec.seed, start, lang, block, epoch)
+    return (lang, block, epoch.astype(np.int64)) if with_epoch else (lang, block)
 
 
 def pass_of_draw(spec: BlendSpec, lang: np.ndarray, start: int) -> np.ndarray:
@@ -217,10 +221,14 @@ def pass_of_draw(spec: BlendSpec, lang: np.ndarray, start: int) -> np.ndarray:
 
 def draws_at_rank(spec: BlendSpec, start: int) -> list:
     """Draws of each language among blended positions [0, start)."""
+    rank = blend_rank_reference
+    if have_cpp():
+        from xlmr_mp import _C
+        rank = lambda spec, b: _C.blend_rank(spec.weights, spec.offsets, TOTAL_WEIGHT, b)  # noqa: E731
     lo, hi = 0, start + spec.num_languages + 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if blend_rank_reference(spec, mid) <= start:
+        if rank(spec, mid) <= start:
             lo = mid
         else:
             hi = mid

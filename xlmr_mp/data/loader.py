@@ -33,7 +33,7 @@ from typing import Dict, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from xlmr_mp.data.blend import BlendSpec, blend_window, pass_of_draw, sampling_weights
+from xlmr_mp.data.blend import BlendSpec, blend_window, sampling_weights
 from xlmr_mp.data.config import DataConfig
 from xlmr_mp.data.dataset import MultilingualCorpus
 from xlmr_mp.data.masking import IGNORE_INDEX, Masker, sample_key, sentencepiece_tables
@@ -88,8 +88,8 @@ class BlendedSamples:
 
     def indices(self, start: int, count: int):
         """(language, block, pass) int64 arrays of positions [start, start + count)."""
-        lang, block = blend_window(self.spec, start, count)
-        return lang.astype(np.int64), block.astype(np.int64), pass_of_draw(self.spec, lang, start)
+        lang, block, epoch = blend_window(self.spec, start, count, with_epoch=True)
+        return lang.astype(np.int64), block.astype(np.int64), epoch
 
     def batch(self, start: int, count: int) -> Dict[str, torch.Tensor]:
         lang, block, epoch = self.indices(start, count)
