@@ -46,3 +46,21 @@ def test_dp2_equals_single(reference, extra, tmp_path):
 def test_tp2_equals_single(reference, tmp_path):
     res = run_distributed(b.train_rank_body, 2, args=(BASE + ["parallel.tensor=2"], STEPS, str(tmp_path)), timeout=300)
     check_same(reference, res)
+
+
+@pytest.mark.parametrize("layout,world", [
+    (["parallel.pipeline=2"], 2),
+    (["parallel.pipeline=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved"], 2),
+    (["parallel.tensor=2", "parallel.pipeline=2"], 4),
+], ids=["pp2-1f1b", "pp2-interleaved", "tp2xpp2"])
+def test_pipeline_layouts_equal_single(reference, layout, world, tmp_path):
+    res = run_distributed(b.train_rank_body, world, args=(BASE + layout, STEPS, str(tmp_path)), timeout=400)
+    check_same(reference, res)
+    # the tied embedding and its decoder copy on the last stage stay identical
+    emb = {r["tp_rank"]: r["params"]["embeddings.word_embeddings.weight"] for r in res
+           if "embeddings.word_embeddings.weight" in r["params"] and r["dp_rank"] == 0}
+    dec = {r["tp_rank"]: r["params"]["lm_head.decoder_weight"] for r in res
+           if "lm_head.decoder_weight" in r["params"] and r["dp_rank"] == 0}
+    assert emb and emb.keys() == dec.keys()
+    for t in emb:
+        assert torch.equal(emb[t], dec[t])
