@@ -19,34 +19,39 @@ namespace {
 
 typedef unsigned __int128 u128;
 
-// Balanced 4-round Feistel network on [0, 4^h), cycle-walked down to [0, n).
+// 4-round (unbalanced) Feistel network on [0, 2^b), b = max(2, ceil(log2 n)), cycle-walked down
+// to [0, n) (under 2 steps on average). Left half a = b/2 bits, right half c = b - a bits.
 struct Feistel {
-  uint64_t n = 0, mask = 0;
-  int h = 1;
+  uint64_t n = 0, mask_a = 0, mask_c = 0;
+  int c = 1;
   uint64_t rk[4] = {0, 0, 0, 0};
 
   void init(uint64_t n_, uint64_t seed, uint64_t lang, uint64_t epoch) {
     n = n_;
-    h = 1;
-    while (h < 31 && (1ULL << (2 * h)) < n) ++h;
-    mask = (1ULL << h) - 1;
+    int b = 2;
+    while (b < 62 && (1ULL << b) < n) ++b;
+    const int a = b / 2;
+    c = b - a;
+    mask_a = (1ULL << a) - 1;
+    mask_c = (1ULL << c) - 1;
     const uint64_t key = mix64(mix64(mix64(seed) ^ lang) ^ epoch);
     for (int r = 0; r < 4; ++r) rk[r] = mix64(key + static_cast<uint64_t>(r));
   }
   static inline uint64_t round_fn(uint64_t x, uint64_t k) {
-    uint64_t z = (x ^ k) * 0xbf58476d1ce4e5b9ULL;
-    z ^= z >> 31;
-    z *= 0x94d049bb133111ebULL;
-    return z ^ (z >> 29);
+    const uint64_t z = (x ^ k) * 0x9e3779b97f4a7c15ULL;
+    return z ^ (z >> 32);
   }
   inline uint64_t once(uint64_t x) const {
-    uint64_t left = x >> h, right = x & mask;
-    for (int r = 0; r < 4; ++r) {
-      const uint64_t t = left ^ (round_fn(right, rk[r]) & mask);
-      left = right;
-      right = t;
-    }
-    return (left << h) | right;
+    uint64_t left = x >> c, right = x & mask_c;  // (a bits, c bits)
+    uint64_t t = left ^ (round_fn(right, rk[0]) & mask_a);
+    left = right; right = t;                        // (c, a)
+    t = left ^ (round_fn(right, rk[1]) & mask_c);
+    left = right; right = t;                        // (a, c)
+    t = left ^ (round_fn(right, rk[2]) & mask_a);
+    left = right; right = t;                        // (c, a)
+    t = left ^ (round_fn(right, rk[3]) & mask_c);
+    left = right; right = t;                        // (a, c)
+    return (left << c) | right;
   }
   inline uint64_t operator()(uint64_t x) const {
     if (n <= 1) return 0;

@@ -93,7 +93,7 @@ class BlendSpec:
 
 # ----------------------------------------------------------------------------- reference (numpy)
 
-_R1, _R2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _feistel_keys(seed: int, lang: int, epoch: int) -> list:
@@ -102,24 +102,27 @@ def _feistel_keys(seed: int, lang: int, epoch: int) -> list:
 
 
 def feistel_permute_reference(x: np.ndarray, n: int, seed: int, lang: int, epoch: int) -> np.ndarray:
-    """Seeded permutation of [0, n) applied to x (numpy; C++: _C.feistel_permute)."""
+    """Seeded permutation of [0, n) applied to x (numpy; C++: _C.feistel_permute).
+
+    4-round unbalanced Feistel network on b = max(2, ceil(log2 n)) bits (halves of b//2 and
+    b - b//2 bits), cycle-walked until the value is below n.
+    """
     x = np.asarray(x, dtype=np.uint64).copy()
     if n <= 1:
         return np.zeros_like(x)
-    h = 1
-    while h < 31 and (1 << (2 * h)) < n:
-        h += 1
-    mask, sh = np.uint64((1 << h) - 1), np.uint64(h)
+    b = max(2, (n - 1).bit_length())
+    a, c = b // 2, b - b // 2
+    mask_a, mask_c, sh = np.uint64((1 << a) - 1), np.uint64((1 << c) - 1), np.uint64(c)
     keys = _feistel_keys(seed, lang, epoch)
 
+    def f(v, k):
+        z = (v ^ k) * _GOLD
+        return z ^ (z >> np.uint64(32))
+
     def once(v):
-        left, right = v >> sh, v & mask
-        for k in keys:
-            z = (right ^ k) * _R1
-            z ^= z >> np.uint64(31)
-            z *= _R2
-            z ^= z >> np.uint64(29)
-            left, right = right, left ^ (z & mask)
+        left, right = v >> sh, v & mask_c
+        for r, k in enumerate(keys):
+            left, right = right, left ^ (f(right, k) & (mask_a if r % 2 == 0 else mask_c))
         return (left << sh) | right
 
     todo = np.ones(len(x), dtype=bool)
