@@ -64,10 +64,15 @@ def _max_abs_diff(mine: dict, ref: dict, what: str) -> dict:
     return out
 
 
-def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_micro, steps, stage_layers=None):
+def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_micro, steps, stage_layers=None,
+                          options=None):
     """Train `steps` AdamW steps with TP x PP (and the given schedule) and, in the same process,
-    the TP-only full-depth model on the same micro-batches; return losses and relative errors of
-    initial parameters, first-step gradients and final parameters, keyed by global name."""
+    the TP-only full-depth model on the same micro-batches; return losses and errors of initial
+    parameters, first-step gradients and final parameters, keyed by global name, and forward-only
+    evaluations (after step 0) of both. `options`: recompute ('none'|'full'|'selective'),
+    loss_scale (backward scale, grads unscaled before the optimizer), bf16 (autocast)."""
+    opts = dict(recompute="none", loss_scale=1.0, bf16=False)
+    opts.update(options or {})
     from xlmr_mp.parallel import pipeline as P
     from xlmr_mp.parallel.state import destroy_parallel, init_parallel
     groups = init_parallel(tp, pp, seed=SEED)   # different default RNG per stage, as in training
@@ -81,8 +86,13 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
     mine, theirs = _named_params(chunks), dict(ref.named_parameters())
     init_err = _max_abs_diff(mine, theirs, "initial parameter")
 
-    sched = P.PipelineSchedule(chunks, groups, pcfg, n_micro)
-    ref_sched = P.PipelineSchedule([ref], None, ParallelConfig(tensor=tp), n_micro)
+    for m in chunks + [ref]:
+        m.set_recompute(opts["recompute"])
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if opts["bf16"] else None
+    scale = opts["loss_scale"]
+    sched = P.PipelineSchedule(chunks, groups, pcfg, n_micro, autocast=autocast)
+    ref_sched = P.PipelineSchedule([ref], None, ParallelConfig(tensor=tp), n_micro, autocast=autocast)
+    eval_mbs = make_micro_batches(3, batch=3, seq=12, vocab=cfg.vocab_size, seed=99)
     opt = torch.optim.AdamW([p for c in chunks for p in c.parameters()], lr=1e-2, weight_decay=0.01)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01)
     losses, ref_losses, grad_err = [], [], None
@@ -91,12 +101,17 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
         n_masked = float(sum(int((m["labels"] != -100).sum()) for m in mbs))
         opt.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
-        loss = sched.step(mbs, n_masked)
+        loss = sched.step(mbs, n_masked, loss_scale=scale)
         assert (loss is not None) == sched.has_last_stage
         P.sync_tied_embedding_grads(chunks, groups)
         losses.append(P.broadcast_step_loss(loss, groups))
-        ref_losses.append(ref_sched.step(mbs, n_masked))
+        ref_losses.append(ref_sched.step(mbs, n_masked, loss_scale=scale))
+        for p in list(mine.values()) + list(theirs.values()):
+            if p.grad is not None:
+                p.grad.div_(scale)
         if step == 0:
+            # forward-only evaluation between training steps (other shapes and count)
+            evals = (sched.evaluate(eval_mbs), ref_sched.evaluate(eval_mbs))
             grad_err = _max_abs_diff({k: p.grad for k, p in mine.items()},
                                      {k: p.grad for k, p in theirs.items()}, "gradient")
         opt.step()
@@ -111,6 +126,6 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
         tied_diff = (other - w.detach()).abs().max().item()
     layers = sorted(int(k.split(".")[1]) for k in mine if k.startswith("layers."))
     destroy_parallel()
-    return dict(losses=losses, ref_losses=ref_losses, init_err=init_err, grad_err=grad_err, param_err=param_err,
+    return dict(losses=losses, ref_losses=ref_losses, evals=evals, init_err=init_err, grad_err=grad_err, param_err=param_err,
                 tied_diff=tied_diff, names=sorted(mine), layers=sorted(set(layers)),
                 stage_indices=[c.pipeline_stage_index for c in chunks])

@@ -18,16 +18,19 @@ def _bad(errs: dict, rtol: float, atol: float = 0.0) -> dict:
     return {k: d for k, (d, scale) in errs.items() if d > atol + rtol * scale}
 
 
-def _check(results, steps):
+def _check(results, steps, rtol=RTOL):
     all_names, all_layers = set(), set()
     for r in results:
+        (loss, count), (ref_loss, ref_count) = r["evals"]
+        assert count == ref_count > 0 and abs(loss - ref_loss) <= rtol * abs(ref_loss), r["evals"]
         assert len(r["losses"]) == steps
         for a, b in zip(r["losses"], r["ref_losses"]):
-            assert abs(a - b) <= RTOL * abs(b), (r["losses"], r["ref_losses"])
-        assert r["losses"][-1] < r["losses"][0]            # it trains
+            assert abs(a - b) <= rtol * abs(b), (r["losses"], r["ref_losses"])
+        if steps > 1:
+            assert r["losses"][-1] < r["losses"][0]        # it trains
         assert not _bad(r["init_err"], 0.0), _bad(r["init_err"], 0.0)      # bitwise the same init
-        assert not _bad(r["grad_err"], RTOL), _bad(r["grad_err"], RTOL)
-        assert not _bad(r["param_err"], RTOL, PARAM_ATOL), _bad(r["param_err"], RTOL, PARAM_ATOL)
+        assert not _bad(r["grad_err"], rtol), _bad(r["grad_err"], rtol)
+        assert not _bad(r["param_err"], rtol, PARAM_ATOL), _bad(r["param_err"], rtol, PARAM_ATOL)
         if r["tied_diff"] is not None:
             assert r["tied_diff"] == 0.0
         all_names.update(r["names"])
@@ -39,16 +42,18 @@ def _check(results, steps):
 
 
 @pytest.mark.timeout(300)
-def test_pp2_1f1b_matches_single_process():
-    res = run_distributed(pipeline_vs_reference, 2, args=(1, 2, 1, "1f1b", 4, 3), timeout=240)
+def test_pp2_1f1b_matches_single_process_with_loss_scale():
+    res = run_distributed(pipeline_vs_reference, 2, args=(1, 2, 1, "1f1b", 4, 3, None, dict(loss_scale=8.0)),
+                          timeout=240)
     _check(res, 3)
     assert [r["layers"] for r in res] == [[0, 1], [2, 3]]
     assert res[0]["tied_diff"] == 0.0 and res[1]["tied_diff"] == 0.0
 
 
 @pytest.mark.timeout(300)
-def test_pp2_interleaved_matches_single_process():
-    res = run_distributed(pipeline_vs_reference, 2, args=(1, 2, 2, "interleaved", 4, 3), timeout=240)
+def test_pp2_interleaved_matches_single_process_with_full_recompute():
+    res = run_distributed(pipeline_vs_reference, 2,
+                          args=(1, 2, 2, "interleaved", 4, 3, None, dict(recompute="full")), timeout=240)
     _check(res, 3)
     assert [r["stage_indices"] for r in res] == [[0, 2], [1, 3]]
     assert [r["layers"] for r in res] == [[0, 2], [1, 3]]
@@ -62,7 +67,16 @@ def test_tp2_pp2_matches_tp2_without_pipeline():
 
 
 @pytest.mark.timeout(300)
-def test_pp4_uneven_stages_with_embedding_only_first_stage():
-    res = run_distributed(pipeline_vs_reference, 4, args=(1, 4, 1, "1f1b", 4, 2, [0, 2, 2, 0]), timeout=280)
+def test_pp4_gpipe_uneven_stages_with_embedding_only_first_stage():
+    res = run_distributed(pipeline_vs_reference, 4, args=(1, 4, 1, "gpipe", 4, 2, [0, 2, 2, 0]), timeout=280)
     _check(res, 2)
     assert [r["layers"] for r in res] == [[], [0, 1], [2, 3], []]
+
+
+@pytest.mark.timeout(300)
+def test_pp2_bf16_autocast_selective_recompute_first_step():
+    # bf16 rounding amplifies the last-bit difference of the tied-embedding gradient sum after an
+    # optimizer step, so compare one step: losses, gradients and the evaluation.
+    res = run_distributed(pipeline_vs_reference, 2,
+                          args=(1, 2, 1, "1f1b", 4, 1, None, dict(bf16=True, recompute="selective")), timeout=240)
+    _check(res, 1)

@@ -23,6 +23,7 @@ a single-process loop over the same micro-batches.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -246,19 +247,42 @@ def masked_lm_loss_sum(model: nn.Module, x: torch.Tensor, attention_mask: torch.
 class _StageModule(nn.Module):
     """What `PipelineStage` runs for one chunk: hidden states in, hidden states out; the last
     stage returns the micro-batch's masked-LM loss sum instead. `attention_mask` and `labels`
-    arrive as keyword arguments on every stage (they never travel between stages)."""
+    arrive as keyword arguments on every stage (they never travel between stages). `autocast`
+    (a zero-argument callable returning a context manager, or None) wraps the forward."""
 
-    def __init__(self, model: nn.Module, is_last: bool):
+    def __init__(self, model: nn.Module, is_last: bool, autocast=None):
         super().__init__()
         self.model = model
         self.is_last = is_last
+        self.autocast = autocast
 
     def forward(self, x, attention_mask=None, labels=None):
-        if self.is_last:
-            # [] float: sum of masked-token CE of this micro-batch
-            return masked_lm_loss_sum(self.model, x, attention_mask, labels)
-        # [B, S, H] float: hidden states sent to the next stage
-        return self.model(x, attention_mask=attention_mask)
+        with (self.autocast() if self.autocast is not None else contextlib.nullcontext()):
+            if self.is_last:
+                # [] float: sum of masked-token CE of this micro-batch
+                return masked_lm_loss_sum(self.model, x, attention_mask, labels)
+            # [B, S, H] float: hidden states sent to the next stage
+            return self.model(x, attention_mask=attention_mask)
+
+
+def _make_stage(module: nn.Module, stage_index: int, num_stages: int, device, group):
+    """A `PipelineStage` whose shape-inference forward (run once, on the first micro-batch of the
+    first step) leaves the tensor-parallel RNG stream untouched: torch forks only the default
+    generators around it, and an extra draw from the stream would shift every later dropout mask
+    of the TP-sharded regions (and break bitwise resume)."""
+    from torch.distributed.pipelining import PipelineStage
+    from xlmr_mp.parallel.state import get_rng_tracker
+
+    class _Stage(PipelineStage):
+        def _compute_outputs(self, *args, module, **kwargs):
+            tracker = get_rng_tracker()
+            saved = tracker.get_states()
+            try:
+                return super()._compute_outputs(*args, module=module, **kwargs)
+            finally:
+                tracker.set_states(saved)
+
+    return _Stage(module, stage_index, num_stages, device, group=group)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -266,55 +290,64 @@ class _StageModule(nn.Module):
 class PipelineSchedule:
     """Forward and backward of all micro-batches of one optimizer step on this rank's chunks,
     with gradients accumulated into the chunks' parameters (not zeroed here, not DP-reduced).
-    PP=1 runs a plain loop over the micro-batches with the same loss normalisation."""
+    PP=1 runs a plain loop over the micro-batches with the same loss normalisation, so the
+    training loop is the same at every layout.
+
+    `autocast`: optional zero-argument callable returning the forward's autocast context (bf16 /
+    fp16); the backward runs outside it. `device`: where the stages' tensors live (default: the
+    chunks' parameter device)."""
 
     def __init__(self, chunks: Sequence[nn.Module], groups, parallel_cfg, n_microbatches: int,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, autocast=None):
         self.chunks = list(chunks)
         self.groups = groups
         self.n_microbatches = n_microbatches
         self.pp_size = groups.pp_size if groups is not None else 1
         self.kind = schedule_kind(parallel_cfg)
-        self._global_num_masked: Optional[float] = None
+        self.autocast = autocast
+        self.device = device or _chunk_device(self.chunks[0])
+        self._global_num_masked = 1.0
+        self._loss_scale = 1.0
+        self._eval_schedules: dict = {}
+        if n_microbatches < 1:
+            raise ConfigError(f"{n_microbatches} micro-batches per step; need at least one")
         if self.pp_size > 1:
-            if n_microbatches < 1:
-                raise ConfigError(f"{n_microbatches} micro-batches per step; need at least one")
-            self._check_micro_batch_count(parallel_cfg)
-            self.device = device or _chunk_device(self.chunks[0])
-            self._schedule = self._build_schedule(parallel_cfg)
+            if len(self.chunks) != parallel_cfg.virtual_stages:
+                raise ConfigError(f"this rank holds {len(self.chunks)} chunks but parallel.virtual_stages="
+                                  f"{parallel_cfg.virtual_stages}; build them with build_pipeline_stages")
+            self._check_micro_batch_count()
+            self._stages, self._schedule = self._build_schedule(self.kind, n_microbatches)
         elif len(self.chunks) != 1:
             raise ConfigError("without pipeline parallelism a rank holds exactly one model chunk")
 
-    def _check_micro_batch_count(self, parallel_cfg) -> None:
-        pp = self.pp_size
-        if self.kind == "1f1b" and self.n_microbatches < pp:
+    def _check_micro_batch_count(self) -> None:
+        pp, n = self.pp_size, self.n_microbatches
+        if self.kind == "1f1b" and n < pp:
             raise ConfigError(
-                f"1F1B needs at least parallel.pipeline={pp} micro-batches per step but gets {self.n_microbatches} "
+                f"1F1B needs at least parallel.pipeline={pp} micro-batches per step but gets {n} "
                 f"(train.global_batch / (train.micro_batch x DP)); raise train.global_batch or lower train.micro_batch")
-        if self.kind == "interleaved":
-            rounds = max(1, self.n_microbatches // pp)
-            if self.n_microbatches % rounds:
-                raise ConfigError(
-                    f"interleaved 1F1B needs the micro-batches per step ({self.n_microbatches}) to be a multiple of "
-                    f"{rounds}; use a multiple of parallel.pipeline={pp}")
+        if self.kind == "interleaved" and n % max(1, n // pp):
+            raise ConfigError(
+                f"interleaved 1F1B needs the micro-batches per step ({n}) to be a multiple of {max(1, n // pp)} "
+                f"(= micro-batches // parallel.pipeline); use a multiple of parallel.pipeline={pp}")
 
-    def _build_schedule(self, parallel_cfg):
-        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                                  ScheduleInterleaved1F1B)
+    def _build_schedule(self, kind: str, n_microbatches: int):
+        from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+                                                  ScheduleLoopedBFS)
         num_stages = self.pp_size * len(self.chunks)
-        self._stages = []
-        for chunk in self.chunks:
-            g = chunk.pipeline_stage_index
-            self._stages.append(PipelineStage(_StageModule(chunk, is_last=(g == num_stages - 1)), g, num_stages,
-                                              self.device, group=self.groups.pp_group))
-        kw = dict(n_microbatches=self.n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
-        if self.kind == "interleaved":
-            return ScheduleInterleaved1F1B(self._stages, **kw)
-        cls = ScheduleGPipe if self.kind == "gpipe" else Schedule1F1B
-        return cls(self._stages[0], **kw)
+        stages = [_make_stage(_StageModule(c, c.pipeline_stage_index == num_stages - 1, self.autocast),
+                              c.pipeline_stage_index, num_stages, self.device, self.groups.pp_group)
+                  for c in self.chunks]
+        kw = dict(n_microbatches=n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
+        if kind == "interleaved":
+            return stages, ScheduleInterleaved1F1B(stages, **kw)
+        if kind == "looped_bfs":
+            return stages, ScheduleLoopedBFS(stages, **kw)
+        return stages, (ScheduleGPipe if kind == "gpipe" else Schedule1F1B)(stages[0], **kw)
 
     def _loss_fn(self, loss_sum: torch.Tensor, target) -> torch.Tensor:
-        return loss_sum / self._global_num_masked
+        # what backward starts from: loss_sum_mb / global_num_masked, times the fp16 loss scale
+        return loss_sum / self._global_num_masked * self._loss_scale
 
     @property
     def has_last_stage(self) -> bool:
@@ -324,43 +357,95 @@ class PipelineSchedule:
     def has_first_stage(self) -> bool:
         return any(getattr(c, "has_embeddings", False) for c in self.chunks)
 
-    def step(self, micro_batches: Sequence[dict], global_num_masked: float) -> Optional[float]:
+    def _check_batches(self, micro_batches, n: int) -> None:
+        if len(micro_batches) != n:
+            raise ValueError(f"expected {n} micro-batches (train.global_batch / (train.micro_batch x DP)), "
+                             f"got {len(micro_batches)}")
+        shape = tuple(micro_batches[0]["input_ids"].shape)
+        for i, mb in enumerate(micro_batches):
+            for key in ("input_ids", "attention_mask", "labels"):
+                if key not in mb:
+                    raise KeyError(f"micro-batch {i} has no {key!r} (keys: {sorted(mb)})")
+                if tuple(mb[key].shape) != shape:
+                    raise ValueError(f"micro-batch {i} {key} has shape {tuple(mb[key].shape)}, micro-batch 0 "
+                                     f"input_ids {shape}: pipeline micro-batches must all have one shape")
+
+    def step(self, micro_batches: Sequence[dict], global_num_masked: float,
+             loss_scale: float = 1.0) -> Optional[float]:
         """Run forward+backward of every micro-batch (dicts with `input_ids`, `attention_mask`,
-        `labels` [B, S] int64); each contributes loss_sum_mb / global_num_masked. Returns the sum
-        of the contributions on the rank holding the last stage, None elsewhere."""
-        if len(micro_batches) != self.n_microbatches:
-            raise ValueError(f"PipelineSchedule built for {self.n_microbatches} micro-batches, got {len(micro_batches)}")
+        `labels` [B, S] int64; the same on every rank of the pipeline group); backward starts
+        from loss_sum_mb / global_num_masked * loss_scale. Returns the (unscaled) sum of
+        loss_sum_mb / global_num_masked on the rank holding the last stage, None elsewhere."""
+        self._check_batches(micro_batches, self.n_microbatches)
         if not global_num_masked or global_num_masked <= 0:
             raise ValueError(f"global_num_masked={global_num_masked}: a step needs at least one masked token")
         self._global_num_masked = float(global_num_masked)
-        if self.pp_size == 1:
-            return self._step_no_pipeline(micro_batches)
-        return self._step_pipeline(micro_batches)
+        self._loss_scale = float(loss_scale)
+        try:
+            if self.pp_size == 1:
+                return self._step_no_pipeline(micro_batches)
+            return self._run(self._schedule, micro_batches, train=True)
+        finally:
+            self._global_num_masked, self._loss_scale = 1.0, 1.0
 
     def _step_no_pipeline(self, micro_batches) -> float:
         model = self.chunks[0]
         total = 0.0
         for mb in micro_batches:
-            loss = masked_lm_loss_sum(model, mb["input_ids"], mb["attention_mask"], mb["labels"])
-            loss = self._loss_fn(loss, None)
-            loss.backward()
+            with (self.autocast() if self.autocast is not None else contextlib.nullcontext()):
+                loss = masked_lm_loss_sum(model, mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
+                                          mb["labels"].to(self.device)) / self._global_num_masked
+            (loss * self._loss_scale).backward()
             total += loss.item()
         return total
 
-    def _step_pipeline(self, micro_batches) -> Optional[float]:
+    def _run(self, schedule, micro_batches, train: bool) -> Optional[float]:
         dev = self.device
         cat = lambda key: torch.cat([mb[key] for mb in micro_batches]).to(dev)  # noqa: E731
         kwargs = dict(attention_mask=cat("attention_mask"), labels=cat("labels"))
         args = (cat("input_ids"),) if self.has_first_stage else ()
-        losses: list = []
         target = kwargs["labels"] if self.has_last_stage else None
-        self._schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        losses: list = []
+        if train:
+            schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        else:
+            schedule.eval(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if not self.has_last_stage:
             return None
         total = 0.0
         for loss in losses:
-            total += loss.item()
+            total += loss.item() / self._loss_scale
         return total
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: Sequence[dict]) -> tuple[float, int]:
+        """Forward only: (sum of masked-token CE, number of masked tokens) over the micro-batches,
+        on every rank of the pipeline group (e.g. one language's validation batches; any count
+        and shape, the same on every rank of the group). Gradients are not touched."""
+        n = len(micro_batches)
+        self._check_batches(micro_batches, n)
+        num_masked = int(sum(int((mb["labels"] != -100).sum()) for mb in micro_batches))
+        was_training = [c.training for c in self.chunks]
+        for c in self.chunks:
+            c.eval()
+        try:
+            if self.pp_size == 1:
+                total = 0.0
+                for mb in micro_batches:
+                    with (self.autocast() if self.autocast is not None else contextlib.nullcontext()):
+                        total += masked_lm_loss_sum(self.chunks[0], mb["input_ids"].to(self.device),
+                                                    mb["attention_mask"].to(self.device),
+                                                    mb["labels"].to(self.device)).item()
+                return total, num_masked
+            key = (n, tuple(micro_batches[0]["input_ids"].shape))
+            if key not in self._eval_schedules:
+                kind = "looped_bfs" if len(self.chunks) > 1 else "gpipe"
+                self._eval_schedules[key] = self._build_schedule(kind, n)[1]
+            total = self._run(self._eval_schedules[key], micro_batches, train=False)
+            return broadcast_step_loss(total, self.groups), num_masked
+        finally:
+            for c, t in zip(self.chunks, was_training):
+                c.train(t)
 
 
 def _chunk_device(chunk: nn.Module) -> torch.device:
