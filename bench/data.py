@@ -1,0 +1,223 @@
+"""Data-pipeline benchmark: blended-index build at run scale, and loader throughput per DP rank.
+
+  python bench/data.py                       # full: 1e9 samples x 100 languages, paper-shape loader
+  python bench/data.py --samples 1e8 --steps 20 --out ''   # quicker
+
+1. Blended (language, block) index for `--samples` samples over `--languages` languages with a
+   CC-100-like skew (blocks per language log-uniform in [1e4, 1e8]): wall and CPU time of the C++
+   build (xlmr_mp._C.blend_window, one thread) and its peak memory per sample (VmHWM of a fresh
+   child process above its baseline), checked against q_i afterwards. Peers measured in the same
+   run: this project's numpy reference and megatron-core's blending helper
+   (helpers_cpp.build_blending_indices, O(N x L)) on smaller N, as samples/s ratios.
+2. Loader samples/s for one DP rank at the XLM-R paper's shape (global batch 8192 x 512 at DP=512:
+   16 sequences per rank per step, vocab 250002), with 0 and 2 worker processes, on a synthetic
+   100-language corpus, against the rate a training step consumes sequences: from the measured
+   step time (--step-seconds) or, by default, from the step FLOPs of XLM-R Base/Large on one H100
+   (989 TFLOP/s dense bf16) at 100% MFU (an upper bound on consumption) and 50% MFU.
+Results go to --out (default bench/results/data_cpu.txt) with date, commit and command.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+H100_BF16_FLOPS = 989e12
+SHAPES = {"base": dict(layers=12, hidden=768, ffn=3072), "large": dict(layers=24, hidden=1024, ffn=4096)}
+VOCAB = 250002
+LINES = []
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+    LINES.append(msg)
+
+
+def vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def language_blocks(n_lang: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.exp(rng.uniform(np.log(1e4), np.log(1e8), n_lang)).astype(np.int64)
+
+
+def blend_child(n: int, n_lang: int) -> None:
+    """Runs in a fresh process: build the full index, report time, memory and frequency error."""
+    from xlmr_mp import _C
+    from xlmr_mp.data.blend import TOTAL_WEIGHT, BlendSpec, sampling_weights
+    blocks = language_blocks(n_lang)
+    spec = BlendSpec(sampling_weights(blocks, 0.3), blocks, seed=1234)
+    base_kib = vm_kib("VmRSS")
+    t0, c0 = time.perf_counter(), time.process_time()
+    lang = np.empty(n, dtype=spec.lang_dtype)
+    block = np.empty(n, dtype=spec.block_dtype)
+    chunk = 50_000_000
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        _C.blend_window(spec.weights, spec.offsets, spec.n_blocks, TOTAL_WEIGHT, spec.seed, s, lang[s:e], block[s:e])
+        el = time.perf_counter() - t0
+        print(f"  [blend] {e:,}/{n:,} samples, {e / el / 1e6:.1f} M samples/s", file=sys.stderr, flush=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak_kib = vm_kib("VmHWM")
+    freq = np.bincount(lang, minlength=n_lang) / n
+    rel = float(np.max(np.abs(freq - spec.q) / spec.q))
+    print(json.dumps(dict(wall=wall, cpu=cpu, peak_bytes=(peak_kib - base_kib) * 1024, rel=rel,
+                          lang_dtype=str(lang.dtype), block_dtype=str(block.dtype),
+                          qmin=float(spec.q.min()), qmax=float(spec.q.max()))))
+
+
+def bench_blend(n: int, n_lang: int) -> None:
+    from xlmr_mp.data.blend import BlendSpec, blend_window_reference, sampling_weights
+    log(f"== blended index: {n:,} samples over {n_lang} languages (C++, one thread) ==")
+    out = subprocess.run([sys.executable, __file__, "--_blend-child", str(n), str(n_lang)], check=True,
+                         stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    log(f"build: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU ({n / r['wall'] / 1e6:.1f} M samples/s wall); "
+        f"target < 60 s")
+    log(f"peak memory above baseline: {r['peak_bytes'] / 2**30:.2f} GiB = {r['peak_bytes'] / n:.2f} bytes/sample "
+        f"(language {r['lang_dtype']} + block {r['block_dtype']}); target <= 16")
+    log(f"q_i in [{r['qmin']:.2e}, {r['qmax']:.3f}]; drawn frequency vs q_i over all {n:,}: "
+        f"max relative error {r['rel']:.2e}")
+    cpp_rate = n / r["cpu"]
+    blocks = language_blocks(n_lang)
+    spec = BlendSpec(sampling_weights(blocks, 0.3), blocks, seed=1234)
+    m = 1_000_000
+    t = time.process_time()
+    blend_window_reference(spec, 0, m)
+    ref_rate = m / (time.process_time() - t)
+    log(f"peer numpy reference (same result): {ref_rate / 1e6:.2f} M samples/s CPU -> C++ is "
+        f"{cpp_rate / ref_rate:.1f}x faster")
+    try:
+        from megatron.core.datasets import helpers_cpp
+        m = 20_000_000
+        di, dsi = np.zeros(m, dtype=np.int16), np.zeros(m, dtype=np.int64)
+        t = time.process_time()
+        helpers_cpp.build_blending_indices(di, dsi, spec.q, n_lang, m, False)
+        meg_rate = m / (time.process_time() - t)
+        log(f"peer megatron-core build_blending_indices (greedy O(N*L), 10 bytes/sample, no shuffle): "
+            f"{meg_rate / 1e6:.2f} M samples/s CPU -> {n / meg_rate:.0f} s for {n:,}; C++ blend is "
+            f"{cpp_rate / meg_rate:.1f}x faster")
+    except ImportError:
+        log("peer megatron-core helpers_cpp: not available")
+
+
+def write_corpus(root: str, n_lang: int, seed: int = 0) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    import torch
+    rng = np.random.default_rng(seed)
+    tokens = np.exp(rng.uniform(np.log(3e4), np.log(6e5), n_lang)).astype(np.int64)
+    for i, n_tok in enumerate(tokens):
+        os.makedirs(os.path.join(root, f"l{i:03d}"), exist_ok=True)
+        b = IndexedDatasetBuilder(os.path.join(root, f"l{i:03d}", "train.bin"), dtype=np.int32)
+        done = 0
+        while done < n_tok:
+            lens = rng.integers(5, 60, 40)
+            doc = rng.integers(4, VOCAB - 1, int(lens.sum()))
+            doc[np.cumsum(lens) - 1] = 2
+            b.add_document(torch.from_numpy(doc), lens.tolist())
+            done += int(lens.sum())
+        b.finalize(os.path.join(root, f"l{i:03d}", "train.idx"))
+
+
+def train_seq_flops(shape: dict, seq: int = 512) -> float:
+    """Training FLOPs of one sequence: 6 x (matmul params + tied LM head) per token + attention."""
+    L, h, f = shape["layers"], shape["hidden"], shape["ffn"]
+    per_token = 6 * (L * (4 * h * h + 2 * h * f) + h * h + h * VOCAB) + 12 * L * seq * h
+    return per_token * seq
+
+
+def bench_loader(steps: int, n_lang: int, step_seconds: float) -> None:
+    import torch
+    torch.set_num_threads(1)
+    from xlmr_mp.data.config import DataConfig
+    from xlmr_mp.data.loader import MLMLoader
+    log("")
+    log(f"== loader: global batch 8192 x 512 at DP=512 (16 sequences per rank per step), {n_lang} languages ==")
+    rates = {}
+    with tempfile.TemporaryDirectory() as root:
+        t = time.perf_counter()
+        write_corpus(root, n_lang)
+        log(f"synthetic corpus written in {time.perf_counter() - t:.1f} s")
+        for workers in (0, 2):
+            cfg = DataConfig(path=root, seq_length=512, num_workers=workers, seed=1)
+            t = time.perf_counter()
+            loader = MLMLoader(cfg, dp_rank=37, dp_size=512, micro_batch=16, global_batch=8192, vocab_size=VOCAB)
+            open_s = time.perf_counter() - t
+            for _ in range(3):
+                next(loader)
+            t = time.perf_counter()
+            for _ in range(steps):
+                b = next(loader)
+            el = time.perf_counter() - t
+            assert b["input_ids"].shape == (16, 512)
+            rates[workers] = steps * 16 / el
+            log(f"num_workers={workers}: {rates[workers]:.0f} sequences/s per rank "
+                f"({el / steps * 1e3:.1f} ms per 16-sequence step; corpus opened + packed in {open_s:.1f} s)")
+    best = max(rates.values())
+    log("")
+    log("== consumption by a training step (per GPU, 16 sequences per step) ==")
+    if step_seconds > 0:
+        need = 16 / step_seconds
+        log(f"measured step {step_seconds:.3f} s -> {need:.0f} sequences/s; loader/consumption = {best / need:.1f}x")
+    for name, shape in SHAPES.items():
+        fl = train_seq_flops(shape)
+        for mfu in (1.0, 0.5):
+            need = mfu * H100_BF16_FLOPS / fl
+            log(f"XLM-R {name}: {fl / 1e12:.2f} TFLOP/sequence; H100 at {mfu:.0%} MFU consumes {need:.0f} "
+                f"sequences/s ({16 / need * 1e3:.0f} ms/step); loader (num_workers=0) / consumption = "
+                f"{rates[0] / need:.1f}x, best = {best / need:.1f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=float, default=1e9)
+    ap.add_argument("--languages", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=40, help="timed loader steps")
+    ap.add_argument("--step-seconds", type=float, default=0.0, help="a measured training step time, if any")
+    ap.add_argument("--skip-blend", action="store_true")
+    ap.add_argument("--skip-loader", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "data_cpu.txt"))
+    ap.add_argument("--_blend-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._blend_child:
+        blend_child(*args._blend_child)
+        return
+    from xlmr_mp.data.blend import have_cpp
+    if not have_cpp():
+        raise SystemExit("xlmr_mp._C is not built: run `python setup.py build_ext --inplace` (or pip install -e .)")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True).stdout.strip()
+    log(f"# bench/data.py  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  commit {commit}")
+    log(f"# command: python {' '.join(sys.argv)}")
+    log(f"# machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start "
+        f"(shared machine: wall times are inflated by other jobs; CPU times are this process's)")
+    if not args.skip_blend:
+        bench_blend(int(args.samples), args.languages)
+    if not args.skip_loader:
+        bench_loader(args.steps, args.languages, args.step_seconds)
+    log(f"# load average at end {os.getloadavg()[0]:.1f}")
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(LINES) + "\n")
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
