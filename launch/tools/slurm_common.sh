@@ -1,0 +1,101 @@
+# Shared body of the training launchers (launch/xlmr_base.slurm, launch/xlmr_large.slurm,
+# launch/scaling_study.slurm); sourced from the repository root inside the batch script.
+#
+# xlmr_slurm_train [--config PRESET.yaml] [key=value ...]
+#   1. checks it runs inside a SLURM allocation and names the job, restart count and nodes;
+#   2. sources launch/nccl.env (NCCL settings in one place);
+#   3. MASTER_ADDR = first node of the allocation, MASTER_PORT = 10000 + f(job id, restart);
+#   4. validates the layout with launch/tools/check_layout.py on this node, before srun starts
+#      anything (a bad layout exits 2 here), and records the resolved config, the code commit and
+#      the command in RUN_DIR/launch/job-<id>-r<restart>/;
+#   5. srun: one task per GPU (--ntasks-per-node of the allocation), rank/local rank/world size
+#      read by the trainer from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS;
+#   6. exit code 75 from the trainer (it caught SIGUSR1/SIGTERM and saved a checkpoint) ->
+#      `scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue and, when it starts again,
+#      the trainer resumes from CKPT_DIR/latest. Any other non-zero code fails the job.
+# Precedence of options: preset YAML < the script's DEFAULTS array < key=value arguments of sbatch.
+# Environment knobs: CONFIG (preset), PYTHON (interpreter), KILL_ON_BAD_EXIT (default 1),
+# XLMR_MP_ROOT (repository, default the submit directory).
+
+xlmr_log() { echo "[launch $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*"; }
+xlmr_die() { echo "[launch] ERROR: $*" >&2; exit 2; }
+
+# Port for the rendezvous: the same job id on every node, distinct across concurrent jobs, and a
+# different one after a requeue (the previous incarnation's sockets may still be in TIME_WAIT).
+xlmr_master_port() {
+  local job="$1" restart="${2:-0}"
+  echo $(( 10000 + (job * 10 + restart % 10) % 50000 ))
+}
+
+xlmr_slurm_train() {
+  local config="${CONFIG:-}" user=() a
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --config) [ $# -ge 2 ] || xlmr_die "--config needs a path"; config="$2"; shift 2 ;;
+      --config=*) config="${1#--config=}"; shift ;;
+      *=*) user+=("$1"); shift ;;
+      *) xlmr_die "unexpected argument '$1': give options as key.sub=value (e.g. train.micro_batch=8) or --config PRESET.yaml" ;;
+    esac
+  done
+  [ -n "${SLURM_JOB_ID:-}" ] || xlmr_die "not inside a SLURM job: submit with sbatch (or use launch/local.sh on one machine)"
+  [ -n "$config" ] || xlmr_die "no preset: set CONFIG or pass --config launch/configs/<preset>.yaml"
+  local overrides=("${DEFAULTS[@]}" "${user[@]}")
+  local restart="${SLURM_RESTART_COUNT:-0}"
+  local py="${PYTHON:-python}"
+  local nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+  local ntasks="${SLURM_NTASKS:?SLURM_NTASKS is not set: give sbatch --ntasks-per-node (one task per GPU)}"
+  local tpn="${SLURM_NTASKS_PER_NODE:-$(( ntasks / nodes ))}"
+
+  xlmr_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${restart}: ${nodes} nodes [${SLURM_JOB_NODELIST}] x ${tpn} tasks = ${ntasks} processes; submitted from ${SLURM_SUBMIT_DIR:-?}"
+  # shellcheck disable=SC1091
+  source launch/nccl.env
+  export MASTER_ADDR MASTER_PORT
+  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+  [ -n "$MASTER_ADDR" ] || xlmr_die "could not read the first host of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+  MASTER_PORT="$(xlmr_master_port "$SLURM_JOB_ID" "$restart")"
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  xlmr_log "rendezvous ${MASTER_ADDR}:${MASTER_PORT}; preset ${config}; overrides: ${overrides[*]}"
+
+  local layout
+  layout="$("$py" launch/tools/check_layout.py --config "$config" --world-size "$ntasks" \
+            --tasks-per-node "$tpn" --record "job-${SLURM_JOB_ID}-r${restart}" "${overrides[@]}")" \
+    || xlmr_die "layout check failed (message above); nothing was started. Fix the options and resubmit."
+  echo "$layout" | grep '^#'
+  local RUN_DIR CKPT_DIR TP PP DP ACCUM
+  eval "$(echo "$layout" | grep -v '^#')"
+  xlmr_log "run dir ${RUN_DIR}; checkpoints ${CKPT_DIR}$( [ -f "$CKPT_DIR/latest" ] && echo "; resuming from $(cat "$CKPT_DIR/latest")")"
+
+  # The batch shell itself may get SIGTERM (scontrol requeue, preemption, time limit) or SIGUSR1
+  # (scancel --full): log it and keep waiting, the training step is what saves the checkpoint.
+  trap 'xlmr_log "batch shell got SIGTERM; waiting for the training processes to save"' TERM
+  trap 'xlmr_log "batch shell got SIGUSR1; waiting for the training processes to save"' USR1
+
+  local cpt=()
+  [ -n "${SLURM_CPUS_PER_TASK:-}" ] && cpt=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  srun --kill-on-bad-exit="${KILL_ON_BAD_EXIT:-1}" --ntasks="$ntasks" --ntasks-per-node="$tpn" "${cpt[@]}" \
+       --export=ALL "$py" -u -m xlmr_mp.train --config "$config" "${overrides[@]}" &
+  local pid=$! rc
+  while :; do
+    wait "$pid"; rc=$?
+    if ! kill -0 "$pid" 2>/dev/null; then
+      wait "$pid" 2>/dev/null; a=$?
+      [ "$a" != 127 ] && rc=$a
+      break
+    fi
+  done
+
+  case "$rc" in
+    0) xlmr_log "training finished (exit 0)"; return 0 ;;
+    75)
+      xlmr_log "training saved a checkpoint on a signal (exit 75): requeueing job ${SLURM_JOB_ID}"
+      if scontrol requeue "$SLURM_JOB_ID"; then
+        sleep 60 & wait $!   # slurm ends this incarnation now
+        return 0
+      fi
+      xlmr_log "scontrol requeue failed (job submitted with --no-requeue, or requeue disabled on this cluster);"
+      xlmr_log "resubmit the same command: training continues from ${CKPT_DIR}/latest"
+      exit 75 ;;
+    *) xlmr_log "training failed (exit ${rc}); see the messages above"; exit "$rc" ;;
+  esac
+}
