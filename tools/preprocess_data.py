@@ -27,6 +27,7 @@ Datasets only appear complete: written under temporary names, .bin renamed befor
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import hashlib
 import json
@@ -68,7 +69,7 @@ def document_split(first_sentence: str, seed: int, cumulative: np.ndarray) -> in
     """Split index (0 train, 1 valid, 2 test) of a document, from a keyed hash of its first sentence."""
     h = hashlib.blake2b(first_sentence.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
     u = int.from_bytes(h, "little") / 2.0 ** 64
-    return int(np.searchsorted(cumulative, u, side="right"))
+    return min(bisect.bisect_right(cumulative, u), 2)
 
 
 def _init_worker(model_path: str) -> None:
@@ -102,6 +103,7 @@ class _Sink:
                           skipped_examples=[])
 
     def consume(self, r) -> int:
+        """Write one encoded chunk; returns the number of documents it started."""
         st = self.stats
         st["bytes"] += r["n_bytes"]
         st["skipped"] += len(r["skipped"])
@@ -110,30 +112,35 @@ class _Sink:
                 st["skipped_examples"].append(item)
         lengths = r["lengths"]
         n = lengths.size
-        new_docs = 0
-        if n:
-            starts = r["doc_start"].copy()
-            starts[0] |= self.pending_break
-            offsets = np.zeros(n + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            cuts = np.flatnonzero(starts).tolist()
-            bounds = ([0] if not starts[0] else []) + cuts + [n]
-            ids = r["ids"]
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                if starts[a]:
-                    if self.current is not None:
-                        self.writers[self.current].end_document()
-                    self.current = int(r["split"][a])
-                    self.stats["documents"][self.current] += 1
-                    new_docs += 1
-                self.writers[self.current].add_sequences(ids[offsets[a]:offsets[b]], lengths[a:b])
-            st["sentences"] += n
-            st["tokens"] += int(offsets[-1])
-            st["unk"] += r["n_unk"]
-            self.pending_break = r["trailing_break"]
-        else:
+        if n == 0:
             self.pending_break = self.pending_break or r["trailing_break"]
-        return new_docs
+            return 0
+        starts = r["doc_start"].copy()
+        starts[0] |= self.pending_break
+        # split of every sentence: its document's, carried forward from the document's start
+        doc_of = np.cumsum(starts) - 1                      # -1: continues the open document
+        start_split = r["split"][starts].astype(np.int64)
+        if start_split.size:
+            split = np.where(doc_of >= 0, start_split[np.maximum(doc_of, 0)], -1 if self.current is None else self.current)
+            self.current = int(start_split[-1])
+        else:
+            split = np.full(n, self.current, dtype=np.int64)
+        ids = r["ids"]
+        for s in range(3):
+            sel = split == s
+            k = int(np.count_nonzero(sel))
+            if k == 0:
+                continue
+            self.stats["documents"][s] += int(np.count_nonzero(starts & sel))
+            if k == n:
+                self.writers[s].add_sequences(ids, lengths, starts)
+            else:
+                self.writers[s].add_sequences(ids[np.repeat(sel, lengths)], lengths[sel], starts[sel])
+        st["sentences"] += n
+        st["tokens"] += int(ids.size)
+        st["unk"] += r["n_unk"]
+        self.pending_break = r["trailing_break"]
+        return int(np.count_nonzero(starts))
 
     def finalize(self):
         for w in self.writers:
@@ -167,34 +174,48 @@ class _Progress:
         self.bar.close()
 
 
-def process_range(args, pool, lang, path, start, end, first_line, prefixes, dtype, progress):
-    """Encode path[start:end] into the three datasets at `prefixes`; return its statistics."""
-    _, fmt, _ = split_ext(path)
-    cumulative = parse_split(args.split)
-    sink = _Sink(prefixes, dtype)
-    extra = (path, fmt, args.max_line_bytes, args.on_bad_line, args.json_key, args.seed, cumulative)
+def process_units(args, pool, units, dtype, progress, on_done):
+    """Encode units [(lang, path, start, end, first_line, prefixes)] in order, pipelined across units.
+
+    Chunks of every unit flow through one ordered queue of at most 2 * workers + 2 in-flight
+    items, so small files do not drain the pool; on_done(i, sink) is called (in order) when unit
+    i is fully written to its sink, and must finalize or abort it.
+    """
+    cumulative = parse_split(args.split).tolist()
+    limit = 1 if pool is None else 2 * args.workers + 2
+    inflight = collections.deque()       # ("chunk", unit, result) | ("end", unit, None)
+    sinks = {}
+    n_chunks = 0
+
+    def drain_one():
+        nonlocal n_chunks
+        kind, u, obj = inflight.popleft()
+        if kind == "end":
+            on_done(u, sinks.pop(u))
+            return
+        n_chunks -= 1
+        r = obj if pool is None else obj.get()
+        progress.update(r["n_bytes"], sinks[u].consume(r))
+
     try:
-        chunks = iter_raw_chunks(path, args.chunk_bytes, args.max_line_bytes, args.on_bad_line,
-                                 start=start, end=end, first_line=first_line)
-        if pool is None:
-            for raw in chunks:
-                r = encode_chunk(raw, *extra)
-                progress.update(r["n_bytes"], sink.consume(r))
-        else:
-            inflight = collections.deque()
-            limit = 2 * args.workers + 2
-            for raw in chunks:
-                inflight.append(pool.apply_async(encode_chunk, (raw,) + extra))
-                while len(inflight) >= limit:
-                    r = inflight.popleft().get()
-                    progress.update(r["n_bytes"], sink.consume(r))
-            while inflight:
-                r = inflight.popleft().get()
-                progress.update(r["n_bytes"], sink.consume(r))
+        for u, (lang, path, start, end, first_line, prefixes) in enumerate(units):
+            _, fmt, _ = split_ext(path)
+            extra = (path, fmt, args.max_line_bytes, args.on_bad_line, args.json_key, args.seed, cumulative)
+            sinks[u] = _Sink(prefixes, dtype)
+            for raw in iter_raw_chunks(path, args.chunk_bytes, args.max_line_bytes, args.on_bad_line,
+                                       start=start, end=end, first_line=first_line):
+                work = encode_chunk(raw, *extra) if pool is None else pool.apply_async(encode_chunk, (raw,) + extra)
+                inflight.append(("chunk", u, work))
+                n_chunks += 1
+                while n_chunks >= limit:
+                    drain_one()
+            inflight.append(("end", u, None))
+        while inflight:
+            drain_one()
     except BaseException:
-        sink.abort()
+        for sink in sinks.values():
+            sink.abort()
         raise
-    return sink
 
 
 def _check_nonempty(lang, path, stats):
@@ -244,7 +265,13 @@ def _make_pool(args):
     if args.workers <= 1:
         _init_worker(args.tokenizer)
         return None
-    return mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.tokenizer,))
+    pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.tokenizer,))
+    pool.map(_ready, range(args.workers), chunksize=1)    # start-up is not part of the timed work
+    return pool
+
+
+def _ready(_):
+    return _TOKENIZER is not None
 
 
 def _dtype_for(model_path):
@@ -259,18 +286,22 @@ def run_single(args, files):
     progress = _Progress(total, "preprocess", args.quiet)
     pool = _make_pool(args)
     stats = {}
+    langs = list(files)
+    units = [(lang, path, 0, None, 1, [os.path.join(args.output_dir, lang, s) for s in SPLITS])
+             for lang, path in files.items()]
+
+    def done(u, sink):
+        try:
+            _check_nonempty(langs[u], files[langs[u]], sink.stats)
+        except CorpusError:
+            sink.abort()
+            raise
+        sink.finalize()
+        stats[langs[u]] = sink.stats
+
     t0 = time.perf_counter()
     try:
-        for lang, path in files.items():
-            prefixes = [os.path.join(args.output_dir, lang, s) for s in SPLITS]
-            sink = process_range(args, pool, lang, path, 0, None, 1, prefixes, dtype, progress)
-            try:
-                _check_nonempty(lang, path, sink.stats)
-            except CorpusError:
-                sink.abort()
-                raise
-            sink.finalize()
-            stats[lang] = sink.stats
+        process_units(args, pool, units, dtype, progress, done)
     finally:
         progress.close()
         if pool is not None:
@@ -308,14 +339,19 @@ def run_mpi(args, files, comm):
     pool = None
     try:
         pool = _make_pool(args)
+        work = []
         for i, (lang, path, start, end) in enumerate(units):
-            if i % size != rank:
-                continue
-            first_line = 1 + (count_lines_before(path, start) if start else 0)
-            prefixes = [os.path.join(shard_root, lang, f"u{i:06d}.{s}") for s in SPLITS]
-            sink = process_range(args, pool, lang, path, start, end, first_line, prefixes, dtype, progress)
+            if i % size == rank:
+                first_line = 1 + (count_lines_before(path, start) if start else 0)
+                work.append((lang, path, start, end, first_line,
+                             [os.path.join(shard_root, lang, f"u{i:06d}.{s}") for s in SPLITS]))
+        ids = [i for i in range(len(units)) if i % size == rank]
+
+        def done(k, sink):
             sink.finalize()
-            _write_json(os.path.join(shard_root, lang, f"u{i:06d}.stats.json"), sink.stats)
+            _write_json(os.path.join(shard_root, work[k][0], f"u{ids[k]:06d}.stats.json"), sink.stats)
+
+        process_units(args, pool, work, dtype, progress, done)
     except Exception as e:  # noqa: BLE001 - every rank must learn about a failure
         error = f"rank {rank}: {e}"
     finally:

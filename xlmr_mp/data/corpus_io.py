@@ -247,10 +247,18 @@ def parse_chunk(chunk: RawChunk, path: str, fmt: str = "txt", max_line_bytes: in
     """Sentences and document-boundary flags of one raw chunk (see the module docstring)."""
     skipped = list(chunk.skipped)
     lines = _decode_lines(chunk.data, chunk.first_line, path, on_bad_line, skipped)
+    char_limit = max_line_bytes // 4
+    if fmt == "txt" and len(skipped) == len(chunk.skipped) and (not lines or max(map(len, lines)) <= char_limit):
+        # fast path (no bad line here): a gap between non-blank line numbers means blank lines between
+        stripped = [l.strip() for l in lines]
+        where = [i for i, l in enumerate(stripped) if l]
+        sentences = [stripped[i] for i in where]
+        doc_start = [a + 1 < b for a, b in zip([-1] + where[:-1], where)]
+        trailing = (where[-1] if where else -1) < len(lines) - 1
+        return ParsedChunk(sentences, doc_start, trailing, len(lines), skipped)
     sentences: List[str] = []
     doc_start: List[bool] = []
     pending = False
-    char_limit = max_line_bytes // 4
     for k, line in enumerate(lines):
         if line is None:
             continue

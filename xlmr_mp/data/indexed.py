@@ -66,10 +66,27 @@ class IndexedWriter:
         self._seq_in_doc = 0
         self._closed = False
 
-    def add_sequences(self, ids: np.ndarray, lengths: np.ndarray) -> None:
-        """Append len(lengths) sequences whose tokens are `ids` back to back."""
+    def add_sequences(self, ids: np.ndarray, lengths: np.ndarray, doc_starts: Optional[np.ndarray] = None) -> None:
+        """Append len(lengths) sequences whose tokens are `ids` back to back.
+
+        doc_starts (bool per sequence, optional): a new document begins at these sequences, i.e.
+        the open document is ended just before each of them.
+        """
         ids = np.asarray(ids)
         lengths = np.asarray(lengths)
+        if doc_starts is not None and lengths.size:
+            cut = np.flatnonzero(doc_starts)
+            if cut.size and cut[0] == 0 and self._seq_in_doc == 0:
+                cut = cut[1:]
+            if cut.size:
+                self._doc.write((cut.astype(np.int64) + self.n_sequences).tobytes())
+                self.n_documents += cut.size
+                self._seq_in_doc = lengths.size - int(cut[-1])
+                self._write_sequences(ids, lengths, count_in_doc=False)
+                return
+        self._write_sequences(ids, lengths)
+
+    def _write_sequences(self, ids: np.ndarray, lengths: np.ndarray, count_in_doc: bool = True) -> None:
         if int(lengths.sum()) != ids.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {ids.size} ids were given")
         if self.dtype == np.uint16 and ids.size and (ids.max() > 65535 or ids.min() < 0):
@@ -78,7 +95,8 @@ class IndexedWriter:
         self._len.write(lengths.astype(np.int32, copy=False).tobytes(order="C"))
         self.n_sequences += lengths.size
         self.n_tokens += ids.size
-        self._seq_in_doc += lengths.size
+        if count_in_doc:
+            self._seq_in_doc += lengths.size
 
     def end_document(self) -> None:
         """Close the current document (no-op when it has no sequence)."""

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Throughput of tools/preprocess_data.py against raw SentencePiece encoding of the same text.
+
+    python bench/preprocess.py [--mb 24] [--workers 1,2] [--tokenizer P.model] [--repeats 2]
+
+Corpus: a slice of ../shared/corpus (several scripts) when present, else the built-in tiny corpus
+scaled up. Tokenizer: --tokenizer, or an 8000-piece model trained here on the corpus.
+For each process count N it measures, in the same run:
+  raw  N processes, each encoding its contiguous 1/N of the non-blank lines with
+       SentencePieceProcessor.encode(batch of lines, num_threads=1), text already in memory,
+       timed between a barrier and the last process finishing: the limit;
+  tool `preprocess_data.py --workers N`: reading, UTF-8 checks, document grouping, encoding,
+       id remapping, splitting and writing .bin/.idx; its own processing time (after interpreter
+       start-up) and the wall time of the whole command.
+It prints MB/s (input bytes), tokens/s, tool/raw ratios and the N-vs-1 scaling of each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(ROOT, "..", "shared", "corpus")
+BENCH_LANGS = ["en", "ru", "zh", "hi", "ar", "ja", "sw", "el", "th", "fr", "de", "ko"]
+
+
+def build_corpus(out_dir, mb):
+    """Write a benchmark corpus of about `mb` MB; returns (languages, description)."""
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.isdir(SHARED):
+        langs = [l for l in BENCH_LANGS if os.path.exists(os.path.join(SHARED, f"{l}.txt"))]
+        per = int(mb * 1e6 / len(langs))
+        for l in langs:
+            with open(os.path.join(SHARED, f"{l}.txt"), "rb") as f:
+                data = f.read(per)
+            cut = data.rfind(b"\n\n")
+            data = data[:cut + 1] if cut > 0 else data[:data.rfind(b"\n") + 1]
+            reps = max(1, per // max(len(data), 1))      # small languages are repeated to their share
+            with open(os.path.join(out_dir, f"{l}.txt"), "wb") as f:
+                for r in range(reps):
+                    f.write(data if r == 0 else b"\n" + data)
+        return langs, f"../shared/corpus slice ({len(langs)} languages)"
+    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    scale = mb * 1e6 / 180e3
+    paths = make_tiny_corpus(out_dir, scale=scale)
+    return list(paths), f"built-in tiny corpus x{scale:.0f}"
+
+
+def _raw_worker(model, lines, batch, barrier, q):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=model)
+    barrier.wait()
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(0, len(lines), batch):
+        for ids in sp.encode(lines[i:i + batch], num_threads=1):
+            n += len(ids)
+    q.put((t0, time.perf_counter(), n))
+
+
+def raw_encode(model, lines, nproc):
+    """Wall seconds and pieces for nproc processes encoding contiguous slices of lines."""
+    ctx = mp.get_context("spawn")
+    barrier, q = ctx.Barrier(nproc), ctx.Queue()
+    k = (len(lines) + nproc - 1) // nproc
+    procs = [ctx.Process(target=_raw_worker, args=(model, lines[i * k:(i + 1) * k], 4096, barrier, q))
+             for i in range(nproc)]
+    for p in procs:
+        p.start()
+    res = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return max(r[1] for r in res) - min(r[0] for r in res), sum(r[2] for r in res)
+
+
+def run_tool(corpus, model, out, workers):
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus, "--tokenizer",
+           model, "--output-dir", out, "--workers", str(workers), "--quiet"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        raise SystemExit(f"preprocess_data failed:\n{r.stderr}")
+    inner = float(re.search(r"done in ([\d.]+) s", r.stdout).group(1))
+    summary = json.load(open(os.path.join(out, "preprocess_summary.json")))["languages"]
+    tokens = sum(s["tokens"] - s["sentences"] for s in summary.values())   # pieces, without </s>
+    return inner, wall, tokens
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=24.0, help="corpus size in MB (default 24)")
+    ap.add_argument("--workers", default="1,2", help="process counts to measure (default 1,2)")
+    ap.add_argument("--tokenizer", default=None, help="P.model (default: train an 8000-piece model here)")
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
+    ap.add_argument("--keep", default=None, help="keep the work directory here")
+    args = ap.parse_args()
+    work = args.keep or tempfile.mkdtemp(prefix="bench_prep_")
+    corpus = os.path.join(work, "corpus")
+    langs, desc = build_corpus(corpus, args.mb)
+    nbytes = sum(os.path.getsize(os.path.join(corpus, f)) for f in os.listdir(corpus))
+    model = args.tokenizer
+    if model is None:
+        model = os.path.join(work, "spm.model")
+        if not os.path.exists(model):
+            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_spm.py"), "--input", corpus,
+                            "--output-prefix", model[:-6], "--vocab-size", "8000", "--sample-size", "40000",
+                            "--quiet"], check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    from xlmr_mp.data.corpus_io import iter_sentences
+    lines = [s for l in langs for s in iter_sentences(os.path.join(corpus, f"{l}.txt"))]
+    print(f"corpus: {desc}, {nbytes / 1e6:.1f} MB, {len(lines):,} sentences; tokenizer {model}; "
+          f"cpus={os.cpu_count()}")
+    counts = [int(x) for x in args.workers.split(",")]
+    rows = {}
+    for n in counts:
+        raw = min((raw_encode(model, lines, n) for _ in range(args.repeats)), key=lambda r: r[0])
+        best = None
+        for _ in range(args.repeats):
+            out = os.path.join(work, f"out_w{n}")
+            r = run_tool(corpus, model, out, n)
+            best = r if best is None or r[0] < best[0] else best
+            shutil.rmtree(out)
+        rows[n] = dict(raw_s=raw[0], raw_tokens=raw[1], tool_s=best[0], tool_wall=best[1], tool_tokens=best[2])
+    print(f"{'procs':>5} {'raw MB/s':>9} {'raw tok/s':>11} {'tool MB/s':>10} {'tool tok/s':>11} "
+          f"{'tool/raw':>9} {'wall MB/s':>10} {'wall/raw':>9}")
+    for n, r in rows.items():
+        assert r["raw_tokens"] == r["tool_tokens"], "raw and tool must encode the same text"
+        raw_mbs, tool_mbs, wall_mbs = nbytes / 1e6 / r["raw_s"], nbytes / 1e6 / r["tool_s"], nbytes / 1e6 / r["tool_wall"]
+        print(f"{n:>5} {raw_mbs:>9.2f} {r['raw_tokens'] / r['raw_s']:>11,.0f} {tool_mbs:>10.2f} "
+              f"{r['tool_tokens'] / r['tool_s']:>11,.0f} {tool_mbs / raw_mbs:>9.3f} {wall_mbs:>10.2f} "
+              f"{wall_mbs / raw_mbs:>9.3f}")
+    if len(rows) > 1:
+        base = counts[0]
+        for n in counts[1:]:
+            print(f"scaling {base}->{n} processes: raw x{rows[base]['raw_s'] / rows[n]['raw_s']:.2f}, "
+                  f"tool x{rows[base]['tool_s'] / rows[n]['tool_s']:.2f} (ideal x{n / base:.0f})")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
