@@ -110,6 +110,29 @@ def tp_rank_checks(rank, world_size, cfg, full, batch, ce_case):
         grads[mode] = {n: p.grad.clone() for n, p in dmodel.named_parameters()}
     out["recompute_max_diff"] = max((grads[m][n] - grads["none"][n]).abs().max().item()
                                     for m in ("full", "selective") for n in grads["none"])
+    # sequence parallelism: same logits, loss and (after the SP grad sync) gradients
+    from xlmr_mp.parallel.layers import sync_sequence_parallel_grads
+    sp = build_tp_model(cfg, full, tp, sequence_parallel=True).eval()
+    with torch.no_grad():
+        out["sp_logits"] = _gather_vocab(sp(ids, mask), tp)[..., : cfg.vocab_size]
+        out["sp_hidden_shape"] = tuple(sp.encode(ids, mask).shape)
+    sp.train()
+    loss = sp(ids, mask, labels)
+    loss.backward()
+    sync_sequence_parallel_grads(sp, tp)
+    out["sp_loss"] = loss.item()
+    out["sp_grads"] = {n: p.grad.clone() for n, p in sp.named_parameters()}
+    dsp = build_tp_model(dcfg, full, tp, sequence_parallel=True).train()
+    grads = {}
+    for mode in ("none", "full"):
+        dsp.zero_grad()
+        dsp.set_recompute(mode)
+        seed_parallel_rng(13, groups)
+        dsp(ids, mask, labels).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in dsp.named_parameters()}
+    out["sp_recompute_max_diff"] = max((grads["full"][n] - grads["none"][n]).abs().max().item()
+                                       for n in grads["none"])
+
     # initialisation is the same full model at every TP size
     from xlmr_mp.model.xlmr import XLMRModel
     out["init_state"] = XLMRModel(cfg, tp_group=tp, init_seed=3).state_dict()

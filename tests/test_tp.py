@@ -92,6 +92,20 @@ def test_dropout_streams_and_recompute(tp_run):
         assert res["recompute_max_diff"] == 0.0
 
 
+def test_sequence_parallel_matches_tp1(tp_run, reference):
+    from xlmr_mp.parallel.shard import local_to_full
+    ws, results = tp_run
+    ids = reference["batch"][0]
+    for res in results:
+        assert res["sp_hidden_shape"] == (ids.shape[0], ids.shape[1] // ws, reference["cfg"].hidden_size)
+        assert (res["sp_logits"] - reference["hf_logits"]).abs().max().item() < 1e-5
+        assert abs(res["sp_loss"] - reference["loss"]) < 1e-6
+        assert res["sp_recompute_max_diff"] == 0.0
+    grads = local_to_full([res["sp_grads"] for res in results], reference["cfg"])
+    for name, g in reference["grads"].items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_initialisation_is_tp_invariant(tp_run, reference):
     from xlmr_mp.parallel.shard import local_to_full
     ws, results = tp_run

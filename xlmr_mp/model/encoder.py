@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from xlmr_mp.kernels import ops
 from xlmr_mp.model.config import ModelConfig
-from xlmr_mp.parallel.layers import (check_divisible, column_parallel_linear, row_parallel_linear,
-                                     tp_size_of)
+from xlmr_mp.parallel.layers import (check_divisible, column_parallel_linear, mark_sequence_parallel,
+                                     row_parallel_linear, tp_size_of)
 from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
 
 
@@ -40,7 +40,7 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention over the local heads, through scaled_dot_product_attention (flash
     or memory-efficient kernels on GPUs that have them, the math path elsewhere)."""
 
-    def __init__(self, cfg: ModelConfig, tp_group=None):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
         tp = tp_size_of(tp_group)
         self.tp_size = tp
@@ -50,8 +50,9 @@ class SelfAttention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.selective_recompute = False
         self.qkv = column_parallel_linear(cfg.hidden_size, 3 * cfg.hidden_size, tp_group,
-                                          option="3 x model.hidden_size")
-        self.out = row_parallel_linear(cfg.hidden_size, cfg.hidden_size, tp_group, option="model.hidden_size")
+                                          option="3 x model.hidden_size", sequence_parallel=sequence_parallel)
+        self.out = row_parallel_linear(cfg.hidden_size, cfg.hidden_size, tp_group, option="model.hidden_size",
+                                       sequence_parallel=sequence_parallel)
 
     def core(self, q, k, v, bias):
         """softmax(q k^T / sqrt(D) + bias) v with attention dropout; q, k, v [B, heads, S, D]."""
@@ -61,9 +62,10 @@ class SelfAttention(nn.Module):
                                                   scale=1.0 / math.sqrt(self.head_dim))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None):
-        """x [B, S, H] -> (output [B, S, H] before its bias, output bias)."""
-        B, S, _ = x.shape
+        """x [B, S, H] (sequence parallel: [B, S/TP, H]) -> (output before its bias, same shape as
+        x, output bias)."""
         qkv, qkv_bias = self.qkv(x)
+        B, S = qkv.shape[:2]
         if qkv_bias is not None:
             qkv = qkv + qkv_bias
         qkv = qkv.view(B, S, self.local_heads, 3, self.head_dim)
@@ -81,11 +83,13 @@ class SelfAttention(nn.Module):
 class FeedForward(nn.Module):
     """fc1 (column-parallel) -> exact GELU -> fc2 (row-parallel)."""
 
-    def __init__(self, cfg: ModelConfig, tp_group=None):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
         check_divisible(cfg.ffn_size, tp_size_of(tp_group), "model.ffn_size")
-        self.fc1 = column_parallel_linear(cfg.hidden_size, cfg.ffn_size, tp_group, option="model.ffn_size")
-        self.fc2 = row_parallel_linear(cfg.ffn_size, cfg.hidden_size, tp_group, option="model.ffn_size")
+        self.fc1 = column_parallel_linear(cfg.hidden_size, cfg.ffn_size, tp_group, option="model.ffn_size",
+                                          sequence_parallel=sequence_parallel)
+        self.fc2 = row_parallel_linear(cfg.ffn_size, cfg.hidden_size, tp_group, option="model.ffn_size",
+                                       sequence_parallel=sequence_parallel)
 
     def forward(self, x):
         h, b = self.fc1(x)
@@ -93,21 +97,34 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """One post-LN transformer layer; forward(x [B, S, H], bias [B, 1, 1, S] | None) -> [B, S, H]."""
+    """One post-LN transformer layer; forward(x [B, S, H], bias [B, 1, 1, S] | None) -> [B, S, H].
+    With sequence parallelism x and the output are sequence shards [B, S/TP, H] (bias stays full),
+    and the hidden dropout, now on a TP-sharded region, draws from the tensor-parallel RNG stream."""
 
-    def __init__(self, cfg: ModelConfig, tp_group=None):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
         self.dropout = cfg.dropout
         self.eps = cfg.layernorm_eps
-        self.attention = SelfAttention(cfg, tp_group)
+        self.sequence_parallel = sequence_parallel and tp_size_of(tp_group) > 1
+        self.tp_size = tp_size_of(tp_group)
+        self.attention = SelfAttention(cfg, tp_group, self.sequence_parallel)
         self.attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
-        self.ffn = FeedForward(cfg, tp_group)
+        self.ffn = FeedForward(cfg, tp_group, self.sequence_parallel)
         self.ffn_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        if self.sequence_parallel:
+            mark_sequence_parallel(self.attention_layernorm)
+            mark_sequence_parallel(self.ffn_layernorm)
+
+    def _epilogue(self, y, y_bias, residual, ln):
+        if self.sequence_parallel and self.training and self.dropout > 0:
+            with tp_rng_context(self.tp_size):
+                return ops.bias_dropout_add_layernorm(y, y_bias, residual, ln.weight, ln.bias, self.dropout,
+                                                      self.training, self.eps)
+        return ops.bias_dropout_add_layernorm(y, y_bias, residual, ln.weight, ln.bias, self.dropout,
+                                              self.training, self.eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         a, a_bias = self.attention(x, bias)
-        x = ops.bias_dropout_add_layernorm(a, a_bias, x, self.attention_layernorm.weight,
-                                           self.attention_layernorm.bias, self.dropout, self.training, self.eps)
+        x = self._epilogue(a, a_bias, x, self.attention_layernorm)
         f, f_bias = self.ffn(x)
-        return ops.bias_dropout_add_layernorm(f, f_bias, x, self.ffn_layernorm.weight,
-                                              self.ffn_layernorm.bias, self.dropout, self.training, self.eps)
+        return self._epilogue(f, f_bias, x, self.ffn_layernorm)

@@ -37,9 +37,10 @@ from torch.utils.checkpoint import checkpoint
 from xlmr_mp.kernels import ops
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.encoder import EncoderLayer, attention_bias
-from xlmr_mp.parallel.layers import check_divisible, tp_rank_of, tp_size_of
+from xlmr_mp.parallel.layers import (check_divisible, gather_sequence, mark_sequence_parallel, tp_rank_of,
+                                     tp_size_of)
 from xlmr_mp.parallel.shard import partition_dim, shard_tensor
-from xlmr_mp.parallel.state import RecomputeRNG
+from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
 from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, padded_vocab_size,
                                     parallel_lm_logits, vocab_parallel_cross_entropy, vocab_range)
 
@@ -54,17 +55,24 @@ def position_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 class Embeddings(nn.Module):
-    """Token (vocab-parallel) + zero token-type row + offset learned positions, LayerNorm, dropout."""
+    """Token (vocab-parallel) + zero token-type row + offset learned positions, LayerNorm, dropout.
+    With sequence parallelism the output is this TP rank's sequence shard [B, S/TP, H]."""
 
-    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None):
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
         self.pad_id = cfg.pad_id
         self.max_positions = cfg.max_positions
         self.dropout = cfg.dropout
-        self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, tp_group, cfg.pad_id)
+        self.tp_size, self.tp_rank = tp_size_of(tp_group), tp_rank_of(tp_group)
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, tp_group, cfg.pad_id,
+                                                      sequence_parallel=self.sequence_parallel)
         self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, padding_idx=cfg.pad_id)
         self.register_buffer("token_type_embeddings", torch.zeros(1, cfg.hidden_size))
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        if self.sequence_parallel:
+            mark_sequence_parallel(self.position_embeddings)
+            mark_sequence_parallel(self.layernorm)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -75,9 +83,18 @@ class Embeddings(nn.Module):
             raise ValueError(f"sequence length {input_ids.shape[1]} needs {input_ids.shape[1] + self.pad_id + 1} "
                              f"position rows but model.max_positions={self.max_positions}; shorten "
                              f"data.seq_length or raise model.max_positions")
+        if self.sequence_parallel:
+            if input_ids.shape[1] % self.tp_size:
+                raise ValueError(f"sequence parallelism needs the sequence length ({input_ids.shape[1]}) divisible "
+                                 f"by parallel.tensor={self.tp_size}; change data.seq_length or set "
+                                 f"parallel.sequence_parallel=false")
+            pos = pos.chunk(self.tp_size, dim=1)[self.tp_rank]
         x = self.word_embeddings(input_ids) + self.token_type_embeddings
         x = x + self.position_embeddings(pos)
         x = self.layernorm(x)
+        if self.sequence_parallel and self.training and self.dropout > 0:
+            with tp_rng_context(self.tp_size):
+                return F.dropout(x, self.dropout, self.training)
         return F.dropout(x, self.dropout, self.training)
 
 
@@ -111,7 +128,8 @@ class XLMRModel(nn.Module):
 
     forward(x, attention_mask=None, labels=None):
       x: input_ids [B, S] int64 when has_embeddings, else hidden [B, S, H] from the previous stage.
-      no head            -> hidden [B, S, H]
+      no head            -> hidden [B, S, H] ([B, S/TP, H], this rank's sequence shard, under
+                            sequence parallelism: so also the hidden input of later stages)
       head, labels       -> mean masked-LM loss over positions with labels != -100 (scalar)
       head, no labels    -> logits [B, S, V_local] for every position (vocabulary shard when TP > 1,
                             padding ids at -inf; `strip_vocab_padding=True` at TP 1 cuts them off)
@@ -123,9 +141,8 @@ class XLMRModel(nn.Module):
                  init_seed: Optional[int] = None):
         super().__init__()
         cfg.validate()
-        if sequence_parallel and tp_size_of(tp_group) > 1:
-            raise NotImplementedError("parallel.sequence_parallel=true is not supported yet; set it to false")
         tp = tp_size_of(tp_group)
+        self.sequence_parallel = bool(sequence_parallel) and tp > 1
         check_divisible(cfg.num_heads, tp, "model.num_heads")
         check_divisible(cfg.hidden_size, tp, "model.hidden_size")
         check_divisible(cfg.ffn_size, tp, "model.ffn_size")
@@ -142,8 +159,9 @@ class XLMRModel(nn.Module):
         self.has_head = has_head
         self.strip_vocab_padding = False
         self.recompute = "none"
-        self.embeddings = Embeddings(cfg, self.padded_vocab, tp_group) if has_embeddings else None
-        self.layers = nn.ModuleDict({str(i): EncoderLayer(cfg, tp_group) for i in self.layer_ids})
+        sp = self.sequence_parallel
+        self.embeddings = Embeddings(cfg, self.padded_vocab, tp_group, sp) if has_embeddings else None
+        self.layers = nn.ModuleDict({str(i): EncoderLayer(cfg, tp_group, sp) for i in self.layer_ids})
         self.lm_head = MLMHead(cfg, self.padded_vocab, tp_group, own_decoder=not has_embeddings) if has_head else None
         self.reset_parameters(torch.initial_seed() if init_seed is None else init_seed)
 
@@ -222,6 +240,7 @@ class XLMRModel(nn.Module):
     def masked_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor):
         """(sum of the CE over positions with labels != -100, their number as a float tensor);
         the head runs on those positions only."""
+        hidden = self._full_sequence(hidden)
         h = hidden.reshape(-1, hidden.shape[-1])
         flat = labels.reshape(-1)
         sel = (flat != IGNORE_INDEX).nonzero().squeeze(1)
@@ -248,12 +267,18 @@ class XLMRModel(nn.Module):
         if labels is not None:
             loss_sum, count = self.masked_loss_sum(hidden, labels)
             return loss_sum / count.clamp(min=1.0)
-        logits = self.lm_head(hidden, self.decoder_weight())
+        logits = self.lm_head(self._full_sequence(hidden), self.decoder_weight())
         if self.strip_vocab_padding:
             if self.tp_size != 1:
                 raise RuntimeError("strip_vocab_padding needs TP 1 (the logits are vocabulary shards)")
             logits = logits[..., : self.cfg.vocab_size]
         return logits
+
+    def _full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Sequence shards -> full sequence before the (replicated) head under sequence parallelism."""
+        if not self.sequence_parallel:
+            return hidden
+        return gather_sequence(hidden, self.tp_group, grad_is_partial=False)
 
     # ------------------------------------------------------------------ helpers
     def partition_dims(self) -> dict:

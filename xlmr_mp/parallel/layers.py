@@ -8,6 +8,15 @@ Weights are created empty; `XLMRModel.reset_parameters` fills them from full-siz
 initial model is the same at every TP size.
 Activations may be batch-first [B, S, H]: without sequence parallelism megatron's layers only
 touch the last dimension.
+
+Sequence parallelism (Korthikanti et al. 2022): between the TP-sharded regions activations are
+split along the sequence, [B, S/TP, H]; the column-parallel layer all-gathers the sequence
+(reduce-scatter of the gradient), the row-parallel layer reduce-scatters its output (all-gather of
+the gradient). megatron-core's sequence-parallel path allocates its buffers on CUDA, so these
+layers are ours (same parameter names and shapes). Parameters used on sequence shards (LayerNorms,
+row-parallel biases, position embeddings) get partial gradients: they are marked
+`param.sequence_parallel = True` and `sync_sequence_parallel_grads(model, tp_group)` all-reduces
+them after backward (the trainer's job, before clipping).
 """
 from __future__ import annotations
 
@@ -70,7 +79,9 @@ def column_parallel_linear(in_features: int, out_features: int, tp_group=None, b
     check_divisible(out_features, tp, option)
     if tp == 1:
         return _LocalLinear(in_features, out_features, bias)
-    return _column_cls()(in_features, out_features, config=megatron_config(sequence_parallel=sequence_parallel),
+    if sequence_parallel:
+        return SequenceParallelColumnLinear(in_features, out_features // tp, tp_group, bias)
+    return _column_cls()(in_features, out_features, config=megatron_config(),
                                 init_method=_no_init, bias=bias, gather_output=False,
                                 skip_bias_add=True, tp_group=tp_group)
 
@@ -82,7 +93,9 @@ def row_parallel_linear(in_features: int, out_features: int, tp_group=None, bias
     check_divisible(in_features, tp, option)
     if tp == 1:
         return _LocalLinear(in_features, out_features, bias)
-    return _row_cls()(in_features, out_features, config=megatron_config(sequence_parallel=sequence_parallel),
+    if sequence_parallel:
+        return SequenceParallelRowLinear(in_features // tp, out_features, tp_group, bias)
+    return _row_cls()(in_features, out_features, config=megatron_config(),
                              init_method=_no_init, bias=bias, input_is_parallel=True,
                              skip_bias_add=True, tp_group=tp_group)
 
@@ -167,3 +180,116 @@ def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Sum partial results of a TP-sharded region into a replicated activation."""
     return x if tp_size_of(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+
+SEQ_DIM = 1  # batch-first activations [B, S, H]
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    tp = group.size()
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter: all-reduce, keep our chunk
+        return _all_reduce(x, group).chunk(tp, dim=SEQ_DIM)[group.rank()].contiguous()
+    chunks = [c.contiguous() for c in x.chunk(tp, dim=SEQ_DIM)]
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=group)
+    return out
+
+
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(group.size())]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=SEQ_DIM)
+
+
+def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(group.size(), dim=SEQ_DIM)[group.rank()].contiguous()
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather the sequence; backward reduce-scatters (reduce=True) or splits the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, reduce_grad):
+        ctx.group, ctx.reduce_grad = group, reduce_grad
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = _reduce_scatter_seq(grad, ctx.group) if ctx.reduce_grad else _split_seq(grad, ctx.group)
+        return g, None, None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """Reduce-scatter partial sums along the sequence; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+def gather_sequence(x: torch.Tensor, group, grad_is_partial: bool = True) -> torch.Tensor:
+    """[B, S/TP, ...] -> [B, S, ...]. `grad_is_partial`: the consumer's gradient differs per rank
+    (a column-parallel layer) and is reduce-scattered; else it is replicated and just split."""
+    return _GatherSeq.apply(x, group, grad_is_partial)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """Partial sums [B, S, ...] -> summed sequence shard [B, S/TP, ...]."""
+    return _ReduceScatterSeq.apply(x, group)
+
+
+class SequenceParallelColumnLinear(nn.Module):
+    """Column-parallel linear whose input is a sequence shard [B, S/TP, in]; output [B, S, out/TP]."""
+
+    def __init__(self, in_features: int, out_local: int, tp_group, bias: bool = True):
+        super().__init__()
+        self.tp_group = tp_group
+        self.weight = nn.Parameter(torch.empty(out_local, in_features))
+        self.bias = nn.Parameter(torch.empty(out_local)) if bias else None
+
+    def forward(self, x):
+        return F.linear(gather_sequence(x, self.tp_group), self.weight), self.bias
+
+
+class SequenceParallelRowLinear(nn.Module):
+    """Row-parallel linear with output reduce-scattered to a sequence shard [B, S/TP, out]."""
+
+    def __init__(self, in_local: int, out_features: int, tp_group, bias: bool = True):
+        super().__init__()
+        self.tp_group = tp_group
+        self.weight = nn.Parameter(torch.empty(out_features, in_local))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        if self.bias is not None:
+            self.bias.sequence_parallel = True
+
+    def forward(self, x):
+        return reduce_scatter_sequence(F.linear(x, self.weight), self.tp_group), self.bias
+
+
+def mark_sequence_parallel(module: nn.Module) -> None:
+    """Mark every parameter of `module` as used on sequence shards (partial gradients)."""
+    for p in module.parameters():
+        p.sequence_parallel = True
+
+
+def sync_sequence_parallel_grads(model: nn.Module, tp_group) -> None:
+    """All-reduce, over the TP group, the gradients of parameters marked `sequence_parallel`
+    (one flat all-reduce). Call after backward when the model was built with sequence_parallel."""
+    if tp_size_of(tp_group) == 1:
+        return
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=tp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()

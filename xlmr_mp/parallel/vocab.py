@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xlmr_mp.parallel.layers import copy_to_tp, reduce_from_tp, tp_rank_of, tp_size_of
+from xlmr_mp.parallel.layers import copy_to_tp, reduce_from_tp, reduce_scatter_sequence, tp_rank_of, tp_size_of
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -31,10 +31,13 @@ def vocab_range(padded_vocab: int, tp_rank: int, tp_size: int) -> tuple:
 
 class VocabParallelEmbedding(nn.Module):
     """Token embedding with rows split across the TP group; output [*, H] replicated on every rank.
-    `padding_idx` gets no gradient (as nn.Embedding(padding_idx=...))."""
+    `padding_idx` gets no gradient (as nn.Embedding(padding_idx=...)). With `sequence_parallel`
+    the partial lookups are reduce-scattered instead: output [B, S/TP, H], this rank's shard."""
 
-    def __init__(self, padded_vocab: int, dim: int, tp_group=None, padding_idx: Optional[int] = None):
+    def __init__(self, padded_vocab: int, dim: int, tp_group=None, padding_idx: Optional[int] = None,
+                 sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel and tp_size_of(tp_group) > 1
         self.tp_group = tp_group
         self.padded_vocab = padded_vocab
         self.start, self.end = vocab_range(padded_vocab, tp_rank_of(tp_group), tp_size_of(tp_group))
@@ -51,6 +54,8 @@ class VocabParallelEmbedding(nn.Module):
         local = (ids - self.start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight, padding_idx=local_pad)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_sequence(out, self.tp_group)
         return reduce_from_tp(out, self.tp_group)
 
 

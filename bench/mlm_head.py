@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Masked-LM head: ours (gather the masked positions, then dense/GELU/LN/tied decoder and the
+vocab-parallel CE on those only) against a head that projects every position and takes
+F.cross_entropy with ignore_index (what HF's XLMRobertaForMaskedLM and Megatron-LM's BERT do).
+Both run forward + backward in the same invocation; time and peak memory are printed with ratios.
+
+    python bench/mlm_head.py                               # 16 x 512, 15% masked, V=250002, H=1024
+    python bench/mlm_head.py --batch 2 --out bench/results/mlm_head_cpu.txt
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated above the inputs and weights; on CPU, each
+variant runs in its own subprocess and we report its peak RSS (getrusage ru_maxrss) above the RSS
+after the inputs and weights were allocated (includes allocator slack; a coarse but fair measure).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def _setup(args, device):
+    from xlmr_mp.model.config import ModelConfig
+    from xlmr_mp.model.xlmr import MLMHead
+    from xlmr_mp.parallel.vocab import padded_vocab_size
+    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=1, num_heads=16,
+                      ffn_size=4 * args.hidden)
+    vp = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    head = MLMHead(cfg, vp).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.02, generator=None)
+    weight = torch.nn.Parameter((torch.randn(vp, args.hidden, generator=g) * 0.02).to(device=device, dtype=dtype))
+    hidden = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(device=device, dtype=dtype)
+    hidden.requires_grad_(True)
+    labels = torch.full((args.batch, args.seq), -100, dtype=torch.long)
+    pick = torch.rand(args.batch, args.seq, generator=g) < args.mask_frac
+    labels[pick] = torch.randint(3, args.vocab, (int(pick.sum()),), generator=g)
+    return head, weight, hidden, labels.to(device), int(pick.sum())
+
+
+def _ours(head, weight, hidden, labels):
+    from xlmr_mp.parallel.vocab import vocab_parallel_cross_entropy
+    h = hidden.reshape(-1, hidden.shape[-1])
+    flat = labels.reshape(-1)
+    sel = (flat != -100).nonzero().squeeze(1)
+    logits = head(h.index_select(0, sel), weight)
+    return vocab_parallel_cross_entropy(logits, flat.index_select(0, sel)).mean()
+
+
+def _full(head, weight, hidden, labels):
+    logits = head(hidden, weight)                                  # every position
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def measure(args, variant: str) -> dict:
+    """Time (median of --iters fwd+bwd) and peak extra memory of one variant, in this process."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads) if device.type == "cpu" else None
+    head, weight, hidden, labels, n_masked = _setup(args, device)
+    fn = _ours if variant == "gathered" else _full
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mb()
+    times = []
+    loss = None
+    for i in range(args.warmup + args.iters):
+        for p in (weight, hidden, *head.parameters()):
+            p.grad = None
+        sync()
+        t0 = time.perf_counter()
+        loss = fn(head, weight, hidden, labels)
+        loss.backward()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        print(f"  {variant}: iter {i + 1}/{args.warmup + args.iters} {times[-1] * 1e3 if times else 0:.1f} ms",
+              file=sys.stderr, flush=True)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {"variant": variant, "ms": statistics.median(times) * 1e3, "peak_mb": peak,
+            "loss": loss.item(), "masked": n_masked}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--mask-frac", type=float, default=0.15)
+    p.add_argument("--vocab", type=int, default=250002)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="", help="also write the report here (temp file, then rename)")
+    p.add_argument("--_child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._child:
+        print("RESULT " + json.dumps(measure(args, args._child)), flush=True)
+        return 0
+    results = {}
+    for variant in ("gathered", "full"):
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            results[variant] = measure(args, variant)
+        else:  # own process, so ru_maxrss is this variant's peak alone
+            cmd = [sys.executable, os.path.abspath(__file__), "--_child", variant,
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--mask-frac", str(args.mask_frac),
+                   "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--dtype", args.dtype,
+                   "--device", args.device, "--iters", str(args.iters), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            sys.stderr.write(r.stderr)
+            if r.returncode:
+                print(f"{variant} run failed (exit {r.returncode})", file=sys.stderr)
+                return r.returncode
+            results[variant] = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    g, f = results["gathered"], results["full"]
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({args.threads} threads)"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = "?"
+    mem_how = ("torch.cuda.max_memory_allocated above inputs+weights" if args.device.startswith("cuda")
+               else "peak RSS (ru_maxrss) above RSS after inputs+weights, one subprocess per variant")
+    lines = [
+        f"# bench/mlm_head.py  {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  commit {commit}",
+        f"# command: python bench/mlm_head.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+        f"# device: {dev}; dtype {args.dtype}; tokens {args.batch}x{args.seq}, masked {g['masked']} "
+        f"({args.mask_frac:.0%}), V={args.vocab}, H={args.hidden}; median of {args.iters} fwd+bwd after "
+        f"{args.warmup} warmup",
+        f"# memory: {mem_how}",
+        f"gathered (ours)       : {g['ms']:10.1f} ms   peak {g['peak_mb']:10.1f} MiB   loss {g['loss']:.4f}",
+        f"full projection (HF)  : {f['ms']:10.1f} ms   peak {f['peak_mb']:10.1f} MiB   loss {f['loss']:.4f}",
+        f"ratio full/gathered   : time {f['ms'] / g['ms']:.2f}x   memory {f['peak_mb'] / max(g['peak_mb'], 1e-9):.2f}x",
+    ]
+    if not args.device.startswith("cuda"):
+        lines.append("# note: shared, busy 2-core machine; times are indicative only")
+    report = "\n".join(lines) + "\n"
+    print(report, end="")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(report)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
