@@ -189,3 +189,24 @@ def fp16_inf_body(rank, world_size, run_dir):
             "opt_same": opt0.keys() == opt1.keys() and all(torch.equal(opt0[n][k], opt1[n][k]) for n in opt0 for k in opt0[n]),
             "params_moved_after": any(not torch.equal(params1[n], params2[n]) for n in params1),
             "step": tr.step, "skipped_total": tr.scaler.skipped_steps}
+
+
+def reshard_body(rank, world_size, overrides, load_path, steps_before_save, steps_after, ckpt_dir, run_dir):
+    """Optionally load `load_path` (any layout), train, save into `ckpt_dir`, train on. Returns the
+    losses, the params right after loading and right at saving, this rank's coordinates, the path."""
+    from xlmr_mp.parallel.state import destroy_parallel
+    cfg = tiny_cfg(["train.global_batch=8", "train.micro_batch=2", "optim.warmup_steps=2"] + list(overrides)
+                   + [f"checkpoint.dir={ckpt_dir}", f"run_dir={run_dir}", "logging.jsonl=false"], world_size)
+    tr, g = make_trainer(cfg)
+    if load_path:
+        tr.load(load_path)
+    loaded = local_params(tr)
+    losses = [tr.train_step()["loss"] for _ in range(steps_before_save)]
+    path = tr.save()
+    saved = local_params(tr)
+    losses += [tr.train_step()["loss"] for _ in range(steps_after)]
+    out = {"losses": losses, "loaded": loaded, "saved": saved, "path": path, "step": tr.step,
+           "tp_rank": g.tp_rank, "pp_rank": g.pp_rank, "dp_rank": g.dp_rank, "tp_size": g.tp_size,
+           "scale": tr.scaler.scale}
+    destroy_parallel()
+    return out
