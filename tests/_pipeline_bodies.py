@@ -129,3 +129,47 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
     return dict(losses=losses, ref_losses=ref_losses, evals=evals, init_err=init_err, grad_err=grad_err, param_err=param_err,
                 tied_diff=tied_diff, names=sorted(mine), layers=sorted(set(layers)),
                 stage_indices=[c.pipeline_stage_index for c in chunks])
+
+
+def shape_inference_keeps_rng(rank, world_size, tp, pp):
+    """With dropout on, the first step (which runs torch's shape inference) and a repeat of it
+    from the same RNG states (no inference any more) must draw the same dropout masks: same
+    loss, bitwise-same gradients, same RNG states afterwards. A third step from the advanced
+    states must differ (dropout is really active)."""
+    from xlmr_mp.parallel import pipeline as P
+    from xlmr_mp.parallel.state import destroy_parallel, get_rng_tracker, init_parallel
+    groups = init_parallel(tp, pp, seed=SEED)
+    cfg = tiny_model_cfg()
+    cfg.dropout, cfg.attention_dropout = 0.1, 0.3
+    pcfg = ParallelConfig(tensor=tp, pipeline=pp)
+    chunks = P.build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
+    sched = P.PipelineSchedule(chunks, groups, pcfg, 2)
+    mbs = make_micro_batches(2, vocab=cfg.vocab_size, seed=5)
+    n_masked = float(sum(int((m["labels"] != -100).sum()) for m in mbs))
+    tracker = get_rng_tracker()
+    params = _named_params(chunks)
+
+    def run():
+        for p in params.values():
+            p.grad = None
+        loss = P.broadcast_step_loss(sched.step(mbs, n_masked), groups)
+        return loss, {k: p.grad.clone() for k, p in params.items()}, tracker.get_states(), torch.get_rng_state()
+
+    t0, c0 = tracker.get_states(), torch.get_rng_state()
+    first = run()
+    tracker.set_states(t0)
+    torch.set_rng_state(c0)
+    repeat = run()
+    advanced = run()
+    same_grads = all(torch.equal(first[1][k], repeat[1][k]) for k in params)
+    same_tracker = all(torch.equal(first[2][k][0], repeat[2][k][0]) for k in first[2])
+    destroy_parallel()
+    return dict(same_loss=first[0] == repeat[0], same_grads=same_grads, same_tracker=same_tracker,
+                same_default_rng=torch.equal(first[3], repeat[3]), dropout_active=advanced[0] != first[0],
+                losses=(first[0], repeat[0], advanced[0]))
+
+
+def run_scenarios(rank, world_size, scenarios):
+    """Run several (body name, args) scenarios in one set of processes (spawning is the slow
+    part of these tests); returns one result per scenario."""
+    return [globals()[name](rank, world_size, *args) for name, args in scenarios]
