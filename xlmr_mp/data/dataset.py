@@ -73,7 +73,8 @@ class PackedLanguageDataset:
     @property
     def tokens(self) -> np.ndarray:
         if self._tokens is None:
-            self._tokens = np.memmap(self.prefix + ".bin", dtype=self.dtype, mode="r")
+            # a plain ndarray view of the memmap: slicing it skips np.memmap's per-call overhead
+            self._tokens = np.asarray(np.memmap(self.prefix + ".bin", dtype=self.dtype, mode="r"))
         return self._tokens
 
     def __getstate__(self):  # worker processes re-open the memmap instead of copying it
@@ -87,7 +88,7 @@ class PackedLanguageDataset:
     def block(self, i: int) -> np.ndarray:
         """Tokens of block i (int64, sentences each ending in </s>, no <s>)."""
         s = self._token_offset + int(self.starts[i])
-        return np.asarray(self.tokens[s:s + int(self.lengths[i])], dtype=np.int64)
+        return self.tokens[s:s + int(self.lengths[i])].astype(np.int64)
 
 
 class MultilingualCorpus:
