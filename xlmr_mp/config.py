@@ -30,6 +30,9 @@ class ParallelConfig:
     virtual_stages: int = 1         # >1 selects the interleaved 1F1B schedule
     schedule: str = "1f1b"          # 1f1b | interleaved | gpipe
     stage_layers: Optional[list] = None  # explicit layers per (virtual) stage, e.g. [5, 6, 6, 7]
+    first_last_fewer: int = 0       # default layout: first/last stage get this many fewer layers (embedding/head)
+    first_last_fewer: int = 0       # without stage_layers: first/last stage count as this many extra layers
+                                    # (embedding / MLM head), so they get fewer; 0 = even split
     sequence_parallel: bool = False
     distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded across DP
     ddp_bucket_mb: float = 25.0
@@ -45,6 +48,12 @@ class ParallelConfig:
             raise ConfigError(f"parallel.schedule={self.schedule!r}: choose 1f1b, interleaved or gpipe")
         if self.schedule == "interleaved" and self.virtual_stages < 2:
             raise ConfigError("parallel.schedule=interleaved needs parallel.virtual_stages >= 2")
+        if self.first_last_fewer < 0:
+            raise ConfigError(f"parallel.first_last_fewer={self.first_last_fewer} must be >= 0")
+        if self.first_last_fewer < 0:
+            raise ConfigError(f"parallel.first_last_fewer={self.first_last_fewer} must be >= 0")
+        if self.ddp_bucket_mb <= 0:
+            raise ConfigError(f"parallel.ddp_bucket_mb={self.ddp_bucket_mb} must be > 0")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend={self.backend!r}: choose auto, nccl or gloo")
 
