@@ -154,12 +154,23 @@ def compile_host(src: str, nvcc: str, out_dir: str) -> tuple[bool, str]:
     from torch.utils.cpp_extension import include_paths
     incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{CUDA_DIR}"]
     defs = ["-DTORCH_EXTENSION_NAME=_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H", "-D_GLIBCXX_USE_CXX11_ABI=1"]
+    torch_inc = include_paths()[0]
+    if not os.path.exists(os.path.join(torch_inc, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+        # A CPU build of torch ships the c10/cuda headers but not this CMake-generated one-liner;
+        # recreate it (as a CUDA build defines it) so the launchers can be checked here.
+        shim = os.path.join(out_dir, "shim", "c10", "cuda", "impl")
+        os.makedirs(shim, exist_ok=True)
+        with open(os.path.join(shim, "cuda_cmake_macros.h"), "w") as f:
+            f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        incs.append(f"-I{os.path.join(out_dir, 'shim')}")
     out = os.path.join(out_dir, os.path.basename(src) + ".o")
     if src.endswith(".cu"):
-        return _run([nvcc, *COMMON_FLAGS, "-arch=sm_80", "-c", *incs, *defs, "-o", out, src])
+        # torch's extension build uses C++20 for host and CUDA sources alike.
+        return _run([nvcc, "-std=c++20", "-O3", "--use_fast_math", "-arch=sm_80", "-c", *incs, *defs,
+                     "-o", out, src])
     cxx = os.environ.get("CXX", "c++")
     cuda_inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
-    return _run([cxx, "-std=c++17", "-fsyntax-only", *incs, f"-I{cuda_inc}", *defs, src])
+    return _run([cxx, "-std=c++20", "-fsyntax-only", *incs, f"-I{cuda_inc}", *defs, src])
 
 
 def main(argv=None) -> int:
