@@ -12,7 +12,10 @@ For each process count N it measures, in the same run:
   tool `preprocess_data.py --workers N`: reading, UTF-8 checks, document grouping, encoding,
        id remapping, splitting and writing .bin/.idx; its own processing time (after interpreter
        start-up) and the wall time of the whole command.
-It prints MB/s (input bytes), tokens/s, tool/raw ratios and the N-vs-1 scaling of each.
+It prints MB/s (input bytes), tokens/s, tool/raw ratios and the N-vs-1 scaling of each, and CPU
+seconds: raw = encoding loops; tool = its main process + its encoder processes' chunk work
+(start-up excluded from both). On a shared, oversubscribed machine the CPU ratio is the steadier
+measure of the tool's overhead; wall-clock ratios there mostly measure other people's load.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -59,12 +61,12 @@ def _raw_worker(model, lines, batch, barrier, q):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=model)
     barrier.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for i in range(0, len(lines), batch):
         for ids in sp.encode(lines[i:i + batch], num_threads=1):
             n += len(ids)
-    q.put((t0, time.perf_counter(), n))
+    q.put((t0, time.perf_counter(), n, time.process_time() - c0))
 
 
 def raw_encode(model, lines, nproc):
@@ -79,7 +81,7 @@ def raw_encode(model, lines, nproc):
     res = [q.get() for _ in procs]
     for p in procs:
         p.join()
-    return max(r[1] for r in res) - min(r[0] for r in res), sum(r[2] for r in res)
+    return max(r[1] for r in res) - min(r[0] for r in res), sum(r[2] for r in res), sum(r[3] for r in res)
 
 
 def run_tool(corpus, model, out, workers):
@@ -90,10 +92,11 @@ def run_tool(corpus, model, out, workers):
     wall = time.perf_counter() - t0
     if r.returncode:
         raise SystemExit(f"preprocess_data failed:\n{r.stderr}")
-    inner = float(re.search(r"done in ([\d.]+) s", r.stdout).group(1))
-    summary = json.load(open(os.path.join(out, "preprocess_summary.json")))["languages"]
-    tokens = sum(s["tokens"] - s["sentences"] for s in summary.values())   # pieces, without </s>
-    return inner, wall, tokens
+    summary = json.load(open(os.path.join(out, "preprocess_summary.json")))
+    timing = summary["timing"]
+    tokens = sum(s["tokens"] - s["sentences"] for s in summary["languages"].values())   # pieces, without </s>
+    cpu = timing["main_cpu_s"] + (timing["encode_cpu_s"] if workers > 1 else 0.0)
+    return timing["seconds"], wall, tokens, cpu
 
 
 def main():
@@ -122,22 +125,24 @@ def main():
     counts = [int(x) for x in args.workers.split(",")]
     rows = {}
     for n in counts:
-        raw = min((raw_encode(model, lines, n) for _ in range(args.repeats)), key=lambda r: r[0])
-        best = None
-        for _ in range(args.repeats):
+        raws, tools = [], []
+        for _ in range(args.repeats):          # interleaved, so both see the same machine load
+            raws.append(raw_encode(model, lines, n))
             out = os.path.join(work, f"out_w{n}")
-            r = run_tool(corpus, model, out, n)
-            best = r if best is None or r[0] < best[0] else best
+            tools.append(run_tool(corpus, model, out, n))
             shutil.rmtree(out)
-        rows[n] = dict(raw_s=raw[0], raw_tokens=raw[1], tool_s=best[0], tool_wall=best[1], tool_tokens=best[2])
+        raw, tool = min(raws), min(tools)
+        rows[n] = dict(raw_s=raw[0], raw_tokens=raw[1], raw_cpu=min(r[2] for r in raws), tool_s=tool[0],
+                       tool_wall=tool[1], tool_tokens=tool[2], tool_cpu=min(t[3] for t in tools))
     print(f"{'procs':>5} {'raw MB/s':>9} {'raw tok/s':>11} {'tool MB/s':>10} {'tool tok/s':>11} "
-          f"{'tool/raw':>9} {'wall MB/s':>10} {'wall/raw':>9}")
+          f"{'tool/raw':>9} {'wall MB/s':>10} {'wall/raw':>9} {'raw CPU s':>10} {'tool CPU s':>11} {'CPU raw/tool':>13}")
     for n, r in rows.items():
         assert r["raw_tokens"] == r["tool_tokens"], "raw and tool must encode the same text"
         raw_mbs, tool_mbs, wall_mbs = nbytes / 1e6 / r["raw_s"], nbytes / 1e6 / r["tool_s"], nbytes / 1e6 / r["tool_wall"]
         print(f"{n:>5} {raw_mbs:>9.2f} {r['raw_tokens'] / r['raw_s']:>11,.0f} {tool_mbs:>10.2f} "
               f"{r['tool_tokens'] / r['tool_s']:>11,.0f} {tool_mbs / raw_mbs:>9.3f} {wall_mbs:>10.2f} "
-              f"{wall_mbs / raw_mbs:>9.3f}")
+              f"{wall_mbs / raw_mbs:>9.3f} {r['raw_cpu']:>10.2f} {r['tool_cpu']:>11.2f} "
+              f"{r['raw_cpu'] / r['tool_cpu']:>13.3f}")
     if len(rows) > 1:
         base = counts[0]
         for n in counts[1:]:

@@ -81,6 +81,7 @@ def _init_worker(model_path: str) -> None:
 def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad_line: str,
                  json_key: str, seed: int, cumulative: np.ndarray):
     """Parse and encode one raw chunk; everything the writer needs, as compact arrays."""
+    cpu0 = time.process_time()
     parsed = parse_chunk(raw, path, fmt, max_line_bytes, on_bad_line, json_key)
     ids, lengths = _TOKENIZER.encode_flat(parsed.sentences, add_eos=True, num_threads=1)
     doc_start = np.asarray(parsed.doc_start, dtype=bool)
@@ -89,7 +90,7 @@ def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad
         split[k] = document_split(parsed.sentences[k], seed, cumulative)
     return dict(ids=ids, lengths=lengths.astype(np.int32), doc_start=doc_start, split=split,
                 trailing_break=parsed.trailing_break, skipped=parsed.skipped, n_bytes=len(raw.data),
-                n_unk=int(np.count_nonzero(ids == 3)))
+                n_unk=int(np.count_nonzero(ids == 3)), cpu=time.process_time() - cpu0)
 
 
 class _Sink:
@@ -100,12 +101,13 @@ class _Sink:
         self.pending_break = True
         self.current = None
         self.stats = dict(documents=[0, 0, 0], sentences=0, tokens=0, unk=0, bytes=0, skipped=0,
-                          skipped_examples=[])
+                          skipped_examples=[], encode_cpu_s=0.0)
 
     def consume(self, r) -> int:
         """Write one encoded chunk; returns the number of documents it started."""
         st = self.stats
         st["bytes"] += r["n_bytes"]
+        st["encode_cpu_s"] += r["cpu"]
         st["skipped"] += len(r["skipped"])
         for item in r["skipped"]:
             if len(st["skipped_examples"]) < 5:
@@ -225,10 +227,11 @@ def _check_nonempty(lang, path, stats):
 
 
 def _merge_stats(parts):
-    out = dict(documents=[0, 0, 0], sentences=0, tokens=0, unk=0, bytes=0, skipped=0, skipped_examples=[])
+    out = dict(documents=[0, 0, 0], sentences=0, tokens=0, unk=0, bytes=0, skipped=0, skipped_examples=[],
+               encode_cpu_s=0.0)
     for p in parts:
         out["documents"] = [a + b for a, b in zip(out["documents"], p["documents"])]
-        for k in ("sentences", "tokens", "unk", "bytes", "skipped"):
+        for k in ("sentences", "tokens", "unk", "bytes", "skipped", "encode_cpu_s"):
             out[k] += p[k]
         out["skipped_examples"] = (out["skipped_examples"] + [list(x) for x in p["skipped_examples"]])[:5]
     return out
@@ -248,10 +251,11 @@ def print_summary(stats_by_lang, seconds, workers, ranks):
         for line, reason in st["skipped_examples"] if lang != "TOTAL" else []:
             print(f"         skipped line {line}: {reason}")
     mb = tot["bytes"] / 1e6
-    print(f"done in {seconds:.1f} s: {mb / max(seconds, 1e-9):.2f} MB/s, "
+    print(f"done in {seconds:.2f} s: {mb / max(seconds, 1e-9):.2f} MB/s, "
           f"{tot['tokens'] / max(seconds, 1e-9):,.0f} tokens/s, "
           f"{sum(tot['documents']) / max(seconds, 1e-9):,.0f} docs/s "
-          f"({workers} worker(s) x {ranks} rank(s))")
+          f"({workers} worker(s) x {ranks} rank(s)); encoding CPU {tot['encode_cpu_s']:.2f} s")
+    return tot
 
 
 def _write_json(path, obj):
@@ -299,13 +303,14 @@ def run_single(args, files):
         sink.finalize()
         stats[langs[u]] = sink.stats
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         process_units(args, pool, units, dtype, progress, done)
     finally:
         progress.close()
         if pool is not None:
             pool.terminate()
+    args.main_cpu_s = time.process_time() - c0
     return stats, time.perf_counter() - t0
 
 
@@ -467,9 +472,14 @@ def main(argv=None):
         ranks = comm.Get_size()
         if rank != 0:
             return 0
-    print_summary(stats, seconds, args.workers, ranks)
+    tot = print_summary(stats, seconds, args.workers, ranks)
+    timing = dict(seconds=seconds, encode_cpu_s=tot["encode_cpu_s"], workers=args.workers, ranks=ranks,
+                  main_cpu_s=getattr(args, "main_cpu_s", None))
+    for st in stats.values():
+        st.pop("encode_cpu_s", None)
     _write_json(os.path.join(args.output_dir, "preprocess_summary.json"),
-                dict(languages=stats, split=args.split, seed=args.seed, tokenizer=os.path.abspath(args.tokenizer)))
+                dict(languages=stats, split=args.split, seed=args.seed, tokenizer=os.path.abspath(args.tokenizer),
+                     timing=timing))
     return 0
 
 

@@ -17,11 +17,14 @@ gives the same documents.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import lzma
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 TEXT_EXTS = (".txt", ".jsonl")
 COMPRESSIONS = ("", ".gz", ".xz")
@@ -42,7 +45,7 @@ class RawChunk:
 @dataclass
 class ParsedChunk:
     sentences: List[str]        # stripped, non-empty
-    doc_start: List[bool]       # True: a document boundary precedes this sentence inside the chunk
+    doc_start: Sequence[bool]   # True: a document boundary precedes this sentence inside the chunk
     trailing_break: bool        # the chunk ends with a document boundary after its last sentence
     n_lines: int
     skipped: List[Tuple[int, str]]
@@ -250,11 +253,12 @@ def parse_chunk(chunk: RawChunk, path: str, fmt: str = "txt", max_line_bytes: in
     char_limit = max_line_bytes // 4
     if fmt == "txt" and len(skipped) == len(chunk.skipped) and (not lines or max(map(len, lines)) <= char_limit):
         # fast path (no bad line here): a gap between non-blank line numbers means blank lines between
-        stripped = [l.strip() for l in lines]
-        where = [i for i, l in enumerate(stripped) if l]
-        sentences = [stripped[i] for i in where]
-        doc_start = [a + 1 < b for a, b in zip([-1] + where[:-1], where)]
-        trailing = (where[-1] if where else -1) < len(lines) - 1
+        # (C-level map/compress/numpy instead of a Python loop per line: this is on the hot path)
+        stripped = list(map(str.strip, lines))
+        where = np.flatnonzero(np.fromiter(map(bool, stripped), dtype=bool, count=len(stripped)))
+        sentences = list(itertools.compress(stripped, stripped))
+        doc_start = np.diff(where, prepend=-1) > 1
+        trailing = bool((where[-1] if where.size else -1) < len(lines) - 1)
         return ParsedChunk(sentences, doc_start, trailing, len(lines), skipped)
     sentences: List[str] = []
     doc_start: List[bool] = []
