@@ -92,7 +92,9 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
     scale = opts["loss_scale"]
     sched = P.PipelineSchedule(chunks, groups, pcfg, n_micro, autocast=autocast)
     ref_sched = P.PipelineSchedule([ref], None, ParallelConfig(tensor=tp), n_micro, autocast=autocast)
-    eval_mbs = make_micro_batches(3, batch=3, seq=12, vocab=cfg.vocab_size, seed=99)
+    # validation-like batches: two shapes (a short last batch), run as two pipelined groups
+    eval_mbs = (make_micro_batches(3, batch=3, seq=12, vocab=cfg.vocab_size, seed=99)
+                + make_micro_batches(1, batch=1, seq=12, vocab=cfg.vocab_size, seed=98))
     opt = torch.optim.AdamW([p for c in chunks for p in c.parameters()], lr=1e-2, weight_decay=0.01)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01)
     losses, ref_losses, grad_err = [], [], None

@@ -76,3 +76,13 @@ def test_validate_pipeline_config():
     with pytest.raises(ConfigError, match="gpipe supports one chunk"):
         validate_pipeline_config(*_cfgs(pipeline=2, virtual_stages=2, schedule="gpipe"))
     assert schedule_kind(ParallelConfig(pipeline=2, schedule="gpipe")) == "gpipe"
+
+
+def test_first_last_fewer_is_a_config_option():
+    from xlmr_mp.config import load_config
+    from xlmr_mp.parallel.pipeline import _layout_from_config
+    cfg = load_config(None, ["model.num_layers=24", "model.hidden_size=64", "model.num_heads=4",
+                             "model.ffn_size=128", "parallel.pipeline=4", "parallel.first_last_fewer=1"], None)
+    assert [len(s) for s in _layout_from_config(cfg.model, cfg.parallel)] == [5, 7, 7, 5]
+    with pytest.raises(ConfigError, match="parallel.first_last_fewer=-1"):
+        load_config(None, ["parallel.first_last_fewer=-1"], None)

@@ -98,7 +98,7 @@ def local_stage_indices(pp_rank: int, pp_size: int, virtual_stages: int) -> list
 
 def _layout_from_config(model_cfg, parallel_cfg) -> list[list[int]]:
     return stage_layer_ids(model_cfg.num_layers, parallel_cfg.pipeline, parallel_cfg.virtual_stages,
-                           parallel_cfg.stage_layers, getattr(parallel_cfg, "first_last_fewer", 0))
+                           parallel_cfg.stage_layers, parallel_cfg.first_last_fewer)
 
 
 def validate_pipeline_config(model_cfg, parallel_cfg, n_microbatches: Optional[int] = None) -> None:
@@ -420,32 +420,42 @@ class PipelineSchedule:
     @torch.no_grad()
     def evaluate(self, micro_batches: Sequence[dict]) -> tuple[float, int]:
         """Forward only: (sum of masked-token CE, number of masked tokens) over the micro-batches,
-        on every rank of the pipeline group (e.g. one language's validation batches; any count
-        and shape, the same on every rank of the group). Gradients are not touched."""
-        n = len(micro_batches)
-        self._check_batches(micro_batches, n)
-        num_masked = int(sum(int((mb["labels"] != -100).sum()) for mb in micro_batches))
+        on every rank of the pipeline group (e.g. one language's validation batches). Any count
+        and shapes (consecutive micro-batches of one shape run as one pipelined group); every rank
+        of the group must pass the same micro-batches. Gradients are not touched."""
+        groups, start = [], 0
+        for i in range(1, len(micro_batches) + 1):
+            if i == len(micro_batches) or micro_batches[i]["input_ids"].shape != micro_batches[start]["input_ids"].shape:
+                groups.append(list(micro_batches[start:i]))
+                start = i
         was_training = [c.training for c in self.chunks]
         for c in self.chunks:
             c.eval()
+        total, num_masked = 0.0, 0
         try:
-            if self.pp_size == 1:
-                total = 0.0
-                for mb in micro_batches:
-                    with (self.autocast() if self.autocast is not None else contextlib.nullcontext()):
-                        total += masked_lm_loss_sum(self.chunks[0], mb["input_ids"].to(self.device),
-                                                    mb["attention_mask"].to(self.device),
-                                                    mb["labels"].to(self.device)).item()
-                return total, num_masked
-            key = (n, tuple(micro_batches[0]["input_ids"].shape))
-            if key not in self._eval_schedules:
-                kind = "looped_bfs" if len(self.chunks) > 1 else "gpipe"
-                self._eval_schedules[key] = self._build_schedule(kind, n)[1]
-            total = self._run(self._eval_schedules[key], micro_batches, train=False)
-            return broadcast_step_loss(total, self.groups), num_masked
+            for group in groups:
+                self._check_batches(group, len(group))
+                num_masked += int(sum(int((mb["labels"] != -100).sum()) for mb in group))
+                total += self._evaluate_group(group)
         finally:
             for c, t in zip(self.chunks, was_training):
                 c.train(t)
+        return total, num_masked
+
+    def _evaluate_group(self, micro_batches) -> float:
+        if self.pp_size == 1:
+            total = 0.0
+            for mb in micro_batches:
+                with (self.autocast() if self.autocast is not None else contextlib.nullcontext()):
+                    total += masked_lm_loss_sum(self.chunks[0], mb["input_ids"].to(self.device),
+                                                mb["attention_mask"].to(self.device),
+                                                mb["labels"].to(self.device)).item()
+            return total
+        key = (len(micro_batches), tuple(micro_batches[0]["input_ids"].shape))
+        if key not in self._eval_schedules:
+            kind = "looped_bfs" if len(self.chunks) > 1 else "gpipe"
+            self._eval_schedules[key] = self._build_schedule(kind, len(micro_batches))[1]
+        return broadcast_step_loss(self._run(self._eval_schedules[key], micro_batches, train=False), self.groups)
 
 
 def _chunk_device(chunk: nn.Module) -> torch.device:
