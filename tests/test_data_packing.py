@@ -78,6 +78,25 @@ def test_bad_data_gives_clear_errors(tmp_path):
     write_corpus(str(tmp_path), {"xx": 3}, splits=("train",))
     with pytest.raises(FileNotFoundError, match="zz"):
         MultilingualCorpus(str(tmp_path), "train", 63, languages=["xx", "zz"])
+    with open(tmp_path / "xx" / "train.bin", "r+b") as f:  # truncated .bin
+        f.truncate(8)
+    with pytest.raises(ValueError, match="incomplete or mismatched"):
+        PackedLanguageDataset(str(tmp_path / "xx" / "train"), 63)
+    with open(tmp_path / "xx" / "train.idx", "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(ValueError, match="not a valid megatron-core"):
+        PackedLanguageDataset(str(tmp_path / "xx" / "train"), 63)
     os.remove(tmp_path / "xx" / "train.bin")
     with pytest.raises(FileNotFoundError, match="train.bin"):
         PackedLanguageDataset(str(tmp_path / "xx" / "train"), 63)
+
+
+def test_empty_split_is_dropped_for_validation_only(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    write_corpus(str(tmp_path), {"xx": 5, "yy": 5}, splits=("train", "valid"))
+    b = IndexedDatasetBuilder(str(tmp_path / "yy" / "valid.bin"), dtype=np.uint16)
+    b.finalize(str(tmp_path / "yy" / "valid.idx"))  # a small language with no validation documents
+    assert len(PackedLanguageDataset(str(tmp_path / "yy" / "valid"), 63)) == 0
+    with pytest.raises(ValueError, match="empty valid split"):
+        MultilingualCorpus(str(tmp_path), "valid", 63)
+    assert MultilingualCorpus(str(tmp_path), "valid", 63, drop_empty=True).languages == ["xx"]

@@ -41,17 +41,21 @@ class PackedLanguageDataset:
             if not os.path.isfile(prefix + ext):
                 raise FileNotFoundError(f"{prefix + ext} is missing: re-run tools/preprocess_data.py "
                                         f"for language {self.name!r} or drop it from data.languages")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-        try:
-            indexed = IndexedDataset(prefix)
+        from megatron.core.datasets.indexed_dataset import _IndexReader  # IndexedDataset's index reader
+        try:  # (IndexedDataset itself cannot open an empty split: it mmaps the empty .bin)
+            index = _IndexReader(prefix + ".idx", multimodal=False)
+            sizes = np.array(index.sequence_lengths, dtype=np.int64)  # copies: the index mmap closes
+            doc_index = np.array(index.document_indices, dtype=np.int64)
+            pointers = np.array(index.sequence_pointers, dtype=np.int64)
+            self.dtype = np.dtype(index.dtype)
+            del index
         except Exception as e:  # noqa: BLE001 - say which file is bad
-            raise ValueError(f"{prefix}.idx/.bin is not a valid megatron-core indexed dataset "
+            raise ValueError(f"{prefix}.idx is not a valid megatron-core (MMIDIDX) index "
                              f"({type(e).__name__}: {e}); rebuild it with tools/preprocess_data.py") from e
-        sizes = np.array(indexed.sequence_lengths, dtype=np.int64)  # copies: the index mmap closes
-        doc_index = np.array(indexed.document_indices, dtype=np.int64)
-        self.dtype = np.dtype(indexed.index.dtype)
-        pointers = np.array(indexed.index.sequence_pointers, dtype=np.int64)
-        del indexed
+        if os.path.getsize(prefix + ".bin") != int(sizes.sum()) * self.dtype.itemsize:
+            raise ValueError(f"{prefix}.bin has {os.path.getsize(prefix + '.bin')} bytes but its index "
+                             f"describes {int(sizes.sum())} tokens of {self.dtype}: the pair is incomplete or "
+                             f"mismatched; rebuild it with tools/preprocess_data.py")
         expected = np.concatenate([[0], np.cumsum(sizes)[:-1]]) * self.dtype.itemsize
         if len(sizes) and not np.array_equal(pointers - pointers[0], expected):
             raise ValueError(f"{prefix}.bin: sentences are not stored back to back; rebuild it with "
@@ -66,12 +70,14 @@ class PackedLanguageDataset:
 
     def _check_sentence_ends(self, sizes: np.ndarray, n_check: int = 64) -> None:
         ends = (np.cumsum(sizes) - 1)[sizes > 0][:n_check]
-        if len(ends) and np.any(self.tokens[self._token_offset + ends] != EOS_ID):
+        if len(ends) and np.any(np.asarray(self.tokens)[self._token_offset + ends] != EOS_ID):
             raise ValueError(f"{self.prefix}.bin: sentences must end in </s> (id {EOS_ID}); "
                              f"rebuild it with tools/preprocess_data.py")
 
     @property
     def tokens(self) -> np.ndarray:
+        if self._tokens is None and self.num_tokens == 0:
+            self._tokens = np.zeros(0, dtype=self.dtype)  # an empty .bin cannot be mmapped
         if self._tokens is None:
             # a plain ndarray view of the memmap: slicing it skips np.memmap's per-call overhead
             self._tokens = np.asarray(np.memmap(self.prefix + ".bin", dtype=self.dtype, mode="r"))
@@ -95,7 +101,7 @@ class MultilingualCorpus:
     """Every language of one split: `datasets[i]`, `languages[i]`, and `sizes(unit)` for sampling."""
 
     def __init__(self, path: str, split: str, block_size: int, languages: Optional[Sequence[str]] = None,
-                 break_mode: str = "complete"):
+                 break_mode: str = "complete", drop_empty: bool = False):
         found = discover_languages(path, split)
         if languages is None:
             languages = found
@@ -108,7 +114,13 @@ class MultilingualCorpus:
         self.datasets = [PackedLanguageDataset(os.path.join(path, l, split), block_size, break_mode, l)
                          for l in self.languages]
         empty = [l for l, d in zip(self.languages, self.datasets) if len(d) == 0]
-        if empty:
+        if empty and drop_empty:  # e.g. a small language's validation split
+            keep = [i for i, d in enumerate(self.datasets) if len(d)]
+            self.languages = [self.languages[i] for i in keep]
+            self.datasets = [self.datasets[i] for i in keep]
+            if not self.datasets:
+                raise ValueError(f"{path}: every language's {split} split is empty")
+        elif empty:
             raise ValueError(f"{path}: languages {empty} have an empty {split} split; drop them "
                              f"from data.languages")
 

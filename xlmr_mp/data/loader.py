@@ -222,8 +222,9 @@ class ValidationLoader:
     def __init__(self, cfg: DataConfig, vocab_size: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  mask_id: Optional[int] = None, split: str = "valid", corpus: Optional[MultilingualCorpus] = None,
                  char_lengths: Optional[np.ndarray] = None, is_word_start: Optional[np.ndarray] = None):
-        if corpus is None:
-            corpus = MultilingualCorpus(cfg.path, split, cfg.seq_length - 1, cfg.languages, cfg.break_mode)
+        if corpus is None:  # languages whose split is empty are left out
+            corpus = MultilingualCorpus(cfg.path, split, cfg.seq_length - 1, cfg.languages, cfg.break_mode,
+                                        drop_empty=True)
         if char_lengths is None and cfg.tokenizer:
             ws, char_lengths = sentencepiece_tables(cfg.tokenizer, vocab_size)
             is_word_start = ws if is_word_start is None else is_word_start
