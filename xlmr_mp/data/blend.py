@@ -158,6 +158,8 @@ def blend_window_reference(spec: BlendSpec, start: int, count: int):
     pos0 = blend_rank_reference(spec, b0)
     b1 = b0 + (start + count - pos0) + spec.num_languages + 2  # rank(b1) >= b1 - L >= start+count
     k0, k1 = _draws_before(spec, b0), _draws_before(spec, b1)
+    if max(k1) >= 1 << 34:  # k * 2^30 must fit uint64 here (the C++ path has no such limit)
+        raise ValueError("blend_window_reference: over 2^34 draws of one language; build xlmr_mp._C")
     buckets, langs, blocks = [], [], []
     for i in range(spec.num_languages):
         k = np.arange(k0[i], k1[i], dtype=np.uint64)
