@@ -265,3 +265,38 @@ def test_indexed_writer_matches_megatron_builder_and_merges(tmp_path):
     r = run_tool("merge_datasets", "--inputs", parts[0], str(tmp_path / "nothing"), "--output", tmp_path / "m2",
                  check=False)
     assert r.returncode == 2 and "nothing.bin: missing" in r.stderr
+
+
+def test_killed_run_leaves_no_complete_looking_pair(setup, tmp_path):
+    """SIGKILL in the middle of a language: its .bin/.idx never appear; a rerun cleans up and completes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(os.path.join(setup["corpus"], "ur.txt"), d / "ur.txt")
+    block = open(os.path.join(setup["corpus"], "en.txt"), "rb").read()
+    with open(d / "zz.txt", "wb") as f:                       # processed last, big enough to be caught
+        for _ in range(max(1, (12 << 20) // len(block))):
+            f.write(block + b"\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "tools", "preprocess_data.py"),
+           "--input", str(d), "--tokenizer", setup["model"], "--output-dir", str(out), "--quiet",
+           "--chunk-bytes", "65536"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        if (os.path.isdir(out / "zz") and any(".bin.tmp-" in n for n in os.listdir(out / "zz"))
+                and os.path.exists(out / "ur" / "train.idx")):
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the run finished before it could be interrupted"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    left = os.listdir(out / "zz")
+    assert not any(n.endswith((".bin", ".idx")) for n in left), left
+    assert os.path.exists(out / "ur" / "train.idx")               # finished languages stay complete
+    run_tool("preprocess_data", "--input", d, "--tokenizer", setup["model"], "--output-dir", out, "--quiet",
+             "--languages", "zz")
+    assert sorted(os.listdir(out / "zz")) == [f"{s}.{e}" for s in ("test", "train", "valid") for e in ("bin", "idx")]

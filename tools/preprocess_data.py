@@ -212,6 +212,8 @@ def process_units(args, pool, units, dtype, progress, on_done):
                 while n_chunks >= limit:
                     drain_one()
             inflight.append(("end", u, None))
+            while inflight and inflight[0][0] == "end":    # finished units are written out at once
+                drain_one()
         while inflight:
             drain_one()
     except BaseException:

@@ -15,6 +15,7 @@ the `.bin` it describes.
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import struct
@@ -41,6 +42,18 @@ def remove_dataset(prefix: str) -> None:
             os.remove(prefix + ext)
 
 
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class IndexedWriter:
     """Append sequences and document ends; `finalize()` makes PREFIX.{bin,idx} appear atomically."""
 
@@ -53,6 +66,10 @@ class IndexedWriter:
         if d:
             os.makedirs(d, exist_ok=True)
         remove_dataset(prefix)
+        for stale in glob.glob(glob.escape(prefix) + ".*.tmp-*"):   # left by a killed earlier run
+            pid = stale.rsplit(".tmp-", 1)[1]
+            if not (pid.isdigit() and _alive(int(pid))):
+                os.remove(stale)
         tag = f".tmp-{os.getpid()}"
         self._bin_tmp = prefix + ".bin" + tag
         self._len_tmp = prefix + ".lengths" + tag
