@@ -64,6 +64,15 @@ def shard_xent_stats_chunked(hidden, weight, bias, target, vocab_start: int = 0,
     return _chunked_stats(hidden, weight, bias, local_targets(target, vocab_start, weight.shape[0]), chunk)
 
 
+def shard_xent_grad_ref(logits, t_local, lse, grad):
+    """dL/dlogits of loss = lse - logits[target] (what the fused backward writes in place):
+    grad[:, None] * (exp(logits - lse[:, None]) - onehot(t_local)), t_local = -1: no onehot."""
+    p = torch.exp(logits.float() - lse[:, None])
+    rows = torch.nonzero(t_local >= 0).squeeze(1)
+    p[rows, t_local[rows]] -= 1.0
+    return (p * grad.float()[:, None]).to(logits.dtype)
+
+
 def combine_shard_stats(lse_local: torch.Tensor, target_logit: torch.Tensor, group=None):
     """(global logsumexp, global target logit) from every shard's local ones (all-reduce over
     `group`; identity without a group or at TP=1)."""

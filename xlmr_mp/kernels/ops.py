@@ -34,6 +34,39 @@ def scaled_masked_softmax_ref(scores: torch.Tensor, mask: torch.Tensor | None, s
     return torch.softmax(s, dim=-1).to(scores.dtype)
 
 
+# Backward formulas the CUDA kernels implement, in torch (fp32 math), so that CPU tests can check them
+# against autograd and GPU tests can check the kernels against them.
+
+def bias_gelu_backward_ref(grad, x, bias):
+    """(dx, dbias) of gelu(x + bias): dx = grad * (Phi(z) + z * phi(z)), z = x + bias."""
+    z = (x + bias).float()
+    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+    pdf = 0.3989422804014327 * torch.exp(-0.5 * z * z)
+    dx = grad.float() * (cdf + z * pdf)
+    return dx.to(x.dtype), dx.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype)
+
+
+def bias_dropout_add_layernorm_backward_ref(grad, y, keep, weight, mean, rstd, p: float):
+    """(dx, dresidual, dweight, dln_bias) of LayerNorm(y), y = residual + keep * (x + bias) / (1 - p),
+    from the saved y, keep mask (None without dropout) and per-row mean / rstd; dbias = dx summed
+    over rows. xhat = (y - mean) * rstd, g = grad * weight:
+    dresidual = rstd * (g - mean(g) - xhat * mean(g * xhat))."""
+    h = y.shape[-1]
+    g2 = grad.float().reshape(-1, h)
+    xhat = (y.float().reshape(-1, h) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
+    g = g2 * weight.float()
+    dres = rstd.reshape(-1, 1) * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    dx = dres if keep is None else dres * keep.reshape(-1, h).float() / (1.0 - p)
+    return (dx.reshape(y.shape).to(y.dtype), dres.reshape(y.shape).to(y.dtype),
+            (g2 * xhat).sum(0).to(weight.dtype), g2.sum(0).to(weight.dtype))
+
+
+def scaled_masked_softmax_backward_ref(grad, y, scale: float):
+    """d scores of y = softmax(scale * scores): scale * y * (grad - sum(grad * y))."""
+    yf, gf = y.float(), grad.float()
+    return (scale * yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(y.dtype)
+
+
 # Limits of the fused kernels (larger shapes use the reference): LayerNorm rows are held in
 # registers, 8192 packs of 16 bytes (or 8192 elements when H is not a multiple of 16 bytes).
 _LN_MAX_PACKS = 8192
