@@ -1,0 +1,238 @@
+"""Benchmark one training step: tokens/s, TFLOP/s per device, MFU and peak memory.
+
+    python bench/train_step.py --preset tiny --micro-batch 8 --precision fp32            # CPU, 1 process
+    python bench/train_step.py --preset tiny --nproc 4 --tp 2 --pp 2 --accum 4           # CPU, gloo, 4 processes
+    torchrun --nproc-per-node 8 bench/train_step.py --preset large --micro-batch 16 --precision bf16 --tp 2
+    python bench/train_step.py ... --out bench/results/train_step_cpu.txt                # append the result
+
+The step is the real trainer step (xlmr_mp.train.Trainer.train_step: micro-batches, DP all-reduce,
+clipping, AdamW, loss scaler) on random masked-LM batches (no data on disk needed). FLOPs are model
+FLOPs (xlmr_mp.metrics.flops_per_token: no recompute, MLM head on masked positions).
+
+Peer, measured in the same run on rank 0: Hugging Face `XLMRobertaForMaskedLM` of the same shape
+with torch AdamW, same micro-batch, sequence length and precision, one device; the ratio printed is
+our tokens/s per device over the peer's (HF computes the LM head on every position, we on the masked
+15%: part of the ratio is that design choice). Timings are wall clock; the first `--warmup` steps are
+not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+
+class RandomBatches:
+    """Endless random masked-LM micro-batches [micro, seq] (15% masked, <s> first, full length)."""
+
+    def __init__(self, vocab: int, seq: int, micro: int, seed: int = 0):
+        self.v, self.s, self.m = vocab, seq, micro
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        ids = torch.randint(4, self.v - 1, (self.m, self.s), generator=self.g)
+        ids[:, 0] = 0
+        ids[:, -1] = 2
+        mask = torch.rand(self.m, self.s, generator=self.g) < 0.15
+        mask[:, 0] = False
+        mask[:, 1] = True
+        labels = torch.where(mask, ids, torch.full_like(ids, -100))
+        return {"input_ids": torch.where(mask, torch.full_like(ids, self.v - 1), ids),
+                "attention_mask": torch.ones_like(ids), "labels": labels,
+                "lang": torch.zeros(self.m, dtype=torch.long)}
+
+
+def build_config(a, world: int):
+    from xlmr_mp.config import load_config
+    preset = os.path.join(ROOT, "launch", "configs", f"{a.preset}.yaml")
+    dp = world // (a.tp * a.pp)
+    ov = [f"train.micro_batch={a.micro_batch}", f"train.global_batch={a.micro_batch * a.accum * dp}",
+          f"precision.dtype={a.precision}", f"parallel.tensor={a.tp}", f"parallel.pipeline={a.pp}",
+          f"parallel.virtual_stages={a.virtual_stages}", f"train.recompute={a.recompute}",
+          f"train.device={a.device}", "logging.jsonl=false", "logging.tensorboard=false",
+          "checkpoint.interval=0", f"optim.warmup_steps={a.steps + a.warmup + 1}"]
+    if a.virtual_stages > 1:
+        ov.append("parallel.schedule=interleaved")
+    if a.seq:
+        ov.append(f"data.seq_length={a.seq}")
+    if a.zero:
+        ov.append("parallel.distributed_optimizer=true")
+    cfg = load_config(preset, ov + list(a.set), world_size=world)
+    if cfg.data.seq_length > cfg.model.max_positions - 2:
+        raise SystemExit(f"--seq {cfg.data.seq_length} > model.max_positions - 2 = {cfg.model.max_positions - 2}")
+    return cfg
+
+
+def measure_ours(a, world: int) -> dict:
+    import torch.distributed as dist
+    from xlmr_mp.distributed import init_distributed, pick_device
+    from xlmr_mp.parallel.state import destroy_parallel, init_parallel
+    from xlmr_mp.train import Trainer
+    init_distributed("auto", a.device)
+    cfg = build_config(a, world)
+    device = pick_device(cfg.train.device)
+    groups = init_parallel(a.tp, a.pp)
+    tr = Trainer(cfg, groups, device, RandomBatches(cfg.model.vocab_size, cfg.data.seq_length, a.micro_batch,
+                                                   seed=groups.dp_rank))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(a.warmup):
+        tr.train_step()
+    ms = [tr.train_step() for _ in range(a.steps)]
+    secs = sum(m["step_time_s"] for m in ms)
+    tokens = sum(cfg.train.global_batch * cfg.data.seq_length for _ in ms)
+    mem = torch.tensor([ms[-1]["mem_gib"]])
+    if dist.is_initialized():
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    out = {"tokens_per_s": tokens / secs, "tflops": tokens / secs * tr.fpt / world / 1e12,
+           "step_s": secs / len(ms), "mem_gib": mem.item(), "peak_tflops": tr.peak / 1e12,
+           "loss": ms[-1]["loss"], "params_rank0": sum(p.numel() for p in tr.params),
+           "global_batch": cfg.train.global_batch, "seq": cfg.data.seq_length, "fpt": tr.fpt,
+           "dtype": cfg.precision.dtype, "device": str(device), "cfg": cfg}
+    out["mfu"] = out["tflops"] * 1e12 / tr.peak
+    destroy_parallel()
+    return out
+
+
+def measure_peer(a, cfg, device) -> dict:
+    """HF XLMRobertaForMaskedLM, same shape / micro-batch / precision, torch AdamW, one device."""
+    import warnings
+    warnings.simplefilter("ignore")
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+    from xlmr_mp.metrics import memory_stats
+    from xlmr_mp.precision import autocast
+    m = cfg.model
+    hf = XLMRobertaForMaskedLM(XLMRobertaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, intermediate_size=m.ffn_size, max_position_embeddings=m.max_positions,
+        pad_token_id=1, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.attention_dropout,
+        type_vocab_size=1)).to(device)
+    if a.recompute != "none":
+        hf.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    batches = RandomBatches(m.vocab_size, cfg.data.seq_length, a.micro_batch, seed=1)
+
+    def step():
+        for _ in range(a.accum):
+            b = {k: v.to(device) for k, v in next(batches).items() if k != "lang"}
+            with autocast(a.precision, device):
+                loss = hf(**b).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(a.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    tokens = a.steps * a.accum * a.micro_batch * cfg.data.seq_length
+    return {"tokens_per_s": tokens / secs, "step_s": secs / a.steps, **memory_stats(device)}
+
+
+def rank_main(rank, world, a, port):
+    if world > 1 and "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        torch.set_num_threads(1)
+    ours = measure_ours(a, world)
+    import torch.distributed as dist
+    peer = None
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not a.no_peer:
+        peer = measure_peer(a, ours["cfg"], torch.device(ours["device"]))
+    if dist.is_initialized():
+        dist.barrier()
+        rank0 = dist.get_rank() == 0
+        dist.destroy_process_group()
+    else:
+        rank0 = True
+    if rank0:
+        report(a, world, ours, peer)
+
+
+def report(a, world, ours, peer):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    lines = [
+        f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  commit {commit}  "
+        f"cpus {os.cpu_count()}  torch {torch.__version__}",
+        f"# command: python bench/train_step.py {' '.join(sys.argv[1:])}",
+        f"preset={a.preset} layout=TP{a.tp}xPP{a.pp}xDP{world // (a.tp * a.pp)} (V={a.virtual_stages}) "
+        f"micro={a.micro_batch} accum={a.accum} global={ours['global_batch']} seq={ours['seq']} "
+        f"dtype={ours['dtype']} recompute={a.recompute} zero={a.zero} device={ours['device']} "
+        f"params(rank0)={ours['params_rank0']:,}",
+        f"ours: {ours['tokens_per_s']:.1f} tokens/s total, {ours['tokens_per_s'] / world:.1f} tokens/s/device, "
+        f"{ours['step_s'] * 1e3:.1f} ms/step, {ours['tflops']:.4f} TFLOP/s/device, MFU {100 * ours['mfu']:.2f}% "
+        f"(peak {ours['peak_tflops']:.3f} TFLOP/s/device), peak mem {ours['mem_gib']:.2f} GiB, loss {ours['loss']:.3f}",
+    ]
+    if peer is not None:
+        lines.append(f"peer (HF XLMRobertaForMaskedLM + torch AdamW, 1 device, micro={a.micro_batch} accum={a.accum}): "
+                     f"{peer['tokens_per_s']:.1f} tokens/s, {peer['step_s'] * 1e3:.1f} ms/step, "
+                     f"peak mem {peer['mem_gib']:.2f} GiB")
+        lines.append(f"ratio ours/peer (tokens/s per device): {ours['tokens_per_s'] / world / peer['tokens_per_s']:.3f}")
+    if a.note:
+        lines.append(f"note: {a.note}")
+    text = "\n".join(lines) + "\n"
+    print(text, end="", flush=True)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "a") as f:
+            f.write(text + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny", help="launch/configs/<preset>.yaml")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per step and DP rank")
+    ap.add_argument("--seq", type=int, default=0, help="sequence length (default: the preset's)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--virtual-stages", type=int, default=1)
+    ap.add_argument("--zero", action="store_true", help="ZeRO-1 distributed optimizer")
+    ap.add_argument("--recompute", default="none", choices=["none", "full", "selective"])
+    ap.add_argument("--nproc", type=int, default=1, help="CPU: spawn this many gloo processes (GPU: use torchrun)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
+    ap.add_argument("--note", default="")
+    ap.add_argument("--out", default="", help="append the result to this file")
+    a = ap.parse_args()
+    if "RANK" in os.environ:           # torchrun / srun with env set
+        rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), a, 0)
+    elif a.nproc > 1:
+        import socket
+        import torch.multiprocessing as mp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(rank_main, args=(a.nproc, a, port), nprocs=a.nproc, start_method="spawn")
+    else:
+        rank_main(0, 1, a, 0)
+
+
+if __name__ == "__main__":
+    main()
