@@ -1,12 +1,17 @@
 """Pipeline parallelism on `torch.distributed.pipelining`: stage layout, stage construction, and
 one optimizer step's forward+backward over all micro-batches (1F1B, interleaved 1F1B, GPipe).
 
-    chunks = build_pipeline_stages(cfg.model, groups, cfg.parallel)  # this rank's model chunks
-    sync_tied_embedding_weight(chunks, groups)                      # once, after init / load
-    pipe = PipelineSchedule(chunks, groups, cfg.parallel, n_microbatches)
-    loss = pipe.step(micro_batches, global_num_masked)   # float on the last stage, else None
+    validate_pipeline_config(cfg.model, cfg.parallel, n_microbatches)   # before allocating anything
+    chunks = build_pipeline_stages(cfg.model, groups, cfg.parallel, init_seed=cfg.train.seed)
+    sync_tied_embedding_weight(chunks, groups)           # after init and after every load
+    pipe = PipelineSchedule(chunks, groups, cfg.parallel, n_microbatches, device=dev, autocast=ctx)
+    loss = pipe.step(micro_batches, global_num_masked, loss_scale=scale)  # last stage: float, else None
     loss = broadcast_step_loss(loss, groups)             # the same float on every PP rank
-    sync_tied_embedding_grads(chunks, groups)            # before clipping / optimizer step
+    sync_tied_embedding_grads(chunks, groups)            # before unscaling / clipping / optimizer step
+    loss_sum, n_masked = pipe.evaluate(valid_batches)    # forward only, on every PP rank
+
+The same calls work at PP=1 (a plain loop over the micro-batches, no communication), so the
+training loop does not depend on the layout.
 
 A stage is a contiguous range of encoder layers (global indices) plus the embeddings on global
 stage 0 and the masked-LM head on the last global stage. With `virtual_stages` V > 1 each rank
@@ -115,21 +120,24 @@ def validate_pipeline_config(model_cfg, parallel_cfg, n_microbatches: Optional[i
         raise ConfigError("parallel.schedule=gpipe supports one chunk per rank; set parallel.virtual_stages=1 "
                           "or parallel.schedule=interleaved")
     _layout_from_config(model_cfg, parallel_cfg)
-    if n_microbatches is not None and pp > 1:
-        if n_microbatches < 1:
-            raise ConfigError(f"{n_microbatches} micro-batches per step; need at least one")
-        kind = schedule_kind(parallel_cfg)
-        if kind == "1f1b" and n_microbatches < pp:
-            raise ConfigError(
-                f"1F1B needs at least parallel.pipeline={pp} micro-batches per step but gets {n_microbatches} "
-                f"(train.global_batch / (train.micro_batch x DP)); raise train.global_batch or lower "
-                f"train.micro_batch")
-        if kind == "interleaved":
-            rounds = max(1, n_microbatches // pp)
-            if n_microbatches % rounds:
-                raise ConfigError(
-                    f"interleaved 1F1B needs the micro-batches per step ({n_microbatches}) to be a multiple of "
-                    f"{rounds} (= micro-batches // parallel.pipeline); use a multiple of parallel.pipeline={pp}")
+    if n_microbatches is not None:
+        check_micro_batch_count(schedule_kind(parallel_cfg), pp, n_microbatches)
+
+
+def check_micro_batch_count(kind: str, pp: int, n: int) -> None:
+    """Whether schedule `kind` can run `n` micro-batches per step over `pp` pipeline ranks."""
+    if n < 1:
+        raise ConfigError(f"{n} micro-batches per step; train.global_batch must be >= train.micro_batch x DP")
+    if pp == 1:
+        return
+    if kind == "1f1b" and n < pp:
+        raise ConfigError(
+            f"1F1B needs at least parallel.pipeline={pp} micro-batches per step but gets {n} "
+            f"(train.global_batch / (train.micro_batch x DP)); raise train.global_batch or lower train.micro_batch")
+    if kind == "interleaved" and n % max(1, n // pp):
+        raise ConfigError(
+            f"interleaved 1F1B needs the micro-batches per step ({n}) to be a multiple of {max(1, n // pp)} "
+            f"(= micro-batches // parallel.pipeline); use a multiple of parallel.pipeline={pp}")
 
 
 def schedule_kind(parallel_cfg) -> str:
@@ -224,12 +232,20 @@ def sync_tied_embedding_grads(chunks: Sequence[nn.Module], groups) -> None:
     dist.all_reduce(w.grad, group=groups.embedding_group)
 
 
+def _comm_device(group) -> torch.device:
+    """Where a small tensor must live to be sent over `group` (NCCL only moves CUDA tensors)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_step_loss(loss: Optional[float], groups) -> float:
     """The step loss computed on the last pipeline stage, as a float on every rank of the
     pipeline group (identity without pipeline parallelism)."""
     if groups is None or groups.pp_size == 1:
         return float(loss)
-    t = torch.tensor([float(loss) if loss is not None else 0.0], dtype=torch.float64)
+    t = torch.tensor([float(loss) if loss is not None else 0.0], dtype=torch.float64,
+                     device=_comm_device(groups.pp_group))
     dist.broadcast(t, group=groups.pp_group, group_src=groups.pp_size - 1)
     return t.item()
 
@@ -309,27 +325,14 @@ class PipelineSchedule:
         self._global_num_masked = 1.0
         self._loss_scale = 1.0
         self._eval_schedules: dict = {}
-        if n_microbatches < 1:
-            raise ConfigError(f"{n_microbatches} micro-batches per step; need at least one")
+        check_micro_batch_count(self.kind, self.pp_size, n_microbatches)
         if self.pp_size > 1:
             if len(self.chunks) != parallel_cfg.virtual_stages:
                 raise ConfigError(f"this rank holds {len(self.chunks)} chunks but parallel.virtual_stages="
                                   f"{parallel_cfg.virtual_stages}; build them with build_pipeline_stages")
-            self._check_micro_batch_count()
             self._stages, self._schedule = self._build_schedule(self.kind, n_microbatches)
         elif len(self.chunks) != 1:
             raise ConfigError("without pipeline parallelism a rank holds exactly one model chunk")
-
-    def _check_micro_batch_count(self) -> None:
-        pp, n = self.pp_size, self.n_microbatches
-        if self.kind == "1f1b" and n < pp:
-            raise ConfigError(
-                f"1F1B needs at least parallel.pipeline={pp} micro-batches per step but gets {n} "
-                f"(train.global_batch / (train.micro_batch x DP)); raise train.global_batch or lower train.micro_batch")
-        if self.kind == "interleaved" and n % max(1, n // pp):
-            raise ConfigError(
-                f"interleaved 1F1B needs the micro-batches per step ({n}) to be a multiple of {max(1, n // pp)} "
-                f"(= micro-batches // parallel.pipeline); use a multiple of parallel.pipeline={pp}")
 
     def _build_schedule(self, kind: str, n_microbatches: int):
         from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
