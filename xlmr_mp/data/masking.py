@@ -125,7 +125,8 @@ def sentencepiece_tables(sp_model: str, vocab_size: Optional[int] = None):
 
     Dictionary id = piece id + 1 for pieces 3.. (fairseq/XLM-R); specials get (False, 0). The
     character length counts the word-start marker as one character (the space it stands for);
-    byte-fallback pieces (<0x..>) count one character.
+    byte-fallback pieces (<0xNN>) count one character for a UTF-8 lead byte, none for a continuation
+    byte, so a character spelled in bytes counts once.
     """
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=sp_model)
@@ -140,5 +141,8 @@ def sentencepiece_tables(sp_model: str, vocab_size: Optional[int] = None):
         if sp.is_control(i) or sp.is_unknown(i):
             continue
         is_start[i + 1] = piece.startswith(WORD_START)
-        chars[i + 1] = 1 if sp.is_byte(i) else len(piece)
+        if sp.is_byte(i):  # <0xNN>: one character per UTF-8 lead byte, none for continuation bytes
+            chars[i + 1] = 0 if 0x80 <= int(piece[1:-1], 16) <= 0xBF else 1
+        else:
+            chars[i + 1] = len(piece)
     return is_start, chars
