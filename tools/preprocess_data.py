@@ -20,7 +20,9 @@ document ends are spooled to disk, so memory does not grow with the file size.
 
 MPI: plain files are cut into ranges of about --range-bytes at document boundaries (compressed
 files are one range each); ranges go round-robin to ranks, each rank writes shard datasets under
-OUT/.shards/, then languages are merged (tools/merge_datasets.py logic) in range order.
+OUT/.shards/, then languages are merged (tools/merge_datasets.py logic) in range order, language j
+by rank j % K. Across nodes, --input and --output-dir must be on a filesystem every node sees.
+Each rank may also use --workers encoder processes.
 
 Datasets only appear complete: written under temporary names, .bin renamed before .idx.
 """
