@@ -25,6 +25,8 @@ def _run(net, opt, reducer, steps, rows):
             loss = ((net(x[i:i + 1]) - y[i:i + 1]) ** 2).sum() / 4.0
             loss.backward()
         if reducer is not None:
+            # overlap: every bucket was launched from the hooks during the last backward
+            assert not reducer.enabled or reducer._next == len(reducer.buckets)
             reducer.finish()
         opt.step()
         opt.zero_grad()

@@ -27,6 +27,10 @@ def check_same(reference, results, rtol_loss=1e-5):
     for r in results:
         for a, e in zip(r["losses"], reference["losses"]):
             assert abs(a - e) <= rtol_loss * abs(e), (r["losses"], reference["losses"])
+        # clipping is active (norms > optim.clip_grad=1): a norm that double counts replicated or
+        # tied parameters, or misses a shard, would show here and in the parameters
+        for a, e in zip(r["grad_norms"], reference["grad_norms"]):
+            assert abs(a - e) <= 1e-5 * e, (r["grad_norms"], reference["grad_norms"])
         local = full_to_local({n: full[n] for n in r["params"]}, cfg, r["tp_size"], r["tp_rank"])
         for n, t in local.items():
             torch.testing.assert_close(r["params"][n], t, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
@@ -34,7 +38,7 @@ def check_same(reference, results, rtol_loss=1e-5):
 
 def test_reference_learns(reference):
     assert reference["losses"][-1] < reference["losses"][0]
-    assert all(x == x for x in reference["grad_norms"])
+    assert all(1.0 < x < 100 for x in reference["grad_norms"])     # clipping at 1.0 is active
 
 
 @pytest.mark.parametrize("extra", [[], ["parallel.distributed_optimizer=true"]], ids=["ddp", "zero1"])
