@@ -12,7 +12,9 @@
 # (default /tmp/xlmr_mp_slurm, or $XLMR_SLURM_DIR); clients find the cluster through
 # SLURM_CONF=STATE_DIR/slurm.conf. Node names n1, n2 are added to /etc/hosts when missing.
 # Sizes: XLMR_SLURM_CPUS (CPUs per node, default 4; may exceed the real cores),
-# XLMR_SLURM_CTLD_PORT (default 16817), node ports 17001-17002.
+# XLMR_SLURM_CTLD_PORT (default 16817), XLMR_SLURM_NODE_PORT (first node's port, default 17001),
+# XLMR_SLURM_FIRST_JOB_ID (default 1; tests pick another so concurrent clusters' jobs, and the
+# rendezvous ports derived from their ids, do not collide).
 set -euo pipefail
 
 cmd="${1:-status}"
@@ -20,7 +22,9 @@ DIR="$(realpath -m "${2:-${XLMR_SLURM_DIR:-/tmp/xlmr_mp_slurm}}")"
 CPUS="${XLMR_SLURM_CPUS:-4}"
 CTLD_PORT="${XLMR_SLURM_CTLD_PORT:-16817}"
 NODES=(n1 n2)
-NODE_PORTS=(17001 17002)
+NODE_PORT="${XLMR_SLURM_NODE_PORT:-17001}"
+NODE_PORTS=("$NODE_PORT" "$((NODE_PORT + 1))")
+FIRST_JOB_ID="${XLMR_SLURM_FIRST_JOB_ID:-1}"
 CONF="$DIR/slurm.conf"
 export SLURM_CONF="$CONF"
 
@@ -78,6 +82,7 @@ write_conf() {
     echo "SlurmdParameters=config_overrides"
     echo "ReturnToService=2"
     echo "JobRequeue=1"
+    echo "FirstJobId=${FIRST_JOB_ID}"
     echo "KillWait=60"
     echo "MinJobAge=600"
     echo "InactiveLimit=0"

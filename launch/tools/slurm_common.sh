@@ -14,7 +14,8 @@
 #      `scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue and, when it starts again,
 #      the trainer resumes from CKPT_DIR/latest. Any other non-zero code fails the job.
 # Precedence of options: preset YAML < the script's DEFAULTS array < key=value arguments of sbatch.
-# Environment knobs: CONFIG (preset), PYTHON (interpreter), KILL_ON_BAD_EXIT (default 1),
+# Environment knobs: CONFIG (preset), PYTHON (interpreter), KILL_ON_BAD_EXIT (default 0: with 1, the first rank to exit 75 would get
+# its peers killed mid-exit and the job could not tell a save-and-requeue from a crash),
 # XLMR_MP_ROOT (repository, default the submit directory).
 
 xlmr_log() { echo "[launch $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*"; }
@@ -73,7 +74,7 @@ xlmr_slurm_train() {
 
   local cpt=()
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && cpt=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-  srun --kill-on-bad-exit="${KILL_ON_BAD_EXIT:-1}" --ntasks="$ntasks" --ntasks-per-node="$tpn" "${cpt[@]}" \
+  srun --kill-on-bad-exit="${KILL_ON_BAD_EXIT:-0}" --ntasks="$ntasks" --ntasks-per-node="$tpn" "${cpt[@]}" \
        --export=ALL "$py" -u -m xlmr_mp.train --config "$config" "${overrides[@]}" &
   local pid=$! rc
   while :; do
@@ -89,10 +90,16 @@ xlmr_slurm_train() {
     0) xlmr_log "training finished (exit 0)"; return 0 ;;
     75)
       xlmr_log "training saved a checkpoint on a signal (exit 75): requeueing job ${SLURM_JOB_ID}"
-      if scontrol requeue "$SLURM_JOB_ID"; then
+      local out
+      if out="$(scontrol requeue "$SLURM_JOB_ID" 2>&1)"; then
         sleep 60 & wait $!   # slurm ends this incarnation now
         return 0
       fi
+      if echo "$out" | grep -qi "pending"; then   # `scontrol requeue` / preemption already did it
+        xlmr_log "job ${SLURM_JOB_ID} was already requeued by SLURM"
+        return 0
+      fi
+      xlmr_log "scontrol requeue: $out"
       xlmr_log "scontrol requeue failed (job submitted with --no-requeue, or requeue disabled on this cluster);"
       xlmr_log "resubmit the same command: training continues from ${CKPT_DIR}/latest"
       exit 75 ;;
