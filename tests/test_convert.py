@@ -12,8 +12,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
 
 
-def _run(*args):
+def _run_subprocess(*args):
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _run(*args):
+    """The tool's main() in this process (the CLI entry point itself is run once as a subprocess)."""
+    import contextlib
+    import importlib.util
+    import io
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = mod.main(list(args))
+    return _Result(rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +53,8 @@ def test_hf_to_xlmr_to_hf(hf_dirs, tmp_path, fmt, tp):
     from xlmr_mp.checkpoint.model_io import read_meta
     hf, d = hf_dirs
     ck = tmp_path / "ck"
-    r = _run("hf-to-xlmr", "--input", str(d / fmt), "--output", str(ck), "--tp", str(tp))
+    run = _run_subprocess if fmt == "st" else _run
+    r = run("hf-to-xlmr", "--input", str(d / fmt), "--output", str(ck), "--tp", str(tp))
     assert r.returncode == 0, r.stderr
     meta = read_meta(str(ck))
     assert meta["tp"] == tp and meta["pp"] == 1
