@@ -207,36 +207,27 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         """Per-language validation loss (nats per masked token) and bits per character (masked-token
         NLL / ln 2 / characters of the masked pieces), over train.eval_batches batches per language,
-        summed over DP. Runs without pipeline parallelism (PP=1) only."""
+        summed over DP. At any layout: `PipelineSchedule.evaluate` runs the forward-only pipeline
+        (every rank of a pipeline group passes the same batches) and returns the sums on every rank."""
         from xlmr_mp.precision import autocast
-        if self.valid is None or self.groups.pp_size > 1:
+        if self.valid is None:
             return {}
-        model = self.chunks[0]
-        model.eval()
         out = {}
-        try:
-            for lang in self.valid.languages:
-                tot = torch.zeros(3, dtype=torch.float64)     # loss sum, masked tokens, characters
-                for mb in self.valid.batches(lang, max_batches=self.cfg.train.eval_batches):
-                    with autocast(self.cfg.precision.dtype, self.device):
-                        ls, n = model.loss_and_count(mb["input_ids"].to(self.device),
-                                                     mb["attention_mask"].to(self.device),
-                                                     mb["labels"].to(self.device))
-                    tot[0] += float(ls)
-                    tot[1] += float(n)
-                    if "masked_chars" in mb:
-                        tot[2] += float(mb["masked_chars"].sum())
-                if dist.is_initialized() and self.groups.dp_size > 1:
-                    dist.all_reduce(tot, group=self.groups.dp_group)
-                if tot[1] > 0:
-                    out[f"loss_{lang}"] = float(tot[0] / tot[1])
-                    if tot[2] > 0:
-                        out[f"bpc_{lang}"] = float(tot[0] / math.log(2) / tot[2])
-            if out:
-                losses = [v for k, v in out.items() if k.startswith("loss_")]
-                out["loss"] = sum(losses) / len(losses)
-        finally:
-            model.train()
+        for lang in self.valid.languages:
+            mbs = list(self.valid.batches(lang, max_batches=self.cfg.train.eval_batches))
+            with autocast(self.cfg.precision.dtype, self.device):
+                ls, n = self.schedule.evaluate(mbs)
+            chars = sum(float(mb["masked_chars"].sum()) for mb in mbs if "masked_chars" in mb)
+            tot = torch.tensor([ls, n, chars], dtype=torch.float64)   # loss sum, masked tokens, characters
+            if dist.is_initialized() and self.groups.dp_size > 1:
+                dist.all_reduce(tot, group=self.groups.dp_group)
+            if tot[1] > 0:
+                out[f"loss_{lang}"] = float(tot[0] / tot[1])
+                if tot[2] > 0:
+                    out[f"bpc_{lang}"] = float(tot[0] / math.log(2) / tot[2])
+        if out:
+            losses = [v for k, v in out.items() if k.startswith("loss_")]
+            out["loss"] = sum(losses) / len(losses)
         return out
 
     # ------------------------------------------------------------------ checkpoints
