@@ -17,7 +17,10 @@ except ImportError as e:  # pragma: no cover
 
 
 def cuda_extensions():
-    """CUDA kernels, only with a CUDA build of torch and nvcc; [] otherwise."""
+    """CUDA kernels, only with a CUDA build of torch and nvcc; [] otherwise.
+
+    Sources: the torch launchers csrc/cuda/*_host.cu and csrc/cuda/bindings.cpp (the device code
+    they include is csrc/cuda/*.cuh; csrc/cuda/device/ holds compile-check units only)."""
     if os.environ.get("XLMR_MP_NO_CUDA", "0") == "1":
         return [], {}
     try:
@@ -25,11 +28,12 @@ def cuda_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}
-    sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    sources = sorted(glob.glob("csrc/cuda/*_host.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     if not sources or torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "7.0;8.0;9.0")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+    # CUDA 13 dropped sm_70 (V100); older toolkits build it too.
+    default_archs = "8.0;9.0" if int(torch.version.cuda.split(".")[0]) >= 13 else "7.0;8.0;9.0"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_archs)
     ext = CUDAExtension("xlmr_mp._cuda", sources, include_dirs=[os.path.abspath("csrc/cuda")],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})
     return [ext], {"build_ext": BuildExtension}
