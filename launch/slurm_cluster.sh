@@ -11,6 +11,9 @@
 # containers. Every file it writes (slurm.conf, state, spool, logs, pids) lives in STATE_DIR
 # (default /tmp/xlmr_mp_slurm, or $XLMR_SLURM_DIR); clients find the cluster through
 # SLURM_CONF=STATE_DIR/slurm.conf. Node names n1, n2 are added to /etc/hosts when missing.
+# Both nodes are this one machine with one hostname, so Open MPI would treat ranks of n1 and n2 as
+# neighbours and use its shared-memory transport between them (it crashes): the env line also sets
+# OMPI_MCA_btl=self,tcp. Each node gets its own TmpFS (PMIx directories would collide otherwise).
 # Sizes: XLMR_SLURM_CPUS (CPUs per node, default 4; may exceed the real cores),
 # XLMR_SLURM_CTLD_PORT (default 16817), XLMR_SLURM_NODE_PORT (first node's port, default 17001),
 # XLMR_SLURM_FIRST_JOB_ID (default 1; tests pick another so concurrent clusters' jobs, and the
@@ -57,7 +60,7 @@ ensure_hosts() {
 }
 
 write_conf() {
-  mkdir -p "$DIR/state" "$DIR/log" "$DIR/spool" "$DIR/run"
+  mkdir -p "$DIR/state" "$DIR/log" "$DIR/spool" "$DIR/run" "$DIR/tmp/n1" "$DIR/tmp/n2"
   local ctl i
   ctl="$(hostname -s)"
   {
@@ -70,6 +73,7 @@ write_conf() {
     echo "AuthType=auth/munge"
     echo "CredType=cred/munge"
     echo "MpiDefault=none"
+    echo "TmpFS=$DIR/tmp/%n"
     echo "ProctrackType=proctrack/linuxproc"
     echo "TaskPlugin=task/none"
     echo "JobAcctGatherType=jobacct_gather/none"
@@ -168,7 +172,7 @@ start() {
     fi
   done
   wait_idle
-  echo "export SLURM_CONF=$CONF"
+  echo "export SLURM_CONF=$CONF OMPI_MCA_btl=self,tcp"
 }
 
 stop() {
@@ -206,6 +210,6 @@ case "$cmd" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  env) echo "export SLURM_CONF=$CONF" ;;
+  env) echo "export SLURM_CONF=$CONF OMPI_MCA_btl=self,tcp" ;;
   *) die "unknown command '$cmd'; use start | stop | status | env [STATE_DIR]" ;;
 esac
