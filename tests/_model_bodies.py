@@ -147,7 +147,30 @@ def tp_rank_checks(rank, world_size, cfg, full, batch, ce_case):
             out["divisibility_errors"].append(None)
         except ConfigError as e:
             out["divisibility_errors"].append(str(e))
+
+    # RNG streams: the default generator agrees across TP ranks, the tensor-parallel one differs
+    from xlmr_mp.parallel.state import get_rng_tracker
+    seed_parallel_rng(21, groups)
+    with get_rng_tracker().fork():
+        forked = torch.rand(4)
+    draws = torch.stack([torch.rand(4), forked])
+    gathered = [torch.empty_like(draws) for _ in range(world_size)]
+    dist.all_gather(gathered, draws, group=tp)
+    out["default_rng_agrees"] = all(torch.equal(g[0], gathered[0][0]) for g in gathered)
+    out["tp_rng_differs"] = len({tuple(g[1].tolist()) for g in gathered}) == world_size
     destroy_parallel()
+
+    if world_size == 4:  # Megatron rank order: TP fastest, then DP, then PP
+        g = init_parallel(tp=2, pp=2)
+        out["layout"] = dict(tp=dist.get_process_group_ranks(g.tp_group), pp=list(g.pp_ranks),
+                             dp=dist.get_process_group_ranks(g.dp_group), emb=list(g.embedding_ranks),
+                             coords=(g.tp_rank, g.dp_rank, g.pp_rank), first=g.is_first_stage,
+                             last=g.is_last_stage)
+        destroy_parallel()
+        g = init_parallel(tp=2, pp=1)
+        out["layout_dp"] = dict(tp=dist.get_process_group_ranks(g.tp_group),
+                                dp=dist.get_process_group_ranks(g.dp_group), dp_size=g.dp_size)
+        destroy_parallel()
     return out
 
 

@@ -106,6 +106,22 @@ def test_sequence_parallel_matches_tp1(tp_run, reference):
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_rng_streams_and_group_layout(tp_run):
+    ws, results = tp_run
+    for res in results:
+        assert res["default_rng_agrees"] and res["tp_rng_differs"]
+    if ws == 4:
+        expect_tp = [[0, 1], [0, 1], [2, 3], [2, 3]]
+        for rank, res in enumerate(results):
+            lay = res["layout"]
+            assert lay["tp"] == expect_tp[rank]
+            assert lay["pp"] == [rank % 2, rank % 2 + 2] and lay["emb"] == lay["pp"]
+            assert lay["dp"] == [rank]
+            assert lay["coords"] == (rank % 2, 0, rank // 2)
+            assert lay["first"] == (rank < 2) and lay["last"] == (rank >= 2)
+            assert res["layout_dp"] == dict(tp=expect_tp[rank], dp=[rank % 2, rank % 2 + 2], dp_size=2)
+
+
 def test_initialisation_is_tp_invariant(tp_run, reference):
     from xlmr_mp.parallel.shard import local_to_full
     ws, results = tp_run

@@ -132,19 +132,32 @@ class RNGStatesTracker:
 
     def __init__(self):
         self.states: dict = {}
+        self.seeds: dict = {}
 
     def reset(self) -> None:
         self.states = {}
+        self.seeds = {}
 
     def add(self, name: str, seed: int) -> None:
-        """Create stream `name` seeded with `seed` (the default generators are left unchanged)."""
+        """Create stream `name` seeded with `seed` (the default generators are left unchanged).
+        Its CUDA state is created now when CUDA is in use, else on the first fork that needs it."""
         cpu = torch.get_rng_state()
         cuda = torch.cuda.get_rng_state() if _cuda_ready() else None
         torch.manual_seed(seed)
         self.states[name] = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda is not None else None)
+        self.seeds[name] = seed
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
+
+    def _cuda_state_for(self, name: str, current: torch.Tensor) -> torch.Tensor:
+        """The stream's CUDA state, seeded from its seed when CUDA came into use after `add`."""
+        state = self.states[name][1]
+        if state is None:
+            torch.cuda.manual_seed(self.seeds.get(name, 0))
+            state = torch.cuda.get_rng_state()
+            torch.cuda.set_rng_state(current)
+        return state
 
     def has(self, name: str) -> bool:
         return name in self.states
@@ -164,8 +177,8 @@ class RNGStatesTracker:
         cpu = torch.get_rng_state()
         cuda = torch.cuda.get_rng_state() if _cuda_ready() else None
         torch.set_rng_state(cpu_state)
-        if cuda is not None and cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state)
+        if cuda is not None:
+            torch.cuda.set_rng_state(self._cuda_state_for(name, cuda))
         try:
             yield
         finally:
