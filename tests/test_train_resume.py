@@ -74,12 +74,14 @@ def test_sigkill_and_resume_is_bitwise_identical(data_dir, reference, tmp_path):
     assert rc == -signal.SIGKILL, f"the run ended on its own (rc {rc}) before it could be killed: {err[-2000:]}"
     killed_at = max(s for s, _ in _losses(run))
     assert killed_at < STEPS
-    first = len(_losses(run))
     p = _run(_cmd(data_dir, run))
     assert "loaded checkpoint" in p.stdout
-    resumed = _losses(run)[first:]
-    assert resumed[0][0] <= killed_at + 1 and resumed[-1][0] == STEPS
-    for step, loss in resumed:
+    resumed_from = int(p.stdout.split("loaded checkpoint")[1].split("(step ")[1].split(",")[0])
+    assert 0 < resumed_from <= killed_at
+    # metrics.jsonl now tells one trajectory: steps 1..STEPS, the redone ones from the resumed run
+    final = _losses(run)
+    assert [s for s, _ in final] == list(range(1, STEPS + 1))
+    for step, loss in final:
         assert loss == reference[step], (step, loss, reference[step])   # bitwise (JSON keeps every bit)
 
 
@@ -90,11 +92,11 @@ def test_sigterm_saves_and_exits_75_then_resumes(data_dir, reference, tmp_path):
     stopped_at = max(s for s, _ in _losses(run))
     latest = open(os.path.join(run, "checkpoints", "latest")).read().strip()
     assert latest == f"step_{stopped_at:08d}"      # saved at the step it finished, not an older one
-    first = len(_losses(run))
-    _run(_cmd(data_dir, run))
-    resumed = _losses(run)[first:]
-    assert resumed[0][0] == stopped_at + 1
-    for step, loss in resumed:
+    p = _run(_cmd(data_dir, run))
+    assert f"loaded checkpoint {os.path.join(run, 'checkpoints', latest)} (step {stopped_at}," in p.stdout
+    final = _losses(run)
+    assert [s for s, _ in final] == list(range(1, STEPS + 1))
+    for step, loss in final:
         assert loss == reference[step]
 
 

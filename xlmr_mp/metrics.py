@@ -110,6 +110,28 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps > `step` from the JSONL files (a resumed run redoes those steps;
+        a fresh run, step 0, starts empty), so each file tells one trajectory. Atomic rewrite."""
+        if not self.active or not self.jsonl:
+            return
+        for name in os.listdir(self.run_dir):
+            if not name.endswith(".jsonl") or name in {os.path.basename(f.name) for f in self._files.values()}:
+                continue
+            path = os.path.join(self.run_dir, name)
+            keep = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= step:
+                            keep.append(line if line.endswith("\n") else line + "\n")
+                    except json.JSONDecodeError:
+                        pass        # a line cut by a crash
+            tmp = f"{path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
+
     def log(self, step: int, values: Dict[str, float], prefix: str = "train") -> None:
         if not self.active:
             return

@@ -319,6 +319,7 @@ def train(cfg: RunConfig) -> List[float]:
     path = tr.resume_path()
     if path:
         tr.load(path)
+    tr.logger.truncate_after(tr.step)
     log0(f"world {env.world_size} ({env.source}) = TP {groups.tp_size} x PP {groups.pp_size} x DP {groups.dp_size}; "
          f"global batch {cfg.train.global_batch} = micro {cfg.train.micro_batch} x accum {tr.n_accum} x DP "
          f"{groups.dp_size}; {sum(p.numel() for p in tr.params)} params on rank 0; precision {cfg.precision.dtype}")
