@@ -6,6 +6,8 @@ slurmd nodes n1, n2 on this machine, started here and stopped afterwards), not a
   torchrun run (launch/local.sh) of the same config.
 - Preemption: `scancel --signal=USR1` and then `scontrol requeue` on the same job each make it save
   and go back to the queue; the resumed job ends with the same losses as the uninterrupted run.
+- launch/preprocess.slurm (MPI across the two nodes) and launch/scaling_study.slurm (job array,
+  one sweep cell per task) on the same cluster.
 - A bad layout fails in the batch script before `srun` launches anything (no job step reaches a
   node), with a message naming the options.
 Skipped only when SLURM is missing and cannot be installed (not root / apt-get fails).
@@ -66,6 +68,9 @@ def slurm(tmp_path_factory):
             pytest.skip(f"SLURM could not be installed: {p.stderr.strip()[-500:]}")
         subprocess.run(["bash", "launch/slurm_cluster.sh", "stop", state], cwd=ROOT, env=env, timeout=120)
         pytest.fail(f"local SLURM cluster did not start:\n{p.stdout}\n{p.stderr}")
+    # the client environment the script prints: `export SLURM_CONF=... OMPI_MCA_btl=...`
+    line = [x for x in p.stdout.splitlines() if x.startswith("export ")][-1]
+    env.update(kv.split("=", 1) for kv in line.split()[1:])
     env["XLMR_TEST_SLURM_STATE"] = state
     yield env
     subprocess.run(["bash", "launch/slurm_cluster.sh", "stop", state], cwd=ROOT, env=env, timeout=120,
@@ -235,3 +240,58 @@ def test_bad_layout_fails_before_srun(slurm, data_dir, tmp_path, bad, names):
         with open(os.path.join(state, "log", f"slurmd.{node}.log")) as f:
             assert f"StepId={job}.0" not in f.read()
     assert not os.path.exists(os.path.join(run, "metrics.jsonl"))
+
+
+def test_preprocess_slurm_mpi_across_nodes_matches_single_process(slurm, tmp_path):
+    """launch/preprocess.slurm: 2 nodes x 2 MPI ranks (srun --mpi=pmix) write the same datasets,
+    byte for byte, as one process."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import train_spm
+    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    corpus = tmp_path / "corpus"
+    make_tiny_corpus(corpus, languages=["en", "ru", "zh"], scale=0.6)
+    assert train_spm.main(["--input", str(corpus), "--output-prefix", str(tmp_path / "spm"), "--vocab-size", "800",
+                           "--quiet"]) == 0
+    common = ["--input", str(corpus), "--tokenizer", str(tmp_path / "spm.model"), "--split", "80,10,10"]
+    p = subprocess.run([sys.executable, "tools/preprocess_data.py", *common, "--output-dir", str(tmp_path / "one"),
+                        "--mpi", "off", "--quiet"], cwd=ROOT, env=_base_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = str(tmp_path / "pre-%j.out")
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2", f"--output={log}",
+                          "launch/preprocess.slurm", *common, "--output-dir", str(tmp_path / "mpi"),
+                          "--range-bytes", "20000"], cwd=ROOT, env=slurm, capture_output=True, text=True,
+                         timeout=60).stdout.strip()
+    log = log.replace("%j", job)
+    _wait(slurm, job, ("COMPLETED",), log, timeout=300)
+    assert "(1 worker(s) x 4 rank(s))" in open(log).read()
+    import filecmp
+    for lang in ("en", "ru", "zh"):
+        for split in ("train", "valid", "test"):
+            for ext in ("bin", "idx"):
+                a = tmp_path / "one" / lang / f"{split}.{ext}"
+                b = tmp_path / "mpi" / lang / f"{split}.{ext}"
+                assert filecmp.cmp(a, b, shallow=False), f"{lang}/{split}.{ext} differs"
+
+
+def test_scaling_study_array_runs_one_cell_per_task(slurm, data_dir, tmp_path):
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# two tiny cells\nalpha05 data.alpha=0.5\n\nwide model.hidden_size=96 model.ffn_size=192\n")
+    root, log = str(tmp_path / "runs"), str(tmp_path / "scaling-%A_%a.out")
+    tiny = [a for a in TINY if a != "parallel.tensor=2" and not a.startswith("train.train_steps")]
+    p = subprocess.run(["sbatch", "--parsable", "--array=0-2", "--nodes=1", "--ntasks-per-node=1",
+                        "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", f"--output={log}",
+                        "launch/scaling_study.slurm", *tiny, "train.train_steps=3", f"data.path={data_dir}"],
+                       cwd=ROOT, env=dict(slurm, SWEEP=str(sweep), RUN_ROOT=root), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip()
+    for task, want in ((0, "COMPLETED"), (1, "COMPLETED"), (2, "FAILED")):
+        _wait(slurm, f"{job}_{task}", (want,), log.replace("%A", job).replace("%a", str(task)), timeout=300)
+    assert [s for s, _ in _losses(os.path.join(root, "alpha05"))] == [1, 2, 3]
+    assert [s for s, _ in _losses(os.path.join(root, "wide"))] == [1, 2, 3]
+    import yaml
+    assert yaml.safe_load(open(os.path.join(root, "alpha05", "config.yaml")))["data"]["alpha"] == 0.5
+    assert yaml.safe_load(open(os.path.join(root, "wide", "config.yaml")))["model"]["hidden_size"] == 96
+    bad = open(log.replace("%A", job).replace("%a", "2")).read()
+    assert "array index 2 has no cell" in bad and "2 cells" in bad
