@@ -212,3 +212,17 @@ def reshard_body(rank, world_size, overrides, load_path, steps_before_save, step
            "scale": tr.scaler.scale}
     destroy_parallel()
     return out
+
+
+def variants_body(rank, world_size, variants, steps, run_dir):
+    """Losses of `steps` steps for each override list in `variants` (same data, same init)."""
+    from xlmr_mp.parallel.state import destroy_parallel
+    out = []
+    for ov in variants:
+        cfg = tiny_cfg(["train.global_batch=8", "train.micro_batch=4", "model.dropout=0.1",
+                        "model.attention_dropout=0.1"] + list(ov) + [f"run_dir={run_dir}", "logging.jsonl=false"],
+                       world_size)
+        tr, _ = make_trainer(cfg)
+        out.append([tr.train_step()["loss"] for _ in range(steps)])
+        destroy_parallel()
+    return out
