@@ -222,8 +222,9 @@ def test_usr1_and_scontrol_requeue_resume_to_same_losses(slurm, data_dir, refere
 
 
 @pytest.mark.parametrize("bad, names", [
-    (["parallel.tensor=3"], ["parallel.tensor", "parallel.pipeline", "world size 4"]),
-    (["train.micro_batch=3"], ["train.global_batch", "train.micro_batch"]),
+    (["parallel.tensor=1", "parallel.pipeline=3"],
+     ["world size 4 is not divisible by parallel.tensor x parallel.pipeline = 1 x 3"]),
+    (["train.micro_batch=3"], ["train.global_batch=8 is not divisible by train.micro_batch=3"]),
 ])
 def test_bad_layout_fails_before_srun(slurm, data_dir, tmp_path, bad, names):
     run, log = str(tmp_path / "run"), str(tmp_path / "bad-%j.out")
@@ -232,7 +233,8 @@ def test_bad_layout_fails_before_srun(slurm, data_dir, tmp_path, bad, names):
     info = _wait(slurm, job, ("FAILED",), log, timeout=200)
     assert info["ExitCode"] == "2:0"
     text = open(log).read()
-    assert "layout error" in text and all(n in text for n in names), text
+    err = [line for line in text.splitlines() if line.startswith("layout error")]
+    assert len(err) == 1 and all(n in err[0] for n in names), text
     assert "[xlmr_mp.train]" not in text
     # no job step was ever sent to a node: the training processes never started
     state = slurm["XLMR_TEST_SLURM_STATE"]
