@@ -1,4 +1,4 @@
-"""Stage layout and pipeline option validation (single process)."""
+"""Stage layout, pipeline option validation, and the PP=1 path of PipelineSchedule (single process)."""
 import pytest
 
 from xlmr_mp.config import ConfigError, ParallelConfig
@@ -86,3 +86,48 @@ def test_first_last_fewer_is_a_config_option():
     assert [len(s) for s in _layout_from_config(cfg.model, cfg.parallel)] == [5, 7, 7, 5]
     with pytest.raises(ConfigError, match="parallel.first_last_fewer=-1"):
         load_config(None, ["parallel.first_last_fewer=-1"], None)
+
+
+def _tiny_model():
+    from _pipeline_bodies import tiny_model_cfg
+    from xlmr_mp.model.xlmr import XLMRModel
+    return XLMRModel(tiny_model_cfg(), init_seed=3)
+
+
+def test_pp1_schedule_is_the_plain_accumulation_loop():
+    import torch
+    from _pipeline_bodies import make_micro_batches
+    from xlmr_mp.parallel.pipeline import PipelineSchedule
+    model, ref = _tiny_model(), _tiny_model()
+    mbs = make_micro_batches(3, vocab=120, seed=1)
+    n = float(sum(int((m["labels"] != -100).sum()) for m in mbs))
+    loss = PipelineSchedule([model], None, ParallelConfig(), 3).step(mbs, n, loss_scale=4.0)
+    expected = 0.0
+    for mb in mbs:
+        s, _ = ref.loss_and_count(mb["input_ids"], mb["attention_mask"], mb["labels"])
+        (s / n * 4.0).backward()
+        expected += (s / n).item()
+    assert loss == expected
+    for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p.grad, q.grad), k
+    ls, count = PipelineSchedule([model], None, ParallelConfig(), 3).evaluate(mbs)
+    assert count == n and abs(ls / n - expected) < 1e-6 and model.training
+
+
+def test_schedule_rejects_bad_micro_batches():
+    from _pipeline_bodies import make_micro_batches
+    from xlmr_mp.parallel.pipeline import PipelineSchedule
+    sched = PipelineSchedule([_tiny_model()], None, ParallelConfig(), 2)
+    mbs = make_micro_batches(2, vocab=120)
+    with pytest.raises(ValueError, match="expected 2 micro-batches"):
+        sched.step(mbs[:1], 10.0)
+    with pytest.raises(ValueError, match="global_num_masked=0"):
+        sched.step(mbs, 0)
+    short = dict(mbs[1], labels=mbs[1]["labels"][:, :8])
+    with pytest.raises(ValueError, match="micro-batch 1 labels has shape"):
+        sched.step([mbs[0], short], 10.0)
+    with pytest.raises(KeyError, match="micro-batch 0 has no 'labels'"):
+        sched.step([{k: v for k, v in mbs[0].items() if k != "labels"}, mbs[1]], 10.0)
+    with pytest.raises(ConfigError, match="1F1B needs at least parallel.pipeline=4"):
+        from xlmr_mp.parallel.pipeline import check_micro_batch_count
+        check_micro_batch_count("1f1b", 4, 3)
