@@ -16,14 +16,21 @@ namespace {
 template <typename T>
 using CArr = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-py::tuple py_pack_blocks(CArr<int64_t> sizes, CArr<int64_t> doc_index, int64_t block_size,
+py::tuple py_pack_blocks(py::array sizes, CArr<int64_t> doc_index, int64_t block_size,
                          bool break_at_documents) {
   if (block_size < 1) throw std::invalid_argument("pack_blocks: block_size must be >= 1");
   std::vector<int64_t> starts, lengths;
-  {
+  const bool in_place32 = sizes.dtype().is(py::dtype::of<int32_t>()) && (sizes.flags() & py::array::c_style);
+  if (in_place32) {  // megatron's int32 sequence lengths, read without a copy (they can be huge)
+    py::array_t<int32_t> s32 = sizes.cast<py::array_t<int32_t>>();
     py::gil_scoped_release nogil;
-    pack_blocks(sizes.data(), sizes.size(), doc_index.data(), doc_index.size(), block_size,
-                break_at_documents, starts, lengths);
+    pack_blocks<int32_t>(s32.data(), s32.size(), doc_index.data(), doc_index.size(), block_size,
+                         break_at_documents, starts, lengths);
+  } else {
+    CArr<int64_t> s64 = sizes.cast<CArr<int64_t>>();
+    py::gil_scoped_release nogil;
+    pack_blocks<int64_t>(s64.data(), s64.size(), doc_index.data(), doc_index.size(), block_size,
+                         break_at_documents, starts, lengths);
   }
   CArr<int64_t> s(static_cast<py::ssize_t>(starts.size())), l(static_cast<py::ssize_t>(lengths.size()));
   std::copy(starts.begin(), starts.end(), s.mutable_data());

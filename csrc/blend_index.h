@@ -17,7 +17,9 @@ inline uint64_t mix64(uint64_t x) {
 
 // Packs sentences (lengths `sizes`, documents given by `doc_index` = sentence start of each
 // document plus the end) into blocks of at most `block_size` tokens; see packing.py.
-void pack_blocks(const int64_t* sizes, int64_t n_sent, const int64_t* doc_index, int64_t n_doc_index,
+// SizeT: int32_t (megatron's sequence_lengths, read in place) or int64_t.
+template <typename SizeT>
+void pack_blocks(const SizeT* sizes, int64_t n_sent, const int64_t* doc_index, int64_t n_doc_index,
                  int64_t block_size, bool break_at_documents,
                  std::vector<int64_t>& starts, std::vector<int64_t>& lengths);
 

@@ -5,7 +5,8 @@
 
 namespace xlmr_mp {
 
-void pack_blocks(const int64_t* sizes, int64_t n_sent, const int64_t* doc_index, int64_t n_doc_index,
+template <typename SizeT>
+void pack_blocks(const SizeT* sizes, int64_t n_sent, const int64_t* doc_index, int64_t n_doc_index,
                  int64_t block_size, bool break_at_documents,
                  std::vector<int64_t>& starts, std::vector<int64_t>& lengths) {
   int64_t block_start = 0, filled = 0;
@@ -20,7 +21,7 @@ void pack_blocks(const int64_t* sizes, int64_t n_sent, const int64_t* doc_index,
         ++next_doc;
       }
     }
-    int64_t len = sizes[s];
+    int64_t len = static_cast<int64_t>(sizes[s]);
     if (filled > 0 && filled + len > block_size) {
       starts.push_back(block_start); lengths.push_back(filled);
       block_start += filled; filled = 0;
@@ -33,5 +34,10 @@ void pack_blocks(const int64_t* sizes, int64_t n_sent, const int64_t* doc_index,
   }
   if (filled > 0) { starts.push_back(block_start); lengths.push_back(filled); }
 }
+
+template void pack_blocks<int32_t>(const int32_t*, int64_t, const int64_t*, int64_t, int64_t, bool,
+                                   std::vector<int64_t>&, std::vector<int64_t>&);
+template void pack_blocks<int64_t>(const int64_t*, int64_t, const int64_t*, int64_t, int64_t, bool,
+                                   std::vector<int64_t>&, std::vector<int64_t>&);
 
 }  // namespace xlmr_mp

@@ -72,6 +72,27 @@ def test_packed_dataset_blocks_are_complete_sentences(tmp_path):
     assert corpus.languages == ["xx"] and corpus.sizes("sentences")[0] == len(flat)
 
 
+def test_block_cache_is_reused_and_invalidated(tmp_path):
+    write_corpus(str(tmp_path), {"xx": 30}, splits=("train",), seed=3)
+    prefix = str(tmp_path / "xx" / "train")
+    built = PackedLanguageDataset(prefix, 31)
+    cache = prefix + ".blocks-31-complete.npy"
+    assert os.path.isfile(cache) and os.path.isfile(cache[:-4] + ".json")
+    assert not isinstance(built.bounds, np.memmap)
+    loaded = PackedLanguageDataset(prefix, 31)
+    assert isinstance(loaded.bounds, np.memmap) and len(loaded) == len(built)
+    assert (loaded.num_tokens, loaded.num_sentences) == (built.num_tokens, built.num_sentences)
+    assert all(np.array_equal(loaded.block(i), built.block(i)) for i in range(len(built)))
+    import pickle
+    clone = pickle.loads(pickle.dumps(loaded))  # what a spawned worker gets: re-opens the memmaps
+    assert clone._bounds is None and np.array_equal(clone.block(len(built) - 1), built.block(len(built) - 1))
+    write_corpus(str(tmp_path), {"xx": 12}, splits=("train",), seed=4)  # data rebuilt: cache is stale
+    fresh = PackedLanguageDataset(prefix, 31)
+    nocache = PackedLanguageDataset(prefix, 31, cache=False)
+    assert len(fresh) == len(nocache) != len(built)
+    assert all(np.array_equal(fresh.block(i), nocache.block(i)) for i in range(len(fresh)))
+
+
 def test_bad_data_gives_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="preprocess_data"):
         MultilingualCorpus(str(tmp_path / "nope"), "train", 63)

@@ -14,6 +14,7 @@ class DataConfig:
     share_unit: str = "tokens"       # tokens | sentences: what p_i counts
     seq_length: int = 512            # block size (tokens, incl. <s>)
     break_mode: str = "complete"     # complete (blocks cross documents, fairseq) | complete_doc
+    block_cache: bool = True         # cache block offsets next to the data (<split>.blocks-*.npy)
     mask_prob: float = 0.15
     mask_replace_prob: float = 0.8   # of masked: <mask>
     random_replace_prob: float = 0.1  # of masked: random non-special token

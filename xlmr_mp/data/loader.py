@@ -151,7 +151,8 @@ class MLMLoader:
                              f"{micro_batch} x DP {dp_size}; change train.global_batch or train.micro_batch")
         self.cfg = cfg
         if corpus is None:
-            corpus = MultilingualCorpus(cfg.path, split, cfg.seq_length - 1, cfg.languages, cfg.break_mode)
+            corpus = MultilingualCorpus(cfg.path, split, cfg.seq_length - 1, cfg.languages, cfg.break_mode,
+                                        cache=cfg.block_cache)
         masker = make_masker(cfg, vocab_size, mask_id, is_word_start)
         self.samples = BlendedSamples(corpus, cfg, masker, cfg.seed if seed is None else seed)
         self.dataset = _MicroBatches(self.samples, dp_rank, dp_size, micro_batch, global_batch)
@@ -224,7 +225,7 @@ class ValidationLoader:
                  char_lengths: Optional[np.ndarray] = None, is_word_start: Optional[np.ndarray] = None):
         if corpus is None:  # languages whose split is empty are left out
             corpus = MultilingualCorpus(cfg.path, split, cfg.seq_length - 1, cfg.languages, cfg.break_mode,
-                                        drop_empty=True)
+                                        drop_empty=True, cache=cfg.block_cache)
         if char_lengths is None and cfg.tokenizer:
             ws, char_lengths = sentencepiece_tables(cfg.tokenizer, vocab_size)
             is_word_start = ws if is_word_start is None else is_word_start

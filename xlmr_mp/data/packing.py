@@ -44,7 +44,8 @@ def pack_blocks(sizes, doc_index, block_size: int, break_mode: str = "complete",
                 use_cpp: Optional[bool] = None):
     """Block (starts, lengths) int64 arrays; C++ when built, else the Python reference (same result)."""
     _check(block_size, break_mode)
-    sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    if not (isinstance(sizes, np.ndarray) and sizes.dtype == np.int32):  # int32 is read in place by C++
+        sizes = np.ascontiguousarray(sizes, dtype=np.int64)
     doc_index = np.ascontiguousarray(doc_index, dtype=np.int64)
     if use_cpp is None:
         from xlmr_mp.data.blend import have_cpp
