@@ -17,7 +17,7 @@ at::Tensor scaled_masked_softmax_fwd(const at::Tensor& scores, const c10::option
                                      double scale);
 at::Tensor scaled_masked_softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale);
 std::vector<at::Tensor> mlm_xent_stats(const at::Tensor& logits, const at::Tensor& target);
-at::Tensor mlm_xent_grad_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+at::Tensor mlm_xent_grad_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
                           const at::Tensor& gscale);
 }  // namespace xlmr_mp
 

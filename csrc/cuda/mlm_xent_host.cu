@@ -25,6 +25,7 @@ std::vector<at::Tensor> mlm_xent_stats(const at::Tensor& logits, const at::Tenso
   const long long M = logits.size(0);
   const int V = (int)logits.size(1);
   auto tgt_logit = at::zeros({M}, logits.options().dtype(at::kFloat));
+  at::Tensor lse;
   if (M == 0 || V == 0) return {at::full({M}, -INFINITY, tgt_logit.options()), tgt_logit};
   const int threads = 256;
   int splits = 1;
@@ -53,14 +54,13 @@ std::vector<at::Tensor> mlm_xent_stats(const at::Tensor& logits, const at::Tenso
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // Merge the chunk partials: lse = max + log(sum_s psum_s * exp(pmax_s - max)).
     auto gmax = std::get<0>(pmax.max(1, /*keepdim=*/true));
-    auto lse = gmax.squeeze(1) + (psum * (pmax - gmax).exp()).sum(1).log();
-    tgt_logit = at::stack({lse, tgt_logit});
+    lse = gmax.squeeze(1) + (psum * (pmax - gmax).exp()).sum(1).log();
   });
-  return {tgt_logit[0], tgt_logit[1]};
+  return {lse, tgt_logit};
 }
 
 // In place: logits <- gscale[:, None] * (softmax(logits; lse) - onehot(target)). Returns logits.
-at::Tensor mlm_xent_grad_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+at::Tensor mlm_xent_grad_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
                           const at::Tensor& gscale) {
   const char* op = "mlm_xent_grad_";
   check_logits(logits, target, op);

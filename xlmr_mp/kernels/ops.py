@@ -80,7 +80,8 @@ def _ln_fits(x: torch.Tensor) -> bool:
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU of x + bias; x [..., H], bias [H]."""
-    if bias is not None and bias.dim() == 1 and dispatch.use_fused(x, "bias_gelu"):
+    if (bias is not None and bias.dim() == 1 and bias.dtype == x.dtype
+            and dispatch.use_fused(x, "bias_gelu")):
         from xlmr_mp.kernels.fused import BiasGelu
         return BiasGelu.apply(x, bias)
     return bias_gelu_ref(x, bias)
@@ -89,8 +90,9 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 def bias_dropout_add_layernorm(x, bias, residual, weight, ln_bias, p: float, training: bool,
                                eps: float = 1e-5):
     """Post-LN sublayer epilogue: LayerNorm(residual + Dropout(x + bias)) over the last dim."""
-    if (weight is not None and ln_bias is not None and residual.shape == x.shape and _ln_fits(x)
-            and dispatch.use_fused(x, "bias_dropout_add_layernorm")):
+    same_dtype = all(t is None or t.dtype == x.dtype for t in (bias, residual, weight, ln_bias))
+    if (weight is not None and ln_bias is not None and residual.shape == x.shape and same_dtype
+            and _ln_fits(x) and dispatch.use_fused(x, "bias_dropout_add_layernorm")):
         from xlmr_mp.kernels.fused import BiasDropoutAddLayerNorm
         return BiasDropoutAddLayerNorm.apply(x, bias, residual, weight, ln_bias, p, training, eps)
     return bias_dropout_add_layernorm_ref(x, bias, residual, weight, ln_bias, p, training, eps)
