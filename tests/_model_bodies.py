@@ -44,6 +44,19 @@ def tiny_batch(seed: int = 0, vocab: int = 150, B: int = 3, S: int = 12):
     return ids, mask, labels
 
 
+class blockwise_init:
+    """Force the block-wise (large tensor) initialisation path with small, odd blocks."""
+
+    def __enter__(self):
+        from xlmr_mp.model.xlmr import XLMRModel
+        self.saved = XLMRModel.BLOCK_INIT_MIN_NUMEL, XLMRModel.INIT_BLOCK_ROWS
+        XLMRModel.BLOCK_INIT_MIN_NUMEL, XLMRModel.INIT_BLOCK_ROWS = 0, 7
+
+    def __exit__(self, *exc):
+        from xlmr_mp.model.xlmr import XLMRModel
+        XLMRModel.BLOCK_INIT_MIN_NUMEL, XLMRModel.INIT_BLOCK_ROWS = self.saved
+
+
 def build_tp_model(cfg, full, tp_group, **kw):
     from xlmr_mp.checkpoint.model_io import local_state_for
     from xlmr_mp.model.xlmr import XLMRModel
@@ -136,6 +149,8 @@ def tp_rank_checks(rank, world_size, cfg, full, batch, ce_case):
     # initialisation is the same full model at every TP size
     from xlmr_mp.model.xlmr import XLMRModel
     out["init_state"] = XLMRModel(cfg, tp_group=tp, init_seed=3).state_dict()
+    with blockwise_init():
+        out["init_state_blockwise"] = XLMRModel(cfg, tp_group=tp, init_seed=3).state_dict()
 
     # sizes that do not split over this TP group fail with the option's name
     from xlmr_mp.config import ConfigError

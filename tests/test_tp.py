@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _model_bodies import tiny_batch, tiny_hf_model, tp_rank_checks
+from _model_bodies import blockwise_init, tiny_batch, tiny_hf_model, tp_rank_checks
 from dist import run_distributed
 
 
@@ -37,9 +37,11 @@ def reference():
     ce_target[[0, 1, 2, 3]] = torch.tensor([0, 159, 80, 81])   # shard edges
     ce_target[[4, 7]] = -100
     init_ref = XLMRModel(cfg, init_seed=3).state_dict()
+    with blockwise_init():
+        init_block_ref = XLMRModel(cfg, init_seed=3).state_dict()
     return dict(cfg=cfg, full=full, batch=batch, hf_logits=hf_logits, hf_logits_nomask=hf_logits_nomask,
                 loss=loss.item(), grads=grads, ce=(ce_logits, ce_target),
-                init=local_to_full([init_ref], cfg))
+                init=local_to_full([init_ref], cfg), init_blockwise=local_to_full([init_block_ref], cfg))
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
@@ -128,6 +130,12 @@ def test_initialisation_is_tp_invariant(tp_run, reference):
     init = local_to_full([res["init_state"] for res in results], reference["cfg"])
     for name, t in reference["init"].items():
         assert torch.equal(init[name], t), name
+    init = local_to_full([res["init_state_blockwise"] for res in results], reference["cfg"])
+    for name, t in reference["init_blockwise"].items():
+        assert torch.equal(init[name], t), name
+    emb = reference["init_blockwise"]["embeddings.word_embeddings.weight"]
+    assert not torch.equal(emb, reference["init"]["embeddings.word_embeddings.weight"])
+    assert torch.all(emb[reference["cfg"].pad_id] == 0) and abs(emb.std().item() - 0.02) < 2e-3
 
 
 def test_divisibility_errors_name_the_option(tp_run):

@@ -199,12 +199,43 @@ class XLMRModel(nn.Module):
                 "ffn.fc2.weight": (c.hidden_size, c.ffn_size),
                 "lm_head.dense.weight": (c.hidden_size, c.hidden_size)}[suffix]
 
+    # Tensors split on dim 0 with more elements than this are drawn in blocks of INIT_BLOCK_ROWS rows,
+    # each from its own generator, and only the blocks of this rank's rows are drawn: the large
+    # vocabulary matrices (250k x 4096 = 4 GB in fp32 for XXL) are never materialised whole.
+    BLOCK_INIT_MIN_NUMEL = 2 ** 27
+    INIT_BLOCK_ROWS = 4096
+
     def _init_full(self, name: str, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
-        full = torch.empty(self._full_shape(name)).normal_(0.0, self.cfg.init_std, generator=g)
-        if name in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"):
+        """This rank's shard of parameter `name`'s deterministic initial value."""
+        base = (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+        shape = self._full_shape(name)
+        pad_rows = name in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight")
+        if partition_dim(name) == 0 and shape[0] * shape[1] > self.BLOCK_INIT_MIN_NUMEL:
+            return self._init_rows_blockwise(name, shape, base, pad_rows)
+        g = torch.Generator().manual_seed(base)
+        full = torch.empty(shape).normal_(0.0, self.cfg.init_std, generator=g)
+        if pad_rows:
             full[self.cfg.pad_id] = 0.0
         return shard_tensor(name, full, self.cfg, self.tp_size, self.tp_rank)
+
+    def _init_rows_blockwise(self, name, shape, base, pad_rows) -> torch.Tensor:
+        rows = shape[0]
+        total = self.padded_vocab if name == "embeddings.word_embeddings.weight" else rows
+        if total % self.tp_size:
+            raise ValueError(f"{name}: {total} rows do not split over TP {self.tp_size}")
+        per = total // self.tp_size
+        r0, r1 = self.tp_rank * per, (self.tp_rank + 1) * per
+        out = torch.zeros(per, shape[1])                       # rows >= `rows` are vocabulary padding
+        bs = self.INIT_BLOCK_ROWS
+        for k in range(r0 // bs, (min(r1, rows) + bs - 1) // bs):
+            b0, b1 = k * bs, min((k + 1) * bs, rows)
+            g = torch.Generator().manual_seed((base * 31 + k + 1) % (2 ** 63))
+            block = torch.empty(b1 - b0, shape[1]).normal_(0.0, self.cfg.init_std, generator=g)
+            lo, hi = max(b0, r0), min(b1, r1)
+            out[lo - r0: hi - r0] = block[lo - b0: hi - b0]
+        if pad_rows and r0 <= self.cfg.pad_id < r1:
+            out[self.cfg.pad_id - r0] = 0.0
+        return out
 
     # ------------------------------------------------------------------ recompute
     def set_recompute(self, mode: str) -> None:
