@@ -100,7 +100,8 @@ def bias_dropout_add_layernorm(x, bias, residual, weight, ln_bias, p: float, tra
 
 def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float):
     """softmax(scale * scores) over the last dim, mask True = excluded; scores [B, heads, Sq, Sk]."""
-    if scores.dim() == 4 and (mask is None or mask.dim() <= 4) and dispatch.use_fused(scores, "scaled_masked_softmax"):
+    mask_ok = mask is None or (mask.dim() <= 4 and mask.dtype == torch.bool and mask.device == scores.device)
+    if scores.dim() == 4 and mask_ok and dispatch.use_fused(scores, "scaled_masked_softmax"):
         from xlmr_mp.kernels.fused import ScaledMaskedSoftmax
         return ScaledMaskedSoftmax.apply(scores, mask, scale)
     return scaled_masked_softmax_ref(scores, mask, scale)
