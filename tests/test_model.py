@@ -115,3 +115,15 @@ def test_input_errors_are_clear():
         XLMRModel(tiny_cfg(num_heads=5))
     with pytest.raises(ValueError, match="layer_ids"):
         XLMRModel(tiny_cfg(), layer_ids=[3])
+
+
+def test_no_masked_tokens_and_fully_padded_rows_stay_finite():
+    cfg = tiny_cfg()
+    m = XLMRModel(cfg, init_seed=7)
+    ids, mask, _ = tiny_batch(seed=6, vocab=cfg.vocab_size)
+    loss = m(ids, mask, torch.full_like(ids, -100))
+    loss.backward()
+    assert loss.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in m.parameters())
+    ids[2], mask[2] = cfg.pad_id, 0                           # a row of padding only
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(m.eval()(ids, mask)[..., : cfg.vocab_size]).all()

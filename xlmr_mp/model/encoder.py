@@ -70,8 +70,8 @@ class SelfAttention(nn.Module):
             qkv = qkv + qkv_bias
         qkv = qkv.view(B, S, self.local_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, heads, S, D]
-        if bias is not None and bias.dtype != q.dtype:
-            bias = bias.to(q.dtype)
+        if bias is not None and bias.dtype != q.dtype:  # e.g. autocast: keep padding finite in fp16
+            bias = bias.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
         if self.selective_recompute and torch.is_grad_enabled():
             ctx = checkpoint(self.core, q, k, v, bias, use_reentrant=False, context_fn=RecomputeRNG())
         else:
