@@ -226,3 +226,19 @@ def variants_body(rank, world_size, variants, steps, run_dir):
         out.append([tr.train_step()["loss"] for _ in range(steps)])
         destroy_parallel()
     return out
+
+
+def eval_body(rank, world_size, overrides, data_dir, steps, run_dir):
+    """Validation metrics after `steps` training steps on real tiny data, at the layout in `overrides`."""
+    from xlmr_mp.data.loader import build_train_loader, build_validation_loader
+    from xlmr_mp.parallel.state import destroy_parallel, init_parallel
+    from xlmr_mp.train import Trainer
+    cfg = tiny_cfg(["train.global_batch=8", "train.micro_batch=2", f"data.path={data_dir}", "train.eval_batches=3"]
+                   + list(overrides) + [f"run_dir={run_dir}", "logging.jsonl=false"], world_size)
+    g = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+    tr = Trainer(cfg, g, torch.device("cpu"), build_train_loader(cfg, g.dp_rank, g.dp_size),
+                 build_validation_loader(cfg, g.dp_rank, g.dp_size))
+    losses = [tr.train_step()["loss"] for _ in range(steps)]
+    ev = tr.evaluate()
+    destroy_parallel()
+    return {"losses": losses, "eval": ev}

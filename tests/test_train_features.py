@@ -63,3 +63,18 @@ def test_metrics_logger_rank0_only_and_truncate(tmp_path):
     lg2.truncate_after(1)
     assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [1]
     assert open(tmp_path / "valid.jsonl").read() == ""
+
+
+def test_validation_same_at_every_layout(tmp_path):
+    """Per-language validation loss after 3 steps on real (tiny, preprocessed-format) data: DP=2
+    and interleaved PP=2 x 2 (the stage-by-stage forward) report the single process's values."""
+    data = b.make_indexed_data(str(tmp_path / "data"))
+    ref = run_distributed(b.eval_body, 1, args=([], data, 3, str(tmp_path / "r")), timeout=300)[0]
+    assert {"loss_en", "loss_fr", "loss_sw", "loss"} <= set(ref["eval"])
+    for layout, world in (([], 2),
+                          (["parallel.pipeline=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved"], 2)):
+        res = run_distributed(b.eval_body, world, args=(layout, data, 3, str(tmp_path / "r")), timeout=300)
+        for r in res:
+            assert r["eval"].keys() == ref["eval"].keys()
+            for k, v in ref["eval"].items():
+                assert abs(r["eval"][k] - v) <= 1e-5 * v, (layout, k, r["eval"][k], v)

@@ -203,31 +203,69 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ evaluation
+    def _forward_loss(self, mb: dict):
+        """(masked-token loss sum, masked count) of one batch, forward only, through every stage:
+        stage s runs on pipeline rank s % PP (chunk s // PP) and sends its hidden states [B, S, H]
+        (fp32) to the next; the last stage's totals are broadcast over the pipeline group."""
+        g = self.groups
+        ids, attn, labels = (mb[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+        if g.pp_size == 1:
+            ls, n = self.chunks[0].loss_and_count(ids, attn, labels)
+            return float(ls), float(n)
+        P = g.pp_size
+        by_stage = {c.pipeline_stage_index: c for c in self.chunks}
+        n_stages = P * len(self.chunks)
+        res = torch.zeros(2, dtype=torch.float64)
+        x = ids
+        for s in range(n_stages):
+            if s % P != g.pp_rank:
+                continue
+            if s > 0:
+                x = torch.empty(ids.shape[0], ids.shape[1], self.cfg.model.hidden_size, device=self.device)
+                dist.recv(x, src=g.pp_ranks[(s - 1) % P], group=g.pp_group)
+            chunk = by_stage[s]
+            if s == n_stages - 1:
+                ls, n = chunk.loss_and_count(x, attn, labels)
+                res = torch.tensor([float(ls), float(n)], dtype=torch.float64)
+            else:
+                dist.send(chunk(x, attention_mask=attn).float().contiguous(), dst=g.pp_ranks[(s + 1) % P],
+                          group=g.pp_group)
+        dist.broadcast(res, src=g.pp_ranks[P - 1], group=g.pp_group)
+        return float(res[0]), float(res[1])
+
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """Per-language validation loss (nats per masked token) and bits per character (masked-token
         NLL / ln 2 / characters of the masked pieces), over train.eval_batches batches per language,
-        summed over DP. At any layout: `PipelineSchedule.evaluate` runs the forward-only pipeline
-        (every rank of a pipeline group passes the same batches) and returns the sums on every rank."""
+        summed over DP; at any TP/PP layout (forward only, stage by stage)."""
         from xlmr_mp.precision import autocast
         if self.valid is None:
             return {}
+        for c in self.chunks:
+            c.eval()
         out = {}
-        for lang in self.valid.languages:
-            mbs = list(self.valid.batches(lang, max_batches=self.cfg.train.eval_batches))
-            with autocast(self.cfg.precision.dtype, self.device):
-                ls, n = self.schedule.evaluate(mbs)
-            chars = sum(float(mb["masked_chars"].sum()) for mb in mbs if "masked_chars" in mb)
-            tot = torch.tensor([ls, n, chars], dtype=torch.float64)   # loss sum, masked tokens, characters
-            if dist.is_initialized() and self.groups.dp_size > 1:
-                dist.all_reduce(tot, group=self.groups.dp_group)
-            if tot[1] > 0:
-                out[f"loss_{lang}"] = float(tot[0] / tot[1])
-                if tot[2] > 0:
-                    out[f"bpc_{lang}"] = float(tot[0] / math.log(2) / tot[2])
-        if out:
-            losses = [v for k, v in out.items() if k.startswith("loss_")]
-            out["loss"] = sum(losses) / len(losses)
+        try:
+            for lang in self.valid.languages:
+                tot = torch.zeros(3, dtype=torch.float64)     # loss sum, masked tokens, characters
+                for mb in self.valid.batches(lang, max_batches=self.cfg.train.eval_batches):
+                    with autocast(self.cfg.precision.dtype, self.device):
+                        ls, n = self._forward_loss(mb)
+                    tot[0] += ls
+                    tot[1] += n
+                    if "masked_chars" in mb:
+                        tot[2] += float(mb["masked_chars"].sum())
+                if dist.is_initialized() and self.groups.dp_size > 1:
+                    dist.all_reduce(tot, group=self.groups.dp_group)
+                if tot[1] > 0:
+                    out[f"loss_{lang}"] = float(tot[0] / tot[1])
+                    if tot[2] > 0:
+                        out[f"bpc_{lang}"] = float(tot[0] / math.log(2) / tot[2])
+            if out:
+                losses = [v for k, v in out.items() if k.startswith("loss_")]
+                out["loss"] = sum(losses) / len(losses)
+        finally:
+            for c in self.chunks:
+                c.train()
         return out
 
     # ------------------------------------------------------------------ checkpoints
