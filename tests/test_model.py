@@ -37,6 +37,24 @@ def test_presets_fill_shapes_and_explicit_values_win():
         assert c.hidden_size == int(name.split("-")[1]) and c.head_dim == 64
     with pytest.raises(ConfigError, match="model.preset"):
         ModelConfig(preset="huge").validate()
+    # values read back from a checkpoint are final even where they equal the dataclass default
+    c = ModelConfig.resolved(preset="xl", hidden_size=1024, num_heads=16, ffn_size=4096, num_layers=2)
+    c.validate()
+    assert (c.hidden_size, c.num_layers) == (1024, 2)
+
+
+def test_checkpoint_meta_keeps_overrides_of_a_preset(tmp_path):
+    from xlmr_mp.checkpoint.model_io import load_full_model_state, save_model_checkpoint
+    from xlmr_mp.config import load_config
+    from xlmr_mp.parallel.shard import local_to_full
+    cfg = load_config(None, ["model.preset=xl", "model.hidden_size=1024", "model.num_heads=16",
+                             "model.ffn_size=64", "model.num_layers=1", "model.vocab_size=50"]).model
+    assert cfg.hidden_size == 1024
+    m = XLMRModel(cfg, init_seed=0)
+    save_model_checkpoint(str(tmp_path / "ck"), local_to_full([m.state_dict()], cfg), cfg)
+    cfg2, full = load_full_model_state(str(tmp_path / "ck"))
+    assert cfg2.hidden_size == 1024 and cfg2.num_layers == 1 and cfg2.preset == "xl"
+    assert full["embeddings.word_embeddings.weight"].shape == (50, 1024)
 
 
 def test_initialisation():

@@ -128,7 +128,7 @@ def read_meta(path: str) -> dict:
 
 def config_from_meta(meta: dict) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in meta["model"].items() if k in names})
+    return ModelConfig.resolved(**{k: v for k, v in meta["model"].items() if k in names})
 
 
 def load_full_model_state(path: str) -> tuple:

@@ -46,6 +46,14 @@ class ModelConfig:
             self._explicit.add(name)
         object.__setattr__(self, name, value)
 
+    @classmethod
+    def resolved(cls, **fields) -> "ModelConfig":
+        """A config whose values are final (e.g. read back from a checkpoint's meta.json): every
+        field counts as explicit, so the preset named in it changes nothing."""
+        cfg = cls(**fields)
+        cfg._explicit.update(f.name for f in dataclasses.fields(cls))
+        return cfg
+
     def apply_preset(self) -> "ModelConfig":
         """Fill the shape fields from PRESETS[self.preset], keeping explicitly set values; in place."""
         from xlmr_mp.config import ConfigError
