@@ -81,18 +81,24 @@ def _init_worker(model_path: str) -> None:
 
 
 def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad_line: str,
-                 json_key: str, seed: int, cumulative: np.ndarray):
-    """Parse and encode one raw chunk; everything the writer needs, as compact arrays."""
+                 json_key: str, seed: int, cumulative: list, dtype=np.int32):
+    """Parse and encode one raw chunk; everything the writer needs, as compact arrays.
+
+    ids come back already in the dataset's dtype and with </s> after each sentence, so the
+    writing process only routes slices and writes bytes.
+    """
     cpu0 = time.process_time()
     parsed = parse_chunk(raw, path, fmt, max_line_bytes, on_bad_line, json_key)
     ids, lengths = _TOKENIZER.encode_flat(parsed.sentences, add_eos=True, num_threads=1)
+    n_unk = int(np.count_nonzero(ids == 3))
+    ids = ids.astype(dtype, copy=False)
     doc_start = np.asarray(parsed.doc_start, dtype=bool)
     split = np.full(len(parsed.sentences), -1, dtype=np.int8)
     for k in np.flatnonzero(doc_start).tolist() + ([0] if parsed.sentences else []):
         split[k] = document_split(parsed.sentences[k], seed, cumulative)
     return dict(ids=ids, lengths=lengths.astype(np.int32), doc_start=doc_start, split=split,
                 trailing_break=parsed.trailing_break, skipped=parsed.skipped, n_bytes=len(raw.data),
-                n_unk=int(np.count_nonzero(ids == 3)), cpu=time.process_time() - cpu0)
+                n_unk=n_unk, cpu=time.process_time() - cpu0)
 
 
 class _Sink:
@@ -130,16 +136,15 @@ class _Sink:
         else:
             split = np.full(n, self.current, dtype=np.int64)
         ids = r["ids"]
-        for s in range(3):
-            sel = split == s
-            k = int(np.count_nonzero(sel))
-            if k == 0:
-                continue
-            self.stats["documents"][s] += int(np.count_nonzero(starts & sel))
-            if k == n:
-                self.writers[s].add_sequences(ids, lengths, starts)
-            else:
-                self.writers[s].add_sequences(ids[np.repeat(sel, lengths)], lengths[sel], starts[sel])
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # runs of consecutive sentences bound for the same split (few per chunk): write slices
+        runs = np.flatnonzero(np.diff(split)) + 1
+        bounds = [0] + runs.tolist() + [n]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            s = int(split[a])
+            self.stats["documents"][s] += int(np.count_nonzero(starts[a:b]))
+            self.writers[s].add_sequences(ids[offsets[a]:offsets[b]], lengths[a:b], starts[a:b])
         st["sentences"] += n
         st["tokens"] += int(ids.size)
         st["unk"] += r["n_unk"]
@@ -204,7 +209,7 @@ def process_units(args, pool, units, dtype, progress, on_done):
     try:
         for u, (lang, path, start, end, first_line, prefixes) in enumerate(units):
             _, fmt, _ = split_ext(path)
-            extra = (path, fmt, args.max_line_bytes, args.on_bad_line, args.json_key, args.seed, cumulative)
+            extra = (path, fmt, args.max_line_bytes, args.on_bad_line, args.json_key, args.seed, cumulative, dtype)
             sinks[u] = _Sink(prefixes, dtype)
             for raw in iter_raw_chunks(path, args.chunk_bytes, args.max_line_bytes, args.on_bad_line,
                                        start=start, end=end, first_line=first_line):

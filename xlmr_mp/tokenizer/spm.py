@@ -108,6 +108,7 @@ class XLMRTokenizer:
                 table[i] = index[piece]
             self._vocab_size = 4 + len(pieces) + 1
         self._to_dict = table
+        self._to_dict32 = table.astype(np.int32)
         inverse = np.full(self._vocab_size, -1, dtype=np.int64)
         inverse[table[3:]] = np.arange(3, n)
         self._to_spm = inverse
@@ -178,16 +179,12 @@ class XLMRTokenizer:
 
         The fast path for preprocessing: one C++ batch call, one numpy remap, no per-token Python.
         """
-        pieces = self.sp.encode(list(texts), num_threads=num_threads) if texts else []
+        # SentencePiece appends its own </s> (spm id 2, which is also dictionary id 2)
+        pieces = self.sp.encode(list(texts), add_eos=add_eos, num_threads=num_threads) if texts else []
         lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         total = int(lengths.sum())
         ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=total)
-        ids = self.spm_to_dict(ids).astype(np.int32)
-        if add_eos:
-            ends = np.cumsum(lengths)
-            ids = np.insert(ids, ends, EOS_ID)
-            lengths = lengths + 1
-        return ids, lengths
+        return self._to_dict32.take(ids), lengths
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of dictionary ids; <s>, <pad>, </s>, <mask> are dropped, <unk> decodes as SentencePiece's."""
