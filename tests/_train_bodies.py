@@ -242,3 +242,24 @@ def eval_body(rank, world_size, overrides, data_dir, steps, run_dir):
     ev = tr.evaluate()
     destroy_parallel()
     return {"losses": losses, "eval": ev}
+
+
+def loss_scale_abort_body(rank, world_size, data_dir, run_dir):
+    """fp16 run whose every step overflows: scale 4 -> 2 -> 1, then the abort saves and exits 3."""
+    import json
+    import os
+    import xlmr_mp.precision as P
+    from xlmr_mp.train import train
+    P.grads_have_inf = lambda params, group=None: True        # every step overflows
+    cfg = tiny_cfg([f"data.path={data_dir}", f"run_dir={run_dir}", "precision.dtype=fp16",
+                    "precision.initial_loss_scale=4", "precision.min_loss_scale=1", "train.eval_interval=0",
+                    "checkpoint.interval=0"], world_size)
+    try:
+        train(cfg)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    ck = os.path.join(run_dir, "checkpoints")
+    latest = open(os.path.join(ck, "latest")).read().strip()
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))] if rank == 0 else []
+    return {"code": code, "latest": latest, "rows": rows}

@@ -17,3 +17,13 @@ def test_forced_inf_skips_step_and_halves_scale(tmp_path):
         assert r["params_moved_after"]
         assert r["step"] == 3 and r["skipped_total"] == 1
         assert math.isfinite(r["after"]["loss"])
+
+
+def test_minimum_loss_scale_saves_and_aborts(tmp_path):
+    data = b.make_indexed_data(str(tmp_path / "data"))
+    res = run_distributed(b.loss_scale_abort_body, 2, args=(data, str(tmp_path / "run")), timeout=300)
+    for r in res:
+        assert r["code"] == 3
+        assert r["latest"] == "step_00000002"      # steps 1, 2 skipped (scale 4 -> 2 -> 1); the 3rd aborts
+    assert [row["loss_scale"] for row in res[0]["rows"]] == [4.0, 2.0]
+    assert all(row["skipped"] == 1 for row in res[0]["rows"])
