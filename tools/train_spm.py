@@ -133,6 +133,8 @@ def train(args) -> int:
         if os.path.exists(prefix + ext):
             os.remove(prefix + ext)
     tmp = f"{prefix}.tmp-{os.getpid()}"
+    print(f"training SentencePiece unigram, {args.vocab_size:,} pieces, {args.num_threads} thread(s) "
+          f"(no progress output from its C++ trainer; --verbose shows its log) ...", flush=True)
     t1 = time.perf_counter()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample), model_prefix=tmp, model_type="unigram",
