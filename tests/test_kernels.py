@@ -335,3 +335,14 @@ def test_public_ops_route_to_the_fused_function_when_dispatch_says_so(monkeypatc
     monkeypatch.setattr(dispatch, "use_fused", lambda t, op: False)
     ops.bias_gelu(x, torch.randn(8))
     assert calls == ["bias_gelu", "bdaln", "softmax"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_kernel_bench_exits_with_a_clear_message_without_gpu():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "kernels.py")], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr

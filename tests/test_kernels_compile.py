@@ -59,3 +59,8 @@ def test_host_launchers_and_bindings_compile_against_torch_headers():
     assert rc == 0, out
     for src in ck.host_targets():
         assert f"OK   host   {os.path.relpath(src, ROOT)}" in out, out
+
+
+def test_compile_check_rejects_unknown_arch():
+    rc, out = _run(["--archs", "sm_61", "--no-host"], timeout=120)
+    assert rc == 2 and "sm_61" in out
