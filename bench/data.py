@@ -162,14 +162,15 @@ def bench_loader(steps: int, n_lang: int, step_seconds: float) -> None:
             open_s = time.perf_counter() - t
             for _ in range(3):
                 next(loader)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 b = next(loader)
-            el = time.perf_counter() - t
+            el, cpu = time.perf_counter() - t, time.process_time() - c
             assert b["input_ids"].shape == (16, 512)
             rates[workers] = steps * 16 / el
-            log(f"num_workers={workers}: {rates[workers]:.0f} sequences/s per rank "
-                f"({el / steps * 1e3:.1f} ms per 16-sequence step; corpus opened + packed in {open_s:.1f} s)")
+            extra = f"; {steps * 16 / cpu:.0f} sequences per CPU-second of this process" if workers == 0 else ""
+            log(f"num_workers={workers}: {rates[workers]:.0f} sequences/s per rank wall "
+                f"({el / steps * 1e3:.1f} ms per 16-sequence step{extra}; corpus opened + packed in {open_s:.1f} s)")
     best = max(rates.values())
     log("")
     log("== consumption by a training step (per GPU, 16 sequences per step) ==")
