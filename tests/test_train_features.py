@@ -78,3 +78,26 @@ def test_validation_same_at_every_layout(tmp_path):
             assert r["eval"].keys() == ref["eval"].keys()
             for k, v in ref["eval"].items():
                 assert abs(r["eval"][k] - v) <= 1e-5 * v, (layout, k, r["eval"][k], v)
+
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (["train.global_batch=10", "train.micro_batch=4"], 1, "train.global_batch=10 is not divisible by train.micro_batch=4"),
+    (["train.global_batch=8", "train.micro_batch=4"], 4, r"x data-parallel size 4"),
+    (["parallel.tensor=4"], 6, "world size 6 is not divisible by parallel.tensor x parallel.pipeline"),
+    (["parallel.tensor=3"], 3, "model.num_heads=4 is not divisible by parallel.tensor=3"),
+    (["parallel.data=3"], 2, "parallel.data=3 but world size 2"),
+    (["precision.dtype=fp8"], 1, "precision.dtype='fp8'"),
+    (["parallel.ddp_bucket_mb=0"], 1, "parallel.ddp_bucket_mb"),
+])
+def test_layout_errors_name_the_option(overrides, world, match):
+    from xlmr_mp.config import ConfigError
+    with pytest.raises(ConfigError, match=match):
+        b.tiny_cfg(overrides, world)
+
+
+def test_cli_config_error_exit_code(tmp_path):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "xlmr_mp.train", "--config", b.TINY, "train.global_batch=10"],
+                       cwd=b.ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "train.global_batch=10" in p.stderr
