@@ -56,7 +56,8 @@ def test_tp2_equals_single(reference, tmp_path):
     (["parallel.pipeline=2"], 2),
     (["parallel.pipeline=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved"], 2),
     (["parallel.tensor=2", "parallel.pipeline=2"], 4),
-], ids=["pp2-1f1b", "pp2-interleaved", "tp2xpp2"])
+    (["parallel.pipeline=2", "parallel.distributed_optimizer=true"], 4),
+], ids=["pp2-1f1b", "pp2-interleaved", "tp2xpp2", "pp2xdp2-zero1"])
 def test_pipeline_layouts_equal_single(reference, layout, world, tmp_path):
     res = run_distributed(b.train_rank_body, world, args=(BASE + layout, STEPS, str(tmp_path)), timeout=400)
     check_same(reference, res)
