@@ -108,3 +108,10 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def comm_device() -> torch.device:
+    """Where small tensors for collectives must live: the current GPU under nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

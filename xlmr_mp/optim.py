@@ -84,10 +84,11 @@ def norm_counted(name: str, p: torch.nn.Parameter, tp_rank: int, is_partitioned:
 def global_grad_norm(grads: Iterable[torch.Tensor], tp_group: Optional[dist.ProcessGroup] = None,
                      pp_group: Optional[dist.ProcessGroup] = None) -> float:
     """L2 norm of the given (already de-duplicated) local gradients summed over TP and PP."""
-    total = torch.zeros(1, dtype=torch.float64)
+    from xlmr_mp.distributed import comm_device
+    total = torch.zeros(1, dtype=torch.float64, device=comm_device())
     for g in grads:
         if g is not None:
-            total += g.detach().double().pow(2).sum().cpu()
+            total += g.detach().double().pow(2).sum().to(total.device)
     if dist.is_initialized():
         for grp in (tp_group, pp_group):
             if grp is not None and dist.get_world_size(grp) > 1:

@@ -102,7 +102,8 @@ def build_scaler(pcfg) -> "DynamicLossScaler | ConstantScaler":
 
 def grads_have_inf(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup] = None) -> bool:
     """True when any gradient on any rank of `group` (default: the world) holds inf or nan."""
-    flag = torch.zeros(1)
+    from xlmr_mp.distributed import comm_device
+    flag = torch.zeros(1, device=comm_device())
     for p in params:
         if p.grad is not None and not torch.isfinite(p.grad).all():
             flag.fill_(1.0)

@@ -67,7 +67,8 @@ class StopFlag:
         self._old = {}
 
     def any_rank(self) -> bool:
-        t = torch.tensor([1.0 if self.signum is not None else 0.0])
+        from xlmr_mp.distributed import comm_device
+        t = torch.tensor([1.0 if self.signum is not None else 0.0], device=comm_device())
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
@@ -158,12 +159,14 @@ class Trainer:
         """One optimizer step over the global batch; returns its metrics (same on every rank)."""
         from xlmr_mp.optim import clip_grads, global_grad_norm
         from xlmr_mp.parallel.pipeline import broadcast_step_loss, sync_tied_embedding_grads
+        from xlmr_mp.distributed import comm_device
         from xlmr_mp.precision import autocast, grads_have_inf, unscale_grads
         g = self.groups
         t0 = time.perf_counter()
         mbs = micro_batches if micro_batches is not None else self._next_micro_batches()
         counts = torch.tensor([sum(float((mb["labels"] != -100).sum()) for mb in mbs),
-                               sum(float(mb["attention_mask"].sum()) for mb in mbs)], dtype=torch.float64)
+                               sum(float(mb["attention_mask"].sum()) for mb in mbs)], dtype=torch.float64,
+                              device=comm_device())
         if dist.is_initialized() and g.dp_size > 1:
             dist.all_reduce(counts, group=g.dp_group)
         global_masked, global_tokens = counts.tolist()
@@ -179,7 +182,7 @@ class Trainer:
         sync_tied_embedding_grads(self.chunks, g)
         # step loss: per-DP-rank partial sums on the last stage, summed over DP, sent to all stages
         if self.schedule.has_last_stage:
-            t = torch.tensor([part / scale], dtype=torch.float64)
+            t = torch.tensor([part / scale], dtype=torch.float64, device=comm_device())
             if dist.is_initialized() and g.dp_size > 1:
                 dist.all_reduce(t, group=g.dp_group)
             part = t.item()
@@ -207,6 +210,7 @@ class Trainer:
         """(masked-token loss sum, masked count) of one batch, forward only, through every stage:
         stage s runs on pipeline rank s % PP (chunk s // PP) and sends its hidden states [B, S, H]
         (fp32) to the next; the last stage's totals are broadcast over the pipeline group."""
+        from xlmr_mp.distributed import comm_device
         g = self.groups
         ids, attn, labels = (mb[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
         if g.pp_size == 1:
@@ -215,7 +219,7 @@ class Trainer:
         P = g.pp_size
         by_stage = {c.pipeline_stage_index: c for c in self.chunks}
         n_stages = P * len(self.chunks)
-        res = torch.zeros(2, dtype=torch.float64)
+        res = torch.zeros(2, dtype=torch.float64, device=comm_device())
         x = ids
         for s in range(n_stages):
             if s % P != g.pp_rank:
@@ -226,7 +230,7 @@ class Trainer:
             chunk = by_stage[s]
             if s == n_stages - 1:
                 ls, n = chunk.loss_and_count(x, attn, labels)
-                res = torch.tensor([float(ls), float(n)], dtype=torch.float64)
+                res = torch.tensor([float(ls), float(n)], dtype=torch.float64, device=comm_device())
             else:
                 dist.send(chunk(x, attention_mask=attn).float().contiguous(), dst=g.pp_ranks[(s + 1) % P],
                           group=g.pp_group)
@@ -238,6 +242,7 @@ class Trainer:
         """Per-language validation loss (nats per masked token) and bits per character (masked-token
         NLL / ln 2 / characters of the masked pieces), over train.eval_batches batches per language,
         summed over DP; at any TP/PP layout (forward only, stage by stage)."""
+        from xlmr_mp.distributed import comm_device
         from xlmr_mp.precision import autocast
         if self.valid is None:
             return {}
@@ -246,7 +251,7 @@ class Trainer:
         out = {}
         try:
             for lang in self.valid.languages:
-                tot = torch.zeros(3, dtype=torch.float64)     # loss sum, masked tokens, characters
+                tot = torch.zeros(3, dtype=torch.float64, device=comm_device())  # loss sum, masked, chars
                 for mb in self.valid.batches(lang, max_batches=self.cfg.train.eval_batches):
                     with autocast(self.cfg.precision.dtype, self.device):
                         ls, n = self._forward_loss(mb)
@@ -257,9 +262,9 @@ class Trainer:
                 if dist.is_initialized() and self.groups.dp_size > 1:
                     dist.all_reduce(tot, group=self.groups.dp_group)
                 if tot[1] > 0:
-                    out[f"loss_{lang}"] = float(tot[0] / tot[1])
+                    out[f"loss_{lang}"] = float(tot[0].item() / tot[1].item())
                     if tot[2] > 0:
-                        out[f"bpc_{lang}"] = float(tot[0] / math.log(2) / tot[2])
+                        out[f"bpc_{lang}"] = float(tot[0].item() / math.log(2) / tot[2].item())
             if out:
                 losses = [v for k, v in out.items() if k.startswith("loss_")]
                 out["loss"] = sum(losses) / len(losses)
