@@ -313,7 +313,7 @@ class Trainer:
         if load_optim:
             self.optimizer.load_state_by_name(load_optim_state(path, self.optimizer.owned_names, self.cfg.model, g, same))
         rs = load_rank_state(path, self.rank if same else 0)
-        self.step = int(meta["step"])
+        self.step = int(meta.get("step", 0))
         if rs is not None:
             self.scaler.load_state_dict(rs["scaler"])
             if rs.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
@@ -324,7 +324,7 @@ class Trainer:
             from xlmr_mp.parallel.state import seed_parallel_rng
             seed_parallel_rng(self.cfg.train.seed + self.step, g)
         log0(f"loaded checkpoint {path} (step {self.step}, {'same' if same else 'resharded from'} layout "
-             f"tp={meta['tp']} pp={meta['pp']} dp={meta['dp']})")
+             f"tp={meta['tp']} pp={meta['pp']} dp={meta.get('dp', '?')})")
 
     def resume_path(self) -> Optional[str]:
         from xlmr_mp.checkpoint.sharded import latest_checkpoint
@@ -332,7 +332,10 @@ class Trainer:
             p = latest_checkpoint(self.ckpt_root)
             if p is not None:
                 return p
-        return self.cfg.checkpoint.load or None
+        if self.cfg.checkpoint.load:     # a step directory, or a root whose `latest` names one
+            from xlmr_mp.checkpoint.model_io import resolve_checkpoint_dir
+            return resolve_checkpoint_dir(self.cfg.checkpoint.load)
+        return None
 
 
 def _format(m: dict) -> str:

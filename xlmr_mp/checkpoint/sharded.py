@@ -133,7 +133,7 @@ def read_meta(path: str) -> dict:
 
 
 def same_layout(meta: dict, groups, virtual_stages: int, zero: bool) -> bool:
-    return (meta["tp"], meta["pp"], meta["dp"], meta.get("virtual_stages", 1), bool(meta.get("zero", False))) == \
+    return (meta["tp"], meta["pp"], meta.get("dp"), meta.get("virtual_stages", 1), bool(meta.get("zero", False))) == \
         (groups.tp_size, groups.pp_size, groups.dp_size, virtual_stages, bool(zero))
 
 
