@@ -13,6 +13,17 @@ one optimizer step's forward+backward over all micro-batches (1F1B, interleaved 
 The same calls work at PP=1 (a plain loop over the micro-batches, no communication), so the
 training loop does not depend on the layout.
 
+Sequence parallelism (`parallel.sequence_parallel`, TP > 1; a no-op at TP 1): the stages are
+built with sequence-sharded activations, so the hidden states between stages are this TP rank's
+sequence shard [B, S/TP, H] (S divisible by TP). Parameters used on sequence shards (LayerNorms,
+row-parallel biases, position embeddings) get partial gradients that must be summed over the TP
+group. `build_pipeline_stages` registers that sum as a gradient hook on those parameters, armed by
+`PipelineSchedule.step` for its last accumulation into each of them: the gradient is complete
+(TP-summed) before any later hook reads it, in particular a data-parallel reducer that copies
+gradients into buckets during backward and writes the DP sums back afterwards (a sync after
+`step()` would be overwritten by that write-back). Build the chunks before such a reducer, so
+the SP hooks run first.
+
 A stage is a contiguous range of encoder layers (global indices) plus the embeddings on global
 stage 0 and the masked-LM head on the last global stage. With `virtual_stages` V > 1 each rank
 holds V chunks; chunk v of pipeline rank r is global stage v * PP + r (Megatron's interleaving,
@@ -106,10 +117,13 @@ def _layout_from_config(model_cfg, parallel_cfg) -> list[list[int]]:
                            parallel_cfg.stage_layers, parallel_cfg.first_last_fewer)
 
 
-def validate_pipeline_config(model_cfg, parallel_cfg, n_microbatches: Optional[int] = None) -> None:
-    """Check the pipeline options against the model and the number of micro-batches per step;
-    errors name the option to change."""
+def validate_pipeline_config(model_cfg, parallel_cfg, n_microbatches: Optional[int] = None,
+                             seq_length: Optional[int] = None) -> None:
+    """Check the pipeline options against the model, the number of micro-batches per step and
+    (with sequence parallelism) the sequence length `data.seq_length`; errors name the option to
+    change."""
     pp, v = parallel_cfg.pipeline, parallel_cfg.virtual_stages
+    check_sequence_parallel(parallel_cfg, seq_length)
     if parallel_cfg.schedule not in SCHEDULES:
         raise ConfigError(f"parallel.schedule={parallel_cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if v > 1 and pp < 2:
@@ -122,6 +136,25 @@ def validate_pipeline_config(model_cfg, parallel_cfg, n_microbatches: Optional[i
     _layout_from_config(model_cfg, parallel_cfg)
     if n_microbatches is not None:
         check_micro_batch_count(schedule_kind(parallel_cfg), pp, n_microbatches)
+
+
+def sequence_parallel_active(parallel_cfg) -> bool:
+    """Whether the stages shard activations along the sequence: parallel.sequence_parallel with
+    parallel.tensor > 1 (at TP 1 the option changes nothing)."""
+    return bool(getattr(parallel_cfg, "sequence_parallel", False)) and parallel_cfg.tensor > 1
+
+
+def check_sequence_parallel(parallel_cfg, seq_length: Optional[int]) -> None:
+    """Sequence parallelism splits every sequence into parallel.tensor equal shards."""
+    if not sequence_parallel_active(parallel_cfg) or seq_length is None:
+        return
+    tp = parallel_cfg.tensor
+    if seq_length % tp:
+        lo, hi = seq_length - seq_length % tp, seq_length - seq_length % tp + tp
+        raise ConfigError(
+            f"data.seq_length={seq_length} is not divisible by parallel.tensor={tp}, which "
+            f"parallel.sequence_parallel=true needs (each TP rank holds seq_length / tensor positions); "
+            f"use data.seq_length={lo} or {hi}, or set parallel.sequence_parallel=false")
 
 
 def check_micro_batch_count(kind: str, pp: int, n: int) -> None:
@@ -157,7 +190,10 @@ def build_pipeline_stages(model_cfg, groups, parallel_cfg, init_seed: Optional[i
     (`init_seed`, global name), so they equal the single-process model built with the same seed
     (the tied decoder copy starts equal to the embedding; `sync_tied_embedding_weight` re-asserts
     it after loading). Pass the run's seed explicitly: the default, `torch.initial_seed()`,
-    differs between pipeline stages once `seed_parallel_rng` has run."""
+    differs between pipeline stages once `seed_parallel_rng` has run.
+
+    With `parallel_cfg.sequence_parallel` (and TP > 1) the chunks are built sequence-parallel and
+    get the TP gradient-sum hooks `PipelineSchedule.step` arms (see the module docstring)."""
     if model_cls is None:
         from xlmr_mp.model.xlmr import XLMRModel as model_cls
     validate_pipeline_config(model_cfg, parallel_cfg)
@@ -167,14 +203,67 @@ def build_pipeline_stages(model_cfg, groups, parallel_cfg, init_seed: Optional[i
         raise ConfigError(f"parallel.pipeline={parallel_cfg.pipeline} but the pipeline group has {pp_size} ranks")
     layout = _layout_from_config(model_cfg, parallel_cfg)
     last = len(layout) - 1
+    tp_group = groups.tp_group if groups is not None else None
+    tp_size = groups.tp_size if groups is not None else 1
+    if tp_size != parallel_cfg.tensor:
+        raise ConfigError(f"parallel.tensor={parallel_cfg.tensor} but the tensor-parallel group has {tp_size} ranks")
+    sp = {"sequence_parallel": True} if sequence_parallel_active(parallel_cfg) else {}
     chunks = []
     for g in local_stage_indices(pp_rank, pp_size, parallel_cfg.virtual_stages):
-        chunk = model_cls(model_cfg, tp_group=groups.tp_group if groups is not None else None,
-                          layer_ids=layout[g], has_embeddings=(g == 0), has_head=(g == last),
-                          init_seed=init_seed)
+        chunk = model_cls(model_cfg, tp_group=tp_group, layer_ids=layout[g], has_embeddings=(g == 0),
+                          has_head=(g == last), init_seed=init_seed, **sp)
         chunk.pipeline_stage_index = g
+        if sp:
+            chunk.sequence_parallel_grad_sync = SequenceParallelGradSync(chunk, tp_group)
         chunks.append(chunk)
     return chunks
+
+
+class SequenceParallelGradSync:
+    """Sums over the TP group the gradients of one chunk's parameters marked `sequence_parallel`
+    (used on sequence shards, so each TP rank holds a partial gradient), from a post-accumulate
+    gradient hook on each of them: while armed for n backward passes, the n-th accumulation into
+    a parameter all-reduces its (then complete) local gradient in place. Disarmed, the hooks do
+    nothing (forward/backward outside a training step, e.g. a test's own backward)."""
+
+    def __init__(self, chunk: nn.Module, tp_group):
+        self.tp_group = tp_group
+        self.params = [p for p in chunk.parameters() if getattr(p, "sequence_parallel", False) and p.requires_grad]
+        self.n_backward: Optional[int] = None
+        self._count: dict = {}
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def arm(self, n_backward: int) -> None:
+        """Sum each parameter's gradient at its `n_backward`-th accumulation from now on."""
+        self.n_backward, self._count = int(n_backward), {}
+
+    def finish(self) -> None:
+        """Disarm; a parameter whose gradient was accumulated fewer times than armed for (unused in
+        some micro-batch: the same on every TP rank, which run the same graph) is summed now."""
+        n, self.n_backward = self.n_backward, None
+        late = [p for p in self.params if p.grad is not None and 0 < self._count.get(id(p), 0) < (n or 0)]
+        self._count = {}
+        if late:
+            flat = torch.cat([p.grad.reshape(-1) for p in late])
+            dist.all_reduce(flat, group=self.tp_group)
+            off = 0
+            for p in late:
+                p.grad.copy_(flat[off: off + p.numel()].view_as(p.grad))
+                off += p.numel()
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if self.n_backward is None:
+            return
+        c = self._count.get(id(p), 0) + 1
+        self._count[id(p)] = c
+        if c == self.n_backward:
+            dist.all_reduce(p.grad, group=self.tp_group)
+
+    def remove(self) -> None:
+        """Unregister the hooks (the chunk's SP gradients are then left partial)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 # ----------------------------------------------------------------------------- tied embedding
@@ -325,7 +414,15 @@ class PipelineSchedule:
         self._global_num_masked = 1.0
         self._loss_scale = 1.0
         self._eval_schedules: dict = {}
+        self.parallel_cfg = parallel_cfg
         check_micro_batch_count(self.kind, self.pp_size, n_microbatches)
+        self._sp_syncs = []
+        for c in self.chunks:
+            if getattr(c, "sequence_parallel", False):
+                if getattr(c, "sequence_parallel_grad_sync", None) is None:
+                    raise ConfigError("a sequence-parallel chunk without the TP gradient-sum hooks: build the chunks "
+                                      "with build_pipeline_stages(..., parallel_cfg with sequence_parallel=true)")
+                self._sp_syncs.append(c.sequence_parallel_grad_sync)
         if self.pp_size > 1:
             if len(self.chunks) != parallel_cfg.virtual_stages:
                 raise ConfigError(f"this rank holds {len(self.chunks)} chunks but parallel.virtual_stages="
@@ -365,6 +462,8 @@ class PipelineSchedule:
             raise ValueError(f"expected {n} micro-batches (train.global_batch / (train.micro_batch x DP)), "
                              f"got {len(micro_batches)}")
         shape = tuple(micro_batches[0]["input_ids"].shape)
+        if self._sp_syncs and len(shape) == 2:
+            check_sequence_parallel(self.parallel_cfg, shape[1])
         for i, mb in enumerate(micro_batches):
             for key in ("input_ids", "attention_mask", "labels"):
                 if key not in mb:
@@ -378,17 +477,27 @@ class PipelineSchedule:
         """Run forward+backward of every micro-batch (dicts with `input_ids`, `attention_mask`,
         `labels` [B, S] int64; the same on every rank of the pipeline group); backward starts
         from loss_sum_mb / global_num_masked * loss_scale. Returns the (unscaled) sum of
-        loss_sum_mb / global_num_masked on the rank holding the last stage, None elsewhere."""
+        loss_sum_mb / global_num_masked on the rank holding the last stage, None elsewhere.
+        Under sequence parallelism the gradients of sequence-sharded parameters are summed over
+        the TP group by the time it returns (and before any later gradient hook reads them)."""
         self._check_batches(micro_batches, self.n_microbatches)
         if not global_num_masked or global_num_masked <= 0:
             raise ValueError(f"global_num_masked={global_num_masked}: a step needs at least one masked token")
         self._global_num_masked = float(global_num_masked)
         self._loss_scale = float(loss_scale)
+        for sync in self._sp_syncs:      # TP-sum of sequence-parallel grads at their last accumulation
+            sync.arm(self.n_microbatches)
         try:
             if self.pp_size == 1:
-                return self._step_no_pipeline(micro_batches)
-            return self._run(self._schedule, micro_batches, train=True)
+                loss = self._step_no_pipeline(micro_batches)
+            else:
+                loss = self._run(self._schedule, micro_batches, train=True)
+            for sync in self._sp_syncs:
+                sync.finish()
+            return loss
         finally:
+            for sync in self._sp_syncs:
+                sync.n_backward = None
             self._global_num_masked, self._loss_scale = 1.0, 1.0
 
     def _step_no_pipeline(self, micro_batches) -> float:
