@@ -20,10 +20,12 @@ unknown-token rate and byte-fallback rate on held-out lines not used for trainin
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import random
 import sys
 import time
+import unicodedata
 import zlib
 
 import numpy as np
@@ -88,6 +90,32 @@ def _select_pass(files, counts, plan, args):
     return out
 
 
+def required_characters(selected, coverage, limit):
+    """Characters each language needs to reach `coverage` of its own (NFKC) sampled text.
+
+    A global --character-coverage lets the long tail of a large script (CJK) fall out of the
+    vocabulary when many languages share it; the union of per-language needs keeps them. Capped at
+    `limit` characters (the ones most frequent within some language win).
+    """
+    score = {}
+    for lang, (train, _) in selected.items():
+        cnt = collections.Counter()
+        for s in train:
+            cnt.update(unicodedata.normalize("NFKC", s))
+        for ch in (" ", "\t"):
+            cnt.pop(ch, None)
+        total = sum(cnt.values())
+        acc = 0
+        for ch, c in cnt.most_common():
+            if acc >= coverage * total:
+                break
+            acc += c
+            if ch.isprintable():
+                score[ch] = max(score.get(ch, 0.0), c / total)
+    chars = sorted(score, key=lambda ch: (-score[ch], ch))
+    return "".join(sorted(chars[:limit]))
+
+
 def evaluate(sp, heldout):
     """Per language: (pieces, unk rate, byte-fallback rate, chars per piece) on held-out sentences."""
     byte_ids = np.array([i for i in range(sp.get_piece_size()) if sp.is_byte(i)], dtype=np.int64)
@@ -127,6 +155,13 @@ def train(args) -> int:
     print(f"sample: {len(sample):,} sentences, {sum(map(len, sample)) / 1e6:.1f} M characters "
           f"(counting+sampling {time.perf_counter() - t0:.1f} s)", flush=True)
 
+    required = ""
+    if args.per_language_coverage > 0:
+        limit = max(0, args.vocab_size // 2 - (259 if args.byte_fallback else 3))
+        required = required_characters(selected, args.per_language_coverage, limit)
+        print(f"per-language character coverage {args.per_language_coverage}: {len(required):,} required "
+              f"characters (at most {limit:,}, half the vocabulary)", flush=True)
+
     prefix = args.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     for ext in (".model", ".dict.txt", ".vocab"):
@@ -142,6 +177,7 @@ def train(args) -> int:
         byte_fallback=args.byte_fallback, num_threads=args.num_threads,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
         max_sentence_length=args.max_sentence_length, normalization_rule_name=args.normalization,
+        required_chars=required,
         hard_vocab_limit=not args.soft_vocab_limit,
         minloglevel=0 if args.verbose else 2)
     train_s = time.perf_counter() - t1
@@ -183,6 +219,10 @@ def build_parser():
                    help="held-out lines per language for the unknown-rate report (at most 10%% of its lines)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of characters the vocabulary must cover (default 0.9995, as for CJK-heavy data)")
+    p.add_argument("--per-language-coverage", type=float, default=0.9995,
+                   help="also keep the characters covering this share of EACH language's sampled text, so "
+                        "scripts with long tails (CJK) keep their characters in a shared vocabulary "
+                        "(default 0.9995; 0 = global --character-coverage only)")
     p.add_argument("--byte-fallback", dest="byte_fallback", action="store_true", default=True,
                    help="rare characters become UTF-8 byte pieces instead of <unk> (default on)")
     p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false")
@@ -209,6 +249,8 @@ def main(argv=None):
             raise CorpusError(f"--sample-size {args.sample_size}: must be >= 1")
         if not 0 < args.character_coverage <= 1:
             raise CorpusError(f"--character-coverage {args.character_coverage}: must be in (0, 1]")
+        if not 0 <= args.per_language_coverage <= 1:
+            raise CorpusError(f"--per-language-coverage {args.per_language_coverage}: must be in [0, 1]")
         return train(args)
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
