@@ -66,7 +66,7 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
     ref_sched = P.PipelineSchedule([ref], None, ParallelConfig(), n_micro * dp)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01)
 
-    losses, ref_losses, grad_err, hidden_shape = [], [], None, None
+    losses, ref_losses, grad_err, hidden_shape, evals = [], [], None, None, None
     for step in range(steps):
         global_mbs = make_micro_batches(n_micro * dp, vocab=cfg.vocab_size, seed=step)
         mbs = global_mbs[groups.dp_rank * n_micro:(groups.dp_rank + 1) * n_micro]
@@ -96,12 +96,16 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
                 with torch.no_grad():
                     first = [c for c in chunks if c.has_embeddings][0]
                     hidden_shape = tuple(first(mbs[0]["input_ids"], attention_mask=mbs[0]["attention_mask"]).shape)
+                assert hidden_shape == P.stage_hidden_shape(*mbs[0]["input_ids"].shape, cfg, pcfg)
+            # forward-only evaluation between steps: other batch size, count and length
+            eval_mbs = make_micro_batches(3, batch=3, seq=12, vocab=cfg.vocab_size, seed=99)
+            evals = (sched.evaluate(eval_mbs), ref_sched.evaluate(eval_mbs))
         opt.step()
         ref_opt.step()
     param_err = _errors(named, ref_named, cfg, groups.tp_size, groups.tp_rank)
     sp_names = sorted(k for c in chunks for k, p in c.named_parameters() if getattr(p, "sequence_parallel", False))
     out = dict(losses=losses, ref_losses=ref_losses, grad_err=grad_err, param_err=param_err,
-               hidden_shape=hidden_shape, sp_names=sp_names, tp_rank=groups.tp_rank, pp_rank=groups.pp_rank,
+               hidden_shape=hidden_shape, evals=evals, sp_names=sp_names, tp_rank=groups.tp_rank, pp_rank=groups.pp_rank,
                dp_rank=groups.dp_rank, n_buckets=len(reducer.buckets))
     reducer.remove()
     destroy_parallel()

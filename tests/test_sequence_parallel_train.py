@@ -57,6 +57,8 @@ def _same_as_single(results):
         for a, b in zip(r["losses"], r["ref_losses"]):
             assert abs(a - b) <= RTOL * abs(b), (r["losses"], r["ref_losses"])
         assert len(r["losses"]) == STEPS and r["losses"][-1] < r["losses"][0]
+        (loss, count), (ref_loss, ref_count) = r["evals"]       # forward-only evaluation
+        assert count == ref_count > 0 and abs(loss - ref_loss) <= RTOL * abs(ref_loss), r["evals"]
         assert not _bad(r["grad_err"], RTOL), _bad(r["grad_err"], RTOL)
         assert not _bad(r["param_err"], 0.0, PARAM_ATOL), _bad(r["param_err"], 0.0, PARAM_ATOL)
         names.update(r["param_err"])
@@ -126,6 +128,16 @@ def test_validate_names_seq_length_and_option():
     validate_pipeline_config(cfg, ParallelConfig(tensor=2, sequence_parallel=True), 2, seq_length=16)
     validate_pipeline_config(cfg, ParallelConfig(tensor=2, sequence_parallel=False), 2, seq_length=15)
     validate_pipeline_config(cfg, ParallelConfig(tensor=1, sequence_parallel=True), 2, seq_length=15)
+
+
+def test_stage_hidden_shape():
+    from xlmr_mp.parallel.pipeline import stage_hidden_shape
+    cfg = tiny_model_cfg()
+    assert stage_hidden_shape(2, 16, cfg, ParallelConfig(tensor=2, sequence_parallel=True)) == (2, 8, 32)
+    assert stage_hidden_shape(2, 16, cfg, ParallelConfig(tensor=2)) == (2, 16, 32)
+    assert stage_hidden_shape(2, 15, cfg, ParallelConfig(tensor=1, sequence_parallel=True)) == (2, 15, 32)
+    with pytest.raises(ConfigError, match="data.seq_length=15"):
+        stage_hidden_shape(2, 15, cfg, ParallelConfig(tensor=2, sequence_parallel=True))
 
 
 def test_sp_at_tp1_is_a_no_op():

@@ -30,7 +30,7 @@ holds V chunks; chunk v of pipeline rank r is global stage v * PP + r (Megatron'
 the order `ScheduleInterleaved1F1B` expects).
 
 Between stages only the hidden states travel ([B, S, H] float, the only tensor with a
-gradient); the attention mask and the labels are passed to every stage as keyword arguments
+gradient; `stage_hidden_shape` gives it, [B, S/TP, H] under sequence parallelism); the attention mask and the labels are passed to every stage as keyword arguments
 from the micro-batch dicts, so every rank of a pipeline group must call `step()` with the same
 micro-batches (each rank of one DP replica reads the same data). The last stage's output is the
 micro-batch's masked-LM loss sum; the schedule's loss function divides it by the step's global
@@ -155,6 +155,15 @@ def check_sequence_parallel(parallel_cfg, seq_length: Optional[int]) -> None:
             f"data.seq_length={seq_length} is not divisible by parallel.tensor={tp}, which "
             f"parallel.sequence_parallel=true needs (each TP rank holds seq_length / tensor positions); "
             f"use data.seq_length={lo} or {hi}, or set parallel.sequence_parallel=false")
+
+
+def stage_hidden_shape(batch: int, seq_length: int, model_cfg, parallel_cfg) -> tuple:
+    """Shape of the hidden states one stage sends to the next for a [batch, seq_length] batch:
+    [B, S, H], or this TP rank's sequence shard [B, S / TP, H] under sequence parallelism."""
+    if sequence_parallel_active(parallel_cfg):
+        check_sequence_parallel(parallel_cfg, seq_length)
+        seq_length //= parallel_cfg.tensor
+    return (batch, seq_length, model_cfg.hidden_size)
 
 
 def check_micro_batch_count(kind: str, pp: int, n: int) -> None:
