@@ -71,6 +71,9 @@ write_conf() {
     echo "SlurmUser=root"
     echo "SlurmdUser=root"
     echo "AuthType=auth/munge"
+    # job credentials live 20 s (default 120): a requeued job may start again once its old
+    # credential has expired, so preempted jobs come back after ~20 s instead of ~2 min
+    echo "AuthInfo=cred_expire=${XLMR_SLURM_CRED_EXPIRE:-20}"
     echo "CredType=cred/munge"
     echo "MpiDefault=none"
     echo "TmpFS=$DIR/tmp/%n"

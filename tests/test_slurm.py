@@ -164,10 +164,10 @@ def _wait_step(run_dir, step, env, job, log, timeout=300):
 
 
 def _release(env, job, log, restarts):
-    """Wait for the requeued job to be pending again; Slurm holds a requeued job ~120 s (its
-    BeginTime) before it is eligible: set it to now so the test does not sleep."""
-    _wait(env, job, ("PENDING",), log, until=lambda i: int(i.get("Restarts", 0)) >= restarts)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True, timeout=60)
+    """Wait until the job has been requeued `restarts` times and runs again. SLURM lets a requeued
+    job start only once its old credential has expired (AuthInfo=cred_expire, 20 s on the local
+    cluster; starting it earlier fails it with "Job credential revoked")."""
+    _wait(env, job, ("RUNNING",), log, timeout=300, until=lambda i: int(i.get("Restarts", 0)) >= restarts)
 
 
 def test_sbatch_base_matches_torchrun(slurm, data_dir, reference, tmp_path):
@@ -299,3 +299,33 @@ def test_scaling_study_array_runs_one_cell_per_task(slurm, data_dir, tmp_path):
     assert yaml.safe_load(open(os.path.join(root, "wide", "config.yaml")))["model"]["hidden_size"] == 96
     bad = open(log.replace("%A", job).replace("%a", "2")).read()
     assert "array index 2 has no cell" in bad and "2 cells" in bad
+
+
+def test_time_limit_signal_saves_and_requeues(slurm, data_dir, tmp_path):
+    """The #SBATCH --signal=USR1@<s> path: SLURM itself warns the job before its time limit; the job
+    saves, requeues, and the next incarnation resumes from that checkpoint (1 node x 1 task, a 3 min
+    limit with the warning 60 s before it, which SLURM may send up to 60 s early; the run is
+    cancelled once it has resumed)."""
+    run, log = str(tmp_path / "run"), str(tmp_path / "tl-%j.out")
+    tiny = [a for a in TINY if a != "parallel.tensor=2" and not a.startswith("train.train_steps")]
+    p = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
+                        "--cpus-per-task=1", "--time=3", "--signal=USR1@60", f"--output={log}",
+                        "launch/xlmr_base.slurm", *tiny, "train.train_steps=1000000", f"data.path={data_dir}",
+                        f"run_dir={run}"], cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip()
+    log = log.replace("%j", job)
+    try:
+        _release(slurm, job, log, restarts=1)
+        text = open(log).read()
+        m = re.search(r"signal 10: saving at step (\d+) and exiting 75", text)
+        assert m, text[-3000:]
+        stop = int(m.group(1))
+        _wait_step(run, stop + 2, slurm, job, log)
+        text = open(log).read()
+        assert f"loaded checkpoint {run}/checkpoints/step_{stop:08d}" in text
+        assert "requeueing job" in text and "restart 1:" in text
+        steps = [s for s, _ in _losses(run)]
+        assert steps[:stop + 2] == list(range(1, stop + 1)) + [stop + 1, stop + 2]
+    finally:
+        subprocess.run(["scancel", job], env=slurm, timeout=60)
