@@ -2,7 +2,9 @@
 single-process TP=1 model in real multi-process gloo runs: TP=2 (PP=1), TP=2 x PP=2 and TP=2 x DP=2
 (with the trainer's overlapped DP reducer) give the same losses over 3 AdamW steps, the same
 first-step gradients and the same parameters. Negative controls show the comparison catches a
-missing or misplaced TP sum of the sequence-sharded parameters' gradients."""
+missing or misplaced TP sum of the sequence-sharded parameters' gradients. End to end,
+`python -m xlmr_mp.train` under torchrun at TP=2 x DP=2 with sequence parallelism gives the losses,
+validation losses and parameters of TP=2 without it."""
 import pytest
 import torch
 
@@ -169,3 +171,74 @@ def test_schedule_refuses_sp_chunk_without_gradient_hooks():
 
     with pytest.raises(ConfigError, match="build_pipeline_stages"):
         PipelineSchedule([FakeSPChunk()], None, ParallelConfig(), 1)
+
+
+# ----------------------------------------------------------------------------- the trainer CLI
+
+def _torchrun(nproc, data, run_dir, overrides):
+    """`python -m xlmr_mp.train` under torchrun on the tiny preset; returns (losses, valid losses,
+    {(tp rank, name): final parameter})."""
+    import glob
+    import json
+    import os
+    import subprocess
+    import sys
+    from dist import free_port
+    import _train_bodies as tb
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+           "-m", "xlmr_mp.train", "--config", tb.TINY, f"data.path={data}", f"run_dir={run_dir}",
+           "train.train_steps=4", "checkpoint.interval=0", "optim.warmup_steps=2", *overrides]
+    p = subprocess.run(cmd, cwd=tb.ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f if line.strip()]
+    valid = []
+    if os.path.exists(os.path.join(run_dir, "valid.jsonl")):
+        with open(os.path.join(run_dir, "valid.jsonl")) as f:
+            valid = [json.loads(line) for line in f if line.strip()]
+    step_dir = glob.glob(os.path.join(run_dir, "checkpoints", "step_*"))
+    assert len(step_dir) == 1, step_dir
+    params = {}
+    for path in glob.glob(os.path.join(step_dir[0], "model_tp*_pp*.pt")):
+        tp_rank = int(os.path.basename(path)[len("model_tp"):][:2])
+        for name, t in torch.load(path, map_location="cpu", weights_only=True).items():
+            params[(tp_rank, name)] = t
+    return losses, valid, params
+
+
+@pytest.fixture(scope="module")
+def cli_data(tmp_path_factory):
+    import _train_bodies as tb
+    return tb.make_indexed_data(str(tmp_path_factory.mktemp("spdata")), seed=0)
+
+
+@pytest.fixture(scope="module")
+def cli_reference(cli_data, tmp_path_factory):
+    """TP=2 without sequence parallelism, validation after step 2."""
+    return _torchrun(2, cli_data, str(tmp_path_factory.mktemp("tp2")), ["parallel.tensor=2", "train.eval_interval=2"])
+
+
+def _same_run(ref, got, with_valid):
+    (losses, valid, params), (ref_losses, ref_valid, ref_params) = got, ref
+    assert len(losses) == len(ref_losses) == 4 and ref_losses[-1] < ref_losses[0]
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= RTOL * abs(b), (losses, ref_losses)
+    if with_valid:
+        assert len(valid) == len(ref_valid) == 2
+        for v, rv in zip(valid, ref_valid):
+            keys = [k for k in rv if k.startswith("loss")]
+            assert keys and all(abs(v[k] - rv[k]) <= RTOL * abs(rv[k]) for k in keys), (valid, ref_valid)
+    common = [k for k in params if k in ref_params]
+    assert len(common) == len(ref_params)          # every parameter of the TP=2 model is there
+    for k in common:
+        torch.testing.assert_close(params[k], ref_params[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_cli_tp2_dp2_sequence_parallel_equals_tp2(cli_data, cli_reference, tmp_path):
+    """torchrun, 4 processes: TP=2 x DP=2 with sequence parallelism and small DP buckets (reduced
+    during backward), validation included, == TP=2 without it (same losses, parameters)."""
+    got = _torchrun(4, cli_data, str(tmp_path), ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                                                 "parallel.ddp_bucket_mb=0.01", "train.eval_interval=2"])
+    _same_run(cli_reference, got, with_valid=True)
+
