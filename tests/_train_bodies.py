@@ -263,3 +263,17 @@ def loss_scale_abort_body(rank, world_size, data_dir, run_dir):
     latest = open(os.path.join(ck, "latest")).read().strip()
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))] if rank == 0 else []
     return {"code": code, "latest": latest, "rows": rows}
+
+
+def model_only_load_body(rank, world_size, ckpt, full):
+    """Load a model-only checkpoint (tools/convert_checkpoint.py format) via checkpoint.load."""
+    from xlmr_mp.parallel.shard import local_to_full
+    from xlmr_mp.parallel.state import destroy_parallel
+    cfg = tiny_cfg(["train.global_batch=8", "train.micro_batch=2", f"checkpoint.load={ckpt}",
+                    "logging.jsonl=false"], world_size)
+    tr, g = make_trainer(cfg)
+    tr.load(tr.resume_path())
+    got = local_to_full([local_params(tr)], cfg.model)
+    loss = tr.train_step()["loss"]
+    destroy_parallel()
+    return {"same": all(torch.equal(got[n], full[n]) for n in full), "loss": loss, "step": tr.step}

@@ -74,3 +74,17 @@ def test_interrupted_save_keeps_latest(tmp_path):
     assert latest_checkpoint(ck) == r1[0]["path"] and read_meta(r1[0]["path"])["step"] == 2
     r2 = run_distributed(b.reshard_body, 1, args=([], r1[0]["path"], 1, 0, ck, str(tmp_path / "r2")), timeout=300)
     assert latest_checkpoint(ck).endswith("step_00000003") and not os.path.exists(os.path.join(ck, "step_00000003.tmp"))
+
+
+def test_model_only_checkpoint_loads_at_another_layout(tmp_path):
+    """A model-only checkpoint (xlmr_mp.checkpoint.model_io, as written by tools/convert_checkpoint.py)
+    saved at TP=2 x PP=2 starts a single-process run with exactly its weights (fresh Adam state)."""
+    from xlmr_mp.checkpoint.model_io import save_model_checkpoint
+    from xlmr_mp.model.xlmr import XLMRModel
+    cfg = b.tiny_cfg().model
+    torch.manual_seed(0)
+    m = XLMRModel(cfg, init_seed=7)
+    full = local_to_full([{n: p.detach() for n, p in m.named_parameters()}], cfg)
+    save_model_checkpoint(str(tmp_path / "ck"), full, cfg, tp=2, pp=2, step=0)
+    r = run_distributed(b.model_only_load_body, 1, args=(str(tmp_path / "ck"), full), timeout=300)[0]
+    assert r["same"] and r["step"] == 1 and r["loss"] == r["loss"]
