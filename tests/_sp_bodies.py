@@ -33,12 +33,13 @@ def _errors(mine: dict, ref: dict, cfg, tp_size: int, tp_rank: int) -> dict:
     return out
 
 
-def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", bucket_mb=25.0):
+def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", bucket_mb=25.0, recompute="none"):
     """`steps` AdamW steps of the tiny model with sequence parallelism at TP x PP x DP (DP = the
     rest of the world; gradients DP-summed by the trainer's overlapped `GradReducer`), and of the
     single-process TP=1 model over the whole global batch (n_micro x DP micro-batches). Returns
     the step losses of both, errors of the first-step gradients and final parameters (keyed by
-    global name), the shape of the hidden states the first stage sends, and this rank's coords."""
+    global name), the shape of the hidden states the first stage sends, and this rank's coords.
+    `recompute`: activation checkpointing mode of the sequence-parallel chunks."""
     from xlmr_mp.model.xlmr import XLMRModel
     from xlmr_mp.parallel import pipeline as P
     from xlmr_mp.parallel.data_parallel import GradReducer
@@ -55,6 +56,8 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
     if sync != "hooks":
         for c in chunks:
             c.sequence_parallel_grad_sync.remove()
+    for c in chunks:
+        c.set_recompute(recompute)
     named = {k: p for c in chunks for k, p in c.named_parameters()}
     params = list(named.values())
     reducer = GradReducer(params, groups.dp_group, bucket_mb=bucket_mb)   # after the chunks, as the trainer

@@ -27,7 +27,7 @@ TWO = {
     "bad_seq": ("bad_seq_length", ()),
 }
 FOUR = {
-    "tp2_pp2": ("sp_train_vs_single", (2, 2, 2, STEPS, "hooks")),
+    "tp2_pp2": ("sp_train_vs_single", (2, 2, 2, STEPS, "hooks", 25.0, "full")),
     "tp2_dp2": ("sp_train_vs_single", (2, 1, 2, STEPS, "hooks", 1e-3)),
     "tp2_dp2_sync_after_step": ("sp_train_vs_single", (2, 1, 2, STEPS, "after_step", 1e-3)),
     "tp2_dp2_sync_after_dp": ("sp_train_vs_single", (2, 1, 2, STEPS, "after_dp", 1e-3)),
@@ -96,6 +96,7 @@ def test_bad_micro_batch_length_refused_before_any_forward(two_rank):
 
 
 def test_tp2_pp2_sp_equals_single_process(four_rank):
+    """(with full activation recompute on the sequence-parallel side)"""
     res = four_rank["tp2_pp2"]
     _same_as_single(res)
     assert all(r["losses"] == res[0]["losses"] for r in res)
