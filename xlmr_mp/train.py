@@ -141,7 +141,9 @@ class Trainer:
                             if norm_counted(n, p, groups.tp_rank, lambda n_, p_: partition_dim(n_) is not None, tied)]
         self.optimizer = DistributedAdamW(self.named, cfg.optim, groups.dp_group, cfg.parallel.distributed_optimizer)
         self.reducer = GradReducer(self.params, groups.dp_group, cfg.parallel.ddp_bucket_mb)
-        self.schedule = PipelineSchedule(self.chunks, groups, cfg.parallel, self.n_accum, device=device)
+        from xlmr_mp.precision import autocast
+        self.schedule = PipelineSchedule(self.chunks, groups, cfg.parallel, self.n_accum, device=device,
+                                         autocast=lambda: autocast(cfg.precision.dtype, device))
         self.lr_schedule = LRSchedule.from_config(cfg.optim, cfg.train.train_steps)
         self.scaler = build_scaler(cfg.precision)
         self.loader, self.valid = loader, valid
@@ -160,7 +162,7 @@ class Trainer:
         from xlmr_mp.optim import clip_grads, global_grad_norm
         from xlmr_mp.parallel.pipeline import broadcast_step_loss, sync_tied_embedding_grads
         from xlmr_mp.distributed import comm_device
-        from xlmr_mp.precision import autocast, grads_have_inf, unscale_grads
+        from xlmr_mp.precision import grads_have_inf, unscale_grads
         g = self.groups
         t0 = time.perf_counter()
         mbs = micro_batches if micro_batches is not None else self._next_micro_batches()
@@ -175,14 +177,12 @@ class Trainer:
         lr = self.lr_schedule.apply(self.optimizer, self.step)
         scale = self.scaler.scale
         self.reducer.start_step(self.n_accum)
-        with autocast(self.cfg.precision.dtype, self.device):
-            part = self.schedule.step([{k: v.to(self.device) for k, v in mb.items()} for mb in mbs],
-                                      global_masked / scale)
+        part = self.schedule.step(mbs, global_masked, loss_scale=scale)   # autocast inside, forward only
         self.reducer.finish()
         sync_tied_embedding_grads(self.chunks, g)
         # step loss: per-DP-rank partial sums on the last stage, summed over DP, sent to all stages
         if self.schedule.has_last_stage:
-            t = torch.tensor([part / scale], dtype=torch.float64, device=comm_device())
+            t = torch.tensor([part], dtype=torch.float64, device=comm_device())
             if dist.is_initialized() and g.dp_size > 1:
                 dist.all_reduce(t, group=g.dp_group)
             part = t.item()
@@ -206,71 +206,31 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ evaluation
-    def _forward_loss(self, mb: dict):
-        """(masked-token loss sum, masked count) of one batch, forward only, through every stage:
-        stage s runs on pipeline rank s % PP (chunk s // PP) and sends its hidden states [B, S, H]
-        (fp32) to the next; the last stage's totals are broadcast over the pipeline group."""
-        from xlmr_mp.distributed import comm_device
-        g = self.groups
-        ids, attn, labels = (mb[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
-        if g.pp_size == 1:
-            ls, n = self.chunks[0].loss_and_count(ids, attn, labels)
-            return float(ls), float(n)
-        P = g.pp_size
-        by_stage = {c.pipeline_stage_index: c for c in self.chunks}
-        n_stages = P * len(self.chunks)
-        res = torch.zeros(2, dtype=torch.float64, device=comm_device())
-        x = ids
-        for s in range(n_stages):
-            if s % P != g.pp_rank:
-                continue
-            if s > 0:
-                x = torch.empty(ids.shape[0], ids.shape[1], self.cfg.model.hidden_size, device=self.device)
-                dist.recv(x, src=g.pp_ranks[(s - 1) % P], group=g.pp_group)
-            chunk = by_stage[s]
-            if s == n_stages - 1:
-                ls, n = chunk.loss_and_count(x, attn, labels)
-                res = torch.tensor([float(ls), float(n)], dtype=torch.float64, device=comm_device())
-            else:
-                dist.send(chunk(x, attention_mask=attn).float().contiguous(), dst=g.pp_ranks[(s + 1) % P],
-                          group=g.pp_group)
-        dist.broadcast(res, src=g.pp_ranks[P - 1], group=g.pp_group)
-        return float(res[0]), float(res[1])
-
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """Per-language validation loss (nats per masked token) and bits per character (masked-token
         NLL / ln 2 / characters of the masked pieces), over train.eval_batches batches per language,
-        summed over DP; at any TP/PP layout (forward only, stage by stage)."""
+        summed over DP. At any layout: `PipelineSchedule.evaluate` runs the forward-only pipeline
+        (every rank of a pipeline group passes the same batches) and returns the sums on every rank."""
         from xlmr_mp.distributed import comm_device
-        from xlmr_mp.precision import autocast
         if self.valid is None:
             return {}
-        for c in self.chunks:
-            c.eval()
         out = {}
-        try:
-            for lang in self.valid.languages:
-                tot = torch.zeros(3, dtype=torch.float64, device=comm_device())  # loss sum, masked, chars
-                for mb in self.valid.batches(lang, max_batches=self.cfg.train.eval_batches):
-                    with autocast(self.cfg.precision.dtype, self.device):
-                        ls, n = self._forward_loss(mb)
-                    tot[0] += ls
-                    tot[1] += n
-                    if "masked_chars" in mb:
-                        tot[2] += float(mb["masked_chars"].sum())
-                if dist.is_initialized() and self.groups.dp_size > 1:
-                    dist.all_reduce(tot, group=self.groups.dp_group)
-                if tot[1] > 0:
-                    out[f"loss_{lang}"] = float(tot[0].item() / tot[1].item())
-                    if tot[2] > 0:
-                        out[f"bpc_{lang}"] = float(tot[0].item() / math.log(2) / tot[2].item())
-            if out:
-                losses = [v for k, v in out.items() if k.startswith("loss_")]
-                out["loss"] = sum(losses) / len(losses)
-        finally:
-            for c in self.chunks:
-                c.train()
+        for lang in self.valid.languages:
+            mbs = list(self.valid.batches(lang, max_batches=self.cfg.train.eval_batches))
+            ls, n = self.schedule.evaluate(mbs) if mbs else (0.0, 0)
+            chars = sum(float(mb["masked_chars"].sum()) for mb in mbs if "masked_chars" in mb)
+            tot = torch.tensor([ls, n, chars], dtype=torch.float64, device=comm_device())  # loss sum, masked, chars
+            if dist.is_initialized() and self.groups.dp_size > 1:
+                dist.all_reduce(tot, group=self.groups.dp_group)
+            ls, n, chars = tot.tolist()
+            if n > 0:
+                out[f"loss_{lang}"] = ls / n
+                if chars > 0:
+                    out[f"bpc_{lang}"] = ls / math.log(2) / chars
+        if out:
+            losses = [v for k, v in out.items() if k.startswith("loss_")]
+            out["loss"] = sum(losses) / len(losses)
         return out
 
     # ------------------------------------------------------------------ checkpoints
