@@ -179,7 +179,15 @@ start() {
 }
 
 stop() {
-  local f pid t
+  local f pid t left
+  # cancel this cluster's jobs first, so their processes end under slurmstepd's control
+  if pid_alive "$DIR/run/slurmctld.pid"; then
+    scancel --full --quiet --user="$(id -un)" >/dev/null 2>&1 || true
+    for t in $(seq 30); do
+      [ -z "$(squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null)" ] && break
+      sleep 0.5
+    done
+  fi
   for f in "$DIR"/run/slurmd.*.pid "$DIR/run/slurmctld.pid"; do
     [ -f "$f" ] || continue
     pid="$(cat "$f")"
@@ -190,12 +198,17 @@ stop() {
     fi
     rm -f "$f"
   done
-  # job steps left behind by killed slurmds (their slurmstepd processes) belong to this cluster
-  for pid in $(pgrep -x slurmstepd 2>/dev/null || true); do
-    if tr '\0' ' ' < "/proc/$pid/environ" 2>/dev/null | grep -q "SLURM_CONF=$CONF"; then
-      kill "$pid" 2>/dev/null || true
-    fi
-  done
+  # step daemons of this cluster (found by the SLURM_CONF in their environment) outlive a killed
+  # slurmd and ignore SIGTERM while they retry to reach it: SIGTERM, then SIGKILL
+  _stepds() {
+    for pid in $(pgrep -x slurmstepd 2>/dev/null || true); do
+      tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF" && echo "$pid"
+    done
+  }
+  left="$(_stepds)"
+  [ -n "$left" ] && kill $left 2>/dev/null || true
+  for t in $(seq 10); do left="$(_stepds)"; [ -z "$left" ] && break; sleep 0.3; done
+  [ -n "$left" ] && kill -9 $left 2>/dev/null || true
   log "stopped (state kept in $DIR; munged left running for other users)"
 }
 
