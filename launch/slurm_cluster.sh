@@ -202,8 +202,9 @@ stop() {
   # slurmd and ignore SIGTERM while they retry to reach it: SIGTERM, then SIGKILL
   _stepds() {
     for pid in $(pgrep -x slurmstepd 2>/dev/null || true); do
-      tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF" && echo "$pid"
+      if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF"; then echo "$pid"; fi
     done
+    return 0   # (set -e: a last non-matching pid must not end the script)
   }
   left="$(_stepds)"
   [ -n "$left" ] && kill $left 2>/dev/null || true
