@@ -88,3 +88,20 @@ def test_model_only_checkpoint_loads_at_another_layout(tmp_path):
     save_model_checkpoint(str(tmp_path / "ck"), full, cfg, tp=2, pp=2, step=0)
     r = run_distributed(b.model_only_load_body, 1, args=(str(tmp_path / "ck"), full), timeout=300)[0]
     assert r["same"] and r["step"] == 1 and r["loss"] == r["loss"]
+
+
+def test_resave_same_step_and_crash_window(tmp_path):
+    """Saving a step that already exists replaces it (no leftovers); if a crash fell between moving
+    the old directory aside and renaming the new one in, `latest` still resolves (to the old one)."""
+    import shutil
+    from types import SimpleNamespace
+    from xlmr_mp.checkpoint.sharded import latest_checkpoint, save_checkpoint
+    g = SimpleNamespace(tp_rank=0, pp_rank=0, dp_rank=0)
+    root = str(tmp_path / "ck")
+    kw = dict(optim_state={}, rank_state={}, meta={"tp": 1, "pp": 1, "dp": 1}, keep_last=2)
+    save_checkpoint(root, 1, g, model_state={"w": torch.zeros(2)}, **kw)
+    path = save_checkpoint(root, 1, g, model_state={"w": torch.ones(2)}, **kw)
+    assert latest_checkpoint(root) == path and not os.path.exists(path + ".old")
+    assert torch.equal(torch.load(os.path.join(path, "model_tp00_pp00.pt"))["w"], torch.ones(2))
+    shutil.move(path, path + ".old")           # the crash window of a third save
+    assert latest_checkpoint(root) == path + ".old"

@@ -325,6 +325,7 @@ def train(cfg: RunConfig) -> List[float]:
     path = tr.resume_path()
     if path:
         tr.load(path)
+    start_step = tr.step
     tr.logger.truncate_after(tr.step)
     log0(f"world {env.world_size} ({env.source}) = TP {groups.tp_size} x PP {groups.pp_size} x DP {groups.dp_size}; "
          f"global batch {cfg.train.global_batch} = micro {cfg.train.micro_batch} x accum {tr.n_accum} x DP "
@@ -354,7 +355,7 @@ def train(cfg: RunConfig) -> List[float]:
                 sys.exit(EXIT_REQUEUE)
             if cfg.checkpoint.interval and tr.step % cfg.checkpoint.interval == 0 and tr.step < cfg.train.train_steps:
                 tr.save()
-        if cfg.checkpoint.interval >= 0:
+        if tr.step > start_step:           # a run that resumed at its last step has nothing new to save
             tr.save()
     finally:
         stop.uninstall()

@@ -73,6 +73,8 @@ def latest_checkpoint(root: str) -> Optional[str]:
         return None
     name = open(p).read().strip()
     path = os.path.join(root, name)
+    if not os.path.exists(os.path.join(path, "meta.json")) and os.path.exists(os.path.join(path + ".old", "meta.json")):
+        return path + ".old"        # a crash between the two renames of a re-save
     if not os.path.exists(os.path.join(path, "meta.json")):
         raise FileNotFoundError(f"{p} names {name!r} but {path}/meta.json does not exist; the checkpoint root "
                                 f"was edited by hand: point {p} at a complete step directory")
@@ -103,9 +105,13 @@ def save_checkpoint(root: str, step: int, groups, *, model_state: Dict[str, torc
     if rank == 0:
         full_meta = {"format": FORMAT, "step": step, **meta}
         _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(full_meta, indent=1))
+        old = final + ".old"            # re-saving a step (e.g. at a new layout): keep it until replaced
         if os.path.exists(final):
-            shutil.rmtree(final)
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         _atomic_write_text(os.path.join(root, "latest"), step_dir_name(step) + "\n")
         prune_checkpoints(root, keep_last)
     _barrier()
