@@ -101,3 +101,15 @@ def test_cli_config_error_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "xlmr_mp.train", "--config", b.TINY, "train.global_batch=10"],
                        cwd=b.ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "train.global_batch=10" in p.stderr
+
+
+def test_tensorboard_sink_writes_events(tmp_path):
+    lg = MetricsLogger(str(tmp_path), rank=0, jsonl=False, tensorboard=True)
+    lg.log(1, {"loss": 2.0, "mfu": 0.1})
+    lg.close()
+    events = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]
+    assert events and os.path.getsize(tmp_path / "tb" / events[0]) > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/loss")] == [2.0]
