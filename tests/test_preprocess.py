@@ -300,3 +300,15 @@ def test_killed_run_leaves_no_complete_looking_pair(setup, tmp_path):
     run_tool("preprocess_data", "--input", d, "--tokenizer", setup["model"], "--output-dir", out, "--quiet",
              "--languages", "zz")
     assert sorted(os.listdir(out / "zz")) == [f"{s}.{e}" for s in ("test", "train", "valid") for e in ("bin", "idx")]
+
+
+def test_mpi_bad_input_fails_every_rank_cleanly(setup, tmp_path):
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not installed")
+    d = _bad_corpus(tmp_path, b"bad \xff byte", line_no=18)
+    out = tmp_path / "out"
+    r = run_tool("preprocess_data", "--input", d, "--tokenizer", setup["model"], "--output-dir", out, "--quiet",
+                 "--range-bytes", 200, prefix=["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"],
+                 check=False, timeout=240)
+    assert r.returncode != 0 and "en.txt:22" in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(out / "en" / "train.idx")
