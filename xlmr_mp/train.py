@@ -313,7 +313,8 @@ def train(cfg: RunConfig) -> List[float]:
     env = init_distributed(cfg.parallel.backend, cfg.train.device)
     cfg.validate(env.world_size)
     from xlmr_mp.parallel.pipeline import validate_pipeline_config
-    validate_pipeline_config(cfg.model, cfg.parallel, grad_accumulation_steps(cfg))
+    validate_pipeline_config(cfg.model, cfg.parallel, grad_accumulation_steps(cfg),
+                             seq_length=cfg.data.seq_length)
     device = pick_device(cfg.train.device)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and env.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(env.world_size, 1)))

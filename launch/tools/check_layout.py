@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         except ImportError:
             validate_pipeline_config = None
         if validate_pipeline_config is not None:
-            validate_pipeline_config(cfg.model, cfg.parallel, grad_accumulation_steps(cfg))
+            validate_pipeline_config(cfg.model, cfg.parallel, grad_accumulation_steps(cfg),
+                                     seq_length=cfg.data.seq_length)
     except ConfigError as e:
         src = f" (config {args.config})" if args.config else ""
         print(f"layout error{src}: {e}", file=sys.stderr)
