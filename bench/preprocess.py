@@ -84,8 +84,8 @@ def raw_encode(model, lines, nproc):
     return max(r[1] for r in res) - min(r[0] for r in res), sum(r[2] for r in res), sum(r[3] for r in res)
 
 
-def run_tool(corpus, model, out, workers):
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus, "--tokenizer",
+def run_tool(corpus, model, out, workers, tool=None):
+    cmd = [sys.executable, tool or os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus, "--tokenizer",
            model, "--output-dir", out, "--workers", str(workers), "--quiet"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--tokenizer", default=None, help="P.model (default: train an 8000-piece model here)")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
     ap.add_argument("--keep", default=None, help="keep the work directory here")
+    ap.add_argument("--compare", default=None,
+                    help="another preprocess_data.py (e.g. an older commit's copy) measured in the same run")
     args = ap.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="bench_prep_")
     corpus = os.path.join(work, "corpus")
@@ -125,13 +127,21 @@ def main():
     counts = [int(x) for x in args.workers.split(",")]
     rows = {}
     for n in counts:
-        raws, tools = [], []
+        raws, tools, others = [], [], []
         for _ in range(args.repeats):          # interleaved, so both see the same machine load
             raws.append(raw_encode(model, lines, n))
             out = os.path.join(work, f"out_w{n}")
             tools.append(run_tool(corpus, model, out, n))
             shutil.rmtree(out)
+            if args.compare:
+                others.append(run_tool(corpus, model, out, n, args.compare))
+                shutil.rmtree(out)
         raw, tool = min(raws), min(tools)
+        if others:
+            o = min(others)
+            print(f"--compare {args.compare}, {n} worker(s): {nbytes / 1e6 / o[0]:.2f} MB/s, "
+                  f"tool/raw {raw[0] / o[0]:.3f} (this tree: {nbytes / 1e6 / tool[0]:.2f} MB/s, "
+                  f"tool/raw {raw[0] / tool[0]:.3f})")
         rows[n] = dict(raw_s=raw[0], raw_tokens=raw[1], raw_cpu=min(r[2] for r in raws), tool_s=tool[0],
                        tool_wall=tool[1], tool_tokens=tool[2], tool_cpu=min(t[3] for t in tools))
     print(f"{'procs':>5} {'raw MB/s':>9} {'raw tok/s':>11} {'tool MB/s':>10} {'tool tok/s':>11} "
