@@ -98,29 +98,6 @@ def test_byte_identical_for_any_worker_count_and_chunking(setup, tmp_path):
     _same_tree(setup["out"], out2)
 
 
-def test_workers_cut_files_into_ranges_byte_identical(setup, tmp_path):
-    """--workers > 1 encodes document-aligned ranges into shards and merges them: same bytes."""
-    out2 = tmp_path / "w2r"
-    run_tool("preprocess_data", "--input", setup["corpus"], "--tokenizer", setup["model"], "--output-dir", out2,
-             "--split", "80,10,10", "--workers", 2, "--chunk-bytes", 1024, "--range-bytes", 1500, "--quiet")
-    _same_tree(setup["out"], out2)
-    assert not os.path.exists(out2 / ".shards")
-
-
-def test_workers_bad_input_mid_file_names_line_and_removes_stale_pair(setup, tmp_path):
-    d = _bad_corpus(tmp_path, b"fine line", line_no=3)
-    out = tmp_path / "out"
-    run_tool("preprocess_data", "--input", d, "--tokenizer", setup["model"], "--output-dir", out, "--quiet")
-    assert os.path.exists(out / "en" / "train.idx")
-    with open(d / "en.txt", "ab") as f:
-        f.write(b"x" * 5000 + b"\n\nbad \xff byte\n")
-    r = run_tool("preprocess_data", "--input", d, "--tokenizer", setup["model"], "--output-dir", out, "--quiet",
-                 "--workers", 2, "--chunk-bytes", 1024, "--range-bytes", 1024, check=False)
-    assert r.returncode == 2 and "en.txt:28" in r.stderr, r.stderr[-2000:]
-    assert not any(f.startswith("en/") for f in _files(out)), _files(out)
-    assert not os.path.exists(out / ".shards")
-
-
 def test_mpi_ranks_byte_identical(setup, tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not installed")

@@ -15,14 +15,8 @@ the --split fractions. That depends on neither position nor worker/rank count (a
 documents with the same opening line in the same split), so the output is byte-identical for
 any --workers and any MPI rank count.
 
-Streaming: each encoding process holds about one chunk of --chunk-bytes at a time; token lengths
-and document ends are spooled to disk, so memory does not grow with the file size.
-
---workers N > 1: plain files are cut at document starts into ranges of about total/(8 N) bytes
-(at least one chunk, at most --range-bytes; compressed files are one range each); each of the N
-processes reads, encodes and writes whole ranges into shard datasets under OUT/.shards/, largest
-first, and the main process then only merges each language's shards in range order (sequential
-copies), as the MPI mode does. So the main process is off the encoding path and N processes encode.
+Streaming: the reader holds about (2 * workers + 2) chunks of --chunk-bytes; token lengths and
+document ends are spooled to disk, so memory does not grow with the file size.
 
 MPI: plain files are cut into ranges of about --range-bytes at document boundaries (compressed
 files are one range each); ranges go round-robin to ranks, each rank writes shard datasets under
@@ -53,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, CorpusError, RawChunk, align_range_start,  # noqa: E402
                                     count_lines_before, find_language_files, is_seekable,
                                     iter_raw_chunks, parse_chunk, split_ext)
-from xlmr_mp.data.indexed import IndexedWriter, remove_dataset, token_dtype  # noqa: E402
+from xlmr_mp.data.indexed import IndexedWriter, token_dtype  # noqa: E402
 from merge_datasets import merge_datasets  # noqa: E402  (tools/merge_datasets.py)
 
 SPLITS = ("train", "valid", "test")
@@ -298,113 +292,8 @@ def _dtype_for(model_path):
     return token_dtype(XLMRTokenizer(model_path).vocab_size)
 
 
-class _NoProgress:
-    def update(self, n_bytes, n_docs):
-        pass
-
-
-def _encode_unit(job):
-    """Pool worker: encode one document-aligned range of a file into its own shard datasets."""
-    args, lang, path, start, end, first_line, prefixes, dtype = job
-    out = {}
-    c0 = time.process_time()
-
-    def done(_, sink):
-        sink.finalize()
-        out["stats"] = sink.stats
-        sink.stats["encode_cpu_s"] = time.process_time() - c0    # the whole unit: read, encode, write
-
-    process_units(args, None, [(lang, path, start, end, first_line, prefixes)], dtype, _NoProgress(), done)
-    return out["stats"]
-
-
-def _first_lines(units):
-    """1-based line number of each unit's first line, one sequential pass per file."""
-    firsts, by_path = [], {}
-    for lang, path, start, end in units:
-        if not start:
-            firsts.append(1)
-            continue
-        pos, n = by_path.get(path, (0, 0))
-        n += count_lines_in(path, pos, start)
-        by_path[path] = (start, n)
-        firsts.append(1 + n)
-    return firsts
-
-
-def count_lines_in(path, a, b):
-    """Number of '\\n' in path[a:b]."""
-    n = 0
-    with open(path, "rb") as f:
-        f.seek(a)
-        left = b - a
-        while left > 0:
-            block = f.read(min(left, 1 << 24))
-            if not block:
-                break
-            n += block.count(b"\n")
-            left -= len(block)
-    return n
-
-
-def run_pool(args, files):
-    """--workers > 1: each worker encodes whole document-aligned ranges into shard datasets under
-    OUT/.shards/ (reading and writing its own data), the main process only merges the shards of each
-    language in canonical range order (sequential copies), exactly as the MPI mode does."""
-    dtype = _dtype_for(args.tokenizer)
-    sizes = [os.path.getsize(p) for p in files.values() if is_seekable(p)]
-    # about 8 ranges per worker for load balance, never below one chunk, never above --range-bytes
-    range_bytes = min(args.range_bytes, max(args.chunk_bytes, sum(sizes) // (8 * args.workers) + 1))
-    units = plan_units(files, range_bytes)
-    firsts = _first_lines(units)
-    shard_root = os.path.join(args.output_dir, ".shards")
-    jobs = [(args, lang, path, start, end, first,
-             [os.path.join(shard_root, lang, f"u{i:06d}.{s}") for s in SPLITS], dtype)
-            for i, ((lang, path, start, end), first) in enumerate(zip(units, firsts))]
-    # biggest ranges first (unknown-size compressed files count as biggest), so the tail is short
-    order = sorted(range(len(units)), key=lambda i: -(units[i][3] - units[i][2]) if units[i][3] is not None
-                   else -float("inf"))
-    total = sum(sizes) if len(sizes) == len(files) else None
-    for lang in files:      # as in the one-process path: an older complete pair never outlives a failed run
-        for s in SPLITS:
-            remove_dataset(os.path.join(args.output_dir, lang, s))
-    progress = _Progress(total, "preprocess", args.quiet)
-    pool = _make_pool(args)
-    t0, c0 = time.perf_counter(), time.process_time()
-    unit_stats = [None] * len(units)
-    try:
-        results = pool.imap_unordered(_encode_indexed, [(i, jobs[i]) for i in order], chunksize=1)
-        for i, st in results:
-            unit_stats[i] = st
-            progress.update(st["bytes"], sum(st["documents"]))
-        pool.close()
-        stats = {}
-        for lang in files:
-            idxs = [i for i, u in enumerate(units) if u[0] == lang]
-            st = _merge_stats([unit_stats[i] for i in idxs])
-            _check_nonempty(lang, files[lang], st)
-            for s in SPLITS:
-                merge_datasets([os.path.join(shard_root, lang, f"u{i:06d}.{s}") for i in idxs],
-                               os.path.join(args.output_dir, lang, s), dtype)
-            stats[lang] = st
-            shutil.rmtree(os.path.join(shard_root, lang), ignore_errors=True)
-    finally:
-        progress.close()
-        pool.terminate()
-        shutil.rmtree(shard_root, ignore_errors=True)
-    args.main_cpu_s = time.process_time() - c0
-    return stats, time.perf_counter() - t0
-
-
-def _encode_indexed(item):
-    i, job = item
-    return i, _encode_unit(job)
-
-
 def run_single(args, files):
     """One process (plus --workers encoders) for every language, straight into the final datasets."""
-    if args.workers > 1:
-        return run_pool(args, files)
     dtype = _dtype_for(args.tokenizer)
     total = sum(os.path.getsize(p) for p in files.values()) if all(map(is_seekable, files.values())) else None
     progress = _Progress(total, "preprocess", args.quiet)
