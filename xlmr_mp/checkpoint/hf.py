@@ -12,6 +12,7 @@ import shutil
 
 import torch
 
+from xlmr_mp.checkpoint.model_io import fresh_temp_dir_beside
 from xlmr_mp.model.config import ModelConfig
 
 # ours -> HF, for names outside the layers ({i} is the global layer index inside them).
@@ -192,12 +193,7 @@ def load_hf(path: str) -> tuple:
 def save_hf(path: str, full: dict, cfg: ModelConfig) -> str:
     """Write an HF directory (config.json + model.safetensors) that transformers loads; atomic."""
     from safetensors.torch import save_file
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    tmp = fresh_temp_dir_beside(path)
     hf_sd = {k: v.contiguous() for k, v in full_state_to_hf(full, cfg).items()}
     save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:

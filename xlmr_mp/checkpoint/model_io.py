@@ -60,6 +60,18 @@ def stage_of(name: str, stage_layers: Sequence[Sequence[int]]) -> int:
     raise ValueError(f"{name}: not a model parameter name (embeddings.*, layers.N.*, lm_head.*)")
 
 
+
+def fresh_temp_dir_beside(path: str) -> str:
+    """An empty temporary directory next to `path` (same filesystem), to be renamed onto `path`
+    once complete, so a crash never leaves a half-written checkpoint under the final name."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
 def save_model_checkpoint(path: str, full_state_dict: dict, cfg: ModelConfig, tp: int = 1, pp: int = 1,
                           step: int = 0, stage_layers: Optional[Sequence[Sequence[int]]] = None,
                           extra_meta: Optional[dict] = None) -> str:
@@ -75,12 +87,7 @@ def save_model_checkpoint(path: str, full_state_dict: dict, cfg: ModelConfig, tp
         per_stage[stage_of(name, stage_layers)][name] = t
     if pp > 1 and WORD_EMB in full_state_dict and any(k.startswith("lm_head.") for k in full_state_dict):
         per_stage[-1][DECODER_COPY] = full_state_dict[WORD_EMB]
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    tmp = fresh_temp_dir_beside(path)
     for p in range(pp):
         for t in range(tp):
             local = full_to_local(per_stage[p], cfg, tp, t)
