@@ -145,16 +145,22 @@ def blend_rank_reference(spec: BlendSpec, bucket: int) -> int:
     return sum(_draws_before(spec, bucket))
 
 
-def blend_window_reference(spec: BlendSpec, start: int, count: int):
-    """Blended positions [start, start+count) -> (language, block) arrays; numpy reference."""
+def _last_bucket_at_or_before(spec: BlendSpec, start: int, rank) -> int:
+    """The largest bucket b with rank(spec, b) <= start (binary search; rank is non-decreasing and
+    rank(b) >= b - L - 2, so the answer lies below start + L + 2)."""
     lo, hi = 0, start + spec.num_languages + 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if blend_rank_reference(spec, mid) <= start:
+        if rank(spec, mid) <= start:
             lo = mid
         else:
             hi = mid
-    b0 = lo
+    return lo
+
+
+def blend_window_reference(spec: BlendSpec, start: int, count: int):
+    """Blended positions [start, start+count) -> (language, block) arrays; numpy reference."""
+    b0 = _last_bucket_at_or_before(spec, start, blend_rank_reference)
     pos0 = blend_rank_reference(spec, b0)
     b1 = b0 + (start + count - pos0) + spec.num_languages + 2  # rank(b1) >= b1 - L >= start+count
     k0, k1 = _draws_before(spec, b0), _draws_before(spec, b1)
@@ -230,14 +236,7 @@ def draws_at_rank(spec: BlendSpec, start: int) -> list:
     if have_cpp():
         from xlmr_mp import _C
         rank = lambda spec, b: _C.blend_rank(spec.weights, spec.offsets, TOTAL_WEIGHT, b)  # noqa: E731
-    lo, hi = 0, start + spec.num_languages + 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if rank(spec, mid) <= start:
-            lo = mid
-        else:
-            hi = mid
-    counts = _draws_before(spec, lo)
+    counts = _draws_before(spec, _last_bucket_at_or_before(spec, start, rank))
     extra = start - sum(counts)
     if extra:
         lang, _ = blend_window(spec, sum(counts), extra)
