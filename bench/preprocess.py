@@ -8,7 +8,10 @@ scaled up. Tokenizer: --tokenizer, or an 8000-piece model trained here on the co
 For each process count N it measures, in the same run:
   raw  N processes, each encoding its contiguous 1/N of the non-blank lines with
        SentencePieceProcessor.encode(batch of lines, num_threads=1), text already in memory,
-       timed between a barrier and the last process finishing: the limit;
+       timed between a barrier and the last process finishing: the limit. Two output types:
+       `raw` = lists of ints (the default everyone calls), `raw np` = out_type="numpy"
+       (SentencePiece >= 0.2.3: an int32 array per sentence, no Python int per token), which is
+       the stricter peer since the tool uses SentencePiece's buffer output too;
   tool `preprocess_data.py --workers N`: reading, UTF-8 checks, document grouping, encoding,
        id remapping, splitting and writing .bin/.idx; its own processing time (after interpreter
        start-up) and the wall time of the whole command.
@@ -57,24 +60,24 @@ def build_corpus(out_dir, mb):
     return list(paths), f"built-in tiny corpus x{scale:.0f}"
 
 
-def _raw_worker(model, lines, batch, barrier, q):
+def _raw_worker(model, lines, batch, barrier, q, out_type):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=model)
     barrier.wait()
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for i in range(0, len(lines), batch):
-        for ids in sp.encode(lines[i:i + batch], num_threads=1):
+        for ids in sp.encode(lines[i:i + batch], num_threads=1, out_type=out_type):
             n += len(ids)
     q.put((t0, time.perf_counter(), n, time.process_time() - c0))
 
 
-def raw_encode(model, lines, nproc):
+def raw_encode(model, lines, nproc, out_type=int):
     """Wall seconds and pieces for nproc processes encoding contiguous slices of lines."""
     ctx = mp.get_context("spawn")
     barrier, q = ctx.Barrier(nproc), ctx.Queue()
     k = (len(lines) + nproc - 1) // nproc
-    procs = [ctx.Process(target=_raw_worker, args=(model, lines[i * k:(i + 1) * k], 4096, barrier, q))
+    procs = [ctx.Process(target=_raw_worker, args=(model, lines[i * k:(i + 1) * k], 4096, barrier, q, out_type))
              for i in range(nproc)]
     for p in procs:
         p.start()
@@ -84,11 +87,11 @@ def raw_encode(model, lines, nproc):
     return max(r[1] for r in res) - min(r[0] for r in res), sum(r[2] for r in res), sum(r[3] for r in res)
 
 
-def run_tool(corpus, model, out, workers, tool=None):
+def run_tool(corpus, model, out, workers, tool=None, env=None):
     cmd = [sys.executable, tool or os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus, "--tokenizer",
            model, "--output-dir", out, "--workers", str(workers), "--quiet"]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})))
     wall = time.perf_counter() - t0
     if r.returncode:
         raise SystemExit(f"preprocess_data failed:\n{r.stderr}")
@@ -108,6 +111,8 @@ def main():
     ap.add_argument("--keep", default=None, help="keep the work directory here")
     ap.add_argument("--compare", default=None,
                     help="another preprocess_data.py (e.g. an older commit's copy) measured in the same run")
+    ap.add_argument("--list-path", action="store_true",
+                    help="also measure the tool with XLMR_MP_SPM_BUFFERS=0 (SentencePiece's list output)")
     args = ap.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="bench_prep_")
     corpus = os.path.join(work, "corpus")
@@ -125,32 +130,48 @@ def main():
     print(f"corpus: {desc}, {nbytes / 1e6:.1f} MB, {len(lines):,} sentences; tokenizer {model}; "
           f"cpus={os.cpu_count()}")
     counts = [int(x) for x in args.workers.split(",")]
+    import sentencepiece as spm
+    try:
+        spm.SentencePieceProcessor(model_file=model).encode(["probe"], out_type="numpy")
+        has_numpy_out = True
+    except (ValueError, TypeError):
+        has_numpy_out = False
+        print(f"sentencepiece {spm.__version__} has no out_type='numpy': the 'raw np' column is empty")
     rows = {}
     for n in counts:
-        raws, tools, others = [], [], []
-        for _ in range(args.repeats):          # interleaved, so both see the same machine load
+        raws, raws_np, tools, others = [], [], [], []
+        for _ in range(args.repeats):          # interleaved, so all see the same machine load
             raws.append(raw_encode(model, lines, n))
+            if has_numpy_out:
+                raws_np.append(raw_encode(model, lines, n, "numpy"))
             out = os.path.join(work, f"out_w{n}")
             tools.append(run_tool(corpus, model, out, n))
             shutil.rmtree(out)
-            if args.compare:
-                others.append(run_tool(corpus, model, out, n, args.compare))
+            if args.compare or args.list_path:
+                others.append(run_tool(corpus, model, out, n, args.compare,
+                                       {"XLMR_MP_SPM_BUFFERS": "0"} if args.list_path else None))
                 shutil.rmtree(out)
         raw, tool = min(raws), min(tools)
+        raw_np = min(raws_np) if raws_np else None
         if others:
             o = min(others)
-            print(f"--compare {args.compare}, {n} worker(s): {nbytes / 1e6 / o[0]:.2f} MB/s, "
+            what = f"--compare {args.compare}" if args.compare else ""
+            what += " with XLMR_MP_SPM_BUFFERS=0 (list path)" if args.list_path else ""
+            print(f"{what.strip()}, {n} worker(s): {nbytes / 1e6 / o[0]:.2f} MB/s, "
                   f"tool/raw {raw[0] / o[0]:.3f} (this tree: {nbytes / 1e6 / tool[0]:.2f} MB/s, "
                   f"tool/raw {raw[0] / tool[0]:.3f})")
         rows[n] = dict(raw_s=raw[0], raw_tokens=raw[1], raw_cpu=min(r[2] for r in raws), tool_s=tool[0],
+                       raw_np_s=raw_np[0] if raw_np else float("nan"),
                        tool_wall=tool[1], tool_tokens=tool[2], tool_cpu=min(t[3] for t in tools))
-    print(f"{'procs':>5} {'raw MB/s':>9} {'raw tok/s':>11} {'tool MB/s':>10} {'tool tok/s':>11} "
-          f"{'tool/raw':>9} {'wall MB/s':>10} {'wall/raw':>9} {'raw CPU s':>10} {'tool CPU s':>11} {'CPU raw/tool':>13}")
+    print(f"{'procs':>5} {'raw MB/s':>9} {'raw tok/s':>11} {'raw np MB/s':>12} {'tool MB/s':>10} {'tool tok/s':>11} "
+          f"{'tool/raw':>9} {'tool/raw np':>12} {'wall MB/s':>10} {'wall/raw':>9} {'raw CPU s':>10} {'tool CPU s':>11} {'CPU raw/tool':>13}")
     for n, r in rows.items():
         assert r["raw_tokens"] == r["tool_tokens"], "raw and tool must encode the same text"
         raw_mbs, tool_mbs, wall_mbs = nbytes / 1e6 / r["raw_s"], nbytes / 1e6 / r["tool_s"], nbytes / 1e6 / r["tool_wall"]
-        print(f"{n:>5} {raw_mbs:>9.2f} {r['raw_tokens'] / r['raw_s']:>11,.0f} {tool_mbs:>10.2f} "
-              f"{r['tool_tokens'] / r['tool_s']:>11,.0f} {tool_mbs / raw_mbs:>9.3f} {wall_mbs:>10.2f} "
+        np_mbs = nbytes / 1e6 / r["raw_np_s"]
+        print(f"{n:>5} {raw_mbs:>9.2f} {r['raw_tokens'] / r['raw_s']:>11,.0f} {np_mbs:>12.2f} {tool_mbs:>10.2f} "
+              f"{r['tool_tokens'] / r['tool_s']:>11,.0f} {tool_mbs / raw_mbs:>9.3f} {tool_mbs / np_mbs:>12.3f} "
+              f"{wall_mbs:>10.2f} "
               f"{wall_mbs / raw_mbs:>9.3f} {r['raw_cpu']:>10.2f} {r['tool_cpu']:>11.2f} "
               f"{r['raw_cpu'] / r['tool_cpu']:>13.3f}")
     # steadier on a busy machine: CPU of the tool's per-chunk worker path vs raw encoding, best of 3, in-process
@@ -171,14 +192,18 @@ def main():
             b = min(b, time.process_time() - c)
         return b
     raw_cpu = best_cpu(lambda: [sp.encode(lines[i:i + 4096], num_threads=1) for i in range(0, len(lines), 4096)])
+    np_cpu = best_cpu(lambda: [sp.encode(lines[i:i + 4096], num_threads=1, out_type="numpy")
+                               for i in range(0, len(lines), 4096)]) if has_numpy_out else float("nan")
     tool_cpu = best_cpu(lambda: [preprocess_data.encode_chunk(r, "x.txt", "txt", 1 << 20, "error", "text", 1234,
                                                               [0.98, 0.99, 1.0], np.uint16) for r in raws])
-    print(f"worker path, one process, CPU best of 3: raw encode {raw_cpu:.2f} s, tool parse+encode+remap "
-          f"{tool_cpu:.2f} s, raw/tool {raw_cpu / tool_cpu:.3f}")
+    print(f"worker path, one process, CPU best of 3: raw encode {raw_cpu:.2f} s, raw np encode {np_cpu:.2f} s, "
+          f"tool parse+encode+remap {tool_cpu:.2f} s, raw/tool {raw_cpu / tool_cpu:.3f}, raw np/tool "
+          f"{np_cpu / tool_cpu:.3f}")
     if len(rows) > 1:
         base = counts[0]
         for n in counts[1:]:
             print(f"scaling {base}->{n} processes: raw x{rows[base]['raw_s'] / rows[n]['raw_s']:.2f}, "
+                  f"raw np x{rows[base]['raw_np_s'] / rows[n]['raw_np_s']:.2f}, "
                   f"tool x{rows[base]['tool_s'] / rows[n]['tool_s']:.2f} (ideal x{n / base:.0f})")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -3,8 +3,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "blend_index.h"
 
@@ -81,10 +83,83 @@ void py_blend_window(CArr<uint64_t> weights, CArr<uint64_t> offsets, CArr<uint64
   else throw std::invalid_argument("blend_window: out_lang must be uint8/uint16 and out_block uint32/int64");
 }
 
+
+// One flat id array from per-sentence int32 buffers (SentencePiece's VectorBuffer, numpy arrays):
+// ids remapped through `table`, `eos_id` (if >= 0) appended to each sentence, written in the
+// dataset dtype. Returns (ids, lengths int64, number of ids equal to unk_id). Python reference:
+// xlmr_mp/tokenizer/spm.py flatten_id_buffers_reference.
+template <typename OutT>
+void remap_into(const std::vector<Py_buffer>& views, const int32_t* table, int64_t table_size,
+                int32_t eos_id, int32_t unk_id, OutT* out, int64_t* lengths, int64_t* n_unk, int64_t* bad_id) {
+  int64_t pos = 0, unk = 0;
+  for (size_t i = 0; i < views.size(); ++i) {
+    const auto* src = static_cast<const int32_t*>(views[i].buf);
+    const int64_t n = views[i].len / static_cast<int64_t>(sizeof(int32_t));
+    for (int64_t k = 0; k < n; ++k) {
+      const int32_t id = src[k];
+      if (id < 0 || id >= table_size) { *bad_id = id; return; }
+      const int32_t d = table[id];
+      unk += (d == unk_id);
+      out[pos++] = static_cast<OutT>(d);
+    }
+    if (eos_id >= 0) out[pos++] = static_cast<OutT>(eos_id);
+    lengths[i] = n + (eos_id >= 0 ? 1 : 0);
+  }
+  *n_unk = unk;
+}
+
+py::tuple py_flatten_id_buffers(const py::sequence& buffers, CArr<int32_t> table, int32_t eos_id,
+                                int32_t unk_id, const py::dtype& dtype) {
+  const bool u16 = dtype.is(py::dtype::of<uint16_t>());
+  if (!u16 && !dtype.is(py::dtype::of<int32_t>()))
+    throw std::invalid_argument("flatten_id_buffers: dtype must be uint16 or int32");
+  const size_t n = static_cast<size_t>(py::len(buffers));
+  std::vector<Py_buffer> views;
+  views.reserve(n);
+  struct Release {  // release every view we hold, whatever happens
+    std::vector<Py_buffer>& v;
+    ~Release() { for (auto& b : v) PyBuffer_Release(&b); }
+  } release{views};
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    py::object item = buffers[i];
+    Py_buffer view;
+    if (PyObject_GetBuffer(item.ptr(), &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) throw py::error_already_set();
+    const bool ok = view.itemsize == 4 && view.format != nullptr &&
+                    (std::string(view.format) == "i" || std::string(view.format) == "<i" ||
+                     std::string(view.format) == "=i");
+    views.push_back(view);
+    if (!ok)
+      throw std::invalid_argument("flatten_id_buffers: item " + std::to_string(i) + " is not an int32 buffer");
+    total += view.len / 4 + (eos_id >= 0 ? 1 : 0);
+  }
+  py::array out = u16 ? py::array(py::dtype::of<uint16_t>(), total) : py::array(py::dtype::of<int32_t>(), total);
+  py::array_t<int64_t> lengths(static_cast<py::ssize_t>(n));
+  if (u16) {  // the caller checks that every table value fits; checked here too, cheaply
+    for (py::ssize_t k = 0; k < table.size(); ++k)
+      if (table.data()[k] < 0 || table.data()[k] > 65535 || eos_id > 65535)
+        throw std::invalid_argument("flatten_id_buffers: an id does not fit uint16; use int32");
+  }
+  int64_t n_unk = 0, bad_id = INT64_MIN;
+  {
+    py::gil_scoped_release nogil;
+    if (u16)
+      remap_into<uint16_t>(views, table.data(), table.size(), eos_id, unk_id,
+                           static_cast<uint16_t*>(out.mutable_data()), lengths.mutable_data(), &n_unk, &bad_id);
+    else
+      remap_into<int32_t>(views, table.data(), table.size(), eos_id, unk_id,
+                          static_cast<int32_t*>(out.mutable_data()), lengths.mutable_data(), &n_unk, &bad_id);
+  }
+  if (bad_id != INT64_MIN)
+    throw std::invalid_argument("flatten_id_buffers: id " + std::to_string(bad_id) + " outside the table of " +
+                                std::to_string(table.size()) + " entries");
+  return py::make_tuple(out, lengths, n_unk);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "xlmr_mp C++ helpers: data index building (packing, blended language index)";
+  m.doc() = "xlmr_mp C++ helpers: data index building (packing, blended language index), id flattening";
   m.def("pack_blocks", &py_pack_blocks, py::arg("sizes"), py::arg("doc_index"), py::arg("block_size"),
         py::arg("break_at_documents"),
         "Pack sentences into blocks of <= block_size tokens; returns (token starts, lengths).");
@@ -96,6 +171,10 @@ PYBIND11_MODULE(_C, m) {
           return blend_rank(w.data(), o.data(), w.size(), total, bucket);
         }, py::arg("weights"), py::arg("offsets"), py::arg("total_weight"), py::arg("bucket"),
         "Number of blended draws in buckets [0, bucket).");
+  m.def("flatten_id_buffers", &py_flatten_id_buffers, py::arg("buffers"), py::arg("table"), py::arg("eos_id"),
+        py::arg("unk_id"), py::arg("dtype"),
+        "(ids, lengths, n_unk): per-sentence int32 id buffers remapped through table, eos_id (>= 0) appended "
+        "to each, concatenated in dtype (uint16 or int32).");
   m.def("feistel_permute", &feistel_permute, py::arg("x"), py::arg("n"), py::arg("seed"),
         py::arg("lang"), py::arg("epoch"),
         "Position of x under the block permutation of (seed, lang, epoch) on [0, n).");

@@ -148,3 +148,86 @@ def test_matches_hugging_face_xlmr_tokenizer(models, tmp_path):
     assert hf.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]) == [0, 1, 2, 3, tok.mask_id]
     for t in TEXTS[:6]:
         assert hf(t)["input_ids"] == tok.encode(t, add_bos=True, add_eos=True)
+
+
+# --- batch encoding into flat buffers (preprocessing's path) ------------------------------------
+def _list_path_tokenizer(model, monkeypatch):
+    monkeypatch.setenv("XLMR_MP_SPM_BUFFERS", "0")
+    tok = XLMRTokenizer(model)
+    monkeypatch.delenv("XLMR_MP_SPM_BUFFERS")
+    assert tok._encode_buffers is None
+    return tok
+
+
+def test_buffer_path_is_used_with_current_sentencepiece(models):
+    _, model, _ = models
+    tok = XLMRTokenizer(model)
+    version = tuple(int(x) for x in spm.__version__.split(".")[:3])
+    if version >= (0, 2, 3):     # the binding has _EncodeAsBufferBatch: the fast path must not silently fall off
+        assert tok._encode_buffers is not None
+    from xlmr_mp import _C
+    assert tok._flatten is _C.flatten_id_buffers
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_encode_flat_buffer_path_equals_list_path(models, monkeypatch, which):
+    d, *model_pair = models
+    model = model_pair[which - 1]
+    fast, slow = XLMRTokenizer(model), _list_path_tokenizer(model, monkeypatch)
+    texts = TEXTS + ["", "  ", "人们 ☃☃ 𝔘 " * 50]
+    texts += [line for p in sorted((d / "corpus").iterdir()) for line in p.read_text().splitlines()[:200]]
+    for dtype in (np.int32, np.uint16):
+        for add_eos in (True, False):
+            a_ids, a_len, a_unk = fast.encode_flat(texts, add_eos=add_eos, dtype=dtype, count_unk=True)
+            b_ids, b_len, b_unk = slow.encode_flat(texts, add_eos=add_eos, dtype=dtype, count_unk=True)
+            assert a_ids.dtype == b_ids.dtype == dtype
+            np.testing.assert_array_equal(a_ids, b_ids)
+            np.testing.assert_array_equal(a_len, b_len)
+            assert a_unk == b_unk == int(np.count_nonzero(a_ids == 3))
+    assert fast.encode_flat([], dtype=np.uint16)[0].shape == (0,)
+    assert which == 1 or a_unk > 0          # the no-byte-fallback model does produce <unk> here
+
+
+def test_encode_flat_equal_on_shared_corpus(shared_corpus, models, monkeypatch):
+    """Every language of ../shared/corpus, buffer path vs SentencePiece's list output, id for id."""
+    _, model, _ = models
+    fast, slow = XLMRTokenizer(model), _list_path_tokenizer(model, monkeypatch)
+    n_lang = 0
+    for name in sorted(os.listdir(shared_corpus)):
+        if not name.endswith(".txt") or name[:-4].upper() == name[:-4]:
+            continue
+        with open(os.path.join(shared_corpus, name), encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for _, line in zip(range(300), f)]
+        a, b = fast.encode_flat(lines, count_unk=True), slow.encode_flat(lines, count_unk=True)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        n_lang += 1
+    assert n_lang >= 100
+
+
+def test_flatten_id_buffers_matches_reference():
+    from xlmr_mp._C import flatten_id_buffers
+    from xlmr_mp.tokenizer.spm import flatten_id_buffers_reference
+    rng = np.random.default_rng(0)
+    table = rng.permutation(5000).astype(np.int32) + 4
+    table[0] = 3
+    bufs = [rng.integers(0, 5000, size=int(n)).astype(np.int32) for n in rng.integers(0, 40, size=300)]
+    bufs[5] = np.zeros(0, dtype=np.int32)
+    bufs[7] = np.zeros(6, dtype=np.int32)        # SentencePiece's unk
+    for dtype in (np.int32, np.uint16):
+        for eos in (2, -1):
+            got = flatten_id_buffers(bufs, table, eos, 3, np.dtype(dtype))
+            ref = flatten_id_buffers_reference(bufs, table, eos, 3, dtype)
+            assert got[0].dtype == ref[0].dtype == dtype
+            np.testing.assert_array_equal(got[0], ref[0])
+            np.testing.assert_array_equal(got[1], ref[1])
+            assert got[2] == ref[2] >= 6
+    assert flatten_id_buffers([], table, 2, 3, np.dtype(np.int32))[0].shape == (0,)
+    with pytest.raises(ValueError, match="outside the table"):
+        flatten_id_buffers([np.array([5000], dtype=np.int32)], table, 2, 3, np.dtype(np.int32))
+    with pytest.raises(ValueError, match="outside the table"):
+        flatten_id_buffers_reference([np.array([-1], dtype=np.int32)], table, 2, 3)
+    with pytest.raises(ValueError, match="not an int32 buffer"):
+        flatten_id_buffers([np.arange(3, dtype=np.int64)], table, 2, 3, np.dtype(np.int32))
+    with pytest.raises(ValueError, match="uint16"):
+        flatten_id_buffers(bufs[:2], table + 70000, 2, 3, np.dtype(np.uint16))

@@ -89,9 +89,8 @@ def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad
     """
     cpu0 = time.process_time()
     parsed = parse_chunk(raw, path, fmt, max_line_bytes, on_bad_line, json_key)
-    ids, lengths = _TOKENIZER.encode_flat(parsed.sentences, add_eos=True, num_threads=1)
-    n_unk = int(np.count_nonzero(ids == 3))
-    ids = ids.astype(dtype, copy=False)
+    ids, lengths, n_unk = _TOKENIZER.encode_flat(parsed.sentences, add_eos=True, num_threads=1, dtype=dtype,
+                                                 count_unk=True)
     doc_start = np.asarray(parsed.doc_start, dtype=bool)
     split = np.full(len(parsed.sentences), -1, dtype=np.int8)
     for k in np.flatnonzero(doc_start).tolist() + ([0] if parsed.sentences else []):
