@@ -16,8 +16,8 @@ For each process count N it measures, in the same run:
        id remapping, splitting and writing .bin/.idx; its own processing time (after interpreter
        start-up) and the wall time of the whole command.
 It prints MB/s (input bytes), tokens/s, tool/raw ratios and the N-vs-1 scaling of each, and CPU
-seconds: raw = encoding loops; tool = its main process + its encoder processes' chunk work
-(start-up excluded from both). On a shared, oversubscribed machine the CPU ratio is the steadier
+seconds: raw = encoding loops; tool = its main process (which encodes too) + its helper processes'
+chunk work (start-up excluded from both). On a shared, oversubscribed machine the CPU ratio is the steadier
 measure of the tool's overhead; wall-clock ratios there mostly measure other people's load.
 """
 from __future__ import annotations
@@ -98,7 +98,8 @@ def run_tool(corpus, model, out, workers, tool=None, env=None):
     summary = json.load(open(os.path.join(out, "preprocess_summary.json")))
     timing = summary["timing"]
     tokens = sum(s["tokens"] - s["sentences"] for s in summary["languages"].values())   # pieces, without </s>
-    cpu = timing["main_cpu_s"] + (timing["encode_cpu_s"] if workers > 1 else 0.0)
+    # this process in total + the helper processes' chunk work (chunks it encoded itself are in main_cpu_s)
+    cpu = timing["main_cpu_s"] + timing["encode_cpu_s"] - ((timing.get("sched") or {}).get("local_cpu_s") or 0.0)
     return timing["seconds"], wall, tokens, cpu
 
 

@@ -91,11 +91,36 @@ def test_summary_reports_counts_and_unknown_rate(setup):
     assert en["tokens"] == total and en["unk"] == 0
 
 
-def test_byte_identical_for_any_worker_count_and_chunking(setup, tmp_path):
-    out2 = tmp_path / "w2"
+@pytest.mark.parametrize("workers", [2, 3])
+def test_byte_identical_for_any_worker_count_and_chunking(setup, tmp_path, workers):
+    out2 = tmp_path / f"w{workers}"
     run_tool("preprocess_data", "--input", setup["corpus"], "--tokenizer", setup["model"], "--output-dir", out2,
-             "--split", "80,10,10", "--workers", 2, "--chunk-bytes", 1500, "--quiet")
+             "--split", "80,10,10", "--workers", workers, "--chunk-bytes", 1500, "--quiet")
     _same_tree(setup["out"], out2)
+    # the coordinating process and its helper pool both encoded chunks, and the output is still identical
+    sched = json.load(open(out2 / "preprocess_summary.json"))["timing"]["sched"]
+    assert sched["local_chunks"] > 0 and sched["pool_chunks"] > 0, sched
+
+
+def test_raw_chunk_by_reference_rereads_the_same_bytes(tmp_path):
+    p = tmp_path / "x.txt"
+    p.write_bytes("".join(f"line {i} ünï\n" + ("\n" if i % 3 == 0 else "") for i in range(200)).encode())
+    chunks = list(iter_raw_chunks(str(p), chunk_bytes=100))
+    assert len(chunks) > 10 and all(c.offset >= 0 for c in chunks)
+    for c in chunks:
+        ref = c.by_reference()
+        assert ref.data == b"" and ref.length == len(c.data) and ref.first_line == c.first_line
+        assert ref.load(str(p)) == c.data
+    assert b"".join(c.data for c in chunks) == p.read_bytes()
+    gz = tmp_path / "x.txt.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(p.read_bytes())
+    for c in iter_raw_chunks(str(gz), chunk_bytes=100):      # compressed input keeps its bytes
+        assert c.offset == -1 and c.by_reference() is c
+    short = chunks[-1].by_reference()
+    p.write_bytes(b"truncated\n")
+    with pytest.raises(CorpusError, match="changed while being read"):
+        short.load(str(p))
 
 
 def test_mpi_ranks_byte_identical(setup, tmp_path):
@@ -150,6 +175,15 @@ def test_invalid_utf8_names_file_and_line_or_is_skipped(setup, tmp_path):
                  check=False)
     assert r.returncode == 2
     assert "en.txt:8" in r.stderr and "UTF-8" in r.stderr and "--on-bad-line skip" in r.stderr
+    # the same from chunks that helper processes re-read by offset (1 KiB chunks: many go to the pool)
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "en.txt", "wb") as f:
+        for i in range(1, 401):
+            f.write(b"caf\xe9 au lait\n" if i == 333 else f"Line {i} is fine enough.\n".encode())
+    r = run_tool("preprocess_data", "--input", big, "--tokenizer", setup["model"], "--output-dir", out, "--quiet",
+                 "--workers", 3, "--chunk-bytes", 1024, check=False)
+    assert r.returncode == 2 and "en.txt:333" in r.stderr and "UTF-8" in r.stderr
     assert not os.path.exists(out / "en" / "train.idx") and not os.path.exists(out / "en" / "train.bin")
     assert not os.path.exists(out) or not [f for f in _files(out) if ".tmp" in f]
     r = run_tool("preprocess_data", "--input", d, "--tokenizer", setup["model"], "--output-dir", out, "--quiet",

@@ -15,6 +15,10 @@ the --split fractions. That depends on neither position nor worker/rank count (a
 documents with the same opening line in the same split), so the output is byte-identical for
 any --workers and any MPI rank count.
 
+Parallel: --workers N = N encoding processes, this one included (it encodes a chunk itself
+whenever its N - 1 helpers have two queued each), so N matches N cores without oversubscription.
+Helpers re-read plain files by offset; only compressed input is piped to them.
+
 Streaming: the reader holds about (2 * workers + 2) chunks of --chunk-bytes; token lengths and
 document ends are spooled to disk, so memory does not grow with the file size.
 
@@ -88,6 +92,8 @@ def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad
     writing process only routes slices and writes bytes.
     """
     cpu0 = time.process_time()
+    if not raw.data and raw.length:
+        raw = RawChunk(raw.load(path), raw.first_line, raw.skipped, raw.offset, raw.length)
     parsed = parse_chunk(raw, path, fmt, max_line_bytes, on_bad_line, json_key)
     ids, lengths, n_unk = _TOKENIZER.encode_flat(parsed.sentences, add_eos=True, num_threads=1, dtype=dtype,
                                                  count_unk=True)
@@ -96,7 +102,7 @@ def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad
     for k in np.flatnonzero(doc_start).tolist() + ([0] if parsed.sentences else []):
         split[k] = document_split(parsed.sentences[k], seed, cumulative)
     return dict(ids=ids, lengths=lengths.astype(np.int32), doc_start=doc_start, split=split,
-                trailing_break=parsed.trailing_break, skipped=parsed.skipped, n_bytes=len(raw.data),
+                trailing_break=parsed.trailing_break, skipped=parsed.skipped, n_bytes=raw.length,
                 n_unk=n_unk, cpu=time.process_time() - cpu0)
 
 
@@ -182,18 +188,39 @@ class _Progress:
         self.bar.close()
 
 
+class _Done:
+    """An already-computed result in the in-flight queue (a chunk this process encoded itself)."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self):
+        return True
+
+    def get(self):
+        return self.value
+
+
 def process_units(args, pool, units, dtype, progress, on_done):
     """Encode units [(lang, path, start, end, first_line, prefixes)] in order, pipelined across units.
 
-    Chunks of every unit flow through one ordered queue of at most 2 * workers + 2 in-flight
-    items, so small files do not drain the pool; on_done(i, sink) is called (in order) when unit
-    i is fully written to its sink, and must finalize or abort it.
+    --workers N means N encoding processes: this one plus a pool of N - 1. Chunks go to the pool
+    while it has fewer than 2 queued per helper; otherwise this process encodes the chunk itself
+    instead of waiting, so the coordinating work (reading, routing, writing) is absorbed by one of
+    the N processes rather than competing with them for N cores. Results are consumed strictly
+    in file order (one queue of at most 2 * N + 2 chunks), so the output does not depend on who
+    encoded what. on_done(i, sink) is called (in order) when unit i is fully written to its sink,
+    and must finalize or abort it.
     """
     cumulative = parse_split(args.split).tolist()
+    helpers = 0 if pool is None else args.workers - 1
+    pool_limit = 2 * helpers                # chunks queued or running in the pool
     limit = 1 if pool is None else 2 * args.workers + 2
     inflight = collections.deque()       # ("chunk", unit, result) | ("end", unit, None)
     sinks = {}
     n_chunks = 0
+    stats = dict(local_cpu_s=0.0, local_chunks=0, pool_chunks=0)
 
     def drain_one():
         nonlocal n_chunks
@@ -202,8 +229,12 @@ def process_units(args, pool, units, dtype, progress, on_done):
             on_done(u, sinks.pop(u))
             return
         n_chunks -= 1
-        r = obj if pool is None else obj.get()
+        r = obj.get()
         progress.update(r["n_bytes"], sinks[u].consume(r))
+
+    def drain_ready():
+        while inflight and (inflight[0][0] == "end" or inflight[0][2].ready()):
+            drain_one()
 
     try:
         for u, (lang, path, start, end, first_line, prefixes) in enumerate(units):
@@ -212,20 +243,28 @@ def process_units(args, pool, units, dtype, progress, on_done):
             sinks[u] = _Sink(prefixes, dtype)
             for raw in iter_raw_chunks(path, args.chunk_bytes, args.max_line_bytes, args.on_bad_line,
                                        start=start, end=end, first_line=first_line):
-                work = encode_chunk(raw, *extra) if pool is None else pool.apply_async(encode_chunk, (raw,) + extra)
+                busy = sum(1 for k, _, o in inflight if k == "chunk" and not isinstance(o, _Done) and not o.ready())
+                if pool is not None and busy < pool_limit:
+                    work = pool.apply_async(encode_chunk, (raw.by_reference(),) + extra)
+                    stats["pool_chunks"] += 1
+                else:
+                    work = _Done(encode_chunk(raw, *extra))
+                    stats["local_cpu_s"] += work.value["cpu"]
+                    stats["local_chunks"] += 1
                 inflight.append(("chunk", u, work))
                 n_chunks += 1
+                drain_ready()
                 while n_chunks >= limit:
                     drain_one()
             inflight.append(("end", u, None))
-            while inflight and inflight[0][0] == "end":    # finished units are written out at once
-                drain_one()
+            drain_ready()                   # finished units are written out at once
         while inflight:
             drain_one()
     except BaseException:
         for sink in sinks.values():
             sink.abort()
         raise
+    return stats
 
 
 def _check_nonempty(lang, path, stats):
@@ -274,11 +313,13 @@ def _write_json(path, obj):
 
 
 def _make_pool(args):
+    """The tokenizer for this process, and a pool of --workers - 1 helper encoders (None for 1)."""
+    _init_worker(args.tokenizer)
     if args.workers <= 1:
-        _init_worker(args.tokenizer)
         return None
-    pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.tokenizer,))
-    pool.map(_ready, range(args.workers), chunksize=1)    # start-up is not part of the timed work
+    n = args.workers - 1
+    pool = mp.get_context("spawn").Pool(n, initializer=_init_worker, initargs=(args.tokenizer,))
+    pool.map(_ready, range(n), chunksize=1)    # start-up is not part of the timed work
     return pool
 
 
@@ -313,12 +354,13 @@ def run_single(args, files):
 
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        process_units(args, pool, units, dtype, progress, done)
+        sched = process_units(args, pool, units, dtype, progress, done)
     finally:
         progress.close()
         if pool is not None:
             pool.terminate()
     args.main_cpu_s = time.process_time() - c0
+    args.sched = sched
     return stats, time.perf_counter() - t0
 
 
@@ -413,7 +455,7 @@ def build_parser():
     p.add_argument("--tokenizer", required=True, help="SentencePiece model P.model (P.dict.txt beside it is used)")
     p.add_argument("--output-dir", required=True, help="writes OUT/<lang>/{train,valid,test}.{bin,idx}")
     p.add_argument("--languages", default=None, help="comma list (default: every language file in --input)")
-    p.add_argument("--workers", type=int, default=1, help="encoding processes on this machine (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes on this machine, this one included (default 1)")
     p.add_argument("--split", default="98,1,1", help="train,valid,test proportions of documents (default 98,1,1)")
     p.add_argument("--seed", type=int, default=1234, help="key of the document split hash")
     p.add_argument("--on-bad-line", choices=BAD_LINE_POLICIES, default="error",
@@ -481,8 +523,10 @@ def main(argv=None):
         if rank != 0:
             return 0
     tot = print_summary(stats, seconds, args.workers, ranks)
+    # main_cpu_s: this process in total (its own encoding included); encode_cpu_s: every chunk's encoding,
+    # in whichever process; sched: how many chunks this process encoded itself vs the helper pool
     timing = dict(seconds=seconds, encode_cpu_s=tot["encode_cpu_s"], workers=args.workers, ranks=ranks,
-                  main_cpu_s=getattr(args, "main_cpu_s", None))
+                  main_cpu_s=getattr(args, "main_cpu_s", None), sched=getattr(args, "sched", None))
     for st in stats.values():
         st.pop("encode_cpu_s", None)
     _write_json(os.path.join(args.output_dir, "preprocess_summary.json"),

@@ -40,6 +40,31 @@ class RawChunk:
     data: bytes                 # whole lines (the last one may lack "\n" at end of file)
     first_line: int             # 1-based line number of the first line in data
     skipped: List[Tuple[int, str]] = field(default_factory=list)  # (line, reason) dropped right after data
+    offset: int = -1            # byte offset of data in a plain (uncompressed) file; -1 otherwise
+    length: int = 0             # len(data), also when data was left out by by_reference()
+
+    def __post_init__(self):
+        if self.data and not self.length:
+            self.length = len(self.data)
+
+    def by_reference(self) -> "RawChunk":
+        """The same chunk without its bytes, for a process that re-reads them (plain files only):
+        handing an encoder process (offset, length) instead of the text saves pickling and piping
+        the whole corpus through the coordinating process."""
+        if self.offset < 0:
+            return self
+        return RawChunk(b"", self.first_line, self.skipped, self.offset, self.length)
+
+    def load(self, path: str) -> bytes:
+        """The chunk's bytes: its own, or re-read from path for a by_reference() chunk."""
+        if self.data or self.length == 0:
+            return self.data
+        with open(path, "rb") as f:
+            data = os.pread(f.fileno(), self.length, self.offset)
+        if len(data) != self.length:
+            raise CorpusError(f"{path}: file changed while being read (expected {self.length} bytes at "
+                              f"offset {self.offset}, got {len(data)})")
+        return data
 
 
 @dataclass
@@ -182,11 +207,13 @@ def iter_raw_chunks(path: str, chunk_bytes: int = 1 << 20, max_line_bytes: int =
         if start:
             f.seek(start)
         pos = start
+        plain = is_seekable(path)
         while end is None or pos < end:
             want = chunk_bytes if end is None else min(chunk_bytes, end - pos)
             block = f.read(want)
             if not block:
                 break
+            block_offset = pos
             pos += len(block)
             skipped: List[Tuple[int, str]] = []
             if not block.endswith(b"\n") and (end is None or pos < end):
@@ -216,7 +243,7 @@ def iter_raw_chunks(path: str, chunk_bytes: int = 1 << 20, max_line_bytes: int =
                     skipped.append((bad_line, reason))
                 else:
                     block = block + b"".join(tail)
-            chunk = RawChunk(block, line_no, skipped)
+            chunk = RawChunk(block, line_no, skipped, block_offset if plain else -1, len(block))
             line_no += block.count(b"\n") + len(skipped)
             yield chunk
 
