@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Throughput of tools/preprocess_data.py against raw SentencePiece encoding of the same text.
 
-    python bench/preprocess.py [--mb 24] [--workers 1,2] [--tokenizer P.model] [--repeats 2]
+    python bench/preprocess.py [--mb 24] [--workers 1,2] [--tokenizer P.model] [--repeats 2] [--list-path]
+                               [--plot bench/results/preprocess_cpu.png]
 
 Corpus: a slice of ../shared/corpus (several scripts) when present, else the built-in tiny corpus
 scaled up. Tokenizer: --tokenizer, or an 8000-piece model trained here on the corpus.
@@ -103,6 +104,32 @@ def run_tool(corpus, model, out, workers, tool=None, env=None):
     return timing["seconds"], wall, tokens, cpu
 
 
+def plot(rows, nbytes, desc, args):
+    """Grouped bars: MB/s of raw, raw np, the tool (and the list-path / --compare tool) per process count."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series = [("raw SentencePiece (list output)", "raw_s"), ("raw SentencePiece (numpy output)", "raw_np_s"),
+              ("preprocess_data.py", "tool_s")]
+    if args.list_path or args.compare:
+        series.append(("preprocess_data.py, list path" if args.list_path else f"--compare {args.compare}", "other_s"))
+    counts = list(rows)
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, (label, key) in enumerate(series):
+        vals = [nbytes / 1e6 / rows[n][key] for n in counts]
+        bars = ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(counts))], vals, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(counts)), [f"{n} process(es)" for n in counts])
+    ax.set_ylabel("MB/s of input text")
+    ax.set_title(f"tools/preprocess_data.py vs raw SentencePiece\n{desc}, {nbytes / 1e6:.0f} MB, "
+                 f"best of {args.repeats}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot: {args.plot}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=24.0, help="corpus size in MB (default 24)")
@@ -114,6 +141,7 @@ def main():
                     help="another preprocess_data.py (e.g. an older commit's copy) measured in the same run")
     ap.add_argument("--list-path", action="store_true",
                     help="also measure the tool with XLMR_MP_SPM_BUFFERS=0 (SentencePiece's list output)")
+    ap.add_argument("--plot", default=None, help="write a PNG of MB/s per process count (needs matplotlib)")
     args = ap.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="bench_prep_")
     corpus = os.path.join(work, "corpus")
@@ -162,6 +190,7 @@ def main():
                   f"tool/raw {raw[0] / o[0]:.3f} (this tree: {nbytes / 1e6 / tool[0]:.2f} MB/s, "
                   f"tool/raw {raw[0] / tool[0]:.3f})")
         rows[n] = dict(raw_s=raw[0], raw_tokens=raw[1], raw_cpu=min(r[2] for r in raws), tool_s=tool[0],
+                       other_s=min(others)[0] if others else float("nan"),
                        raw_np_s=raw_np[0] if raw_np else float("nan"),
                        tool_wall=tool[1], tool_tokens=tool[2], tool_cpu=min(t[3] for t in tools))
     print(f"{'procs':>5} {'raw MB/s':>9} {'raw tok/s':>11} {'raw np MB/s':>12} {'tool MB/s':>10} {'tool tok/s':>11} "
@@ -206,6 +235,8 @@ def main():
             print(f"scaling {base}->{n} processes: raw x{rows[base]['raw_s'] / rows[n]['raw_s']:.2f}, "
                   f"raw np x{rows[base]['raw_np_s'] / rows[n]['raw_np_s']:.2f}, "
                   f"tool x{rows[base]['tool_s'] / rows[n]['tool_s']:.2f} (ideal x{n / base:.0f})")
+    if args.plot:
+        plot(rows, nbytes, desc, args)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
