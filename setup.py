@@ -59,6 +59,6 @@ setup(
     install_requires=["torch", "megatron-core>=0.16", "sentencepiece", "numpy", "pybind11",
                       "pyyaml", "tqdm", "safetensors"],
     extras_require={"mpi": ["mpi4py"], "hf": ["transformers"], "tb": ["tensorboard"], "bench": ["matplotlib"],
-                    "test": ["pytest", "pytest-timeout", "transformers", "mpi4py"]},
+                    "test": ["pytest", "pytest-timeout", "transformers", "mpi4py", "matplotlib"]},
     zip_safe=False,
 )
