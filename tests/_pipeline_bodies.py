@@ -169,9 +169,3 @@ def shape_inference_keeps_rng(rank, world_size, tp, pp):
     return dict(same_loss=first[0] == repeat[0], same_grads=same_grads, same_tracker=same_tracker,
                 same_default_rng=torch.equal(first[3], repeat[3]), dropout_active=advanced[0] != first[0],
                 losses=(first[0], repeat[0], advanced[0]))
-
-
-def run_scenarios(rank, world_size, scenarios):
-    """Run several (body name, args) scenarios in one set of processes (spawning is the slow
-    part of these tests); returns one result per scenario."""
-    return [globals()[name](rank, world_size, *args) for name, args in scenarios]

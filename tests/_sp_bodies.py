@@ -135,8 +135,3 @@ def bad_seq_length(rank, world_size):
     untouched = all(p.grad is None for c in chunks for p in c.parameters())
     destroy_parallel()
     return dict(msg=msg, untouched=untouched)
-
-
-def run_scenarios(rank, world_size, scenarios):
-    """Several (body name, args) scenarios in one set of processes (spawning is the slow part)."""
-    return [globals()[name](rank, world_size, *args) for name, args in scenarios]

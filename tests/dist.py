@@ -87,3 +87,17 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300,
         if errors:
             raise AssertionError("distributed test failed\n" + "\n".join(errors))
         return results
+
+
+def _run_scenarios(rank, world_size, module_name, scenarios):
+    import importlib
+    mod = importlib.import_module(module_name)
+    return [getattr(mod, name)(rank, world_size, *args) for name, args in scenarios]
+
+
+def run_scenarios(module_name: str, world_size: int, scenarios: dict, timeout: float = 540) -> dict:
+    """Run several {label: (body name in module_name, args)} scenarios in one set of `world_size`
+    processes (spawning is the slow part of multi-process tests); {label: [result per rank]}."""
+    per_rank = run_distributed(_run_scenarios, world_size, args=(module_name, list(scenarios.values())),
+                               timeout=timeout)
+    return {label: [r[i] for r in per_rank] for i, label in enumerate(scenarios)}

@@ -5,8 +5,7 @@ several AdamW steps, same forward-only evaluation, and the tied decoder weight i
 first stage's embedding; shape inference leaves the dropout RNG streams alone."""
 import pytest
 
-from dist import run_distributed
-from _pipeline_bodies import run_scenarios
+from dist import run_scenarios
 
 RTOL = 1e-5
 # After AdamW steps parameters may differ by float rounding amplified by Adam's normalisation:
@@ -55,19 +54,14 @@ FOUR_RANKS = {
 }
 
 
-def _launch(world_size, scenarios):
-    per_rank = run_distributed(run_scenarios, world_size, args=(list(scenarios.values()),), timeout=540)
-    return {name: [r[i] for r in per_rank] for i, name in enumerate(scenarios)}
-
-
 @pytest.fixture(scope="module")
 def two_rank():
-    return _launch(2, TWO_RANKS)
+    return run_scenarios("_pipeline_bodies", 2, TWO_RANKS)
 
 
 @pytest.fixture(scope="module")
 def four_rank():
-    return _launch(4, FOUR_RANKS)
+    return run_scenarios("_pipeline_bodies", 4, FOUR_RANKS)
 
 
 @pytest.mark.timeout(600)

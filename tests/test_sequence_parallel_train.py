@@ -8,8 +8,7 @@ validation losses and parameters of TP=2 without it."""
 import pytest
 import torch
 
-from dist import run_distributed
-from _sp_bodies import run_scenarios
+from dist import run_scenarios
 from _pipeline_bodies import make_micro_batches, tiny_model_cfg
 
 from xlmr_mp.config import ConfigError, ParallelConfig
@@ -34,19 +33,14 @@ FOUR = {
 }
 
 
-def _launch(world_size, scenarios):
-    per_rank = run_distributed(run_scenarios, world_size, args=(list(scenarios.values()),), timeout=540)
-    return {name: [r[i] for r in per_rank] for i, name in enumerate(scenarios)}
-
-
 @pytest.fixture(scope="module")
 def two_rank():
-    return _launch(2, TWO)
+    return run_scenarios("_sp_bodies", 2, TWO)
 
 
 @pytest.fixture(scope="module")
 def four_rank():
-    return _launch(4, FOUR)
+    return run_scenarios("_sp_bodies", 4, FOUR)
 
 
 def _bad(errs: dict, rtol: float, atol: float = 0.0) -> dict:

@@ -24,16 +24,6 @@ bool ln_geometry(int packs, int* items, int* threads) {
   return false;
 }
 
-template <typename F>
-void dispatch_items(int items, F&& f) {
-  switch (items) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
-}
-
 }  // namespace
 
 // Returns (out, y, keep_mask (empty when not dropping), mean, rstd).
@@ -82,7 +72,7 @@ std::vector<at::Tensor> bdaln_fwd(const at::Tensor& x, const c10::optional<at::T
                 ": hidden size ", H, " too large (max ", wide ? 8192 * W : 8192, ")");
     const T* b = has_bias ? cptr<T>(*bias) : nullptr;
     unsigned char* k = drop ? keep.data_ptr<uint8_t>() : nullptr;
-    dispatch_items(items, [&](auto it_c) {
+    dispatch_items<8>(items, [&](auto it_c) {
       constexpr int I = decltype(it_c)::value;
       if (wide) {
         bdaln_fwd_kernel<T, W, I><<<(unsigned)rows, threads, 0, stream()>>>(
@@ -127,7 +117,7 @@ std::vector<at::Tensor> bdaln_bwd(const at::Tensor& dout, const at::Tensor& y, c
       int items = 0, threads = 0;
       TORCH_CHECK(ln_geometry(wide ? H / W : H, &items, &threads), op, ": hidden size ", H, " too large");
       const unsigned char* k = drop ? keep.data_ptr<uint8_t>() : nullptr;
-      dispatch_items(items, [&](auto it_c) {
+      dispatch_items<8>(items, [&](auto it_c) {
         constexpr int I = decltype(it_c)::value;
         if (wide) {
           bdaln_bwd_rows_kernel<T, W, I><<<(unsigned)rows, threads, 0, stream()>>>(

@@ -18,6 +18,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 namespace xlmr_mp {
 
@@ -29,6 +31,18 @@ void dispatch_float_types(at::ScalarType st, const char* op, F&& f) {
     case at::kHalf: f(__half{}); break;
     case at::kBFloat16: f(__nv_bfloat16{}); break;
     default: TORCH_CHECK(false, op, ": unsupported dtype ", st, " (float32, float16, bfloat16)");
+  }
+}
+
+// Calls f(std::integral_constant<int, I>{}) for the compile-time I in {1, 2, 4, ..., MaxItems} equal to
+// `items` (a power of two; larger values take MaxItems): per-thread item counts of the row kernels.
+template <int MaxItems, int I = 1, typename F>
+void dispatch_items(int items, F&& f) {
+  if constexpr (I >= MaxItems) {
+    f(std::integral_constant<int, I>{});
+  } else {
+    if (items <= I) f(std::integral_constant<int, I>{});
+    else dispatch_items<MaxItems, I * 2>(items, std::forward<F>(f));
   }
 }
 

@@ -17,17 +17,6 @@ int warp_items(int Sk, int vec) {
   return 0;
 }
 
-template <typename F>
-void dispatch_items(int items, F&& f) {
-  switch (items) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: f(std::integral_constant<int, 16>{}); break;
-  }
-}
-
 }  // namespace
 
 at::Tensor scaled_masked_softmax_fwd(const at::Tensor& scores, const c10::optional<at::Tensor>& mask,
@@ -64,7 +53,7 @@ at::Tensor scaled_masked_softmax_fwd(const at::Tensor& scores, const c10::option
       softmax_block_fwd_kernel<T><<<(unsigned)rows, 256, 0, stream()>>>(cptr<T>(scores), mv, ptr<T>(out), Sk,
                                                                        (float)scale);
     } else {
-      dispatch_items(items, [&](auto it_c) {
+      dispatch_items<16>(items, [&](auto it_c) {
         constexpr int I = decltype(it_c)::value;
         if (vec4)
           softmax_warp_fwd_kernel<T, 4, I><<<blocks, kWarpThreads, 0, stream()>>>(
@@ -99,7 +88,7 @@ at::Tensor scaled_masked_softmax_bwd(const at::Tensor& dy, const at::Tensor& y, 
       softmax_block_bwd_kernel<T><<<(unsigned)rows, 256, 0, stream()>>>(cptr<T>(dy), cptr<T>(y), ptr<T>(ds), Sk,
                                                                        (float)scale);
     } else {
-      dispatch_items(items, [&](auto it_c) {
+      dispatch_items<16>(items, [&](auto it_c) {
         constexpr int I = decltype(it_c)::value;
         if (vec4)
           softmax_warp_bwd_kernel<T, 4, I><<<blocks, kWarpThreads, 0, stream()>>>(
