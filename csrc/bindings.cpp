@@ -83,7 +83,6 @@ void py_blend_window(CArr<uint64_t> weights, CArr<uint64_t> offsets, CArr<uint64
   else throw std::invalid_argument("blend_window: out_lang must be uint8/uint16 and out_block uint32/int64");
 }
 
-
 // One flat id array from per-sentence int32 buffers (SentencePiece's VectorBuffer, numpy arrays):
 // ids remapped through `table`, `eos_id` (if >= 0) appended to each sentence, written in the
 // dataset dtype. Returns (ids, lengths int64, number of ids equal to unk_id). Python reference:
@@ -136,9 +135,9 @@ py::tuple py_flatten_id_buffers(const py::sequence& buffers, CArr<int32_t> table
   py::array out = u16 ? py::array(py::dtype::of<uint16_t>(), total) : py::array(py::dtype::of<int32_t>(), total);
   py::array_t<int64_t> lengths(static_cast<py::ssize_t>(n));
   if (u16) {  // the caller checks that every table value fits; checked here too, cheaply
-    for (py::ssize_t k = 0; k < table.size(); ++k)
-      if (table.data()[k] < 0 || table.data()[k] > 65535 || eos_id > 65535)
-        throw std::invalid_argument("flatten_id_buffers: an id does not fit uint16; use int32");
+    bool fits = eos_id <= 65535;
+    for (py::ssize_t k = 0; k < table.size() && fits; ++k) fits = table.data()[k] >= 0 && table.data()[k] <= 65535;
+    if (!fits) throw std::invalid_argument("flatten_id_buffers: an id does not fit uint16; use int32");
   }
   int64_t n_unk = 0, bad_id = INT64_MIN;
   {

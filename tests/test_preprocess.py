@@ -110,7 +110,7 @@ def test_raw_chunk_by_reference_rereads_the_same_bytes(tmp_path):
     for c in chunks:
         ref = c.by_reference()
         assert ref.data == b"" and ref.length == len(c.data) and ref.first_line == c.first_line
-        assert ref.load(str(p)) == c.data
+        assert ref.loaded(str(p)).data == c.data and c.loaded(str(p)) is c
     assert b"".join(c.data for c in chunks) == p.read_bytes()
     gz = tmp_path / "x.txt.gz"
     with gzip.open(gz, "wb") as f:
@@ -120,7 +120,7 @@ def test_raw_chunk_by_reference_rereads_the_same_bytes(tmp_path):
     short = chunks[-1].by_reference()
     p.write_bytes(b"truncated\n")
     with pytest.raises(CorpusError, match="changed while being read"):
-        short.load(str(p))
+        short.loaded(str(p))
 
 
 def test_mpi_ranks_byte_identical(setup, tmp_path):

@@ -92,8 +92,7 @@ def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad
     writing process only routes slices and writes bytes.
     """
     cpu0 = time.process_time()
-    if not raw.data and raw.length:
-        raw = RawChunk(raw.load(path), raw.first_line, raw.skipped, raw.offset, raw.length)
+    raw = raw.loaded(path)
     parsed = parse_chunk(raw, path, fmt, max_line_bytes, on_bad_line, json_key)
     ids, lengths, n_unk = _TOKENIZER.encode_flat(parsed.sentences, add_eos=True, num_threads=1, dtype=dtype,
                                                  count_unk=True)
@@ -243,7 +242,7 @@ def process_units(args, pool, units, dtype, progress, on_done):
             sinks[u] = _Sink(prefixes, dtype)
             for raw in iter_raw_chunks(path, args.chunk_bytes, args.max_line_bytes, args.on_bad_line,
                                        start=start, end=end, first_line=first_line):
-                busy = sum(1 for k, _, o in inflight if k == "chunk" and not isinstance(o, _Done) and not o.ready())
+                busy = sum(1 for k, _, o in inflight if k == "chunk" and not o.ready())   # _Done is always ready
                 if pool is not None and busy < pool_limit:
                     work = pool.apply_async(encode_chunk, (raw.by_reference(),) + extra)
                     stats["pool_chunks"] += 1

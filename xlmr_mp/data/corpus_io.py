@@ -55,16 +55,16 @@ class RawChunk:
             return self
         return RawChunk(b"", self.first_line, self.skipped, self.offset, self.length)
 
-    def load(self, path: str) -> bytes:
-        """The chunk's bytes: its own, or re-read from path for a by_reference() chunk."""
+    def loaded(self, path: str) -> "RawChunk":
+        """This chunk with its bytes: itself, or for a by_reference() chunk, its bytes re-read from path."""
         if self.data or self.length == 0:
-            return self.data
+            return self
         with open(path, "rb") as f:
             data = os.pread(f.fileno(), self.length, self.offset)
         if len(data) != self.length:
             raise CorpusError(f"{path}: file changed while being read (expected {self.length} bytes at "
                               f"offset {self.offset}, got {len(data)})")
-        return data
+        return RawChunk(data, self.first_line, self.skipped, self.offset, self.length)
 
 
 @dataclass
