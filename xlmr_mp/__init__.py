@@ -3,6 +3,6 @@ __version__ = "0.1.0"
 
 
 def load_model(path, **kwargs):
-    """Load a checkpoint (any TP/PP layout) as a single-process model; see xlmr_mp.checkpoint.hf."""
-    from xlmr_mp.model.api import load_model as _load
+    """Load a checkpoint (any TP/PP layout) as a single-process model; see xlmr_mp.checkpoint.load."""
+    from xlmr_mp.checkpoint.load import load_model as _load
     return _load(path, **kwargs)

@@ -12,7 +12,7 @@ import shutil
 
 import torch
 
-from xlmr_mp.checkpoint.model_io import fresh_temp_dir_beside
+from xlmr_mp.checkpoint.model_io import TOKEN_TYPE, constant_buffers, fresh_temp_dir_beside
 from xlmr_mp.model.config import ModelConfig
 
 # ours -> HF, for names outside the layers ({i} is the global layer index inside them).
@@ -137,12 +137,14 @@ def hf_to_full_state(hf_sd: dict, cfg: ModelConfig) -> dict:
 def full_state_to_hf(full: dict, cfg: ModelConfig) -> dict:
     """HF XLMRobertaForMaskedLM state dict from our full state dict (real vocabulary)."""
     out = {}
+    full = dict(full)
+    full.setdefault(TOKEN_TYPE, constant_buffers(cfg)[TOKEN_TYPE])     # trainer checkpoints omit it
     for ours, theirs in HF_NAME_MAP.items():
         names = [(ours.format(i=i), theirs.format(i=i)) for i in range(cfg.num_layers)] if "{i}" in ours \
             else [(ours, theirs)]
         for o, t in names:
             if o not in full:
-                raise KeyError(f"state dict lacks {o!r}")
+                raise HFConversionError(f"state dict lacks {o!r}; cannot export a model without it")
             out[t] = full[o][: cfg.vocab_size].clone() if o in ("embeddings.word_embeddings.weight", "lm_head.bias") \
                 else full[o].clone()
     for i in range(cfg.num_layers):

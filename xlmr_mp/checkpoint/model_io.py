@@ -25,6 +25,18 @@ from xlmr_mp.parallel.shard import full_to_local, local_to_full
 FORMAT = "xlmr_mp-v1"
 WORD_EMB = "embeddings.word_embeddings.weight"
 DECODER_COPY = "lm_head.decoder_weight"
+# Buffers of the model that are constant and never trained: the trainer saves parameters only, so
+# its checkpoints lack them; readers rebuild them from the model config.
+TOKEN_TYPE = "embeddings.token_type_embeddings"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message names the file and what is wrong with it."""
+
+
+def constant_buffers(cfg: ModelConfig) -> dict:
+    """{name: value} of the constant, untrained buffers a saved checkpoint may omit."""
+    return {TOKEN_TYPE: torch.zeros(1, cfg.hidden_size)}
 
 
 def shard_file_name(tp_rank: int, pp_rank: int) -> str:
@@ -118,24 +130,49 @@ def resolve_checkpoint_dir(path: str) -> str:
         step_dir = name if os.path.isabs(name) else os.path.join(path, name)
         if os.path.isfile(os.path.join(step_dir, "meta.json")):
             return step_dir
-        raise FileNotFoundError(f"{latest} names {name!r} but {step_dir}/meta.json does not exist")
-    raise FileNotFoundError(f"{path} is not a model checkpoint: no meta.json and no `latest` file "
-                            f"(give a step directory or a checkpoint root)")
+        raise CheckpointError(f"{latest} names {name!r} but {step_dir}/meta.json does not exist; point "
+                              f"{latest} at a complete step directory")
+    raise CheckpointError(f"{path} is not a model checkpoint: no meta.json and no `latest` file "
+                          f"(give a step directory or a checkpoint root)")
 
 
 def read_meta(path: str) -> dict:
     """meta.json of a checkpoint (step dir or root with `latest`), format checked."""
     step_dir = resolve_checkpoint_dir(path)
-    with open(os.path.join(step_dir, "meta.json")) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{step_dir}/meta.json: format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta_path = os.path.join(step_dir, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path}:{e.lineno}: not valid JSON ({e.msg}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{meta_path}: format {got!r}, expected {FORMAT!r}")
+    for key in ("model", "tp", "pp"):
+        if key not in meta:
+            raise CheckpointError(f"{meta_path}: missing field {key!r}; the checkpoint is damaged")
     return meta
 
 
 def config_from_meta(meta: dict) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig.resolved(**{k: v for k, v in meta["model"].items() if k in names})
+    try:
+        cfg = ModelConfig.resolved(**{k: v for k, v in meta["model"].items() if k in names})
+        cfg.validate()
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"meta.json: field 'model' is not a valid model config ({e})") from None
+    return cfg
+
+
+def _load_shard(f: str) -> dict:
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle, not a torch file
+        raise CheckpointError(f"{f}: cannot be read as model weights ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the checkpoint is damaged") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{f}: holds a {type(sd).__name__}, expected a dict of tensors")
+    return sd
 
 
 def load_full_model_state(path: str) -> tuple:
@@ -149,13 +186,20 @@ def load_full_model_state(path: str) -> tuple:
         for t in range(meta["tp"]):
             f = os.path.join(step_dir, shard_file_name(t, p))
             if not os.path.isfile(f):
-                raise FileNotFoundError(f"{f} is missing (meta.json says tp={meta['tp']}, pp={meta['pp']})")
-            locals_.append(torch.load(f, map_location="cpu", weights_only=True))
-        full.update(local_to_full(locals_, cfg))
+                raise CheckpointError(f"{f} is missing (meta.json says tp={meta['tp']}, pp={meta['pp']})")
+            locals_.append(_load_shard(f))
+        try:
+            full.update(local_to_full(locals_, cfg))
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{step_dir}: the TP shards of stage {p} do not fit together or the model "
+                                  f"config in meta.json ({e})") from None
     if WORD_EMB in full:
         full.pop(DECODER_COPY, None)
     elif DECODER_COPY in full:
         full[WORD_EMB] = full.pop(DECODER_COPY)
+    if WORD_EMB in full:            # the trainer saves parameters only: rebuild the constant buffers
+        for name, value in constant_buffers(cfg).items():
+            full.setdefault(name, value)
     return cfg, full
 
 
@@ -164,8 +208,11 @@ def local_state_for(model, full_state_dict: dict) -> dict:
     full = dict(full_state_dict)
     if WORD_EMB in full:
         full.setdefault(DECODER_COPY, full[WORD_EMB])
+        for name, value in constant_buffers(model.cfg).items():
+            full.setdefault(name, value)
     wanted = model.state_dict().keys()
     missing = [k for k in wanted if k not in full]
     if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}")
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}; "
+                              f"it was saved from a different model")
     return full_to_local({k: full[k] for k in wanted}, model.cfg, model.tp_size, model.tp_rank)

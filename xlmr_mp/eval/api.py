@@ -29,6 +29,8 @@ class EvalModel:
     step: Optional[int] = None        # training step of our checkpoints, None for HF
     config: Dict[str, Any] = field(default_factory=dict)   # the model config as a plain dict
     device: str = "cpu"
+    run_config: Dict[str, Any] = field(default_factory=dict)   # our checkpoints: the training run's config
+    step_dir: Optional[str] = None    # our checkpoints: the resolved step directory
 
 
 @dataclass
