@@ -22,6 +22,11 @@ ranks and the union over pipeline stages) and cut again for this rank (`full_to_
 decoder copy of a last stage is taken from the word embedding when the saved layout had none.
 RNG states cannot map across layouts: the trainer reseeds from (seed, step) in that case.
 The model files follow the model-checkpoint contract, so `load_model` reads a step directory.
+
+Every file is read with `torch.load(..., weights_only=True)`: a checkpoint holds only tensors and
+plain Python values (numpy arrays in the rank state, e.g. numpy's RNG state, are stored as
+{"__ndarray__": uint8 tensor, "dtype", "shape"} and decoded on load), so loading a checkpoint
+someone handed you cannot run code; a file carrying anything else is refused (UnsafeCheckpointError).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import re
 import shutil
 from typing import Dict, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -100,7 +106,7 @@ def save_checkpoint(root: str, step: int, groups, *, model_state: Dict[str, torc
                      os.path.join(tmp, f"model_tp{t:02d}_pp{p:02d}.pt"))
     if write_optim:
         _atomic_save(optim_state, os.path.join(tmp, f"optim_tp{t:02d}_pp{p:02d}_dp{d:02d}.pt"))
-    _atomic_save(rank_state, os.path.join(tmp, f"rank{rank:05d}.pt"))
+    _atomic_save(to_plain(rank_state), os.path.join(tmp, f"rank{rank:05d}.pt"))
     _barrier()   # every rank's files are complete
     if rank == 0:
         full_meta = {"format": FORMAT, "step": step, **meta}
@@ -143,8 +149,48 @@ def same_layout(meta: dict, groups, virtual_stages: int, zero: bool) -> bool:
         (groups.tp_size, groups.pp_size, groups.dp_size, virtual_stages, bool(zero))
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds objects other than tensors and plain Python values."""
+
+
+def to_plain(obj):
+    """`obj` with numpy arrays and numpy scalars replaced by tensors / Python numbers, so that
+    torch.load(weights_only=True) reads it back (inverse: from_plain)."""
+    if isinstance(obj, np.ndarray):
+        raw = torch.frombuffer(bytearray(np.ascontiguousarray(obj).tobytes()), dtype=torch.uint8) if obj.nbytes \
+            else torch.zeros(0, dtype=torch.uint8)
+        return {"__ndarray__": raw, "dtype": obj.dtype.str, "shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj)
+    return obj
+
+
+def from_plain(obj):
+    """Inverse of to_plain: {"__ndarray__": ...} entries become numpy arrays again."""
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj and set(obj) == {"__ndarray__", "dtype", "shape"}:
+            return np.frombuffer(obj["__ndarray__"].numpy().tobytes(), dtype=np.dtype(obj["dtype"])) \
+                .reshape(obj["shape"]).copy()
+        return {k: from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(from_plain(v) for v in obj)
+    return obj
+
+
 def _load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """torch.load(path, weights_only=True); a file with pickled objects is refused, naming it."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain Python values, which "
+            f"could run code when unpickled (torch: {str(e).splitlines()[0]}). xlmr_mp never writes such "
+            f"files; only use checkpoints from a source you trust, re-saved by xlmr_mp") from None
 
 
 def full_model_state(path: str, model_cfg, meta: Optional[dict] = None) -> Dict[str, torch.Tensor]:
@@ -220,5 +266,6 @@ def load_optim_state(path: str, names: Iterable[str], model_cfg, groups, same: b
 
 
 def load_rank_state(path: str, rank: int) -> Optional[dict]:
+    """The rank state saved by `rank` (numpy arrays decoded), or None when it has no rank file."""
     p = os.path.join(path, f"rank{rank:05d}.pt")
-    return _load(p) if os.path.exists(p) else None
+    return from_plain(_load(p)) if os.path.exists(p) else None
