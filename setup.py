@@ -58,7 +58,7 @@ setup(
     # torch is deliberately unpinned: install the right build first (CPU: torch==2.13.0).
     install_requires=["torch", "megatron-core>=0.16", "sentencepiece", "numpy", "pybind11",
                       "pyyaml", "tqdm", "safetensors"],
-    extras_require={"mpi": ["mpi4py"], "hf": ["transformers"], "tb": ["tensorboard"], "bench": ["matplotlib"],
-                    "test": ["pytest", "pytest-timeout", "transformers", "mpi4py", "matplotlib"]},
+    extras_require={"mpi": ["mpi4py"], "hf": ["transformers", "protobuf"], "tb": ["tensorboard"], "bench": ["matplotlib"],
+                    "test": ["pytest", "pytest-timeout", "transformers", "protobuf", "mpi4py", "matplotlib"]},
     zip_safe=False,
 )

@@ -2,11 +2,14 @@
 """Convert between Hugging Face XLMRobertaForMaskedLM directories and xlmr_mp checkpoints.
 
     python tools/convert_checkpoint.py hf-to-xlmr --input HF_DIR --output CKPT --tp 2 [--pp 1]
-    python tools/convert_checkpoint.py xlmr-to-hf --input CKPT --output HF_DIR
+    python tools/convert_checkpoint.py xlmr-to-hf --input CKPT --output HF_DIR [--tokenizer P.model]
     python tools/convert_checkpoint.py reshard    --input CKPT --output CKPT2 --tp 4 --pp 2
 
 HF_DIR: config.json plus model.safetensors (or a sharded index, or pytorch_model.bin).
 CKPT: meta.json + model_tp{t}_pp{p}.pt (a step directory, or for --input a root with `latest`).
+xlmr-to-hf also writes the tokenizer (the run's data.tokenizer or --tokenizer: sentencepiece.bpe.model,
+tokenizer.json with byte fallback, tokenizer_config.json), checked to give our ids, so that
+AutoTokenizer and AutoModelForMaskedLM load HF_DIR alone.
 The vocabulary is padded to a multiple of --vocab-divisible-by x TP in the shards and stripped on
 export. Outputs are written under a temporary name and renamed when complete.
 """
@@ -53,14 +56,34 @@ def hf_to_xlmr(args) -> None:
     _log(f"wrote {args.output} (tp={args.tp}, pp={args.pp}) in {time.time() - t0:.1f}s")
 
 
+def _export_tokenizer(args, step_dir: str, meta: dict):
+    """The XLMRTokenizer to export: --tokenizer, else the run's data.tokenizer; None (with a
+    warning) when there is neither."""
+    from xlmr_mp.checkpoint.load import run_tokenizer_path
+    from xlmr_mp.tokenizer import TokenizerError, XLMRTokenizer
+    path = args.tokenizer or run_tokenizer_path(step_dir, meta)
+    if path is None:
+        _log("warning: no tokenizer exported (the run's config has no data.tokenizer); give --tokenizer P.model "
+             "so that AutoTokenizer.from_pretrained works on the output")
+        return None
+    origin = "--tokenizer" if args.tokenizer else f"{step_dir}/meta.json data.tokenizer"
+    if not os.path.isfile(path):
+        raise TokenizerError(f"{origin}: {path} does not exist; give the run's SentencePiece model with --tokenizer")
+    return XLMRTokenizer(path)
+
+
 def xlmr_to_hf(args) -> None:
     from xlmr_mp.checkpoint.hf import save_hf
-    from xlmr_mp.checkpoint.model_io import load_full_model_state
+    from xlmr_mp.checkpoint.model_io import load_full_model_state, read_meta, resolve_checkpoint_dir
     t0 = time.time()
-    cfg, full = load_full_model_state(args.input)
-    _log(f"read {args.input}: {len(full)} tensors ({time.time() - t0:.1f}s)")
-    save_hf(args.output, full, cfg)
-    _log(f"wrote {args.output} (config.json + model.safetensors) in {time.time() - t0:.1f}s")
+    step_dir = resolve_checkpoint_dir(args.input)
+    meta = read_meta(step_dir)
+    cfg, full = load_full_model_state(step_dir)
+    _log(f"read {step_dir}: {len(full)} tensors ({time.time() - t0:.1f}s)")
+    tok = None if args.no_tokenizer else _export_tokenizer(args, step_dir, meta)
+    save_hf(args.output, full, cfg, tokenizer=tok)
+    what = "config.json + model.safetensors" + (f" + tokenizer of {tok.model_path}" if tok else "")
+    _log(f"wrote {args.output} ({what}) in {time.time() - t0:.1f}s")
 
 
 def reshard(args) -> None:
@@ -89,6 +112,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("xlmr-to-hf", help="xlmr_mp checkpoint -> HF directory that transformers loads")
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True)
+    b.add_argument("--tokenizer", default=None,
+                   help="SentencePiece model (P.model, P.dict.txt beside it) to export; default: the run's data.tokenizer")
+    b.add_argument("--no-tokenizer", action="store_true", help="export the weights only")
     b.set_defaults(fn=xlmr_to_hf)
     c = sub.add_parser("reshard", help="xlmr_mp checkpoint -> the same model at another TP / PP")
     c.add_argument("--input", required=True)
@@ -98,10 +124,12 @@ def main(argv=None) -> int:
     c.set_defaults(fn=reshard)
     args = p.parse_args(argv)
     from xlmr_mp.checkpoint.hf import HFConversionError
+    from xlmr_mp.checkpoint.model_io import CheckpointError
     from xlmr_mp.config import ConfigError
+    from xlmr_mp.tokenizer import TokenizerError
     try:
         args.fn(args)
-    except (HFConversionError, ConfigError, FileNotFoundError) as e:
+    except (HFConversionError, CheckpointError, TokenizerError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,7 @@
 
 HF directories: config.json plus model.safetensors, a sharded model.safetensors.index.json, or
 pytorch_model.bin. Conversions work on FULL state dicts (real vocabulary, unsharded); shard them
-with xlmr_mp.parallel.shard / write them with xlmr_mp.checkpoint.model_io at any TP/PP.
+with xlmr_mp.model.sharding / write them with xlmr_mp.checkpoint.model_io at any TP/PP.
 """
 from __future__ import annotations
 
@@ -192,14 +192,26 @@ def load_hf(path: str) -> tuple:
     return cfg, hf_to_full_state(sd, cfg)
 
 
-def save_hf(path: str, full: dict, cfg: ModelConfig) -> str:
-    """Write an HF directory (config.json + model.safetensors) that transformers loads; atomic."""
+def save_hf(path: str, full: dict, cfg: ModelConfig, tokenizer=None) -> str:
+    """Write an HF directory (config.json + model.safetensors) that transformers loads; atomic.
+    With `tokenizer` (an XLMRTokenizer of the model's vocabulary) also its files
+    (xlmr_mp/tokenizer/hf.py), checked to give our ids before the directory is renamed into place."""
     from safetensors.torch import save_file
+    if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
+        raise HFConversionError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} ids but the model's "
+                                f"vocabulary is {cfg.vocab_size}: it belongs to another model")
     tmp = fresh_temp_dir_beside(path)
-    hf_sd = {k: v.contiguous() for k, v in full_state_to_hf(full, cfg).items()}
-    save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config_from_model(cfg), f, indent=2)
+    try:
+        hf_sd = {k: v.contiguous() for k, v in full_state_to_hf(full, cfg).items()}
+        save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config_from_model(cfg), f, indent=2)
+        if tokenizer is not None:
+            from xlmr_mp.tokenizer.hf import save_hf_tokenizer
+            save_hf_tokenizer(tokenizer, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -9,13 +9,16 @@ cannot be read raises `CheckpointError` naming the file.
 """
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 
 from xlmr_mp.checkpoint.model_io import CheckpointError, load_full_model_state, local_state_for
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.xlmr import XLMRModel
 
-__all__ = ["load_model", "model_from_full_state", "CheckpointError"]
+__all__ = ["load_model", "model_from_full_state", "run_tokenizer_path", "CheckpointError"]
 
 
 def model_from_full_state(cfg: ModelConfig, full: dict, device: str = "cpu",
@@ -37,3 +40,21 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         raise CheckpointError(f"{path}: the checkpoint lacks the embeddings or the MLM head (a partial "
                               f"pipeline checkpoint?); every stage's model file is needed")
     return model_from_full_state(cfg, full, device, dtype)
+
+
+def run_tokenizer_path(step_dir: str, meta: dict) -> Optional[str]:
+    """The SentencePiece model of the run that wrote a checkpoint (its config's data.tokenizer),
+    found as given (absolute, or relative to the working directory) or relative to the run
+    directory above the checkpoint; None when the run had none. A path that is nowhere is
+    returned as given, for the caller's error message."""
+    given = ((meta.get("config") or {}).get("data") or {}).get("tokenizer") or ""
+    if not given:
+        return None
+    if os.path.isabs(given) or os.path.isfile(given):
+        return given
+    here = os.path.abspath(step_dir)
+    for _ in range(3):            # step_N/ -> checkpoints/ -> run_dir/ -> its parent
+        here = os.path.dirname(here)
+        if os.path.isfile(os.path.join(here, given)):
+            return os.path.join(here, given)
+    return given

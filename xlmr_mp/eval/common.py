@@ -32,27 +32,6 @@ def is_hf_dir(path: str) -> bool:
             and not os.path.isfile(os.path.join(path, "latest")))
 
 
-def _candidates(path: str, bases: Sequence[str]) -> List[str]:
-    if os.path.isabs(path):
-        return [path]
-    return [path] + [os.path.join(b, path) for b in bases]
-
-
-def resolve_run_tokenizer(run_config: dict, step_dir: str) -> Optional[str]:
-    """The SentencePiece model a training run used (its config's data.tokenizer), found as given,
-    or relative to the checkpoint's run directory; None when the run had none."""
-    given = ((run_config or {}).get("data") or {}).get("tokenizer") or ""
-    if not given:
-        return None
-    here = os.path.abspath(step_dir)
-    bases = [os.path.dirname(here), os.path.dirname(os.path.dirname(here)),
-             os.path.dirname(os.path.dirname(os.path.dirname(here)))]
-    for c in _candidates(given, bases):
-        if os.path.isfile(c):
-            return c
-    return given            # reported as missing by load_tokenizer, with the option to fix it
-
-
 def load_tokenizer(path: str, option: str = "--tokenizer"):
     """XLMRTokenizer of `path` (P.model, with P.dict.txt beside it when present); EvalError if absent."""
     from xlmr_mp.tokenizer import TokenizerError, XLMRTokenizer
@@ -78,7 +57,7 @@ def load_eval_model(path: str, tokenizer: Optional[str] = None, device: str = "c
     or of an HF XLMRobertaForMaskedLM directory. The tokenizer is `tokenizer` when given, else the
     run's `data.tokenizer` (ours) or DIR/sentencepiece.bpe.model (HF)."""
     from xlmr_mp.checkpoint.hf import HFConversionError, load_hf
-    from xlmr_mp.checkpoint.load import CheckpointError, load_model, model_from_full_state
+    from xlmr_mp.checkpoint.load import CheckpointError, load_model, model_from_full_state, run_tokenizer_path
     from xlmr_mp.checkpoint.model_io import read_meta, resolve_checkpoint_dir
     if not os.path.exists(path):
         raise EvalError(f"--model: {path} does not exist; give a checkpoint step directory, a checkpoint root "
@@ -104,7 +83,7 @@ def load_eval_model(path: str, tokenizer: Optional[str] = None, device: str = "c
     except (CheckpointError, OSError) as e:
         raise EvalError(f"--model: {e}") from None
     run_config = meta.get("config") or {}
-    tok_path = tokenizer or resolve_run_tokenizer(run_config, step_dir)
+    tok_path = tokenizer or run_tokenizer_path(step_dir, meta)
     if tok_path is None:
         raise EvalError(f"--model {path}: the run's config has no data.tokenizer; give its SentencePiece model "
                         f"with --tokenizer P.model")
