@@ -280,9 +280,9 @@ def _with_path(cfg: DataConfig, path: Optional[str]) -> DataConfig:
 def _checked_vocab(run_cfg) -> int:
     vocab = int(run_cfg.model.vocab_size)
     if run_cfg.data.tokenizer:
-        import sentencepiece as spm
-        n = spm.SentencePieceProcessor(model_file=run_cfg.data.tokenizer).get_piece_size()
-        if n + 2 != vocab:
-            raise ValueError(f"model.vocab_size={vocab} but data.tokenizer={run_cfg.data.tokenizer} has {n} "
-                             f"pieces: set model.vocab_size={n + 2} (pieces + <s>/<mask> ids)")
+        from xlmr_mp.tokenizer import XLMRTokenizer
+        n = XLMRTokenizer(run_cfg.data.tokenizer).vocab_size
+        if n != vocab:
+            raise ValueError(f"model.vocab_size={vocab} but data.tokenizer={run_cfg.data.tokenizer} has {n} ids: "
+                             f"set model.vocab_size={n} or leave it out (it is inferred from data.tokenizer)")
     return vocab

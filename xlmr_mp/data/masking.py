@@ -74,9 +74,11 @@ class Masker:
         """Positions that may be masked: every non-special token."""
         return (tokens >= NUM_SPECIAL) & (tokens != self.mask_id) & (tokens < self.vocab_size)
 
-    def __call__(self, tokens: np.ndarray, key: int):
-        """tokens int64 [S] -> (masked input int64 [S], labels int64 [S]); a pure function of key."""
+    def __call__(self, tokens: np.ndarray, key: int, mask_prob: Optional[float] = None):
+        """tokens int64 [S] -> (masked input int64 [S], labels int64 [S]); a pure function of key
+        (and of mask_prob, which defaults to self.mask_prob: data.mask_schedule passes the step's)."""
         tokens = np.asarray(tokens, dtype=np.int64)
+        mask_prob = self.mask_prob if mask_prob is None else mask_prob
         rng = self._rng(key)
         cand = np.nonzero(self.maskable(tokens))[0]
         # units: groups of candidate positions masked together (tokens, or whole words)
@@ -89,7 +91,7 @@ class Masker:
         else:
             unit_of = np.arange(len(cand))
             n_units = len(cand)
-        budget = int(self.mask_prob * n_units + rng.random())
+        budget = int(mask_prob * n_units + rng.random())
         if self.span_mask:
             chosen_units = self._spans(rng, n_units, budget)
         else:
@@ -121,28 +123,9 @@ class Masker:
 
 
 def sentencepiece_tables(sp_model: str, vocab_size: Optional[int] = None):
-    """(is_word_start bool[V], char_length int32[V]) over dictionary ids, from a SentencePiece model.
-
-    Dictionary id = piece id + 1 for pieces 3.. (fairseq/XLM-R); specials get (False, 0). The
-    character length counts the word-start marker as one character (the space it stands for);
-    byte-fallback pieces (<0xNN>) count one character for a UTF-8 lead byte, none for a continuation
-    byte, so a character spelled in bytes counts once.
-    """
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=sp_model)
-    n = sp.get_piece_size()
-    vocab = vocab_size if vocab_size is not None else n + 2
-    if vocab < n + 2:
-        raise ValueError(f"vocab_size={vocab} < SentencePiece size {n} + 2 ({sp_model})")
-    is_start = np.zeros(vocab, dtype=bool)
-    chars = np.zeros(vocab, dtype=np.int32)
-    for i in range(3, n):
-        piece = sp.id_to_piece(i)
-        if sp.is_control(i) or sp.is_unknown(i):
-            continue
-        is_start[i + 1] = piece.startswith(WORD_START)
-        if sp.is_byte(i):  # <0xNN>: one character per UTF-8 lead byte, none for continuation bytes
-            chars[i + 1] = 0 if 0x80 <= int(piece[1:-1], 16) <= 0xBF else 1
-        else:
-            chars[i + 1] = len(piece)
-    return is_start, chars
+    """(is_word_start bool[V], char_length int32[V]) over dictionary ids of the tokenizer at sp_model
+    (P.model, with P.dict.txt beside it when present), built by the tokenizer from its own dictionary
+    (XLMRTokenizer.word_start_table / char_length_table), so they agree with the preprocessed ids."""
+    from xlmr_mp.tokenizer import XLMRTokenizer
+    tok = XLMRTokenizer(sp_model)
+    return tok.word_start_table(vocab_size), tok.char_length_table(vocab_size)

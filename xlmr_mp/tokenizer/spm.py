@@ -14,6 +14,10 @@ SentencePiece's own control pieces <unk>/<s>/</s> (spm ids 0/1/2) map to 3/0/2, 
 pieces decide the ids (so a foreign dictionary with a different order also works); otherwise the
 formula is used.
 
+The tokenizer is the id authority: besides encoding it builds the per-id tables the data pipeline
+needs from its own dictionary (`word_start_table`, `char_length_table`), so whole-word masking and
+bits per character agree with the ids the preprocessor wrote, whatever the dictionary's order.
+
 Batch encoding for preprocessing (`encode_flat`) asks SentencePiece (>= 0.2.3) for one int32
 buffer per sentence instead of a list of Python ints, and flattens and remaps the buffers in C++
 (`xlmr_mp._C.flatten_id_buffers`; Python reference `flatten_id_buffers_reference`), which
@@ -28,9 +32,9 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
-BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-SPECIAL_PIECES = ("<s>", "<pad>", "</s>", "<unk>")
-MASK_PIECE = "<mask>"
+from xlmr_mp.ids import BOS_ID, EOS_ID, MASK_PIECE, PAD_ID, SPECIAL_PIECES, UNK_ID  # noqa: F401 (re-exported)
+
+WORD_START = "\u2581"   # SentencePiece's marker for "a space before this piece"
 
 
 def flatten_id_buffers_reference(buffers, table: np.ndarray, eos_id: int, unk_id: int, dtype=np.int32):
@@ -203,6 +207,49 @@ class XLMRTokenizer:
         if piece == MASK_PIECE:
             return self.mask_id
         return int(self._to_dict[self.sp.piece_to_id(piece)])
+
+    # per-id tables ---------------------------------------------------------------------------
+    def _table_size(self, size: Optional[int]) -> int:
+        size = self._vocab_size if size is None else int(size)
+        if size < self._vocab_size:
+            raise TokenizerError(f"{self.model_path}: a table of {size} ids cannot hold this dictionary's "
+                                 f"{self._vocab_size} ids; set model.vocab_size={self._vocab_size}")
+        return size
+
+    def _text_pieces(self):
+        """(dictionary id, piece string, SentencePiece id or -1) of every text piece (no specials)."""
+        out = []
+        for i in range(3, self.spm_size):
+            if not (self.sp.is_control(i) or self.sp.is_unknown(i)):
+                out.append((int(self._to_dict[i]), self.sp.id_to_piece(i), i))
+        if self.dict_path is not None:   # dictionary entries the model never produces
+            mapped = set(self._to_dict[3:].tolist())
+            for k, piece in enumerate(read_fairseq_dict(self.dict_path)):
+                if 4 + k not in mapped:
+                    out.append((4 + k, piece, -1))
+        return out
+
+    def word_start_table(self, size: Optional[int] = None) -> np.ndarray:
+        """bool [size] (default vocab_size) over dictionary ids: True for a text piece that starts a
+        word (begins with SentencePiece's '\u2581'); False for specials, <mask> and padding ids."""
+        table = np.zeros(self._table_size(size), dtype=bool)
+        for d, piece, _ in self._text_pieces():
+            table[d] = piece.startswith(WORD_START)
+        return table
+
+    def char_length_table(self, size: Optional[int] = None) -> np.ndarray:
+        """int32 [size] over dictionary ids: characters of the text a piece stands for. The word-start
+        marker counts as the space it stands for; a byte-fallback piece <0xNN> counts one for a UTF-8
+        lead byte and none for a continuation byte (a character spelled in bytes counts once);
+        specials, <mask> and padding ids count 0."""
+        table = np.zeros(self._table_size(size), dtype=np.int32)
+        for d, piece, i in self._text_pieces():
+            is_byte = self.sp.is_byte(i) if i >= 0 else (len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
+            if is_byte:
+                table[d] = 0 if 0x80 <= int(piece[3:5], 16) <= 0xBF else 1
+            else:
+                table[d] = len(piece)
+        return table
 
     # encode / decode -------------------------------------------------------------------------
     def spm_to_dict(self, spm_ids: np.ndarray) -> np.ndarray:
