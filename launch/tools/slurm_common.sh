@@ -16,7 +16,8 @@
 # Precedence of options: preset YAML < the script's DEFAULTS array < key=value arguments of sbatch.
 # Environment knobs: CONFIG (preset), PYTHON (interpreter), KILL_ON_BAD_EXIT (default 0: with 1, the first rank to exit 75 would get
 # its peers killed mid-exit and the job could not tell a save-and-requeue from a crash),
-# XLMR_MP_ROOT (repository, default the submit directory).
+# XLMR_MP_ROOT (repository, default the submit directory), XLMR_MP_DRY_RUN (1: stop after step 4, having
+# validated the layout and written the resolved config, without starting srun).
 
 xlmr_log() { echo "[launch $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*"; }
 xlmr_die() { echo "[launch] ERROR: $*" >&2; exit 2; }
@@ -66,6 +67,10 @@ xlmr_slurm_train() {
   local RUN_DIR CKPT_DIR TP PP DP ACCUM
   eval "$(echo "$layout" | grep -v '^#')"
   xlmr_log "run dir ${RUN_DIR}; checkpoints ${CKPT_DIR}$( [ -f "$CKPT_DIR/latest" ] && echo "; resuming from $(cat "$CKPT_DIR/latest")")"
+  if [ "${XLMR_MP_DRY_RUN:-0}" = 1 ]; then
+    xlmr_log "dry run (XLMR_MP_DRY_RUN=1): the layout is valid; resolved config in ${RUN_DIR}/launch/job-${SLURM_JOB_ID}-r${restart}/config.yaml; srun not started"
+    return 0
+  fi
 
   # The batch shell itself may get SIGTERM (scontrol requeue, preemption, time limit) or SIGUSR1
   # (scancel --full): log it and keep waiting, the training step is what saves the checkpoint.
