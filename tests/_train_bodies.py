@@ -105,9 +105,23 @@ class SyntheticBatches:
         self.b, self.i = sd["batch"], sd["micro"]
 
 
+def default_run_dir() -> str:
+    """This test's run directory under the session's temporary root (tests/conftest.py sets both
+    variables; spawned ranks inherit them, so every rank of a test agrees), never the repo's runs/."""
+    import os
+    import tempfile
+    root = os.environ.get("XLMR_MP_TEST_RUNS") or os.path.join(tempfile.gettempdir(), "xlmr_mp-test-runs")
+    return os.path.join(root, os.environ.get("XLMR_MP_TEST_NAME", "no-test-name"))
+
+
 def tiny_cfg(overrides=(), world_size=None):
+    """The tiny preset with `overrides`; run_dir defaults to default_run_dir() (the preset's runs/tiny
+    is where the README's Training command writes)."""
     from xlmr_mp.config import load_config
-    return load_config(TINY, list(overrides), world_size=world_size)
+    overrides = list(overrides)
+    if not any(o.startswith("run_dir=") for o in overrides):
+        overrides.insert(0, f"run_dir={default_run_dir()}")
+    return load_config(TINY, overrides, world_size=world_size)
 
 
 def make_trainer(cfg, seed=0):

@@ -1,4 +1,8 @@
+"""Shared fixtures. Every test runs confined: run directories default to the session's temporary
+directory (XLMR_MP_TEST_RUNS, inherited by spawned ranks), and a test that creates, changes or
+deletes anything under the repository's own runs/ fails (see `repo_runs_untouched`)."""
 import os
+import re
 import sys
 
 import pytest
@@ -14,3 +18,46 @@ def shared_corpus():
     if not os.path.isdir(SHARED_CORPUS):
         pytest.skip("../shared/corpus not present")
     return SHARED_CORPUS
+
+
+REPO_RUNS = os.path.join(ROOT, "runs")
+
+
+def tree_state(path):
+    """{relative path: (size, mtime_ns)} of every file and directory under `path` ({} when absent)."""
+    out = {}
+    for d, dirs, files in os.walk(path):
+        for n in dirs + files:
+            full = os.path.join(d, n)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                continue
+            out[os.path.relpath(full, path)] = (st.st_size if n in files else 0, st.st_mtime_ns)
+    return out
+
+
+def tree_changes(before, after):
+    """Sorted relative paths created, deleted or modified between two tree_state() snapshots."""
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_runs_root(tmp_path_factory):
+    """Root of the default run directories of this session (tests/_train_bodies.tiny_cfg)."""
+    root = str(tmp_path_factory.mktemp("runs"))
+    os.environ["XLMR_MP_TEST_RUNS"] = root
+    return root
+
+
+@pytest.fixture(autouse=True)
+def repo_runs_untouched(request):
+    """Fail a test that wrote into, or deleted from, the repository's runs/ (a README command's
+    output lives there; tests must keep to their temporary directories)."""
+    os.environ["XLMR_MP_TEST_NAME"] = re.sub(r"[^\w.-]+", "_", request.node.nodeid)[-120:]
+    before = tree_state(REPO_RUNS)
+    yield
+    changed = tree_changes(before, tree_state(REPO_RUNS))
+    if changed:
+        pytest.fail(f"{request.node.nodeid} touched the repository's runs/: {changed[:10]}; give the run a "
+                    f"temporary run_dir (tmp_path) instead", pytrace=False)
