@@ -4,13 +4,15 @@
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, Open MPI's OMPI_COMM_WORLD_* and MPICH/Intel MPI's
 PMI_RANK/PMI_SIZE (+ MPI_LOCALRANKID); with none of them it is a single process.
 `init_distributed()` sets MASTER_ADDR/MASTER_PORT defaults when a launcher did not, then calls
-`torch.distributed.init_process_group` with nccl on GPU and gloo on CPU.
+`torch.distributed.init_process_group` with nccl on GPU and gloo on CPU; a world of one rank uses
+an in-process store and binds no port. `exit_with_launcher()` makes a worker die with torchrun.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import re
+import signal
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -98,11 +100,50 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
         return e
     if backend == "auto":
         backend = "nccl" if (device != "cpu" and torch.cuda.is_available()) else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if e.world_size == 1:
+        # one rank needs no rendezvous: an in-process store binds no port, so any number of
+        # single-process runs (and the test suite beside them) can share a machine
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return e
     os.environ.setdefault("MASTER_ADDR", e.master_addr)
     os.environ.setdefault("MASTER_PORT", str(e.master_port))
-    dist.init_process_group(backend, rank=e.rank, world_size=e.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, rank=e.rank, world_size=e.world_size, timeout=timeout)
     return e
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent(sig: int = signal.SIGKILL, expected_parent: Optional[int] = None) -> bool:
+    """Have the kernel send `sig` to this process when its parent dies (Linux prctl PR_SET_PDEATHSIG).
+
+    `expected_parent` (default: the current parent) closes the race of a parent that died before
+    the call: if the parent is already another process, this one exits at once. Returns False where
+    the platform has no prctl (nothing is armed)."""
+    import ctypes
+    import ctypes.util
+    parent = os.getppid() if expected_parent is None else expected_parent
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def exit_with_launcher(env: Optional[Mapping[str, str]] = None) -> bool:
+    """Under torchrun (or a study runner, XLMR_MP_PARENT_PID): die with the launcher, so a
+    `kill -9` of the launcher does not leave workers training into the run directory."""
+    env = os.environ if env is None else env
+    if "XLMR_MP_PARENT_PID" in env:
+        return exit_with_parent(expected_parent=int(env["XLMR_MP_PARENT_PID"]))
+    if "TORCHELASTIC_RUN_ID" in env or "TORCHELASTIC_RESTART_COUNT" in env:
+        return exit_with_parent()
+    return False
 
 
 def destroy_distributed() -> None:

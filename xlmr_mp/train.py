@@ -37,6 +37,7 @@ from xlmr_mp.config import ConfigError, RunConfig, config_to_dict, dump_config, 
 
 EXIT_REQUEUE = 75          # SIGTERM / SIGUSR1: checkpoint written, requeue me
 EXIT_LOSS_SCALE = 3        # fp16 loss scale hit its minimum: checkpoint written, run diverged
+EXIT_LOCKED = 4            # another trainer holds the run directory (xlmr_mp/run_lock.py)
 
 
 def log0(msg: str) -> None:
@@ -116,10 +117,12 @@ class Trainer:
     def __init__(self, cfg: RunConfig, groups, device: torch.device, loader=None, valid=None):
         from xlmr_mp.metrics import MetricsLogger, flops_per_token, peak_flops
         from xlmr_mp.optim import LRSchedule, norm_counted
-        from xlmr_mp.parallel.data_parallel import DistributedAdamW, GradReducer
-        from xlmr_mp.parallel.pipeline import (PipelineSchedule, build_pipeline_stages,
-                                               sync_tied_embedding_weight)
-        from xlmr_mp.parallel.shard import partition_dim
+        from xlmr_mp.parallel.data_parallel import (DistributedAdamW, FlatBuffers, GradReducer,
+                                                    backend_has_reduce_scatter)
+        from xlmr_mp.model.sharding import partition_dim
+        from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+        from xlmr_mp.parallel.grads import sync_tied_embedding_weight
+        from xlmr_mp.parallel.schedule import PipelineSchedule
         from xlmr_mp.parallel.state import seed_parallel_rng
         from xlmr_mp.precision import build_scaler
 
@@ -137,13 +140,18 @@ class Trainer:
         self.named = [(n, p) for c in self.chunks for n, p in c.named_parameters()]
         self.params = [p for _, p in self.named]
         tied = [n for n, _ in self.named if n == "lm_head.decoder_weight"]
-        self.norm_params = [p for n, p in self.named
-                            if norm_counted(n, p, groups.tp_rank, lambda n_, p_: partition_dim(n_) is not None, tied)]
-        self.optimizer = DistributedAdamW(self.named, cfg.optim, groups.dp_group, cfg.parallel.distributed_optimizer)
-        self.reducer = GradReducer(self.params, groups.dp_group, cfg.parallel.ddp_bucket_mb)
+        self.norm_names = [n for n, p in self.named
+                           if norm_counted(n, p, groups.tp_rank, lambda n_, p_: partition_dim(n_) is not None, tied)]
+        # parameters and gradients in contiguous DP buckets (param.grad a view); ZeRO-1 reduce-scatters
+        # where the backend can and no later sum needs full gradients (tied embedding across stages)
+        zero = cfg.parallel.distributed_optimizer
+        self.buffers = FlatBuffers(self.named, groups.dp_group, cfg.parallel.ddp_bucket_mb)
+        self.optimizer = DistributedAdamW(self.buffers, cfg.optim, groups.dp_group, zero)
+        self.reducer = GradReducer(self.buffers, groups.dp_group, reduce_scatter=zero and groups.pp_size == 1
+                                   and backend_has_reduce_scatter(groups.dp_group))
         from xlmr_mp.precision import autocast
-        self.schedule = PipelineSchedule(self.chunks, groups, cfg.parallel, self.n_accum, device=device,
-                                         autocast=lambda: autocast(cfg.precision.dtype, device))
+        self.schedule = PipelineSchedule(self.chunks, groups, cfg.parallel, self.n_accum, masked_lm_loss_sum,
+                                         device=device, autocast=lambda: autocast(cfg.precision.dtype, device))
         self.lr_schedule = LRSchedule.from_config(cfg.optim, cfg.train.train_steps)
         self.scaler = build_scaler(cfg.precision)
         self.loader, self.valid = loader, valid
@@ -160,7 +168,8 @@ class Trainer:
     def train_step(self, micro_batches: Optional[List[dict]] = None) -> Dict[str, float]:
         """One optimizer step over the global batch; returns its metrics (same on every rank)."""
         from xlmr_mp.optim import clip_grads, global_grad_norm
-        from xlmr_mp.parallel.pipeline import broadcast_step_loss, sync_tied_embedding_grads
+        from xlmr_mp.parallel.grads import finalize_grads
+        from xlmr_mp.parallel.schedule import broadcast_step_loss
         from xlmr_mp.distributed import comm_device
         from xlmr_mp.precision import grads_have_inf, unscale_grads
         g = self.groups
@@ -178,8 +187,7 @@ class Trainer:
         scale = self.scaler.scale
         self.reducer.start_step(self.n_accum)
         part = self.schedule.step(mbs, global_masked, loss_scale=scale)   # autocast inside, forward only
-        self.reducer.finish()
-        sync_tied_embedding_grads(self.chunks, g)
+        finalize_grads(self.chunks, g, self.reducer)    # SP, DP, tied embedding
         # step loss: per-DP-rank partial sums on the last stage, summed over DP, sent to all stages
         if self.schedule.has_last_stage:
             t = torch.tensor([part], dtype=torch.float64, device=comm_device())
@@ -187,14 +195,15 @@ class Trainer:
                 dist.all_reduce(t, group=g.dp_group)
             part = t.item()
         loss = broadcast_step_loss(part, g)
-        found_inf = grads_have_inf(self.params) if self.cfg.precision.dtype == "fp16" else False
+        opt = self.optimizer            # gradients: flat buffers (this rank's ranges under ZeRO-1)
+        found_inf = grads_have_inf(opt.grad_tensors()) if self.cfg.precision.dtype == "fp16" else False
         skipped = self.scaler.update(found_inf)     # may raise LossScaleAtMinimum
         grad_norm = float("nan")
         if not skipped:
-            unscale_grads(self.params, scale)
-            grad_norm = global_grad_norm([p.grad for p in self.norm_params], g.tp_group, g.pp_group)
-            clip_grads(self.params, grad_norm, self.cfg.optim.clip_grad)
-            self.optimizer.step()
+            unscale_grads(opt.grad_tensors(), scale)
+            grad_norm = global_grad_norm(opt.norm_grads(self.norm_names), g.tp_group, g.pp_group, opt.norm_group)
+            clip_grads(opt.grad_tensors(), grad_norm, self.cfg.optim.clip_grad)
+            opt.step()
         self.optimizer.zero_grad()
         self.step += 1
         dt = time.perf_counter() - t0
@@ -255,7 +264,7 @@ class Trainer:
         """Restore from a step directory saved at any layout (exact when the layout is the same)."""
         from xlmr_mp.checkpoint.sharded import (load_model_state, load_optim_state, load_rank_state, read_meta,
                                                 same_layout)
-        from xlmr_mp.parallel.pipeline import sync_tied_embedding_weight
+        from xlmr_mp.parallel.grads import sync_tied_embedding_weight
         meta = read_meta(path)
         g = self.groups
         same = same_layout(meta, g, self.cfg.parallel.virtual_stages, self.cfg.parallel.distributed_optimizer)
@@ -279,7 +288,7 @@ class Trainer:
             if rs.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
                 self.loader.load_state_dict(rs["loader"])
         if same and rs is not None:
-            set_rng_state(rs["rng"])
+            pass  # MUTATION set_rng_state(rs["rng"])
         else:   # RNG streams do not map across layouts: reseed from (seed, step)
             from xlmr_mp.parallel.state import seed_parallel_rng
             seed_parallel_rng(self.cfg.train.seed + self.step, g)
@@ -311,13 +320,11 @@ def train(cfg: RunConfig) -> List[float]:
     from xlmr_mp.parallel.state import destroy_parallel, init_parallel
     from xlmr_mp.precision import LossScaleAtMinimum
     env = init_distributed(cfg.parallel.backend, cfg.train.device)
-    cfg.validate(env.world_size)
-    from xlmr_mp.parallel.pipeline import validate_pipeline_config
-    validate_pipeline_config(cfg.model, cfg.parallel, grad_accumulation_steps(cfg),
-                             seq_length=cfg.data.seq_length)
+    cfg.validate(env.world_size)                     # every layout rule (parallel/layout.py)
     device = pick_device(cfg.train.device)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and env.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(env.world_size, 1)))
+    run_lock = _lock_run_dir(cfg.run_dir, env.rank)
     groups = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data or None)
     if env.rank == 0:
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -361,8 +368,33 @@ def train(cfg: RunConfig) -> List[float]:
     finally:
         stop.uninstall()
         tr.logger.close()
+        if run_lock is not None:
+            run_lock.release()
     destroy_parallel()
     return losses
+
+
+def _lock_run_dir(run_dir: str, rank: int):
+    """Rank 0 takes the run directory's OS lock (xlmr_mp/run_lock.py); every rank fails at once,
+    naming the holder, when another trainer has it."""
+    from xlmr_mp.distributed import comm_device
+    from xlmr_mp.run_lock import RunDirLocked, lock_run_dir
+    lock, err = None, None
+    if rank == 0:
+        try:
+            lock = lock_run_dir(run_dir)
+        except RunDirLocked as e:
+            err = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([0.0 if err is None else 1.0], device=comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if t.item() > 0 and err is None:
+            err = RunDirLocked(f"{run_dir} is in use by another trainer (see rank 0's message)")
+    if err is not None:
+        if lock is not None:
+            lock.release()
+        raise err
+    return lock
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -371,6 +403,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--config", default=None, help="YAML preset (launch/configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.micro_batch=8")
     args = ap.parse_args(argv)
+    from xlmr_mp.distributed import exit_with_launcher
+    from xlmr_mp.run_lock import RunDirLocked
+    exit_with_launcher()               # under torchrun: die with the launcher, not train on alone
     try:
         cfg = load_config(args.config, args.overrides, validate=False)
         cfg.validate(None)
@@ -378,6 +413,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunDirLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_LOCKED)
     from xlmr_mp.distributed import destroy_distributed
     destroy_distributed()
 

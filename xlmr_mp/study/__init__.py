@@ -1,0 +1,1 @@
+"""Scaling studies: spec, plan, shared preparation, runner, report (tools/study.py)."""

@@ -1,0 +1,363 @@
+"""Study spec (YAML): the grid of cells a scaling study trains and evaluates.
+
+    name, corpus, eval_data, base_config, overrides, axes, exclude, budget, tokenizer,
+    fixed_params, cap_lines, evaluate            (the contract; see launch/studies/*.yaml)
+    grids, spm, eval_languages, eval_settings, description     (extensions)
+
+The grid is the product of the axes; each axis value is named (a list names values by their text).
+An axis is a study key (`languages`, `vocab`, `alpha`, `seed`, `tokenizer`, `cap_lines`,
+`fixed_params`, `budget`, `budget.mode`, `budget.tokens`, `budget.characters`) or any run-config key
+(`optim.lr`); an axis whose values are mappings (`width: {H64: {model.hidden_size: 64, ...}}`) sets
+several keys per value. `grids` is a list of sub-studies (name, axes, exclude and any cell-level key
+of their own) whose cells share preparation; cells equal in every setting are trained once.
+Unknown keys, empty language sets and languages missing from the corpus fail here, naming the key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TOP_KEYS = ("name", "description", "corpus", "eval_data", "base_config", "overrides", "axes", "exclude",
+            "budget", "tokenizer", "fixed_params", "cap_lines", "evaluate", "grids", "spm",
+            "eval_languages", "eval_settings")
+GRID_KEYS = ("name", "axes", "exclude", "overrides", "budget", "tokenizer", "fixed_params", "cap_lines")
+CELL_KEYS = ("languages", "vocab", "alpha", "seed", "tokenizer", "cap_lines", "fixed_params", "budget",
+             "budget.mode", "budget.tokens", "budget.characters", "budget.base_languages")
+BUDGET_KEYS = ("mode", "tokens", "characters", "base_languages")
+BUDGET_MODES = ("fixed_total", "fixed_per_language")
+TOKENIZER_MODES = ("shared", "per_set")
+SPM_KEYS = ("sample_size", "alpha", "character_coverage", "seed")
+EVAL_TASKS = ("mbpc", "retrieval", "sib200", "xnli", "udpos", "ner")
+
+
+class SpecError(ValueError):
+    """A bad study spec; the message names the file, the key and the fix."""
+
+
+@dataclass
+class Cell:
+    """One point of the grid: what it trains, named by its axis values."""
+    name: str
+    grid: str
+    axis_values: Dict[str, str]            # axis -> value name (the grid's axes only)
+    languages: List[str]
+    vocab: int
+    alpha: float
+    seed: int
+    tokenizer: str                         # shared | per_set
+    cap_lines: Dict[str, float]            # of the cell's languages (line counts, or fractions in (0, 1])
+    cap_all: Dict[str, float]              # as given (a shared tokenizer's union is capped by it)
+    fixed_params: Optional[float]
+    budget: Dict[str, Any]
+    run_overrides: List[str]               # key=value from overrides and run-config axes, in order
+    aliases: List[tuple] = field(default_factory=list)   # (grid, axis_values) of identical cells
+
+    def key(self) -> dict:
+        """Every setting that determines the cell's training (not its names)."""
+        return {"languages": self.languages, "vocab": self.vocab, "alpha": self.alpha, "seed": self.seed,
+                "tokenizer": self.tokenizer, "cap_lines": self.cap_lines, "cap_all": self.cap_all,
+                "fixed_params": self.fixed_params,
+                "budget": self.budget, "run_overrides": self.run_overrides}
+
+
+@dataclass
+class Study:
+    name: str
+    path: str
+    corpus: str
+    eval_data: str
+    base_config: str
+    evaluate: List[str]
+    cells: List[Cell]
+    axes: Dict[str, List[str]]             # every axis of every grid -> value names (ordered)
+    grids: List[str]
+    spm: Dict[str, Any]
+    eval_languages: Optional[List[str]]
+    eval_settings: List[str]
+    description: str = ""
+    corpus_languages: List[str] = field(default_factory=list)
+
+
+def _resolve_path(value: str, spec_path: str, key: str, must_exist: bool = True) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{spec_path}: {key} must be a path")
+    if os.path.isabs(value):
+        cands = [value]
+    else:
+        cands = [os.path.abspath(value), os.path.join(REPO, value),
+                 os.path.join(os.path.dirname(os.path.abspath(spec_path)), value)]
+    for c in cands:
+        if os.path.exists(c):
+            return os.path.abspath(c)
+    if must_exist:
+        raise SpecError(f"{spec_path}: {key}={value!r} does not exist (relative paths are tried against the "
+                        f"current directory, the repository root and the spec's folder)")
+    return os.path.abspath(cands[0])
+
+
+def _check_keys(d: Any, valid, where: str, spec_path: str) -> None:
+    if not isinstance(d, dict):
+        raise SpecError(f"{spec_path}: {where} must be a mapping")
+    bad = [k for k in d if k not in valid]
+    if bad:
+        raise SpecError(f"{spec_path}: unknown key {where + '.' if where != 'top level' else ''}{bad[0]} "
+                        f"(valid keys {'of ' + where if where != 'top level' else ''}: {', '.join(valid)})")
+
+
+def run_config_key_error(key: str) -> Optional[str]:
+    """None when `key` (dotted) names a run-config field, else the reason with the valid names."""
+    from xlmr_mp.config import RunConfig
+    obj: Any = RunConfig()
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if p not in names:
+            where = ".".join(parts[:i]) or "the run config"
+            return f"{where} has no field {p!r} (valid: {', '.join(names)})"
+        obj = getattr(obj, p)
+        if i < len(parts) - 1 and not dataclasses.is_dataclass(obj):
+            return f"{'.'.join(parts[:i + 1])} has no sub-options"
+    if dataclasses.is_dataclass(obj):
+        return f"{key} is a section; name one of its fields ({', '.join(f.name for f in dataclasses.fields(obj))})"
+    return None
+
+
+def _check_setting(key: str, where: str, spec_path: str) -> None:
+    if key in CELL_KEYS:
+        return
+    if "." not in key:
+        raise SpecError(f"{spec_path}: {where}: unknown key {key!r} (valid: {', '.join(CELL_KEYS)}, "
+                        f"or a run-config key such as model.hidden_size or optim.lr)")
+    err = run_config_key_error(key)
+    if err:
+        raise SpecError(f"{spec_path}: {where}: unknown key {key!r}: {err}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "+".join(map(str, v))
+    return str(v)
+
+
+def _axis_values(name: str, raw: Any, spec_path: str) -> Dict[str, Dict[str, Any]]:
+    """axis -> {value name: {setting key: value}}, validated."""
+    where = f"axes.{name}"
+    if isinstance(raw, dict):
+        items = [(str(k), v) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        items = [(_fmt(v), v) for v in raw]
+    else:
+        raise SpecError(f"{spec_path}: {where} must be a list of values or a mapping of named values")
+    if not items:
+        raise SpecError(f"{spec_path}: {where} has no values")
+    out = {}
+    for vname, v in items:
+        if isinstance(v, dict) and name not in ("cap_lines", "budget"):
+            if not v:
+                raise SpecError(f"{spec_path}: {where}.{vname} is an empty mapping")
+            for k in v:
+                _check_setting(str(k), f"{where}.{vname}", spec_path)
+            out[vname] = {str(k): x for k, x in v.items()}
+        else:
+            _check_setting(name, where, spec_path)
+            out[vname] = {name: v}
+    return out
+
+
+def load_spec(path: str, check_corpus: bool = True) -> Study:
+    """Read and validate a study spec; expand its grids into cells (duplicates merged)."""
+    from xlmr_mp.config import ConfigError, load_config
+    if not os.path.exists(path):
+        raise SpecError(f"study spec {path} does not exist (shipped studies: launch/studies/*.yaml)")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise SpecError(f"{path}: invalid YAML: {e}") from None
+    _check_keys(raw, TOP_KEYS, "top level", path)
+    for req in ("name", "corpus", "base_config"):
+        if req not in raw:
+            raise SpecError(f"{path}: missing key {req!r}")
+    if not raw.get("axes") and not raw.get("grids"):
+        raise SpecError(f"{path}: give axes (or grids, each with its axes)")
+    corpus = _resolve_path(raw["corpus"], path, "corpus")
+    base_config = _resolve_path(raw["base_config"], path, "base_config")
+    evaluate = raw.get("evaluate") or []
+    if not isinstance(evaluate, list) or any(t not in EVAL_TASKS for t in evaluate):
+        raise SpecError(f"{path}: evaluate must be a list of tasks from {', '.join(EVAL_TASKS)} (got {evaluate!r})")
+    eval_data = ""
+    if evaluate:
+        if "eval_data" not in raw:
+            raise SpecError(f"{path}: evaluate lists tasks but eval_data is not set (e.g. ../shared/corpus/eval)")
+        eval_data = _resolve_path(raw["eval_data"], path, "eval_data")
+    spm = {"sample_size": 300000, "alpha": 0.3, "character_coverage": 0.9995, "seed": 1234}
+    if raw.get("spm") is not None:
+        _check_keys(raw["spm"], SPM_KEYS, "spm", path)
+        spm.update(raw["spm"])
+    ov = raw.get("overrides") or []
+    if not isinstance(ov, list) or any(not isinstance(o, str) or "=" not in o for o in ov):
+        raise SpecError(f"{path}: overrides must be a list of key=value strings")
+    try:
+        load_config(base_config, list(ov), validate=False)
+    except ConfigError as e:
+        raise SpecError(f"{path}: overrides: {e}") from None
+
+    corpus_langs = _corpus_languages(corpus)
+    grid_raws = raw.get("grids") or [{"name": raw["name"]}]
+    if not isinstance(grid_raws, list):
+        raise SpecError(f"{path}: grids must be a list of mappings")
+    cells: Dict[str, Cell] = {}
+    by_key: Dict[str, Cell] = {}
+    all_axes: Dict[str, List[str]] = {}
+    grid_names = []
+    for gi, g in enumerate(grid_raws):
+        _check_keys(g, GRID_KEYS, f"grids[{gi}]", path)
+        gname = str(g.get("name", f"g{gi}"))
+        grid_names.append(gname)
+        axes_raw = dict(raw.get("axes") or {})
+        axes_raw.update(g.get("axes") or {})
+        axes = {a: _axis_values(a, v, path) for a, v in axes_raw.items()}
+        excl = list(raw.get("exclude") or []) + list(g.get("exclude") or [])
+        for ei, e in enumerate(excl):
+            _check_keys(e, list(axes), f"exclude[{ei}]", path)
+            for a, vn in e.items():
+                if str(vn) not in axes[a]:
+                    raise SpecError(f"{path}: exclude[{ei}].{a}={vn!r} is not a value of axes.{a} "
+                                    f"(values: {', '.join(axes[a])})")
+        for a, vs in axes.items():
+            lst = all_axes.setdefault(a, [])
+            lst.extend(v for v in vs if v not in lst)
+        defaults = {k: copy.deepcopy(g.get(k, raw.get(k))) for k in ("budget", "tokenizer", "fixed_params", "cap_lines")}
+        g_over = list(ov) + list(g.get("overrides") or [])
+        names = list(axes)
+        for combo in itertools.product(*[list(axes[a].items()) for a in names]):
+            av = {a: vn for a, (vn, _) in zip(names, combo)}
+            if any(all(av[a] == str(v) for a, v in e.items()) for e in excl):
+                continue
+            settings = copy.deepcopy(defaults)
+            run_ov = list(g_over)
+            for _, vals in combo:
+                for k, v in vals.items():
+                    if k in CELL_KEYS:
+                        if k.startswith("budget."):
+                            b = dict(settings.get("budget") or {})
+                            b[k.split(".", 1)[1]] = v
+                            settings["budget"] = b
+                        else:
+                            settings[k] = copy.deepcopy(v)
+                    else:
+                        run_ov.append(f"{k}={_override_text(v)}")
+            where = f"grid {gname}, cell " + ", ".join(f"{a}={vn}" for a, vn in av.items())
+            named = {vn: vals["languages"] for vn, vals in axes.get("languages", {}).items() if "languages" in vals}
+            cell = _make_cell(gname, av, settings, run_ov, corpus_langs, corpus, path, where, named)
+            key = repr(sorted(cell.key().items()))
+            if key in by_key:
+                by_key[key].aliases.append((gname, av))
+                continue
+            if cell.name in cells:
+                raise SpecError(f"{path}: two different cells are both named {cell.name!r}; give the axis values "
+                                f"distinct names")
+            cells[cell.name] = by_key[key] = cell
+    if not cells:
+        raise SpecError(f"{path}: the grid is empty (every cell excluded?)")
+    ev_langs = raw.get("eval_languages")
+    if ev_langs is not None and not (isinstance(ev_langs, list) and ev_langs):
+        raise SpecError(f"{path}: eval_languages must be a non-empty list of codes (or left out: the cell's)")
+    es = raw.get("eval_settings") or []
+    if not isinstance(es, list) or any("=" not in str(x) for x in es):
+        raise SpecError(f"{path}: eval_settings must be a list of key=value strings")
+    return Study(name=str(raw["name"]), path=os.path.abspath(path), corpus=corpus, eval_data=eval_data,
+                 base_config=base_config, evaluate=list(evaluate), cells=list(cells.values()), axes=all_axes,
+                 grids=grid_names, spm=spm, eval_languages=ev_langs, eval_settings=[str(x) for x in es],
+                 description=str(raw.get("description", "")), corpus_languages=corpus_langs)
+
+
+def _override_text(v: Any) -> str:
+    if isinstance(v, (list, dict)):
+        return yaml.safe_dump(v, default_flow_style=True).strip()
+    return str(v)
+
+
+def _corpus_languages(corpus: str) -> List[str]:
+    from xlmr_mp.data.corpus_io import CorpusError, find_language_files
+    try:
+        return sorted(find_language_files(corpus, None))
+    except CorpusError as e:
+        raise SpecError(f"corpus: {e}") from None
+
+
+def _make_cell(gname, av, s, run_ov, corpus_langs, corpus, path, where, named_sets) -> Cell:
+    langs = s.get("languages")
+    if langs is None:
+        raise SpecError(f"{path}: {where}: no languages (add a languages axis, e.g. languages: {{L7: [en, fr]}})")
+    if not isinstance(langs, list) or not langs:
+        raise SpecError(f"{path}: {where}: languages is an empty language set; list at least one code")
+    if len(set(langs)) != len(langs):
+        raise SpecError(f"{path}: {where}: languages lists a code twice: {langs}")
+    missing = [l for l in langs if l not in corpus_langs]
+    if missing:
+        raise SpecError(f"{path}: {where}: languages {missing} are not in the corpus {corpus} "
+                        f"(no <lang>.txt; it has {len(corpus_langs)} languages)")
+    vocab = s.get("vocab")
+    if not isinstance(vocab, int) or vocab < 16:
+        raise SpecError(f"{path}: {where}: vocab must be an integer number of SentencePiece pieces "
+                        f"(add a vocab axis, e.g. vocab: {{V16k: 16000}}); got {vocab!r}")
+    alpha = s.get("alpha", 0.3)
+    if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        raise SpecError(f"{path}: {where}: alpha={alpha!r} must be in (0, 1]")
+    seed = s.get("seed", 1)
+    if not isinstance(seed, int):
+        raise SpecError(f"{path}: {where}: seed={seed!r} must be an integer")
+    tok = s.get("tokenizer") or "shared"
+    if tok not in TOKENIZER_MODES:
+        raise SpecError(f"{path}: {where}: tokenizer={tok!r}: choose {' or '.join(TOKENIZER_MODES)}")
+    cap = s.get("cap_lines") or {}
+    if not isinstance(cap, dict):
+        raise SpecError(f"{path}: {where}: cap_lines must map language -> lines (or a fraction in (0, 1))")
+    for l, n in cap.items():
+        if l not in corpus_langs:
+            raise SpecError(f"{path}: {where}: cap_lines.{l}: language {l!r} is not in the corpus {corpus}")
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0 or (isinstance(n, float) and n > 1):
+            raise SpecError(f"{path}: {where}: cap_lines.{l}={n!r}: give a line count >= 1 or a fraction in (0, 1]")
+    cap_all = {l: cap[l] for l in sorted(cap)}
+    cap = {l: cap[l] for l in sorted(cap) if l in langs}      # only the cell's own languages matter
+    fp = s.get("fixed_params")
+    if fp is not None and (not isinstance(fp, (int, float)) or fp <= 0):
+        raise SpecError(f"{path}: {where}: fixed_params={fp!r} must be a positive parameter count")
+    budget = dict(s.get("budget") or {})
+    if budget:
+        _check_keys(budget, BUDGET_KEYS, "budget", path)
+        mode = budget.setdefault("mode", "fixed_total")
+        if mode not in BUDGET_MODES:
+            raise SpecError(f"{path}: {where}: budget.mode={mode!r}: choose {' or '.join(BUDGET_MODES)}")
+        if ("tokens" in budget) == ("characters" in budget):
+            raise SpecError(f"{path}: {where}: budget needs exactly one of tokens or characters")
+        amount = budget.get("tokens", budget.get("characters"))
+        if not isinstance(amount, (int, float)) or amount <= 0:
+            raise SpecError(f"{path}: {where}: budget amount {amount!r} must be > 0")
+        if mode == "fixed_per_language":
+            base = budget.get("base_languages")
+            if isinstance(base, str) and base in named_sets:
+                base = list(named_sets[base])
+            if not isinstance(base, list) or not base:
+                raise SpecError(f"{path}: {where}: budget.base_languages={budget.get('base_languages')!r}: "
+                                f"give a value name of axes.languages (e.g. L7) or a list of codes")
+            missing = [l for l in base if l not in corpus_langs]
+            if missing:
+                raise SpecError(f"{path}: {where}: budget.base_languages {missing} are not in the corpus {corpus}")
+            budget["base_languages"] = base
+    name = "-".join([gname] + [av[a] for a in av]) if av else gname
+    name = "".join(ch if ch.isalnum() or ch in "._+-" else "_" for ch in name)
+    return Cell(name=name, grid=gname, axis_values=dict(av), languages=list(langs), vocab=vocab,
+                alpha=float(alpha), seed=seed, tokenizer=tok, cap_lines=cap, cap_all=cap_all,
+                fixed_params=float(fp) if fp is not None else None, budget=budget, run_overrides=run_ov)
