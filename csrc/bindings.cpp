@@ -83,6 +83,58 @@ void py_blend_window(CArr<uint64_t> weights, CArr<uint64_t> offsets, CArr<uint64
   else throw std::invalid_argument("blend_window: out_lang must be uint8/uint16 and out_block uint32/int64");
 }
 
+template <typename LangT, typename BlockT>
+void run_blend_phase(CArr<uint64_t>& w, CArr<int64_t>& o, CArr<uint64_t>& k, CArr<uint64_t>& n, uint64_t total,
+                     uint64_t seed, uint64_t start, py::array& out_lang, py::array& out_block, uint32_t* epoch) {
+  auto* lang = static_cast<LangT*>(out_lang.mutable_data());
+  auto* block = static_cast<BlockT*>(out_block.mutable_data());
+  const uint64_t count = static_cast<uint64_t>(out_lang.size());
+  py::gil_scoped_release nogil;
+  blend_window_phase<LangT, BlockT>(w.data(), o.data(), k.data(), n.data(), w.size(), total, seed, start, count,
+                                    lang, block, epoch);
+}
+
+void py_blend_window_phase(CArr<uint64_t> weights, CArr<int64_t> offsets, CArr<uint64_t> kbase,
+                           CArr<uint64_t> n_blocks, uint64_t total_weight, uint64_t seed, uint64_t start,
+                           py::array out_lang, py::array out_block, py::object out_epoch) {
+  if (weights.size() != offsets.size() || weights.size() != n_blocks.size() || weights.size() != kbase.size())
+    throw std::invalid_argument("blend_window_phase: weights, offsets, kbase and n_blocks differ in length");
+  if (out_lang.size() != out_block.size())
+    throw std::invalid_argument("blend_window_phase: out_lang and out_block differ in length");
+  if (!(out_lang.flags() & py::array::c_style) || !(out_block.flags() & py::array::c_style) ||
+      !out_lang.writeable() || !out_block.writeable())
+    throw std::invalid_argument("blend_window_phase: outputs must be writeable C-contiguous arrays");
+  for (py::ssize_t i = 0; i < n_blocks.size(); ++i)
+    if (weights.data()[i] > 0 && n_blocks.data()[i] == 0)
+      throw std::invalid_argument("blend_window_phase: a language with weight > 0 has no blocks");
+  uint32_t* epoch = nullptr;
+  if (!out_epoch.is_none()) {
+    py::array e = out_epoch.cast<py::array>();
+    if (!e.dtype().is(py::dtype::of<uint32_t>()) || e.size() != out_lang.size() ||
+        !(e.flags() & py::array::c_style) || !e.writeable())
+      throw std::invalid_argument("blend_window_phase: out_epoch must be a writeable uint32 array like out_lang");
+    epoch = static_cast<uint32_t*>(e.mutable_data());
+  }
+  const bool lang8 = out_lang.dtype().is(py::dtype::of<uint8_t>());
+  const bool lang16 = out_lang.dtype().is(py::dtype::of<uint16_t>());
+  const bool block32 = out_block.dtype().is(py::dtype::of<uint32_t>());
+  const bool block64 = out_block.dtype().is(py::dtype::of<int64_t>());
+  if (lang8 && block32) run_blend_phase<uint8_t, uint32_t>(weights, offsets, kbase, n_blocks, total_weight, seed, start, out_lang, out_block, epoch);
+  else if (lang8 && block64) run_blend_phase<uint8_t, int64_t>(weights, offsets, kbase, n_blocks, total_weight, seed, start, out_lang, out_block, epoch);
+  else if (lang16 && block32) run_blend_phase<uint16_t, uint32_t>(weights, offsets, kbase, n_blocks, total_weight, seed, start, out_lang, out_block, epoch);
+  else if (lang16 && block64) run_blend_phase<uint16_t, int64_t>(weights, offsets, kbase, n_blocks, total_weight, seed, start, out_lang, out_block, epoch);
+  else throw std::invalid_argument("blend_window_phase: out_lang must be uint8/uint16 and out_block uint32/int64");
+}
+
+py::array_t<uint64_t> py_blend_phase_counts(CArr<uint64_t> weights, CArr<int64_t> offsets, uint64_t total_weight,
+                                            uint64_t position) {
+  if (weights.size() != offsets.size())
+    throw std::invalid_argument("blend_phase_counts: weights and offsets differ in length");
+  py::array_t<uint64_t> out(weights.size());
+  blend_phase_counts(weights.data(), offsets.data(), weights.size(), total_weight, position, out.mutable_data());
+  return out;
+}
+
 // One flat id array from per-sentence int32 buffers (SentencePiece's VectorBuffer, numpy arrays):
 // ids remapped through `table`, `eos_id` (if >= 0) appended to each sentence, written in the
 // dataset dtype. Returns (ids, lengths int64, number of ids equal to unk_id). Python reference:
@@ -170,6 +222,19 @@ PYBIND11_MODULE(_C, m) {
           return blend_rank(w.data(), o.data(), w.size(), total, bucket);
         }, py::arg("weights"), py::arg("offsets"), py::arg("total_weight"), py::arg("bucket"),
         "Number of blended draws in buckets [0, bucket).");
+  m.def("blend_window_phase", &py_blend_window_phase, py::arg("weights"), py::arg("offsets"), py::arg("kbase"),
+        py::arg("n_blocks"), py::arg("total_weight"), py::arg("seed"), py::arg("start"), py::arg("out_lang"),
+        py::arg("out_block"), py::arg("out_epoch") = py::none(),
+        "Like blend_window for one phase of a scheduled blend: signed int64 offsets, global draw base kbase; "
+        "start is the phase-local position.");
+  m.def("blend_phase_rank", [](CArr<uint64_t> w, CArr<int64_t> o, uint64_t total, uint64_t bucket) {
+          if (w.size() != o.size()) throw std::invalid_argument("blend_phase_rank: weights and offsets differ in length");
+          return blend_phase_rank(w.data(), o.data(), w.size(), total, bucket);
+        }, py::arg("weights"), py::arg("offsets"), py::arg("total_weight"), py::arg("bucket"),
+        "Number of draws of a phase in its local buckets [0, bucket).");
+  m.def("blend_phase_counts", &py_blend_phase_counts, py::arg("weights"), py::arg("offsets"),
+        py::arg("total_weight"), py::arg("position"),
+        "Draws of each language among a phase's local positions [0, position) (uint64 array).");
   m.def("flatten_id_buffers", &py_flatten_id_buffers, py::arg("buffers"), py::arg("table"), py::arg("eos_id"),
         py::arg("unk_id"), py::arg("dtype"),
         "(ids, lengths, n_unk): per-sentence int32 id buffers remapped through table, eos_id (>= 0) appended "

@@ -84,35 +84,80 @@ uint64_t blend_rank(const uint64_t* weights, const uint64_t* offsets, int64_t n_
   return r;
 }
 
-template <typename LangT, typename BlockT>
-void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64_t* n_blocks,
-                  int64_t n_lang, uint64_t total_weight, uint64_t seed, uint64_t start,
-                  uint64_t count, LangT* out_lang, BlockT* out_block, uint32_t* out_epoch) {
-  if (count == 0) return;
-  // First bucket: the largest B with rank(B) <= start (rank(B) is within n_lang of B).
-  uint64_t lo = 0, hi = start + static_cast<uint64_t>(n_lang) + 2;
+uint64_t phase_draws_before(uint64_t w, int64_t off, uint64_t total, uint64_t bucket) {
+  if (bucket == 0 || w == 0) return 0;
+  const __int128 num = static_cast<__int128>(static_cast<u128>(bucket) * w) - off;
+  if (num <= 0) return 0;
+  return static_cast<uint64_t>((num + total - 1) / total);
+}
+
+uint64_t blend_phase_rank(const uint64_t* weights, const int64_t* offsets, int64_t n_lang,
+                          uint64_t total_weight, uint64_t bucket) {
+  uint64_t r = 0;
+  for (int64_t i = 0; i < n_lang; ++i) r += phase_draws_before(weights[i], offsets[i], total_weight, bucket);
+  return r;
+}
+
+namespace {
+// The largest bucket B with rank(B) <= position (rank(B) >= B - n_lang - 1 when the offsets are
+// in [0, W); owed draws (offsets < 0) only raise the rank, so the bound holds for phases too).
+uint64_t last_bucket_at_or_before(const uint64_t* weights, const int64_t* offsets, int64_t n_lang,
+                                  uint64_t total_weight, uint64_t position) {
+  uint64_t lo = 0, hi = position + static_cast<uint64_t>(n_lang) + 2;
   while (hi - lo > 1) {
     const uint64_t mid = lo + (hi - lo) / 2;
-    if (blend_rank(weights, offsets, n_lang, total_weight, mid) <= start) lo = mid; else hi = mid;
+    if (blend_phase_rank(weights, offsets, n_lang, total_weight, mid) <= position) lo = mid; else hi = mid;
   }
-  uint64_t bucket = lo;
-  uint64_t pos = blend_rank(weights, offsets, n_lang, total_weight, bucket);
+  return lo;
+}
+}  // namespace
 
-  // Per-language cursor: next draw k, k * W + o = q * w + r, and the block permutation of its pass.
-  struct Cursor { uint64_t k, q, r, qstep, rstep, j, epoch; Feistel perm; };
+void blend_phase_counts(const uint64_t* weights, const int64_t* offsets, int64_t n_lang,
+                        uint64_t total_weight, uint64_t position, uint64_t* out_counts) {
+  const uint64_t b = last_bucket_at_or_before(weights, offsets, n_lang, total_weight, position);
+  uint64_t pos = 0;
+  for (int64_t i = 0; i < n_lang; ++i) {
+    out_counts[i] = phase_draws_before(weights[i], offsets[i], total_weight, b);
+    pos += out_counts[i];
+  }
+  // the rest sits in bucket b, in language order (a language owed draws may have several there)
+  for (int64_t i = 0; i < n_lang && pos < position; ++i) {
+    const uint64_t in_b = phase_draws_before(weights[i], offsets[i], total_weight, b + 1) - out_counts[i];
+    const uint64_t take = std::min<uint64_t>(in_b, position - pos);
+    out_counts[i] += take;
+    pos += take;
+  }
+}
+
+template <typename LangT, typename BlockT>
+void blend_window_phase(const uint64_t* weights, const int64_t* offsets, const uint64_t* kbase,
+                        const uint64_t* n_blocks, int64_t n_lang, uint64_t total_weight, uint64_t seed,
+                        uint64_t start, uint64_t count, LangT* out_lang, BlockT* out_block,
+                        uint32_t* out_epoch) {
+  if (count == 0) return;
+  uint64_t bucket = last_bucket_at_or_before(weights, offsets, n_lang, total_weight, start);
+  uint64_t pos = blend_phase_rank(weights, offsets, n_lang, total_weight, bucket);
+
+  // Per-language cursor: next local draw j (global draw k = kbase + j), j * W + o = q * w + r
+  // (q may be < 0 for draws owed from earlier phases: they sit in bucket 0), and the block
+  // permutation of its pass.
+  struct Cursor { int64_t q; uint64_t r, qstep, rstep, j, epoch; Feistel perm; };
   std::vector<Cursor> cur(static_cast<size_t>(n_lang));
   for (int64_t i = 0; i < n_lang; ++i) {
     Cursor& c = cur[i];
     const uint64_t w = weights[i];
-    c.k = draws_before(w, offsets[i], total_weight, bucket);
     if (w == 0) continue;
-    const u128 num = static_cast<u128>(c.k) * total_weight + offsets[i];
-    c.q = static_cast<uint64_t>(num / w);
-    c.r = static_cast<uint64_t>(num % w);
+    const uint64_t local = phase_draws_before(w, offsets[i], total_weight, bucket);
+    const __int128 num = static_cast<__int128>(static_cast<u128>(local) * total_weight) + offsets[i];
+    __int128 q = num / static_cast<__int128>(w), r = num % static_cast<__int128>(w);
+    if (r < 0) { r += w; --q; }  // floor division
+    c.q = static_cast<int64_t>(q);
+    c.r = static_cast<uint64_t>(r);
     c.qstep = total_weight / w;
     c.rstep = total_weight % w;
-    c.epoch = c.k / n_blocks[i];
-    c.j = c.k % n_blocks[i];
+    const uint64_t k = (kbase ? kbase[i] : 0) + local;
+    c.epoch = k / n_blocks[i];
+    c.j = k % n_blocks[i];
     c.perm.init(n_blocks[i], seed, static_cast<uint64_t>(i), c.epoch);
   }
 
@@ -126,7 +171,7 @@ void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64
   while (pos < end) {
     // buckets [bucket, bucket + window) hold >= window - n_lang draws: enough for what is left
     const uint64_t window = std::min<uint64_t>(max_window, end - pos + static_cast<uint64_t>(n_lang) + 1);
-    const uint64_t bucket_end = bucket + window;
+    const int64_t bucket_end = static_cast<int64_t>(bucket + window);
     item_bucket.clear();
     item_lang.clear();
     item_block.clear();
@@ -138,14 +183,13 @@ void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64
       Cursor& c = cur[i];
       const uint64_t n = n_blocks[i];
       while (c.q < bucket_end) {
-        const uint32_t local = static_cast<uint32_t>(c.q - bucket);
+        const uint32_t local = c.q < 0 ? 0u : static_cast<uint32_t>(static_cast<uint64_t>(c.q) - bucket);
         item_bucket.push_back(local);
         item_lang.push_back(static_cast<LangT>(i));
         item_block.push_back(static_cast<BlockT>(c.perm(c.j)));
         if (out_epoch) item_epoch.push_back(static_cast<uint32_t>(c.epoch));
         ++slot[local + 1];
-        ++c.k;
-        c.q += c.qstep;
+        c.q += static_cast<int64_t>(c.qstep);
         c.r += c.rstep;
         if (c.r >= w) { c.r -= w; ++c.q; }
         if (++c.j == n) {
@@ -174,13 +218,26 @@ void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64
       if (out_epoch) out_epoch[pos + t - start] = sorted_epoch[t];
     }
     pos += n_items;
-    bucket = bucket_end;
+    bucket = static_cast<uint64_t>(bucket_end);
   }
+}
+
+template <typename LangT, typename BlockT>
+void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64_t* n_blocks,
+                  int64_t n_lang, uint64_t total_weight, uint64_t seed, uint64_t start,
+                  uint64_t count, LangT* out_lang, BlockT* out_block, uint32_t* out_epoch) {
+  // the static index is the one-phase case: offsets in [0, W), every language from draw 0
+  std::vector<int64_t> signed_offsets(offsets, offsets + n_lang);
+  blend_window_phase<LangT, BlockT>(weights, signed_offsets.data(), nullptr, n_blocks, n_lang, total_weight,
+                                    seed, start, count, out_lang, out_block, out_epoch);
 }
 
 #define XLMR_MP_BLEND_INSTANCE(L, B)                                                              \
   template void blend_window<L, B>(const uint64_t*, const uint64_t*, const uint64_t*, int64_t,      \
-                                   uint64_t, uint64_t, uint64_t, uint64_t, L*, B*, uint32_t*);
+                                   uint64_t, uint64_t, uint64_t, uint64_t, L*, B*, uint32_t*);      \
+  template void blend_window_phase<L, B>(const uint64_t*, const int64_t*, const uint64_t*,          \
+                                         const uint64_t*, int64_t, uint64_t, uint64_t, uint64_t,    \
+                                         uint64_t, L*, B*, uint32_t*);
 XLMR_MP_BLEND_INSTANCE(uint8_t, uint32_t)
 XLMR_MP_BLEND_INSTANCE(uint8_t, int64_t)
 XLMR_MP_BLEND_INSTANCE(uint16_t, uint32_t)

@@ -33,6 +33,27 @@ void blend_window(const uint64_t* weights, const uint64_t* offsets, const uint64
 uint64_t blend_rank(const uint64_t* weights, const uint64_t* offsets, int64_t n_lang,
                     uint64_t total_weight, uint64_t bucket);
 
+// One phase of a scheduled blend (blend.py PhasedBlend): language i's local draw j is its global
+// draw kbase[i] + j and sits in local bucket max(0, floor((j * W + offsets[i]) / weights[i]));
+// offsets may be negative (draws owed from earlier phases, all in bucket 0) or >= W (a language
+// ahead of its share). weights[i] == 0: the language is not active in the phase. kbase may be null.
+template <typename LangT, typename BlockT>
+void blend_window_phase(const uint64_t* weights, const int64_t* offsets, const uint64_t* kbase,
+                        const uint64_t* n_blocks, int64_t n_lang, uint64_t total_weight, uint64_t seed,
+                        uint64_t start, uint64_t count, LangT* out_lang, BlockT* out_block,
+                        uint32_t* out_epoch);
+
+// Draws of one language of a phase in its local buckets [0, bucket).
+uint64_t phase_draws_before(uint64_t w, int64_t off, uint64_t total, uint64_t bucket);
+
+// Number of draws of a phase in its local buckets [0, bucket).
+uint64_t blend_phase_rank(const uint64_t* weights, const int64_t* offsets, int64_t n_lang,
+                          uint64_t total_weight, uint64_t bucket);
+
+// Draws of each language among a phase's local positions [0, position) into out_counts[n_lang].
+void blend_phase_counts(const uint64_t* weights, const int64_t* offsets, int64_t n_lang,
+                        uint64_t total_weight, uint64_t position, uint64_t* out_counts);
+
 uint64_t feistel_permute(uint64_t x, uint64_t n, uint64_t seed, uint64_t lang, uint64_t epoch);
 
 }  // namespace xlmr_mp

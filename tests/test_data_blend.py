@@ -117,3 +117,117 @@ def test_shared_corpus_129_languages(shared_corpus):
     lang, _ = blend_window(spec, 0, 1_000_000)
     freq = np.bincount(lang, minlength=len(q)) / 1e6
     assert (np.abs(freq - q) / q).max() < 0.01
+
+
+# ----------------------------------------------------------------------------- scheduled blend (phases)
+
+from xlmr_mp.data.blend import PhasedBlend, phase_counts_reference  # noqa: E402
+
+
+def _three_phases(n_lang=5, sizes=SIZES, blocks=BLOCKS, starts=(0, 10_007, 25_000), seed=5):
+    """mmBERT-like: alpha 0.7 over the first 3 languages, 0.5 over 4, 0.3 over all."""
+    q1 = np.r_[sampling_weights(sizes[:3], 0.7), np.zeros(n_lang - 3)]
+    q2 = np.r_[sampling_weights(sizes[:4], 0.5), np.zeros(n_lang - 4)]
+    q3 = sampling_weights(sizes, 0.3)
+    return PhasedBlend(list(starts), [q1, q2, q3], blocks, seed), [q1, q2, q3]
+
+
+@needs_cpp
+@pytest.mark.parametrize("start,count", [(0, 40_000), (9_000, 3_000), (10_007, 1), (24_990, 20), (123_456, 5_000)])
+def test_phased_cpp_equals_reference(start, count):
+    pb, _ = _three_phases()
+    a, b = pb.window(start, count, use_cpp=True), pb.window(start, count, use_cpp=False)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    for p in pb.phases[:-1]:  # the carried counts: C++ == reference
+        from xlmr_mp import _C
+        n = p.end - p.start
+        assert _C.blend_phase_counts(p.weights, p.offsets, 1 << 30, n).tolist() == \
+            phase_counts_reference(p.weights, p.offsets, n)
+
+
+@needs_cpp
+def test_phased_cpp_equals_reference_many_languages():
+    rng = np.random.default_rng(8)
+    n = 300  # uint16 language ids; languages join in three waves
+    sizes, blocks = rng.integers(1, 10 ** 6, n), rng.integers(1, 3000, n)
+    shares = []
+    for k, alpha in ((60, 0.7), (110, 0.5), (300, 0.3)):
+        shares.append(np.r_[sampling_weights(sizes[:k], alpha), np.zeros(n - k)])
+    pb = PhasedBlend([0, 7_001, 19_999], shares, blocks, seed=3)
+    assert pb.lang_dtype == np.uint16
+    for start, count in ((0, 30_000), (6_000, 2_000), (19_000, 4_000)):
+        a, b = pb.window(start, count, use_cpp=True), pb.window(start, count, use_cpp=False)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_one_phase_equals_static_index():
+    q = sampling_weights(SIZES, 0.3)
+    spec, pb = BlendSpec(q, BLOCKS, seed=11), PhasedBlend([0], [q], BLOCKS, 11)
+    for start, count in ((0, 5000), (777, 3001), (10_000_000_000, 300)):
+        for x, y in zip(blend_window(spec, start, count, with_epoch=True), pb.window(start, count)):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_phase_frequencies_within_1_percent_over_1m_draws():
+    n = 1_000_000
+    pb, qs = _three_phases(starts=(0, n, 2 * n))
+    lang, _, _ = pb.window(0, 3 * n)
+    for p, q in enumerate(qs):
+        freq = np.bincount(lang[p * n:(p + 1) * n], minlength=len(q)) / n
+        on = q > 0
+        assert np.all(freq[~on] == 0), (p, freq)       # a language not yet joined is never drawn
+        assert (np.abs(freq[on] - q[on]) / q[on]).max() < 0.01, (p, freq, q)
+
+
+def test_every_prefix_within_2_samples_of_the_integral_100_languages():
+    rng = np.random.default_rng(0)
+    L, n = 100, 60_000
+    sizes = np.exp(rng.uniform(np.log(1e4), np.log(1e8), L))
+    blocks = np.maximum(sizes // 1000, 1).astype(np.int64)
+    shares = [np.r_[sampling_weights(sizes[:k], a), np.zeros(L - k)] for k, a in ((20, 0.7), (50, 0.5), (100, 0.3))]
+    starts = [0, n, 2 * n]
+    pb = PhasedBlend(starts, shares, blocks, seed=2)
+    lang, _, _ = pb.window(0, 3 * n)
+    q_at = np.concatenate([np.repeat(s[None], n, 0) for s in shares])        # [3n, L]
+    integral = np.cumsum(q_at, 0)
+    counts = np.cumsum(np.eye(L, dtype=np.int32)[lang], 0)
+    assert np.abs(counts - integral).max() <= 2.0
+    for t in (1, n - 1, n, n + 1, 2 * n + 77):                               # draws_before agrees
+        np.testing.assert_array_equal(pb.draws_before(t), counts[t - 1])
+
+
+def test_languages_continue_their_passes_and_joiners_start_fresh():
+    pb, _ = _three_phases(blocks=[40, 17, 9, 5, 2])
+    lang, block, epoch = pb.window(0, 40_000)
+    for i, nb in enumerate([40, 17, 9, 5, 2]):
+        k = np.arange(int((lang == i).sum()))
+        e = k // nb
+        want = np.concatenate([feistel_permute_reference(k[e == x] - x * nb, nb, pb.seed, i, int(x))
+                               for x in np.unique(e).tolist()])  # draw k of the run -> block perm_e(k mod n)
+        np.testing.assert_array_equal(block[lang == i], want)
+        np.testing.assert_array_equal(epoch[lang == i], e)
+    assert not np.isin(lang[:10_007], [3, 4]).any() and lang[10_007:].tolist().count(3) > 0
+
+
+def test_branch_suffix_does_not_change_the_prefix():
+    """Phases after a boundary never change the positions before it (a branch's premise)."""
+    pb, qs = _three_phases()
+    other = PhasedBlend([0, 10_007, 25_000], [qs[0], qs[1], np.r_[0.5, 0.2, 0.1, 0.1, 0.1]], BLOCKS, 5)
+    a, b = pb.window(0, 40_000), other.window(0, 40_000)
+    np.testing.assert_array_equal(a[0][:25_000], b[0][:25_000])
+    assert not np.array_equal(a[0][25_000:], b[0][25_000:])
+
+
+def test_carry_keeps_many_phases_on_the_integral():
+    """A linear alpha anneal is 200 short phases: without the carried offsets each boundary would
+    restart the rounding and the error would grow like a random walk (measured ~96 draws)."""
+    rng = np.random.default_rng(0)
+    L, P, n = 30, 200, 500
+    sizes = np.exp(rng.uniform(np.log(1e4), np.log(1e8), L))
+    shares = [sampling_weights(sizes, a) for a in np.linspace(0.7, 0.3, P)]
+    pb = PhasedBlend([p * n for p in range(P)], shares, np.maximum(sizes // 1000, 1).astype(np.int64), seed=2)
+    lang, _, _ = pb.window(0, P * n)
+    counts = np.cumsum(np.eye(L, dtype=np.int32)[lang], 0)
+    assert np.abs(counts - np.cumsum(np.repeat(np.stack(shares), n, 0), 0)).max() <= 2.0

@@ -245,6 +245,197 @@ def draws_at_rank(spec: BlendSpec, start: int) -> list:
     return counts
 
 
+# ----------------------------------------------------------------------------- scheduled blend (phases)
+
+class BlendPhase:
+    """One phase of a scheduled blend: stream positions [start, end) (end None = open), the shares q
+    (0 = language not active), integer weights w (sum W over the active languages), signed offsets o
+    and the draws kbase each language made before the phase."""
+
+    def __init__(self, start: int, end: Optional[int], q: np.ndarray, weights: np.ndarray, offsets: np.ndarray,
+                 kbase: np.ndarray):
+        self.start, self.end = int(start), (None if end is None else int(end))
+        self.q, self.weights, self.offsets, self.kbase = q, weights, offsets, kbase
+
+    @property
+    def active(self) -> np.ndarray:
+        return np.nonzero(self.weights)[0]
+
+
+def active_weights(q: Sequence[float]) -> np.ndarray:
+    """integer_weights over the languages with q_i > 0; 0 for the others (uint64)."""
+    q = np.asarray(q, dtype=np.float64)
+    w = np.zeros(len(q), dtype=np.uint64)
+    on = np.nonzero(q > 0)[0]
+    if len(on) == 0:
+        raise ValueError("a blend phase needs at least one language with a share > 0")
+    w[on] = integer_weights(q[on])
+    return w
+
+
+def phase_draws_before_reference(weights, offsets, bucket: int) -> list:
+    """Draws of each language of a phase in its local buckets [0, bucket) (Python ints)."""
+    out = []
+    for w, o in zip(np.asarray(weights).tolist(), np.asarray(offsets).tolist()):
+        num = bucket * w - o
+        out.append(0 if bucket == 0 or w == 0 or num <= 0 else (num + TOTAL_WEIGHT - 1) // TOTAL_WEIGHT)
+    return out
+
+
+def _phase_last_bucket(weights, offsets, position: int, rank) -> int:
+    lo, hi = 0, position + len(weights) + 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if rank(weights, offsets, mid) <= position:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _rank_reference(weights, offsets, bucket):
+    return sum(phase_draws_before_reference(weights, offsets, bucket))
+
+
+def phase_counts_reference(weights, offsets, position: int) -> list:
+    """Draws of each language among a phase's local positions [0, position) (numpy reference of
+    _C.blend_phase_counts): whole buckets, then the partial last bucket in language order."""
+    b = _phase_last_bucket(weights, offsets, position, _rank_reference)
+    counts = phase_draws_before_reference(weights, offsets, b)
+    nxt = phase_draws_before_reference(weights, offsets, b + 1)
+    left = position - sum(counts)
+    for i in range(len(counts)):
+        take = min(nxt[i] - counts[i], left)
+        counts[i] += take
+        left -= take
+    return counts
+
+
+def phase_window_reference(phase: BlendPhase, n_blocks: np.ndarray, seed: int, start: int, count: int,
+                           lang_dtype=np.uint8, block_dtype=np.uint32):
+    """Phase-local positions [start, start+count) -> (language, block, pass) arrays; numpy reference
+    of _C.blend_window_phase. Local draw j of language i is its global draw kbase_i + j, in local
+    bucket max(0, floor((j W + o_i) / w_i))."""
+    w, o = phase.weights, phase.offsets
+    b0 = _phase_last_bucket(w, o, start, _rank_reference)
+    pos0 = _rank_reference(w, o, b0)
+    b1 = b0 + (start + count - pos0) + len(w) + 2
+    j0, j1 = phase_draws_before_reference(w, o, b0), phase_draws_before_reference(w, o, b1)
+    if max(j1) * TOTAL_WEIGHT + int(np.abs(o).max()) >= 1 << 63:
+        raise ValueError("phase_window_reference: too many draws for int64 arithmetic; build xlmr_mp._C")
+    buckets, langs, blocks, epochs = [], [], [], []
+    for i in np.nonzero(w)[0].tolist():
+        j = np.arange(j0[i], j1[i], dtype=np.int64)
+        buckets.append(np.maximum((j * TOTAL_WEIGHT + int(o[i])) // int(w[i]), 0))
+        langs.append(np.full(len(j), i, dtype=np.int64))
+        k = j + int(phase.kbase[i])
+        n = int(n_blocks[i])
+        epoch = k // n
+        blk = np.empty(len(k), dtype=np.uint64)
+        for e in np.unique(epoch).tolist():
+            sel = epoch == e
+            blk[sel] = feistel_permute_reference((k[sel] - e * n).astype(np.uint64), n, seed, i, e)
+        blocks.append(blk)
+        epochs.append(epoch)
+    buckets, langs, blocks, epochs = map(np.concatenate, (buckets, langs, blocks, epochs))
+    order = np.lexsort((langs, buckets))
+    sel = order[start - pos0:start - pos0 + count]
+    assert len(sel) == count
+    return langs[sel].astype(lang_dtype), blocks[sel].astype(block_dtype), epochs[sel]
+
+
+class PhasedBlend:
+    """The blended stream of a schedule: phase p holds positions [T_p, T_{p+1}) with its own shares
+    q^p (languages may join or leave), each phase a static-style stream in its own buckets.
+
+    Carry: language i enters phase p with D_i draws made and an ideal share A_i = sum over earlier
+    phases of w_i^p' * N_p' (in 1/W units); its phase offset is o_i = W D_i - A_i + phi_i W (phi_i
+    its seeded offset of the static index), so its cumulative draws follow ceil(integral of q_i -
+    phi_i) across boundaries instead of restarting its rounding, and every prefix of the stream
+    stays within about 2 draws of the integral of q_i. Draw k of language i is block
+    perm_{seed,i,k div n_i}(k mod n_i) with k counted over the whole run: a language that joins
+    starts its own fresh shuffle at pass 0, the others continue theirs. A one-phase blend with
+    every language active is bitwise the static index (BlendSpec). Setup is O(P L^2 log N); a
+    window [a, b) costs O(b - a + L) like the static index.
+    """
+
+    def __init__(self, starts: Sequence[int], shares: Sequence[Sequence[float]], n_blocks: Sequence[int], seed: int,
+                 use_cpp: Optional[bool] = None):
+        starts = [int(s) for s in starts]
+        if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"PhasedBlend: phase starts {starts} must begin at 0 and increase")
+        if len(shares) != len(starts):
+            raise ValueError("PhasedBlend: one share vector per phase")
+        self.n_blocks = np.asarray(n_blocks, dtype=np.uint64)
+        n_lang = len(self.n_blocks)
+        if np.any(self.n_blocks == 0):
+            raise ValueError(f"PhasedBlend: languages {np.nonzero(self.n_blocks == 0)[0].tolist()} have no blocks")
+        self.seed = int(seed) & _M64
+        self.use_cpp = have_cpp() if use_cpp is None else use_cpp
+        self.lang_dtype = np.uint8 if n_lang <= 256 else np.uint16
+        self.block_dtype = np.uint32 if int(self.n_blocks.max()) <= 1 << 32 else np.int64
+        phi = [int(x) for x in language_offsets(n_lang, self.seed)]
+        drawn, ideal = [0] * n_lang, [0] * n_lang
+        self.phases: list = []
+        for p, (t0, q) in enumerate(zip(starts, shares)):
+            q = np.asarray(q, dtype=np.float64)
+            if q.shape != (n_lang,) or np.any(q < 0):
+                raise ValueError(f"PhasedBlend: phase {p} shares must be {n_lang} values >= 0")
+            w = active_weights(q)
+            off = np.array([TOTAL_WEIGHT * d - a + f for d, a, f in zip(drawn, ideal, phi)], dtype=np.int64)
+            end = starts[p + 1] if p + 1 < len(starts) else None
+            ph = BlendPhase(t0, end, q / q.sum(), w, off, np.array(drawn, dtype=np.uint64))
+            self.phases.append(ph)
+            if end is not None:
+                counts = self._counts(ph, end - t0)
+                drawn = [d + int(c) for d, c in zip(drawn, counts)]
+                ideal = [a + int(wi) * (end - t0) for a, wi in zip(ideal, w.tolist())]
+        self.starts = np.array(starts, dtype=np.int64)
+
+    @property
+    def num_languages(self) -> int:
+        return len(self.n_blocks)
+
+    def _counts(self, ph: BlendPhase, position: int):
+        if self.use_cpp:
+            from xlmr_mp import _C
+            return _C.blend_phase_counts(ph.weights, ph.offsets, TOTAL_WEIGHT, position).tolist()
+        return phase_counts_reference(ph.weights, ph.offsets, position)
+
+    def phase_index(self, position: int) -> int:
+        """Index of the phase holding stream position `position`."""
+        return int(np.searchsorted(self.starts, position, side="right")) - 1
+
+    def draws_before(self, position: int) -> np.ndarray:
+        """Draws of each language among stream positions [0, position) (int64)."""
+        ph = self.phases[self.phase_index(position)]
+        return ph.kbase.astype(np.int64) + np.asarray(self._counts(ph, position - ph.start), dtype=np.int64)
+
+    def window(self, start: int, count: int, use_cpp: Optional[bool] = None):
+        """Positions [start, start+count) -> (language, block, pass int64), across phase boundaries."""
+        if start < 0 or count < 0:
+            raise ValueError(f"PhasedBlend.window: start={start}, count={count} must be >= 0")
+        use_cpp = self.use_cpp if use_cpp is None else use_cpp
+        lang = np.empty(count, dtype=self.lang_dtype)
+        block = np.empty(count, dtype=self.block_dtype)
+        epoch = np.empty(count, dtype=np.uint32 if use_cpp else np.int64)
+        pos, end = start, start + count
+        while pos < end:
+            p = self.phase_index(pos)
+            ph = self.phases[p]
+            stop = end if ph.end is None else min(end, ph.end)
+            a, b = pos - start, stop - start
+            if use_cpp:
+                from xlmr_mp import _C
+                _C.blend_window_phase(ph.weights, ph.offsets, ph.kbase, self.n_blocks, TOTAL_WEIGHT, self.seed,
+                                      pos - ph.start, lang[a:b], block[a:b], epoch[a:b])
+            else:
+                lang[a:b], block[a:b], epoch[a:b] = phase_window_reference(
+                    ph, self.n_blocks, self.seed, pos - ph.start, stop - pos, self.lang_dtype, self.block_dtype)
+            pos = stop
+        return lang, block, epoch.astype(np.int64)
+
+
 def expected_fraction_error(q: Sequence[float], n: int) -> float:
     """Largest relative error |count_i/n - q_i| / q_i the blend can show over n samples (2 draws)."""
     q = np.asarray(q, dtype=np.float64)
@@ -252,4 +443,5 @@ def expected_fraction_error(q: Sequence[float], n: int) -> float:
 
 
 __all__ = ["sampling_weights", "integer_weights", "BlendSpec", "blend_window", "blend_window_reference",
-           "feistel_permute_reference", "blend_rank_reference", "pass_of_draw", "draws_at_rank", "have_cpp"]
+           "feistel_permute_reference", "blend_rank_reference", "pass_of_draw", "draws_at_rank", "have_cpp",
+           "BlendPhase", "PhasedBlend", "phase_window_reference", "phase_counts_reference", "active_weights"]
