@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.model.config import ModelConfig
-from xlmr_mp.model.xlmr import IGNORE_INDEX, XLMRModel
+from xlmr_mp.model.xlmr import XLMRModel
 
 SEQUENCE, TOKEN = "sequence", "token"
 HF_ARCH = {SEQUENCE: "XLMRobertaForSequenceClassification", TOKEN: "XLMRobertaForTokenClassification"}
@@ -164,23 +165,30 @@ def hf_config(classifier: Classifier, labels: List[str]) -> dict:
 
 def export_hf(path: str, classifier: Classifier, labels: List[str], tokenizer=None) -> str:
     """Write `path` (atomically): config.json + model.safetensors for transformers'
-    XLMRobertaFor{Sequence,Token}Classification, and the tokenizer files when the checkpoint
-    module can write them (xlmr_mp.checkpoint.hf.save_hf_tokenizer)."""
+    XLMRobertaFor{Sequence,Token}Classification and, with `tokenizer` (an XLMRTokenizer of the
+    model's vocabulary), its HF tokenizer files (xlmr_mp.tokenizer.hf, checked to give our ids)."""
     from safetensors.torch import save_file
-    from xlmr_mp.checkpoint import hf as hf_mod
     from xlmr_mp.checkpoint.model_io import fresh_temp_dir_beside
     if len(labels) != classifier.num_labels:
         raise ValueError(f"{len(labels)} label names for a head of {classifier.num_labels} labels")
+    vocab = classifier.encoder.cfg.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size != vocab:
+        raise ValueError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} ids but the model's "
+                         f"vocabulary is {vocab}: it belongs to another model")
     sd = encoder_hf_state(classifier.encoder)
     sd.update({k: v.float().cpu() for k, v in classifier.hf_head_state().items()})
     tmp = fresh_temp_dir_beside(path)
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config(classifier, labels), f, indent=2)
-    writer = getattr(hf_mod, "save_hf_tokenizer", None)
-    if tokenizer is not None and writer is not None:
-        writer(tmp, tokenizer)
+    try:
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(classifier, labels), f, indent=2)
+        if tokenizer is not None:
+            from xlmr_mp.tokenizer.hf import save_hf_tokenizer
+            save_hf_tokenizer(tokenizer, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
