@@ -206,18 +206,20 @@ class Runner:
         langs = [l for l in cell.languages if self.study.eval_languages is None or l in self.study.eval_languages]
         if not langs:
             return "ok"
-        tmp = f"{out}.tmp-{os.getpid()}.json"
+        tmp = os.path.join(os.path.dirname(out), f"{task}.partial.json")
         data = os.path.join(self.study.eval_data, EVAL_SUBDIR[task])
         if not os.path.exists(data):
             data = self.study.eval_data
         cmd = [self.python, os.path.join(REPO, "tools", "evaluate.py"), task, "--model",
                os.path.join(d, "run", "checkpoints"), "--data", data, "--languages", ",".join(langs),
-               "--out", tmp] + list(self.study.eval_settings)
+               "--out", tmp, "--threads", str(self.threads), "--no-progress"] + list(self.study.eval_settings)
         rc = self._spawn(cell.name, cmd, os.path.join(d, f"eval-{task}.log"))
         if self.stopping.is_set() and rc != 0:
             return "interrupted"
         if rc != 0 or not os.path.exists(tmp):
             return self._fail(cell, f"evaluate {task}", rc, "see the log")
+        if os.path.exists(tmp[:-len(".json")] + ".png"):
+            os.replace(tmp[:-len(".json")] + ".png", out[:-len(".json")] + ".png")
         os.replace(tmp, out)
         return "ok"
 
@@ -271,6 +273,8 @@ class Runner:
         for c in cells:
             self.states[c.name] = cell_state(self.out, c)
         todo = [c for c in cells if self.states[c.name] != "done"]
+        if all(self.est.get(c.name) for c in todo):     # longest first: the shortest makespan on N slots
+            todo.sort(key=lambda c: -self.est[c.name])
         self.log(f"[study] {self.study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done; "
                  f"{self.jobs} at a time, {self.threads} thread(s) each; study dir {self.out}")
         old = {}

@@ -259,7 +259,8 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
                         run_ov.append(f"{k}={_override_text(v)}")
             where = f"grid {gname}, cell " + ", ".join(f"{a}={vn}" for a, vn in av.items())
             named = {vn: vals["languages"] for vn, vals in axes.get("languages", {}).items() if "languages" in vals}
-            cell = _make_cell(gname, av, settings, run_ov, corpus_langs, corpus, path, where, named)
+            varying = [a for a in names if len(axes[a]) > 1]
+            cell = _make_cell(gname, av, settings, run_ov, corpus_langs, corpus, path, where, named, varying)
             key = repr(sorted(cell.key().items()))
             if key in by_key:
                 by_key[key].aliases.append((gname, av))
@@ -296,7 +297,17 @@ def _corpus_languages(corpus: str) -> List[str]:
         raise SpecError(f"corpus: {e}") from None
 
 
-def _make_cell(gname, av, s, run_ov, corpus_langs, corpus, path, where, named_sets) -> Cell:
+def _num(v: Any) -> Any:
+    """YAML 1.1 reads 3.0e6 as a string: accept numeric strings where numbers are expected."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _make_cell(gname, av, s, run_ov, corpus_langs, corpus, path, where, named_sets, varying) -> Cell:
     langs = s.get("languages")
     if langs is None:
         raise SpecError(f"{path}: {where}: no languages (add a languages axis, e.g. languages: {{L7: [en, fr]}})")
@@ -312,7 +323,7 @@ def _make_cell(gname, av, s, run_ov, corpus_langs, corpus, path, where, named_se
     if not isinstance(vocab, int) or vocab < 16:
         raise SpecError(f"{path}: {where}: vocab must be an integer number of SentencePiece pieces "
                         f"(add a vocab axis, e.g. vocab: {{V16k: 16000}}); got {vocab!r}")
-    alpha = s.get("alpha", 0.3)
+    alpha = _num(s.get("alpha", 0.3))
     if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
         raise SpecError(f"{path}: {where}: alpha={alpha!r} must be in (0, 1]")
     seed = s.get("seed", 1)
@@ -331,7 +342,7 @@ def _make_cell(gname, av, s, run_ov, corpus_langs, corpus, path, where, named_se
             raise SpecError(f"{path}: {where}: cap_lines.{l}={n!r}: give a line count >= 1 or a fraction in (0, 1]")
     cap_all = {l: cap[l] for l in sorted(cap)}
     cap = {l: cap[l] for l in sorted(cap) if l in langs}      # only the cell's own languages matter
-    fp = s.get("fixed_params")
+    fp = _num(s.get("fixed_params"))
     if fp is not None and (not isinstance(fp, (int, float)) or fp <= 0):
         raise SpecError(f"{path}: {where}: fixed_params={fp!r} must be a positive parameter count")
     budget = dict(s.get("budget") or {})
@@ -342,6 +353,9 @@ def _make_cell(gname, av, s, run_ov, corpus_langs, corpus, path, where, named_se
             raise SpecError(f"{path}: {where}: budget.mode={mode!r}: choose {' or '.join(BUDGET_MODES)}")
         if ("tokens" in budget) == ("characters" in budget):
             raise SpecError(f"{path}: {where}: budget needs exactly one of tokens or characters")
+        for k in ("tokens", "characters"):
+            if k in budget:
+                budget[k] = _num(budget[k])
         amount = budget.get("tokens", budget.get("characters"))
         if not isinstance(amount, (int, float)) or amount <= 0:
             raise SpecError(f"{path}: {where}: budget amount {amount!r} must be > 0")
@@ -356,7 +370,7 @@ def _make_cell(gname, av, s, run_ov, corpus_langs, corpus, path, where, named_se
             if missing:
                 raise SpecError(f"{path}: {where}: budget.base_languages {missing} are not in the corpus {corpus}")
             budget["base_languages"] = base
-    name = "-".join([gname] + [av[a] for a in av]) if av else gname
+    name = "-".join([gname] + [av[a] for a in av if a in varying]) if varying else gname
     name = "".join(ch if ch.isalnum() or ch in "._+-" else "_" for ch in name)
     return Cell(name=name, grid=gname, axis_values=dict(av), languages=list(langs), vocab=vocab,
                 alpha=float(alpha), seed=seed, tokenizer=tok, cap_lines=cap, cap_all=cap_all,

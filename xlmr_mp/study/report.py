@@ -1,0 +1,239 @@
+"""Study report: results.csv, the paper's figures (figures.py) and report.md with run cards.
+
+results.csv: one row per (grid membership of a) finished cell x language x metric, with every
+axis value as a column and the seed; values printed with repr, so a cell trained twice from
+scratch gives the same bytes. Metrics: `valid_bpc` (the trainer's held-out bits per character of
+the masked pieces at the last step; its validation split is the same documents for every
+tokenizer) and each evaluated task's headline metric (tools/evaluate.py --out JSON).
+Groups (../shared/STUDY.md): High = en fr, Low = sw ur, All = en fr de ru zh sw ur; mean and 95%
+confidence interval (Student t) over seeds.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+from xlmr_mp.study.runner import cell_dir, cell_state, read_json
+from xlmr_mp.study.spec import Study
+
+GROUPS = {"High": ["en", "fr"], "Low": ["sw", "ur"], "All": ["en", "fr", "de", "ru", "zh", "sw", "ur"]}
+LOWER_IS_BETTER = {"valid_bpc", "mbpc", "bpc", "bits_per_char"}
+# two-sided 95% Student t quantiles by degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+CAVEATS = """\
+- Corpus: ../shared/corpus, 129 languages of 0.2-5 MB each (about 26M tokens with a 16k vocabulary;
+  sw and ur about 0.2M tokens, en about 1.7M). The imbalance is 10-20x, against about 190x for
+  en/sw in the paper's CC-100: effects that depend on scarcity are weaker here.
+- Much of the text is translations of the same news (NTREX, TICO-19): cross-lingual transfer and
+  retrieval look better than on independent text. Every figure is subject to this.
+- Models are tiny (4 layers, width 64-168, 0.5-3M parameters) and trained for a few million tokens:
+  the paper's ablations use BERT-Base with a 150k vocabulary. Trends, not magnitudes, are compared.
+- mBPC and valid_bpc are tokenizer-independent (bits per character), so they compare vocabularies;
+  SIB-200 differences under 3 points are noise (204 test rows a language).
+"""
+
+
+def ci95(values: List[float]) -> tuple:
+    """(mean, half-width of the 95% CI, n); half-width nan for one value."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    m = sum(values) / n
+    if n == 1:
+        return m, float("nan"), 1
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    df = n - 1
+    t = _T95.get(df) or _T95[max(k for k in _T95 if k <= df)]
+    return m, t * sd / math.sqrt(n), n
+
+
+def _memberships(rec: dict) -> List[tuple]:
+    return [(rec["grid"], rec["axis_values"])] + [(g, av) for g, av in rec.get("aliases", [])]
+
+
+def cell_metrics(out: str, rec: dict) -> List[tuple]:
+    """(language, metric, value, step) of one finished cell."""
+    d = cell_dir(out, rec["name"])
+    rows = []
+    last = None
+    p = os.path.join(d, "run", "valid.jsonl")
+    if os.path.exists(p):
+        for line in open(p):
+            try:
+                last = json.loads(line)
+            except ValueError:
+                pass
+    if last:
+        for l in rec["languages"]:
+            if f"bpc_{l}" in last:
+                rows.append((l, "valid_bpc", float(last[f"bpc_{l}"]), int(last["step"])))
+    ev = os.path.join(d, "eval")
+    for name in sorted(os.listdir(ev)) if os.path.isdir(ev) else []:
+        if not name.endswith(".json") or ".partial" in name:
+            continue
+        j = read_json(os.path.join(ev, name)) or {}
+        metric = j.get("metric") or j.get("task") or name[:-5]
+        for l, v in sorted((j.get("languages") or {}).items()):
+            if isinstance(v, (int, float)) and v == v:
+                rows.append((l, j.get("task", name[:-5]), float(v), int(j.get("step") or rec["steps"])))
+    return rows
+
+
+def collect(study: Study, out: str) -> tuple:
+    """(rows of results.csv as dicts, cell records of the finished cells, states)."""
+    rows, recs, states = [], [], {}
+    axes = list(study.axes)
+    for c in study.cells:
+        states[c.name] = cell_state(out, c)
+        if states[c.name] != "done":
+            continue
+        rec = read_json(os.path.join(cell_dir(out, c.name), "cell.json"))
+        if rec is None:
+            continue
+        recs.append(rec)
+        metrics = cell_metrics(out, rec)
+        for grid, av in _memberships(rec):
+            for lang, metric, value, step in metrics:
+                r = {"study": study.name, "grid": grid, "cell": rec["name"]}
+                r.update({a: av.get(a, "") for a in axes})
+                r.update({"seed": rec["seed"], "n_languages": len(rec["languages"]), "language": lang,
+                          "metric": metric, "value": repr(value), "step": step})
+                rows.append(r)
+    return rows, recs, states
+
+
+def write_csv(rows: List[dict], path: str, axes: List[str]) -> None:
+    cols = ["study", "grid", "cell"] + [a for a in axes if a != "seed"] + ["seed", "n_languages", "language",
+                                                                           "metric", "value", "step"]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    os.replace(tmp, path)
+
+
+def group_value(values: Dict[str, float], group: str) -> Optional[float]:
+    vs = [values[l] for l in GROUPS[group] if l in values]
+    return sum(vs) / len(vs) if vs else None
+
+
+def seedless(av: dict) -> tuple:
+    return tuple((a, v) for a, v in av.items() if a != "seed")
+
+
+def aggregate(rows: List[dict], grid: str, metric: str) -> Dict[tuple, Dict[str, tuple]]:
+    """seed-less cell key -> {language or group: (mean, ci, n)} over seeds."""
+    per: Dict[tuple, Dict[int, Dict[str, float]]] = {}
+    keys: Dict[tuple, dict] = {}
+    for r in rows:
+        if r["grid"] != grid or r["metric"] != metric:
+            continue
+        av = {k: r[k] for k in r if k not in ("study", "grid", "cell", "seed", "n_languages", "language",
+                                              "metric", "value", "step") and r[k] != ""}
+        k = seedless(av)
+        keys[k] = av
+        per.setdefault(k, {}).setdefault(r["seed"], {})[r["language"]] = float(r["value"])
+    out = {}
+    for k, by_seed in per.items():
+        d = {}
+        langs = sorted({l for v in by_seed.values() for l in v})
+        for l in langs:
+            d[l] = ci95([v[l] for v in by_seed.values() if l in v])
+        for g in GROUPS:
+            vals = [group_value(v, g) for v in by_seed.values()]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                d[g] = ci95(vals)
+        out[k] = d
+    return out
+
+
+def _fmt_ci(t: Optional[tuple]) -> str:
+    if not t:
+        return "-"
+    m, h, n = t
+    return f"{m:.4f}" + (f" ± {h:.4f}" if h == h else "") + (f" (n={n})" if n > 1 else "")
+
+
+def write_report(study: Study, out: str) -> List[str]:
+    """results.csv, figures/*.png, report.md under `out`; returns their paths."""
+    from xlmr_mp.study import figures as F
+    rows, recs, states = collect(study, out)
+    axes = list(study.axes)
+    csv_path = os.path.join(out, "results.csv")
+    write_csv(rows, csv_path, axes)
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    paths = [csv_path]
+    md = [f"# Study {study.name}", "", study.description.strip(), "",
+          f"Spec `{os.path.relpath(study.path, os.getcwd()) if study.path.startswith(os.getcwd()) else study.path}`; "
+          f"corpus `{study.corpus}`; evaluation: {', '.join(study.evaluate) or 'none (valid_bpc only)'}.", "",
+          f"Cells: {sum(1 for s in states.values() if s == 'done')} of {len(states)} finished "
+          f"({', '.join(f'{n} {s}' for s, n in sorted(_count(states).items()))}). Only finished cells are reported.", "",
+          "## Corpus caveats", "", CAVEATS]
+    metrics = sorted({r["metric"] for r in rows}, key=lambda m: (m != "mbpc", m != "valid_bpc", m))
+    by_name = {r["name"]: r for r in recs}
+    for grid in study.grids:
+        g_recs = [r for r in recs if any(g == grid for g, _ in _memberships(r))]
+        md += [f"## Grid {grid}", ""]
+        if not g_recs:
+            md += ["No finished cell.", ""]
+            continue
+        md += run_card(g_recs, grid)
+        for metric in metrics:
+            agg = aggregate(rows, grid, metric)
+            if not agg:
+                continue
+            figs = F.grid_figures(study, grid, metric, agg, fig_dir)
+            lc = F.learning_curves(study, out, grid, g_recs, fig_dir) if metric == metrics[0] else []
+            for p in figs + lc:
+                paths.append(p)
+                md += [f"![{os.path.basename(p)}](figures/{os.path.basename(p)})", ""]
+            md += [f"### {metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better), "
+                   f"mean ± 95% CI over seeds", "",
+                   "| cell | High | Low | All | " + " | ".join(sorted({l for d in agg.values() for l in d
+                                                                     if l not in GROUPS})) + " |"]
+            langs = sorted({l for d in agg.values() for l in d if l not in GROUPS})
+            md.append("|" + "---|" * (4 + len(langs)))
+            for k, d in agg.items():
+                md.append(f"| {' '.join(v for _, v in k)} | {_fmt_ci(d.get('High'))} | {_fmt_ci(d.get('Low'))} | "
+                          f"{_fmt_ci(d.get('All'))} | " + " | ".join(_fmt_ci(d.get(l)) for l in langs) + " |")
+            md.append("")
+    del by_name
+    md_path = os.path.join(out, "report.md")
+    with open(md_path + ".tmp", "w") as f:
+        f.write("\n".join(md) + "\n")
+    os.replace(md_path + ".tmp", md_path)
+    paths.append(md_path)
+    return paths
+
+
+def _count(states: Dict[str, str]) -> Dict[str, int]:
+    c: Dict[str, int] = {}
+    for s in states.values():
+        c[s] = c.get(s, 0) + 1
+    return c
+
+
+def run_card(recs: List[dict], grid: str) -> List[str]:
+    """The run card table of a grid's finished cells."""
+    lines = ["| cell | shape H/L/A/F/V | params embedding + rest | tokens | steps | epochs per language | "
+             "tokenizer | budget | seed |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        s = r["shape"]
+        ep = ", ".join(f"{l} {r['epochs'][l]:.2f}" for l in r["languages"])
+        b = r.get("budget") or {}
+        budget = (f"{b.get('mode')} {b.get('tokens', b.get('characters', '')):g}"
+                  f"{' chars' if 'characters' in b else ''}") if b else "config"
+        lines.append(f"| {r['name']} | {s['hidden_size']}/{s['num_layers']}/{s['num_heads']}/{s['ffn_size']}/"
+                     f"{s['vocab_size']} | {r['params_embedding']:,} + {r['params_rest']:,} | {r['tokens']:,} | "
+                     f"{r['steps']} | {ep} | {r['tokenizer_mode']} ({len(r['tokenizer_languages'])} langs) | "
+                     f"{budget} | {r['seed']} |")
+    return lines + [""]
