@@ -100,25 +100,34 @@ def build_scaler(pcfg) -> "DynamicLossScaler | ConstantScaler":
     return ConstantScaler()
 
 
-def grads_have_inf(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup] = None) -> bool:
-    """True when any gradient on any rank of `group` (default: the world) holds inf or nan."""
+def _grads(tensors) -> list:
+    """Gradient tensors of parameters (their .grad) or the given gradient tensors themselves."""
+    out = [t.grad if isinstance(t, torch.nn.Parameter) else t for t in tensors]
+    return [g for g in out if g is not None and g.numel()]
+
+
+def grads_have_inf(params: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> bool:
+    """True when any gradient on any rank of `group` (default: the world) holds inf or nan.
+    `params`: parameters (their .grad is checked) or gradient tensors (e.g. the flat buffers)."""
     from xlmr_mp.distributed import comm_device
     flag = torch.zeros(1, device=comm_device())
-    for p in params:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
+    grads = _grads(params)
+    if grads:
+        # the max-abs norm is inf/nan iff some element is (it cannot overflow, unlike a sum of
+        # squares); one multi-tensor pass instead of an isfinite copy per tensor
+        norms = torch._foreach_norm(grads, float("inf"))
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
             flag.fill_(1.0)
-            break
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item() > 0)
 
 
 @torch.no_grad()
-def unscale_grads(params: Iterable[torch.nn.Parameter], scale: float) -> None:
-    """Divide every gradient by the loss scale (no-op at scale 1)."""
+def unscale_grads(params: Iterable[torch.Tensor], scale: float) -> None:
+    """Divide every gradient by the loss scale (no-op at scale 1); parameters or gradient tensors."""
     if scale == 1.0:
         return
-    inv = 1.0 / scale
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(inv)
+    grads = _grads(params)
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / scale)

@@ -125,3 +125,123 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_
         raise ValueError(f"logits must be [N, V_local] and target [N]; got {tuple(logits.shape)} "
                          f"and {tuple(target.shape)}")
     return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_start, ignore_index)
+
+
+# ----------------------------------------------------------------------------- masked-LM loss, chunked
+
+MLM_LOSS_CHUNK_ROWS = 1024   # masked tokens per chunk: at most [chunk, V/TP] fp32 logits exist at a time
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+class _ChunkedMaskedLMLoss(torch.autograd.Function):
+    """Sum over masked tokens of the vocab-parallel cross-entropy of hidden @ weight^T + bias, in
+    chunks of rows; the gradients (for an upstream gradient of 1) are computed chunk by chunk in
+    the forward and scaled in the backward, so neither the [M, V/TP] logits nor their softmax are
+    kept, and nothing is recomputed (the fused linear + cross-entropy of Liger / Megatron)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, group, vocab_start, n_real, chunk_rows, need_grad):
+        from xlmr_mp.kernels import dispatch
+        from xlmr_mp.kernels.mlm_xent import local_targets
+        cdt = _compute_dtype(hidden)
+        tp = tp_size_of(group)
+        fused = dispatch.use_fused(hidden, "mlm_xent")
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight[:n_real].to(cdt)                     # the real (not padding) rows of this shard
+            b = None if bias is None else bias[:n_real].to(cdt)
+            h_all = hidden.to(cdt)
+            t_all = local_targets(target, vocab_start, n_real)       # column here, or -1
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            gh = gw = gb = None
+            if need_grad:
+                gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                gw = torch.zeros_like(weight)
+                gb = None if bias is None else torch.zeros_like(bias)
+            for r0 in range(0, hidden.shape[0], chunk_rows):
+                r1 = min(r0 + chunk_rows, hidden.shape[0])
+                h, t = h_all[r0:r1], t_all[r0:r1]
+                logits = F.linear(h, w, b)                  # [m, n_real], compute dtype
+                rows = torch.arange(r1 - r0, device=h.device)
+                if fused:   # one pass over the low-precision logits, no fp32 copy
+                    from xlmr_mp.kernels import fused as fk
+                    lse, tl = fk.mlm_xent_stats(logits, t)
+                    if tp > 1:
+                        gmax = lse.clone()
+                        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+                        stacked = torch.stack([torch.exp(lse - gmax), tl])
+                        dist.all_reduce(stacked, group=group)
+                        lse, tl = gmax + torch.log(stacked[0]), stacked[1]
+                    total += (lse - tl).sum()
+                    if need_grad:
+                        p = fk.mlm_xent_grad_(logits, t, lse, torch.ones_like(lse))   # in place, compute dtype
+                else:
+                    lf = logits.float()
+                    del logits
+                    m = lf.max(dim=-1).values
+                    if tp > 1:
+                        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+                    lf -= m[:, None]
+                    inside = t >= 0
+                    tl = lf[rows, t.clamp(min=0)].masked_fill(~inside, 0.0)
+                    s = lf.exp_().sum(dim=-1)
+                    if tp > 1:
+                        stacked = torch.stack([tl, s])
+                        dist.all_reduce(stacked, group=group)
+                        tl, s = stacked[0], stacked[1]
+                    total += (s.log() - tl).sum()
+                    if need_grad:
+                        lf.div_(s[:, None])
+                        lf[rows[inside], t[inside]] -= 1.0
+                        p = lf if cdt == torch.float32 else lf.to(cdt)
+                if need_grad:
+                    gh[r0:r1] = (p @ w).to(gh.dtype)
+                    if gw.dtype == p.dtype:
+                        gw[:n_real].addmm_(p.t(), h)
+                    else:
+                        gw[:n_real] += (p.t() @ h).to(gw.dtype)
+                    if gb is not None:
+                        gb[:n_real] += p.sum(0, dtype=torch.float32).to(gb.dtype)
+        ctx.grads = (gh, gw, gb)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        if gh is None:
+            raise RuntimeError("masked_lm_loss_sum ran without gradients (no input required grad at the call)")
+        g = grad_total.to(gh.dtype)
+        gh.mul_(g)
+        gw.mul_(grad_total.to(gw.dtype))
+        if gb is not None:
+            gb.mul_(grad_total.to(gb.dtype))
+        return gh, gw, gb, None, None, None, None, None, None
+
+
+def vocab_parallel_masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                  target: torch.Tensor, tp_group=None, vocab_start: int = 0,
+                                  vocab_size: Optional[int] = None,
+                                  chunk_rows: int = MLM_LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """Sum over the M masked tokens of cross_entropy(hidden @ weight^T + bias, target), a 0-d
+    fp32 tensor, from this rank's vocabulary shard: hidden [M, H] (replicated over TP), weight
+    [V/TP, H] and bias [V/TP] covering global ids [vocab_start, vocab_start + V/TP), target [M]
+    global ids. Ids >= vocab_size (vocabulary padding) are never predicted. Equals
+    vocab_parallel_cross_entropy(mask_padded_logits(parallel_lm_logits(...)), target).sum() in
+    value and gradient without holding more than [chunk_rows, V/TP] fp32 logits; the fused
+    CUDA kernels (kernels/mlm_xent, XLMR_MP_KERNELS) replace the torch softmax where dispatched."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or target.shape != hidden.shape[:1]:
+        raise ValueError(f"vocab_parallel_masked_lm_loss: hidden [M, H], weight [V_local, H], target [M] expected; "
+                         f"got {tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(target.shape)}")
+    if chunk_rows <= 0:
+        raise ValueError(f"vocab_parallel_masked_lm_loss: chunk_rows must be positive, got {chunk_rows}")
+    n_real = weight.shape[0] if vocab_size is None else max(0, min(weight.shape[0], vocab_size - vocab_start))
+    hidden = copy_to_tp(hidden, tp_group)          # backward: the TP sum of every shard's partial d hidden
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _ChunkedMaskedLMLoss.apply(hidden, weight, bias, target, tp_group, int(vocab_start), int(n_real),
+                                      int(chunk_rows), bool(need_grad))
