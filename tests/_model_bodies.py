@@ -124,7 +124,7 @@ def tp_rank_checks(rank, world_size, cfg, full, batch, ce_case):
     out["recompute_max_diff"] = max((grads[m][n] - grads["none"][n]).abs().max().item()
                                     for m in ("full", "selective") for n in grads["none"])
     # sequence parallelism: same logits, loss and (after the SP grad sync) gradients
-    from xlmr_mp.parallel.layers import sync_sequence_parallel_grads
+    from xlmr_mp.parallel.grads import sync_sequence_parallel_grads
     sp = build_tp_model(cfg, full, tp, sequence_parallel=True).eval()
     with torch.no_grad():
         out["sp_logits"] = _gather_vocab(sp(ids, mask), tp)[..., : cfg.vocab_size]

@@ -73,15 +73,17 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
     loss_scale (backward scale, grads unscaled before the optimizer), bf16 (autocast)."""
     opts = dict(recompute="none", loss_scale=1.0, bf16=False)
     opts.update(options or {})
-    from xlmr_mp.parallel import pipeline as P
+    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.parallel.grads import finalize_grads, sync_tied_embedding_weight, tied_embedding_weight
+    from xlmr_mp.parallel.schedule import PipelineSchedule, broadcast_step_loss
     from xlmr_mp.parallel.state import destroy_parallel, init_parallel
     groups = init_parallel(tp, pp, seed=SEED)   # different default RNG per stage, as in training
     cfg = tiny_model_cfg()
     pcfg = ParallelConfig(tensor=tp, pipeline=pp, virtual_stages=virtual_stages, schedule=schedule,
                           stage_layers=stage_layers)
     cls = _model_cls()
-    chunks = P.build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
-    P.sync_tied_embedding_weight(chunks, groups)
+    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
+    sync_tied_embedding_weight(chunks, groups)
     ref = cls(cfg, tp_group=groups.tp_group, init_seed=SEED)
     mine, theirs = _named_params(chunks), dict(ref.named_parameters())
     init_err = _max_abs_diff(mine, theirs, "initial parameter")
@@ -90,8 +92,9 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
         m.set_recompute(opts["recompute"])
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if opts["bf16"] else None
     scale = opts["loss_scale"]
-    sched = P.PipelineSchedule(chunks, groups, pcfg, n_micro, autocast=autocast)
-    ref_sched = P.PipelineSchedule([ref], None, ParallelConfig(tensor=tp), n_micro, autocast=autocast)
+    sched = PipelineSchedule(chunks, groups, pcfg, n_micro, masked_lm_loss_sum, autocast=autocast)
+    ref_sched = PipelineSchedule([ref], None, ParallelConfig(tensor=tp), n_micro, masked_lm_loss_sum,
+                                 autocast=autocast)
     # validation-like batches: two shapes (a short last batch), run as two pipelined groups
     eval_mbs = (make_micro_batches(3, batch=3, seq=12, vocab=cfg.vocab_size, seed=99)
                 + make_micro_batches(1, batch=1, seq=12, vocab=cfg.vocab_size, seed=98))
@@ -105,8 +108,8 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
         ref_opt.zero_grad(set_to_none=True)
         loss = sched.step(mbs, n_masked, loss_scale=scale)
         assert (loss is not None) == sched.has_last_stage
-        P.sync_tied_embedding_grads(chunks, groups)
-        losses.append(P.broadcast_step_loss(loss, groups))
+        finalize_grads(chunks, groups)
+        losses.append(broadcast_step_loss(loss, groups))
         ref_losses.append(ref_sched.step(mbs, n_masked, loss_scale=scale))
         for p in list(mine.values()) + list(theirs.values()):
             if p.grad is not None:
@@ -121,7 +124,7 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
     param_err = _max_abs_diff(mine, theirs, "final parameter")
 
     tied_diff = None                         # tied copy vs first-stage embedding, after training
-    w = P._tied_weight(chunks)
+    w = tied_embedding_weight(chunks)
     if w is not None:
         other = w.detach().clone()
         dist.broadcast(other, group=groups.embedding_group, group_src=0)
@@ -138,14 +141,15 @@ def shape_inference_keeps_rng(rank, world_size, tp, pp):
     from the same RNG states (no inference any more) must draw the same dropout masks: same
     loss, bitwise-same gradients, same RNG states afterwards. A third step from the advanced
     states must differ (dropout is really active)."""
-    from xlmr_mp.parallel import pipeline as P
+    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.parallel.schedule import PipelineSchedule, broadcast_step_loss
     from xlmr_mp.parallel.state import destroy_parallel, get_rng_tracker, init_parallel
     groups = init_parallel(tp, pp, seed=SEED)
     cfg = tiny_model_cfg()
     cfg.dropout, cfg.attention_dropout = 0.1, 0.3
     pcfg = ParallelConfig(tensor=tp, pipeline=pp)
-    chunks = P.build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
-    sched = P.PipelineSchedule(chunks, groups, pcfg, 2)
+    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
+    sched = PipelineSchedule(chunks, groups, pcfg, 2, masked_lm_loss_sum)
     mbs = make_micro_batches(2, vocab=cfg.vocab_size, seed=5)
     n_masked = float(sum(int((m["labels"] != -100).sum()) for m in mbs))
     tracker = get_rng_tracker()
@@ -154,7 +158,7 @@ def shape_inference_keeps_rng(rank, world_size, tp, pp):
     def run():
         for p in params.values():
             p.grad = None
-        loss = P.broadcast_step_loss(sched.step(mbs, n_masked), groups)
+        loss = broadcast_step_loss(sched.step(mbs, n_masked), groups)
         return loss, {k: p.grad.clone() for k, p in params.items()}, tracker.get_states(), torch.get_rng_state()
 
     t0, c0 = tracker.get_states(), torch.get_rng_state()

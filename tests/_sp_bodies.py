@@ -13,7 +13,7 @@ SEED = 1234
 LR = 1e-2
 
 # How the sequence-parallel gradient sum is done in a run:
-#   "hooks"          the pipeline's own hooks (build_pipeline_stages + PipelineSchedule.step)
+#   "hooks"          the hooks of build_pipeline_stages, armed by PipelineSchedule.step, finalize_grads
 #   "none"           hooks removed, no sum at all (negative control: must differ)
 #   "after_step"     hooks removed; sync_sequence_parallel_grads right after step(), before the
 #                    DP reducer's finish() writes its bucket sums back (negative control at DP > 1)
@@ -24,7 +24,7 @@ SYNC_MODES = ("hooks", "none", "after_step", "after_dp")
 def _errors(mine: dict, ref: dict, cfg, tp_size: int, tp_rank: int) -> dict:
     """{name: (max |mine - ref shard|, max |ref shard|)}; the reference is the TP=1 tensor cut for
     this TP rank (the tied decoder copy is compared with the word embedding)."""
-    from xlmr_mp.parallel.shard import shard_tensor
+    from xlmr_mp.model.sharding import shard_tensor
     out = {}
     for k, t in mine.items():
         r = shard_tensor(EMB if k == TIED else k, ref[EMB if k == TIED else k].detach(), cfg, tp_size, tp_rank)
@@ -41,17 +41,20 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
     global name), the shape of the hidden states the first stage sends, and this rank's coords.
     `recompute`: activation checkpointing mode of the sequence-parallel chunks."""
     from xlmr_mp.model.xlmr import XLMRModel
-    from xlmr_mp.parallel import pipeline as P
+    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.parallel.grads import finalize_grads, sync_tied_embedding_grads, sync_tied_embedding_weight
+    from xlmr_mp.parallel.layout import stage_hidden_shape
+    from xlmr_mp.parallel.schedule import PipelineSchedule, broadcast_step_loss
     from xlmr_mp.parallel.data_parallel import GradReducer
-    from xlmr_mp.parallel.layers import sync_sequence_parallel_grads
+    from xlmr_mp.parallel.grads import sync_sequence_parallel_grads
     from xlmr_mp.parallel.state import destroy_parallel, init_parallel
     assert sync in SYNC_MODES
     groups = init_parallel(tp, pp, seed=SEED)
     dp = groups.dp_size
     cfg = tiny_model_cfg()
     pcfg = ParallelConfig(tensor=tp, pipeline=pp, sequence_parallel=True)
-    chunks = P.build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
-    P.sync_tied_embedding_weight(chunks, groups)
+    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
+    sync_tied_embedding_weight(chunks, groups)
     assert all(c.sequence_parallel for c in chunks) == (tp > 1)
     if sync != "hooks":
         for c in chunks:
@@ -61,12 +64,12 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
     named = {k: p for c in chunks for k, p in c.named_parameters()}
     params = list(named.values())
     reducer = GradReducer(params, groups.dp_group, bucket_mb=bucket_mb)   # after the chunks, as the trainer
-    sched = P.PipelineSchedule(chunks, groups, pcfg, n_micro)
+    sched = PipelineSchedule(chunks, groups, pcfg, n_micro, masked_lm_loss_sum)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
 
     ref = XLMRModel(cfg, tp_group=None, init_seed=SEED)
     ref_named = dict(ref.named_parameters())
-    ref_sched = P.PipelineSchedule([ref], None, ParallelConfig(), n_micro * dp)
+    ref_sched = PipelineSchedule([ref], None, ParallelConfig(), n_micro * dp, masked_lm_loss_sum)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01)
 
     losses, ref_losses, grad_err, hidden_shape, evals = [], [], None, None, None
@@ -78,19 +81,22 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
         ref_opt.zero_grad(set_to_none=True)
         reducer.start_step(n_micro)
         part = sched.step(mbs, n_masked)
-        if sync == "after_step":
-            for c in chunks:
-                sync_sequence_parallel_grads(c, groups.tp_group)
-        reducer.finish()
-        if sync == "after_dp":
-            for c in chunks:
-                sync_sequence_parallel_grads(c, groups.tp_group)
-        P.sync_tied_embedding_grads(chunks, groups)
+        if sync == "hooks":
+            finalize_grads(chunks, groups, reducer)      # as the trainer: SP, DP, tied embedding
+        else:
+            if sync == "after_step":
+                for c in chunks:
+                    sync_sequence_parallel_grads(c, groups.tp_group)
+            reducer.finish()
+            if sync == "after_dp":
+                for c in chunks:
+                    sync_sequence_parallel_grads(c, groups.tp_group)
+            sync_tied_embedding_grads(chunks, groups)
         if part is not None and dp > 1:
             t = torch.tensor([part], dtype=torch.float64)
             dist.all_reduce(t, group=groups.dp_group)
             part = t.item()
-        losses.append(P.broadcast_step_loss(part, groups))
+        losses.append(broadcast_step_loss(part, groups))
         ref_losses.append(ref_sched.step(global_mbs, n_masked))
         if step == 0:
             grad_err = _errors({k: p.grad for k, p in named.items()}, {k: p.grad for k, p in ref_named.items()},
@@ -99,7 +105,7 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
                 with torch.no_grad():
                     first = [c for c in chunks if c.has_embeddings][0]
                     hidden_shape = tuple(first(mbs[0]["input_ids"], attention_mask=mbs[0]["attention_mask"]).shape)
-                assert hidden_shape == P.stage_hidden_shape(*mbs[0]["input_ids"].shape, cfg, pcfg)
+                assert hidden_shape == stage_hidden_shape(*mbs[0]["input_ids"].shape, cfg, pcfg)
             # forward-only evaluation between steps: other batch size, count and length
             eval_mbs = make_micro_batches(3, batch=3, seq=12, vocab=cfg.vocab_size, seed=99)
             evals = (sched.evaluate(eval_mbs), ref_sched.evaluate(eval_mbs))
@@ -119,13 +125,14 @@ def bad_seq_length(rank, world_size):
     """TP=2 with sequence parallelism: a micro-batch whose length is not divisible by TP is refused
     by the schedule before any forward; returns the error message."""
     from xlmr_mp.config import ConfigError
-    from xlmr_mp.parallel import pipeline as P
+    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.parallel.schedule import PipelineSchedule
     from xlmr_mp.parallel.state import destroy_parallel, init_parallel
     groups = init_parallel(2, 1, seed=SEED)
     cfg = tiny_model_cfg()
     pcfg = ParallelConfig(tensor=2, sequence_parallel=True)
-    chunks = P.build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
-    sched = P.PipelineSchedule(chunks, groups, pcfg, 1)
+    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
+    sched = PipelineSchedule(chunks, groups, pcfg, 1, masked_lm_loss_sum)
     mbs = make_micro_batches(1, seq=15, vocab=cfg.vocab_size)
     try:
         sched.step(mbs, 1.0)

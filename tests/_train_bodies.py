@@ -281,7 +281,7 @@ def loss_scale_abort_body(rank, world_size, data_dir, run_dir):
 
 def model_only_load_body(rank, world_size, ckpt, full):
     """Load a model-only checkpoint (tools/convert_checkpoint.py format) via checkpoint.load."""
-    from xlmr_mp.parallel.shard import local_to_full
+    from xlmr_mp.model.sharding import local_to_full
     from xlmr_mp.parallel.state import destroy_parallel
     cfg = tiny_cfg(["train.global_batch=8", "train.micro_batch=2", f"checkpoint.load={ckpt}",
                     "logging.jsonl=false"], world_size)

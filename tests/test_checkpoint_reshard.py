@@ -7,7 +7,7 @@ import torch
 
 from dist import run_distributed
 import _train_bodies as b
-from xlmr_mp.parallel.shard import local_to_full
+from xlmr_mp.model.sharding import local_to_full
 
 TP2PP2 = ["parallel.tensor=2", "parallel.pipeline=2"]
 DP4 = ["parallel.distributed_optimizer=true"]

@@ -34,6 +34,17 @@ def test_layout_checks_world_size():
     assert cfg.parallel.data == 2 and grad_accumulation_steps(cfg) == 4
 
 
+def test_seq_length_beyond_the_position_table_fails_before_allocation():
+    """Positions count from pad_id + 1, so data.seq_length <= model.max_positions - pad_id - 1."""
+    cfg = load_config(TINY, ["data.seq_length=64", "model.max_positions=66"])
+    assert cfg.data.seq_length == cfg.model.max_positions - cfg.model.pad_id - 1
+    with pytest.raises(ConfigError, match=r"data\.seq_length=65 needs model\.max_positions >= 67.*"
+                                          r"model\.max_positions=66; use data\.seq_length=64"):
+        load_config(TINY, ["data.seq_length=65", "model.max_positions=66"])
+    with pytest.raises(ConfigError, match=r"data\.seq_length=512 .*model\.max_positions=66"):
+        load_config(TINY, ["data.seq_length=512"], world_size=2)
+
+
 def test_dump_roundtrip(tmp_path):
     cfg = load_config(TINY, ["optim.lr=2e-3"])
     out = tmp_path / "run" / "config.yaml"

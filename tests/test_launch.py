@@ -83,6 +83,7 @@ def test_large_header_arithmetic_matches_the_model():
     (["parallel.tensor=3"], ["model.num_heads=4", "parallel.tensor=3"]),
     (["train.micro_batch=3"], ["train.global_batch=8", "train.micro_batch=3"]),
     (["parallel.data=3"], ["parallel.data=3"]),
+    (["data.seq_length=65", "--world-size", "1"], ["data.seq_length=65", "model.max_positions=66", "data.seq_length=64"]),
 ])
 def test_check_layout_names_the_options(bad, names):
     p = subprocess.run([sys.executable, "launch/tools/check_layout.py", "--config", "launch/configs/tiny.yaml",

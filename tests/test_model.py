@@ -46,7 +46,7 @@ def test_presets_fill_shapes_and_explicit_values_win():
 def test_checkpoint_meta_keeps_overrides_of_a_preset(tmp_path):
     from xlmr_mp.checkpoint.model_io import load_full_model_state, save_model_checkpoint
     from xlmr_mp.config import load_config
-    from xlmr_mp.parallel.shard import local_to_full
+    from xlmr_mp.model.sharding import local_to_full
     cfg = load_config(None, ["model.preset=xl", "model.hidden_size=1024", "model.num_heads=16",
                              "model.ffn_size=64", "model.num_layers=1", "model.vocab_size=50"]).model
     assert cfg.hidden_size == 1024

@@ -3,8 +3,8 @@ import pytest
 
 from xlmr_mp.config import ConfigError, ParallelConfig
 from xlmr_mp.model.config import ModelConfig
-from xlmr_mp.parallel.pipeline import (local_stage_indices, schedule_kind, stage_layer_counts, stage_layer_ids,
-                                       validate_pipeline_config)
+from xlmr_mp.parallel.layout import (local_stage_indices, schedule_kind, stage_layer_counts, stage_layer_ids,
+                                     validate_pipeline_config)
 
 
 def test_even_split_covers_every_layer_once_in_order():
@@ -80,10 +80,10 @@ def test_validate_pipeline_config():
 
 def test_first_last_fewer_is_a_config_option():
     from xlmr_mp.config import load_config
-    from xlmr_mp.parallel.pipeline import _layout_from_config
+    from xlmr_mp.parallel.layout import stage_layout
     cfg = load_config(None, ["model.num_layers=24", "model.hidden_size=64", "model.num_heads=4",
                              "model.ffn_size=128", "parallel.pipeline=4", "parallel.first_last_fewer=1"], None)
-    assert [len(s) for s in _layout_from_config(cfg.model, cfg.parallel)] == [5, 7, 7, 5]
+    assert [len(s) for s in stage_layout(cfg.model, cfg.parallel)] == [5, 7, 7, 5]
     with pytest.raises(ConfigError, match="parallel.first_last_fewer=-1"):
         load_config(None, ["parallel.first_last_fewer=-1"], None)
 
@@ -97,11 +97,12 @@ def _tiny_model():
 def test_pp1_schedule_is_the_plain_accumulation_loop():
     import torch
     from _pipeline_bodies import make_micro_batches
-    from xlmr_mp.parallel.pipeline import PipelineSchedule
+    from xlmr_mp.model.stages import masked_lm_loss_sum
+    from xlmr_mp.parallel.schedule import PipelineSchedule
     model, ref = _tiny_model(), _tiny_model()
     mbs = make_micro_batches(3, vocab=120, seed=1)
     n = float(sum(int((m["labels"] != -100).sum()) for m in mbs))
-    loss = PipelineSchedule([model], None, ParallelConfig(), 3).step(mbs, n, loss_scale=4.0)
+    loss = PipelineSchedule([model], None, ParallelConfig(), 3, masked_lm_loss_sum).step(mbs, n, loss_scale=4.0)
     expected = 0.0
     for mb in mbs:
         s, _ = ref.loss_and_count(mb["input_ids"], mb["attention_mask"], mb["labels"])
@@ -110,14 +111,15 @@ def test_pp1_schedule_is_the_plain_accumulation_loop():
     assert loss == expected
     for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert torch.equal(p.grad, q.grad), k
-    ls, count = PipelineSchedule([model], None, ParallelConfig(), 3).evaluate(mbs)
+    ls, count = PipelineSchedule([model], None, ParallelConfig(), 3, masked_lm_loss_sum).evaluate(mbs)
     assert count == n and abs(ls / n - expected) < 1e-6 and model.training
 
 
 def test_schedule_rejects_bad_micro_batches():
     from _pipeline_bodies import make_micro_batches
-    from xlmr_mp.parallel.pipeline import PipelineSchedule
-    sched = PipelineSchedule([_tiny_model()], None, ParallelConfig(), 2)
+    from xlmr_mp.model.stages import masked_lm_loss_sum
+    from xlmr_mp.parallel.schedule import PipelineSchedule
+    sched = PipelineSchedule([_tiny_model()], None, ParallelConfig(), 2, masked_lm_loss_sum)
     mbs = make_micro_batches(2, vocab=120)
     with pytest.raises(ValueError, match="expected 2 micro-batches"):
         sched.step(mbs[:1], 10.0)
@@ -129,5 +131,5 @@ def test_schedule_rejects_bad_micro_batches():
     with pytest.raises(KeyError, match="micro-batch 0 has no 'labels'"):
         sched.step([{k: v for k, v in mbs[0].items() if k != "labels"}, mbs[1]], 10.0)
     with pytest.raises(ConfigError, match="1F1B needs at least parallel.pipeline=4"):
-        from xlmr_mp.parallel.pipeline import check_micro_batch_count
+        from xlmr_mp.parallel.layout import check_micro_batch_count
         check_micro_batch_count("1f1b", 4, 3)

@@ -118,7 +118,7 @@ def test_sp_sum_between_step_and_dp_write_back_is_lost(four_rank):
 # ----------------------------------------------------------------------------- single process
 
 def test_validate_names_seq_length_and_option():
-    from xlmr_mp.parallel.pipeline import validate_pipeline_config
+    from xlmr_mp.parallel.layout import validate_pipeline_config
     cfg = tiny_model_cfg()
     with pytest.raises(ConfigError, match=r"data\.seq_length=15 .*parallel\.tensor=2.*parallel\.sequence_parallel"):
         validate_pipeline_config(cfg, ParallelConfig(tensor=2, sequence_parallel=True), 2, seq_length=15)
@@ -128,7 +128,7 @@ def test_validate_names_seq_length_and_option():
 
 
 def test_stage_hidden_shape():
-    from xlmr_mp.parallel.pipeline import stage_hidden_shape
+    from xlmr_mp.parallel.layout import stage_hidden_shape
     cfg = tiny_model_cfg()
     assert stage_hidden_shape(2, 16, cfg, ParallelConfig(tensor=2, sequence_parallel=True)) == (2, 8, 32)
     assert stage_hidden_shape(2, 16, cfg, ParallelConfig(tensor=2)) == (2, 16, 32)
@@ -139,14 +139,15 @@ def test_stage_hidden_shape():
 
 def test_sp_at_tp1_is_a_no_op():
     """parallel.sequence_parallel=true at TP 1 builds the plain model: same step, same gradients."""
-    from xlmr_mp.parallel.pipeline import PipelineSchedule, build_pipeline_stages
+    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.parallel.schedule import PipelineSchedule
     cfg = tiny_model_cfg()
     runs = []
     for sp in (True, False):
         pcfg = ParallelConfig(sequence_parallel=sp)
         chunks = build_pipeline_stages(cfg, None, pcfg, init_seed=3)
         assert not chunks[0].sequence_parallel and getattr(chunks[0], "sequence_parallel_grad_sync", None) is None
-        sched = PipelineSchedule(chunks, None, pcfg, 2)
+        sched = PipelineSchedule(chunks, None, pcfg, 2, masked_lm_loss_sum)
         mbs = make_micro_batches(2, seq=15, vocab=cfg.vocab_size)      # odd length is fine at TP 1
         loss = sched.step(mbs, float(sum(int((m["labels"] != -100).sum()) for m in mbs)))
         runs.append((loss, {n: p.grad.clone() for n, p in chunks[0].named_parameters()}))
@@ -155,7 +156,8 @@ def test_sp_at_tp1_is_a_no_op():
 
 
 def test_schedule_refuses_sp_chunk_without_gradient_hooks():
-    from xlmr_mp.parallel.pipeline import PipelineSchedule
+    from xlmr_mp.model.stages import masked_lm_loss_sum
+    from xlmr_mp.parallel.schedule import PipelineSchedule
 
     class FakeSPChunk(torch.nn.Module):
         sequence_parallel = True
@@ -165,7 +167,7 @@ def test_schedule_refuses_sp_chunk_without_gradient_hooks():
             self.w = torch.nn.Parameter(torch.zeros(1))
 
     with pytest.raises(ConfigError, match="build_pipeline_stages"):
-        PipelineSchedule([FakeSPChunk()], None, ParallelConfig(), 1)
+        PipelineSchedule([FakeSPChunk()], None, ParallelConfig(), 1, masked_lm_loss_sum)
 
 
 # ----------------------------------------------------------------------------- the trainer CLI

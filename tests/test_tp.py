@@ -16,7 +16,7 @@ def reference():
     from xlmr_mp.checkpoint.hf import hf_to_full_state, model_config_from_hf
     from xlmr_mp.checkpoint.model_io import local_state_for
     from xlmr_mp.model.xlmr import XLMRModel
-    from xlmr_mp.parallel.shard import local_to_full
+    from xlmr_mp.model.sharding import local_to_full
     hf = tiny_hf_model(seed=1)
     cfg = model_config_from_hf(hf.config.to_dict())
     cfg.make_vocab_size_divisible_by = 8          # 150 -> 160 at TP 2 and 4: padding in the last shard
@@ -60,7 +60,7 @@ def test_logits_match_hf(tp_run, reference):
 
 
 def test_loss_and_every_gradient_match_tp1(tp_run, reference):
-    from xlmr_mp.parallel.shard import local_to_full
+    from xlmr_mp.model.sharding import local_to_full
     ws, results = tp_run
     cfg = reference["cfg"]
     for res in results:
@@ -95,7 +95,7 @@ def test_dropout_streams_and_recompute(tp_run):
 
 
 def test_sequence_parallel_matches_tp1(tp_run, reference):
-    from xlmr_mp.parallel.shard import local_to_full
+    from xlmr_mp.model.sharding import local_to_full
     ws, results = tp_run
     ids = reference["batch"][0]
     for res in results:
@@ -125,7 +125,7 @@ def test_rng_streams_and_group_layout(tp_run):
 
 
 def test_initialisation_is_tp_invariant(tp_run, reference):
-    from xlmr_mp.parallel.shard import local_to_full
+    from xlmr_mp.model.sharding import local_to_full
     ws, results = tp_run
     init = local_to_full([res["init_state"] for res in results], reference["cfg"])
     for name, t in reference["init"].items():

@@ -20,7 +20,7 @@ def reference(tmp_path_factory):
 def check_same(reference, results, rtol_loss=1e-5):
     """Every rank's losses within rtol_loss of the reference, its parameters equal to the
     reference's full parameters cut for its TP rank."""
-    from xlmr_mp.parallel.shard import full_to_local, local_to_full
+    from xlmr_mp.model.sharding import full_to_local, local_to_full
     cfg = b.tiny_cfg().model
     full = local_to_full([reference["params"]], cfg)
     full["lm_head.decoder_weight"] = full["embeddings.word_embeddings.weight"]

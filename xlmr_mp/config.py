@@ -15,47 +15,13 @@ from typing import Any, Optional
 import yaml
 
 from xlmr_mp.data.config import DataConfig
+from xlmr_mp.errors import ConfigError
 from xlmr_mp.model.config import ModelConfig
+from xlmr_mp.parallel.config import ParallelConfig
+from xlmr_mp.parallel.layout import micro_batches_per_step, validate_layout
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the option and the fix."""
-
-
-@dataclass
-class ParallelConfig:
-    tensor: int = 1                 # TP size
-    pipeline: int = 1               # PP size
-    data: int = 0                   # DP size; 0 = world_size / (TP * PP)
-    virtual_stages: int = 1         # >1 selects the interleaved 1F1B schedule
-    schedule: str = "1f1b"          # 1f1b | interleaved | gpipe
-    stage_layers: Optional[list] = None  # explicit layers per (virtual) stage, e.g. [5, 6, 6, 7]
-    first_last_fewer: int = 0       # default layout: first/last stage get this many fewer layers (embedding/head)
-    first_last_fewer: int = 0       # without stage_layers: first/last stage count as this many extra layers
-                                    # (embedding / MLM head), so they get fewer; 0 = even split
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded across DP
-    ddp_bucket_mb: float = 25.0
-    backend: str = "auto"           # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-
-    def validate(self) -> None:
-        for name in ("tensor", "pipeline", "virtual_stages"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
-        if self.data < 0:
-            raise ConfigError(f"parallel.data={self.data} must be >= 0 (0 = infer from world size)")
-        if self.schedule not in ("1f1b", "interleaved", "gpipe"):
-            raise ConfigError(f"parallel.schedule={self.schedule!r}: choose 1f1b, interleaved or gpipe")
-        if self.schedule == "interleaved" and self.virtual_stages < 2:
-            raise ConfigError("parallel.schedule=interleaved needs parallel.virtual_stages >= 2")
-        if self.first_last_fewer < 0:
-            raise ConfigError(f"parallel.first_last_fewer={self.first_last_fewer} must be >= 0")
-        if self.first_last_fewer < 0:
-            raise ConfigError(f"parallel.first_last_fewer={self.first_last_fewer} must be >= 0")
-        if self.ddp_bucket_mb <= 0:
-            raise ConfigError(f"parallel.ddp_bucket_mb={self.ddp_bucket_mb} must be > 0")
-        if self.backend not in ("auto", "nccl", "gloo"):
-            raise ConfigError(f"parallel.backend={self.backend!r}: choose auto, nccl or gloo")
+__all__ = ["ConfigError", "ParallelConfig", "RunConfig", "load_config", "dump_config", "apply_overrides",
+           "config_to_dict", "grad_accumulation_steps", "validate_layout"]
 
 
 @dataclass
@@ -148,7 +114,8 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, world_size: Optional[int] = None) -> None:
-        """Validate every component, then the cross-component layout (world size, batch)."""
+        """Validate every component, then the layout rules (`parallel/layout.py`: world size, batch,
+        sequence length, pipeline); fills `parallel.data` when `world_size` is given."""
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if hasattr(sub, "validate"):
@@ -156,46 +123,7 @@ class RunConfig:
         validate_layout(self, world_size)
 
 
-def validate_layout(cfg: RunConfig, world_size: Optional[int]) -> None:
-    """Check TP x PP x DP against the world size and the batch arithmetic; fill parallel.data."""
-    p, t, m = cfg.parallel, cfg.train, cfg.model
-    if m.num_heads % p.tensor:
-        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
-    if m.hidden_size % p.tensor:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by parallel.tensor={p.tensor}")
-    if m.ffn_size % p.tensor:
-        raise ConfigError(f"model.ffn_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
-    if world_size is not None:
-        mp = p.tensor * p.pipeline
-        if world_size % mp:
-            raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
-                f"{p.tensor} x {p.pipeline} = {mp}; change the task count or the layout")
-        dp = world_size // mp
-        if p.data and p.data != dp:
-            raise ConfigError(
-                f"parallel.data={p.data} but world size {world_size} / (TP {p.tensor} x PP {p.pipeline}) = {dp}; "
-                f"set parallel.data=0 to infer it")
-        p.data = dp
-    dp = p.data or 1
-    if t.global_batch % (t.micro_batch * dp):
-        raise ConfigError(
-            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
-            f"data-parallel size {dp} = {t.micro_batch * dp}; change train.global_batch or train.micro_batch")
-    nstages = p.pipeline * p.virtual_stages
-    if p.stage_layers is not None:
-        if len(p.stage_layers) != nstages:
-            raise ConfigError(
-                f"parallel.stage_layers has {len(p.stage_layers)} entries, need pipeline x virtual_stages = {nstages}")
-        if sum(p.stage_layers) != m.num_layers:
-            raise ConfigError(
-                f"parallel.stage_layers sums to {sum(p.stage_layers)}, model.num_layers={m.num_layers}")
-    elif m.num_layers < nstages:
-        raise ConfigError(f"model.num_layers={m.num_layers} < pipeline stages {nstages}")
-
-
-def grad_accumulation_steps(cfg: RunConfig) -> int:
-    return cfg.train.global_batch // (cfg.train.micro_batch * max(cfg.parallel.data, 1))
+grad_accumulation_steps = micro_batches_per_step      # micro-batches per DP rank and optimizer step
 
 
 # ----------------------------------------------------------------------------- YAML + overrides

@@ -7,8 +7,8 @@
 Runs once, on the first node of the allocation, before `srun`/`torchrun` start the training
 processes, so a bad layout (world size not divisible by parallel.tensor x parallel.pipeline,
 train.micro_batch x DP not dividing train.global_batch, ...) fails in seconds with a message
-naming the options, and no process allocates memory (one CPU process; torch is imported only for
-the pipeline-schedule rules, nothing is put on a GPU).
+naming the options, and no process allocates memory (one CPU process; the layout rules of
+xlmr_mp/parallel/layout.py, the trainer's own, need no torch).
 
 On success prints shell assignments the launcher evals: RUN_DIR, CKPT_DIR, TP, PP, DP, ACCUM.
 With --record TAG it also writes, atomically, RUN_DIR/launch/TAG/{config.yaml, commit.txt,
@@ -79,14 +79,7 @@ def main(argv=None) -> int:
         print(f"layout error: --world-size {args.world_size} must be >= 1 (is SLURM_NTASKS set?)", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config, args.overrides, world_size=args.world_size)
-        try:   # pipeline-schedule rules (needs torch; skipped where the package is not importable)
-            from xlmr_mp.parallel.pipeline import validate_pipeline_config
-        except ImportError:
-            validate_pipeline_config = None
-        if validate_pipeline_config is not None:
-            validate_pipeline_config(cfg.model, cfg.parallel, grad_accumulation_steps(cfg),
-                                     seq_length=cfg.data.seq_length)
+        cfg = load_config(args.config, args.overrides, world_size=args.world_size)   # parallel/layout.py
     except ConfigError as e:
         src = f" (config {args.config})" if args.config else ""
         print(f"layout error{src}: {e}", file=sys.stderr)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from xlmr_mp.model.config import ModelConfig
-from xlmr_mp.parallel.shard import full_to_local, local_to_full
+from xlmr_mp.model.sharding import full_to_local, local_to_full
 
 FORMAT = "xlmr_mp-v1"
 WORD_EMB = "embeddings.word_embeddings.weight"

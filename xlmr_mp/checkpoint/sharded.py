@@ -17,7 +17,7 @@ after a barrier, rank 0 writes meta.json, renames the directory to `step_N`, the
 A crash at any point leaves the previous `latest` and its directory intact.
 
 Loading at the saved layout restores everything bit for bit. At a different layout the model and
-optimizer tensors are rebuilt as full tensors (`parallel.shard.local_to_full` over the saved TP
+optimizer tensors are rebuilt as full tensors (`model.sharding.local_to_full` over the saved TP
 ranks and the union over pipeline stages) and cut again for this rank (`full_to_local`); the tied
 decoder copy of a last stage is taken from the word embedding when the saved layout had none.
 RNG states cannot map across layouts: the trainer reseeds from (seed, step) in that case.
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from xlmr_mp.parallel.shard import full_to_local, local_to_full
+from xlmr_mp.model.sharding import full_to_local, local_to_full
 
 FORMAT = "xlmr_mp-v1"
 TIED_COPY = "lm_head.decoder_weight"

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from xlmr_mp.errors import ConfigError
+
 
 @dataclass
 class DataConfig:
@@ -25,7 +27,6 @@ class DataConfig:
     seed: int = 1234
 
     def validate(self) -> None:
-        from xlmr_mp.config import ConfigError
         if self.alpha <= 0 or self.alpha > 1:
             raise ConfigError(f"data.alpha={self.alpha} must be in (0, 1]")
         if self.share_unit not in ("tokens", "sentences"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from xlmr_mp.errors import ConfigError
+
 # Shape presets: XLM-R Base/Large (Conneau et al. 2020), XL/XXL (Goyal et al. 2021), and the
 # XLM-R paper's ablation shapes (BERT-base with a 150k vocabulary; 12-layer models of widths
 # 768 / 960 / 1152 with 64-dim heads and the same 150k vocabulary).
@@ -56,7 +58,6 @@ class ModelConfig:
 
     def apply_preset(self) -> "ModelConfig":
         """Fill the shape fields from PRESETS[self.preset], keeping explicitly set values; in place."""
-        from xlmr_mp.config import ConfigError
         if not self.preset:
             return self
         if self.preset not in PRESETS:
@@ -72,7 +73,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Apply the preset (explicit values win), then check the shapes."""
-        from xlmr_mp.config import ConfigError
         self.apply_preset()
         if self.hidden_size % self.num_heads:
             raise ConfigError(

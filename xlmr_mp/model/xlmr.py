@@ -34,17 +34,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.kernels import ops
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.encoder import EncoderLayer, attention_bias
 from xlmr_mp.parallel.layers import (check_divisible, gather_sequence, mark_sequence_parallel, tp_rank_of,
                                      tp_size_of)
-from xlmr_mp.parallel.shard import partition_dim, shard_tensor
+from xlmr_mp.model.sharding import partition_dim, shard_tensor
 from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
 from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, padded_vocab_size,
                                     parallel_lm_logits, vocab_parallel_cross_entropy, vocab_range)
 
-IGNORE_INDEX = -100
 RECOMPUTE_MODES = ("none", "full", "selective")
 
 
@@ -252,6 +252,16 @@ class XLMRModel(nn.Module):
         if self.embeddings is not None:
             return self.embeddings.word_embeddings.weight
         return self.lm_head.decoder_weight
+
+    def tied_embedding_weight(self) -> Optional[torch.Tensor]:
+        """This chunk's copy of the tied embedding that the pipeline keeps equal across stages: the
+        word embedding (embeddings without the head), the decoder copy (head without embeddings), or
+        None (a chunk with both shares one tensor; a middle stage holds neither)."""
+        if self.has_embeddings and not self.has_head:
+            return self.embeddings.word_embeddings.weight
+        if self.has_head and not self.has_embeddings:
+            return self.lm_head.decoder_weight
+        return None
 
     def encode(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Embeddings (first stage) and this stage's layers: -> hidden [B, S, H]."""

@@ -15,8 +15,8 @@ split along the sequence, [B, S/TP, H]; the column-parallel layer all-gathers th
 the gradient). megatron-core's sequence-parallel path allocates its buffers on CUDA, so these
 layers are ours (same parameter names and shapes). Parameters used on sequence shards (LayerNorms,
 row-parallel biases, position embeddings) get partial gradients: they are marked
-`param.sequence_parallel = True` and `sync_sequence_parallel_grads(model, tp_group)` all-reduces
-them after backward (the trainer's job, before clipping).
+`param.sequence_parallel = True`; `xlmr_mp/parallel/grads.py` sums them over the TP group
+(`finalize_grads`, before clipping).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from xlmr_mp.errors import ConfigError
 
 
 def tp_size_of(group: Optional[dist.ProcessGroup]) -> int:
@@ -40,7 +42,6 @@ def tp_rank_of(group: Optional[dist.ProcessGroup]) -> int:
 
 def check_divisible(value: int, tp: int, option: str) -> int:
     """value / tp, or a ConfigError naming `option` when it does not divide."""
-    from xlmr_mp.config import ConfigError
     if value % tp:
         raise ConfigError(f"{option}={value} is not divisible by parallel.tensor={tp}; change "
                           f"{option} or parallel.tensor")
@@ -278,18 +279,3 @@ def mark_sequence_parallel(module: nn.Module) -> None:
     for p in module.parameters():
         p.sequence_parallel = True
 
-
-def sync_sequence_parallel_grads(model: nn.Module, tp_group) -> None:
-    """All-reduce, over the TP group, the gradients of parameters marked `sequence_parallel`
-    (one flat all-reduce). Call after backward when the model was built with sequence_parallel."""
-    if tp_size_of(tp_group) == 1:
-        return
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()

@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from xlmr_mp.parallel.layout import data_parallel_size
+
 TP_RNG = "tensor-parallel-rng"
 
 
@@ -67,19 +69,10 @@ def init_parallel(tp: int, pp: int = 1, dp: Optional[int] = None, backend: Optio
     for symmetry with the launcher; the groups use the default process group's backend.
     When `seed` is given, `seed_parallel_rng(seed, groups)` is called as well.
     """
-    from xlmr_mp.config import ConfigError
     global _GROUPS
     if not dist.is_initialized():
         raise RuntimeError("init_parallel: call torch.distributed.init_process_group first")
-    world = dist.get_world_size()
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"parallel.tensor={tp} and parallel.pipeline={pp} must be >= 1")
-    if world % (tp * pp):
-        raise ConfigError(f"world size {world} is not divisible by parallel.tensor x parallel.pipeline = "
-                          f"{tp} x {pp}; change the task count or the layout")
-    if dp and dp != world // (tp * pp):
-        raise ConfigError(f"parallel.data={dp} but world size {world} / (TP {tp} x PP {pp}) = "
-                          f"{world // (tp * pp)}; set parallel.data=0 to infer it")
+    data_parallel_size(dist.get_world_size(), tp, pp, dp or 0)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
