@@ -162,13 +162,8 @@ class Trainer:
         self.peak = peak_flops(device, cfg.precision.dtype)
 
     # ------------------------------------------------------------------ one step
-    def micro_batches_at(self, step: int) -> int:
-        """This rank's micro-batches for optimizer step `step` (varies under train.batch_warmup)."""
-        at = getattr(self.loader, "micro_batches_at", None)
-        return self.n_accum if at is None else at(step)
-
     def _next_micro_batches(self) -> List[Dict[str, torch.Tensor]]:
-        return [next(self.loader) for _ in range(self.micro_batches_at(self.step))]
+        return [next(self.loader) for _ in range(self.n_accum)]
 
     def train_step(self, micro_batches: Optional[List[dict]] = None) -> Dict[str, float]:
         """One optimizer step over the global batch; returns its metrics (same on every rank)."""
@@ -190,7 +185,7 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: the global batch has no masked token; check data.mask_prob")
         lr = self.lr_schedule.apply(self.optimizer, self.step)
         scale = self.scaler.scale
-        self.reducer.start_step(len(mbs))
+        self.reducer.start_step(self.n_accum)
         part = self.schedule.step(mbs, global_masked, loss_scale=scale)   # autocast inside, forward only
         finalize_grads(self.chunks, g, self.reducer)    # SP, DP, tied embedding
         # step loss: per-DP-rank partial sums on the last stage, summed over DP, sent to all stages
@@ -205,7 +200,7 @@ class Trainer:
         skipped = self.scaler.update(found_inf)     # may raise LossScaleAtMinimum
         grad_norm = float("nan")
         if not skipped:
-            pass  # MUTATION unscale_grads(opt.grad_tensors(), scale)
+            unscale_grads(opt.grad_tensors(), scale)
             grad_norm = global_grad_norm(opt.norm_grads(self.norm_names), g.tp_group, g.pp_group, opt.norm_group)
             clip_grads(opt.grad_tensors(), grad_norm, self.cfg.optim.clip_grad)
             opt.step()
@@ -217,9 +212,6 @@ class Trainer:
                "skipped": int(skipped), "step_time_s": dt, "tokens": global_tokens}
         out.update(throughput(global_tokens, dt, self.world, self.fpt, self.peak))
         out.update(memory_stats(self.device))
-        values = getattr(self.loader, "schedule_values", None)   # alpha, mask_prob, global_batch, active_languages
-        if values is not None:
-            out.update(values(self.step - 1))
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -268,10 +260,8 @@ class Trainer:
         log0(f"saved checkpoint {path}")
         return path
 
-    def load(self, path: str, load_optim: bool = True, branch: bool = False) -> None:
-        """Restore from a step directory saved at any layout (exact when the layout is the same).
-        branch: `path` is another run's checkpoint (checkpoint.branch_from): everything is restored,
-        and the loader continues the parent's data position under this run's schedules."""
+    def load(self, path: str, load_optim: bool = True) -> None:
+        """Restore from a step directory saved at any layout (exact when the layout is the same)."""
         from xlmr_mp.checkpoint.sharded import (load_model_state, load_optim_state, load_rank_state, read_meta,
                                                 same_layout)
         from xlmr_mp.parallel.grads import sync_tied_embedding_weight
@@ -296,10 +286,7 @@ class Trainer:
         if rs is not None:
             self.scaler.load_state_dict(rs["scaler"])
             if rs.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
-                if branch:
-                    self.loader.load_state_dict(rs["loader"], branch=True)
-                else:
-                    self.loader.load_state_dict(rs["loader"])
+                self.loader.load_state_dict(rs["loader"])
         if same and rs is not None:
             set_rng_state(rs["rng"])
         else:   # RNG streams do not map across layouts: reseed from (seed, step)
@@ -318,15 +305,6 @@ class Trainer:
             from xlmr_mp.checkpoint.model_io import resolve_checkpoint_dir
             return resolve_checkpoint_dir(self.cfg.checkpoint.load)
         return None
-
-
-def _write_schedules(schedules, path: str) -> None:
-    """The run's step-keyed schedules (tokens resolved, branch history included), atomically."""
-    import yaml
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(schedules.resolved(), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def _format(m: dict) -> str:
@@ -355,12 +333,6 @@ def train(cfg: RunConfig) -> List[float]:
     path = tr.resume_path()
     if path:
         tr.load(path)
-    elif cfg.checkpoint.branch_from:       # a new branch: the parent's state, this run's schedules
-        from xlmr_mp.checkpoint.model_io import resolve_checkpoint_dir
-        tr.load(resolve_checkpoint_dir(cfg.checkpoint.branch_from), branch=True)
-        log0(f"branched from {cfg.checkpoint.branch_from} at step {tr.step}")
-    if env.rank == 0 and hasattr(loader, "schedules"):
-        _write_schedules(loader.schedules, os.path.join(cfg.run_dir, "schedules.yaml"))
     start_step = tr.step
     tr.logger.truncate_after(tr.step)
     log0(f"world {env.world_size} ({env.source}) = TP {groups.tp_size} x PP {groups.pp_size} x DP {groups.dp_size}; "
