@@ -14,7 +14,8 @@ Characters are Unicode code points of the lines as read (newline excluded). With
 (`--whole-word`) all pieces of a word share one group (the hash of its first position): a word starts
 at a piece beginning with '\u2581'; inside a word of a script written without spaces (Han, kana, Thai,
 Lao, Khmer, Myanmar, Tibetan) units are runs of 2 or 3 characters on piece boundaries (the length
-drawn from the same hash), and the continuation bytes of a byte-fallback character stay with it.
+drawn from the same hash; a run ends early rather than pass 3 characters, a longer piece is a unit
+alone), and the continuation bytes of a byte-fallback character stay with it.
 
 Work items (window, pass) are batched longest first; every item's NLLs are stored at their
 (line, position) and summed in a fixed order, so the numbers do not depend on batch_size.
@@ -112,7 +113,7 @@ def word_units(lang: str, line: int, pieces: Sequence[int], info: PieceInfo, tok
             unit += 1
             run_chars = len(body)
             run_target = 2 + group_of(lang, line, j, 2)
-        elif ns and prev_no_space and run_chars >= run_target:
+        elif ns and prev_no_space and run_chars > 0 and (run_chars >= run_target or run_chars + len(body) > 3):
             unit += 1                                  # a new 2-3 character run inside the word
             run_chars = len(body)
             run_target = 2 + group_of(lang, line, j, 2)
