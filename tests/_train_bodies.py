@@ -40,16 +40,18 @@ def dp_reference(steps):
     return {n: p.detach().clone() for n, p in net.named_parameters()}
 
 
-def dp_rank_body(rank, world_size, steps, zero):
-    from xlmr_mp.parallel.data_parallel import DistributedAdamW, GradReducer
+def dp_rank_body(rank, world_size, steps, zero, reduce_scatter=False):
+    from xlmr_mp.parallel.data_parallel import DistributedAdamW, FlatBuffers, GradReducer
     net = _tiny_net()
     named = list(net.named_parameters())
-    reducer = GradReducer([p for _, p in named], None, bucket_mb=1e-4)  # tiny buckets: several of them
+    flat = FlatBuffers(named, None, bucket_mb=1e-4)                   # tiny buckets: several of them
+    reducer = GradReducer(flat, None, reduce_scatter=reduce_scatter)
     assert len(reducer.buckets) > 1
-    opt = DistributedAdamW(named, OptimConfig(lr=1e-2), dp_group=None, shard=zero)
+    opt = DistributedAdamW(flat, OptimConfig(lr=1e-2), dp_group=None, shard=zero)
     _run(net, opt, reducer, steps, rows=[2 * rank, 2 * rank + 1])
     out = {n: p.detach().clone() for n, p in net.named_parameters()}
     out["__owned__"] = list(opt.state_by_name().keys())
+    out["__state_elems__"] = sum(pc.b - pc.a for pc in opt.pieces)
     return out
 
 

@@ -43,15 +43,20 @@ def test_clip_scales_to_max_norm():
     assert clip_grads([p], 0.5, 1.0) == 1.0 and p.grad[0].item() == pytest.approx(0.3)
 
 
-def test_dp_reducer_and_zero1_match_single_process():
-    """DP=2 (bucketed SUM all-reduce, ZeRO-1 on or off) == one process with 2x accumulation."""
+@pytest.mark.parametrize("zero,reduce_scatter", [(False, False), (True, False), (True, True)],
+                         ids=["ddp", "zero1-allreduce", "zero1-reduce-scatter"])
+def test_dp_reducer_and_zero1_match_single_process(zero, reduce_scatter):
+    """DP=2 (bucketed in-place SUM reduction, ZeRO-1 on or off) == one process with 2x accumulation."""
     import _train_bodies as b
     ref = b.dp_reference(steps=4)
-    for zero in (False, True):
-        res = run_distributed(b.dp_rank_body, 2, args=(4, zero), timeout=120)
-        for r in res:
-            for name, t in ref.items():
-                torch.testing.assert_close(r[name], t, rtol=1e-6, atol=1e-7)
-        if zero:  # state really is split: each rank owns a disjoint, non-empty part
-            owned = [set(r["__owned__"]) for r in res]
-            assert owned[0] and owned[1] and not (owned[0] & owned[1])
+    res = run_distributed(b.dp_rank_body, 2, args=(4, zero, reduce_scatter), timeout=120)
+    for r in res:
+        for name, t in ref.items():
+            torch.testing.assert_close(r[name], t, rtol=1e-6, atol=1e-7)
+    owned = [set(r["__owned__"]) for r in res]
+    if zero:  # state really is split: names written once, elements halved (padding aside)
+        assert not (owned[0] & owned[1]) and owned[0] | owned[1] == set(ref)
+        total = sum(t.numel() for t in ref.values())
+        assert all(abs(r["__state_elems__"] - total / 2) <= 4 for r in res), [r["__state_elems__"] for r in res]
+    else:
+        assert owned[0] == owned[1] == set(ref)
