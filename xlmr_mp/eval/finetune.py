@@ -76,7 +76,8 @@ def _labels_of(item) -> List[str]:
 
 
 def check_data(data: TaskData) -> List[str]:
-    """The label list; EvalError for an empty train or dev set or a dev/test label unseen in training."""
+    """The label list (data.labels, else the sorted training labels); EvalError for an empty train or
+    dev set, or a training / dev / test label outside it (test labels the training never shows)."""
     if not data.train.items:
         raise EvalError(f"{data.train.path}: no training examples for {data.train.lang}; give a non-empty "
                         f"training file")
@@ -85,24 +86,19 @@ def check_data(data: TaskData) -> List[str]:
                         f"a dev file with examples")
     if not data.tests:
         raise EvalError(f"{data.task}: no test set to evaluate; check --data and --languages")
-    seen = sorted({l for it in data.train.items for l in _labels_of(it)})
-    labels = list(data.labels) if data.labels else seen
-    for it in data.train.items if data.labels else []:
-        bad = [l for l in _labels_of(it) if l not in labels]
-        if bad:
-            raise EvalError(f"{it.where}: label {bad[0]!r} is not one of the task's labels ({', '.join(labels)})")
-    known = set(seen)
-    for split in [data.dev] + list(data.tests.values()):
+    labels = list(data.labels) if data.labels else sorted({l for it in data.train.items for l in _labels_of(it)})
+    known = set(labels)
+    for split in [data.train, data.dev] + list(data.tests.values()):
         if not split.items:
             raise EvalError(f"{split.path}: no test examples for {split.lang}; remove the language from "
                             f"--languages or give a non-empty file")
         for it in split.items:
             bad = [l for l in _labels_of(it) if l not in known]
             if bad:
+                role = "train" if split is data.train else "dev" if split is data.dev else "test"
                 raise EvalError(f"{it.where}: label {bad[0]!r} never occurs in the training data "
-                                f"({data.train.path}: {', '.join(seen)}); the label sets of train and "
-                                f"{split.lang} {'dev' if split is data.dev else 'test'} differ: fix the data or "
-                                f"give matching files")
+                                f"({data.train.path}: {', '.join(labels)}); the label sets of train and "
+                                f"{split.lang} {role} differ: fix the data or give matching files")
     return labels
 
 

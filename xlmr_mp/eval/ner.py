@@ -85,9 +85,16 @@ def load(opts: EvalOptions, s: dict) -> TaskData:
     lang = opts.train_language
     train, dev, tests = choose_files(opts.data, lang, s)
     langs = select_languages(tests, opts.languages, opts.data, "{lang}/test")
-    return TaskData(task="ner", kind=TOKEN, metric=F1,
-                    train=Split(lang, train, _read(lang, train)), dev=Split(lang, dev, _read(lang, dev)),
+    train_items = _read(lang, train)
+    return TaskData(task="ner", kind=TOKEN, metric=F1, labels=labels_of(train_items),
+                    train=Split(lang, train, train_items), dev=Split(lang, dev, _read(lang, dev)),
                     tests={l: Split(l, tests[l], _read(l, tests[l])) for l in langs})
+
+
+def labels_of(sentences) -> list:
+    """'O' and B-/I- of every entity type the training data has (an I- tag unseen in training is fine)."""
+    types = sorted({t[2:] for s in sentences for t in s.tags if t != "O"})
+    return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
 
 
 def run(em: EvalModel, opts: EvalOptions) -> TaskResult:
