@@ -63,7 +63,10 @@ def trained_run(base_dir: str) -> dict:
     from dist import run_distributed
     from _prep_util import run_tool, train_tiny_spm
     from xlmr_mp.data.tiny_corpus import make_tiny_corpus
-    from xlmr_mp.checkpoint.model_io import local_to_full
+    try:
+        from xlmr_mp.model.sharding import local_to_full
+    except ImportError:                     # before the sharding table moved beside the model
+        from xlmr_mp.parallel.shard import local_to_full
     done = os.path.join(base_dir, "run.pt")
     if os.path.exists(done):
         return torch.load(done, weights_only=False)
