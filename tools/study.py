@@ -37,6 +37,9 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch command only")
     p.add_argument("--sbatch-arg", action="append", default=[], help="with --slurm: extra sbatch option (repeat)")
     p.add_argument("--cell", default=None, help="finish: the cell an array task trained")
+    p.add_argument("--order", choices=("longest", "shortest", "spec"), default="longest",
+                   help="run: cell order (longest first, the default, finishes the study soonest; shortest "
+                        "first finishes the most cells by a deadline; spec: as listed)")
     return p
 
 
@@ -90,7 +93,8 @@ def main(argv=None) -> int:
         plans = P.plan_study(study, prep, out)
         P.estimate_times(plans, out, threads, args.calibrate_seconds)
         est = {p.cell.name: p.est_seconds for p in plans}
-    r = R.Runner(study, out, jobs=jobs, threads=threads, progress_every=args.progress_every, est=est)
+    r = R.Runner(study, out, jobs=jobs, threads=threads, progress_every=args.progress_every, est=est,
+                 order=args.order)
     states = r.run()
     failed = [c for c, s in states.items() if s == "failed"]
     if r.stopping.is_set():

@@ -62,8 +62,10 @@ def count_params(m) -> tuple:
 
 
 def solve_width(m, target: float) -> tuple:
-    """hidden_size (a multiple of num_heads; ffn_size kept at the same ratio to hidden) whose
-    total parameter count is closest to `target`; returns (hidden, ffn, params)."""
+    """hidden_size (a multiple of num_heads, ffn_size at the config's ratio to it) whose total
+    parameter count is closest to `target`, then ffn_size trimmed so that the total lands within
+    a few hundred parameters of it (a step of num_heads in width moves ~2% at 2M parameters);
+    returns (hidden, ffn, params)."""
     import copy
     ratio = m.ffn_size / m.hidden_size
     best = None
@@ -76,7 +78,12 @@ def solve_width(m, target: float) -> tuple:
             best = (h, trial.ffn_size, p)
         if p > target * 1.5:
             break
-    return best
+    h, f, p = best
+    object.__setattr__(trial, "hidden_size", h)
+    per_ffn = m.num_layers * (2 * h + 1)          # fc1 row + bias + fc2 column, every layer
+    f = max(1, f + int(round((target - p) / per_ffn)))
+    object.__setattr__(trial, "ffn_size", f)
+    return h, f, sum(count_params(trial))
 
 
 def _round_steps(steps: int) -> int:

@@ -269,8 +269,9 @@ class Preparation:
     def _run(self, cmd: List[str], log_path: str, what: str) -> None:
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        with open(log_path, "w") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        with open(log_path, "w") as log:      # through study.child: dies with this process
+            rc = subprocess.call([sys.executable, "-m", "xlmr_mp.study.child", str(os.getpid())] + cmd,
+                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         if rc != 0:
             tail = open(log_path).read()[-2000:]
             raise RuntimeError(f"{what} failed (exit {rc}); log {log_path}:\n{tail}")

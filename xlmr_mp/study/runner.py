@@ -95,11 +95,12 @@ class Runner:
 
     def __init__(self, study: Study, out: str, jobs: int = 1, threads: Optional[int] = None,
                  log=print, progress_every: float = 30.0, est: Optional[Dict[str, float]] = None,
-                 python: str = sys.executable):
+                 python: str = sys.executable, order: str = "longest"):
         self.study, self.out, self.jobs = study, os.path.abspath(out), max(1, jobs)
         self.threads = threads or max(1, (os.cpu_count() or 1) // self.jobs)
         self.log, self.progress_every, self.python = log, progress_every, python
         self.est = est or {}
+        self.order = order                    # longest | shortest | spec (needs est for the first two)
         self.prep = Preparation(study, self.out, workers=self.threads, log=log)
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -273,8 +274,9 @@ class Runner:
         for c in cells:
             self.states[c.name] = cell_state(self.out, c)
         todo = [c for c in cells if self.states[c.name] != "done"]
-        if all(self.est.get(c.name) for c in todo):     # longest first: the shortest makespan on N slots
-            todo.sort(key=lambda c: -self.est[c.name])
+        if self.order != "spec" and all(self.est.get(c.name) for c in todo):
+            # longest first: the shortest makespan on N slots; shortest first: most cells by a deadline
+            todo.sort(key=lambda c: -self.est[c.name] if self.order == "longest" else self.est[c.name])
         self.log(f"[study] {self.study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done; "
                  f"{self.jobs} at a time, {self.threads} thread(s) each; study dir {self.out}")
         old = {}
