@@ -15,7 +15,8 @@ One optimizer step:
 
 Everything needed to resume exactly (step, RNG states, loss scaler, data position, Adam state)
 is in the sharded checkpoint (checkpoint/sharded.py). SIGTERM / SIGUSR1: finish the step, save,
-exit with code 75 (EXIT_REQUEUE), which the SLURM launcher requeues on.
+exit with code 75 (EXIT_REQUEUE), which the SLURM launcher requeues on; one arriving at or after the
+last step (final save, teardown) changes nothing: the run finishes and exits 0.
 """
 from __future__ import annotations
 
@@ -65,6 +66,16 @@ class StopFlag:
     def uninstall(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._old = {}
+
+    def finish(self) -> None:
+        """The run is over (last step done, or exiting with a code of its own): from now on SIGTERM /
+        SIGUSR1 are ignored, so one landing during teardown cannot kill the process by the signal and
+        turn a finished run into a failed job (exit 138 / 143 under SLURM). SIG_IGN rather than a Python
+        handler: the interpreter resets Python handlers to the default (fatal) one while it shuts down.
+        The previous handlers are not restored: the process is ending."""
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, signal.SIG_IGN)
         self._old = {}
 
     def any_rank(self) -> bool:
@@ -357,7 +368,7 @@ def train(cfg: RunConfig) -> List[float]:
                 if ev:
                     tr.logger.log(tr.step, ev, prefix="valid")
                     log0("valid " + " ".join(f"{k} {v:.4f}" for k, v in sorted(ev.items())))
-            if stop.any_rank():
+            if stop.any_rank() and tr.step < cfg.train.train_steps:   # after the last step: save, exit 0
                 log0(f"signal {stop.signum or 'on another rank'}: saving at step {tr.step} and exiting {EXIT_REQUEUE}")
                 tr.save()
                 sys.exit(EXIT_REQUEUE)
@@ -366,7 +377,7 @@ def train(cfg: RunConfig) -> List[float]:
         if tr.step > start_step:           # a run that resumed at its last step has nothing new to save
             tr.save()
     finally:
-        stop.uninstall()
+        stop.finish()
         tr.logger.close()
         if run_lock is not None:
             run_lock.release()
