@@ -320,6 +320,8 @@ def test_bad_input_stops_before_training(tokenizer, sib_dir, monkeypatch):
         run(seeds=[])
     with pytest.raises(EvalError, match=r"--train-language sw"):
         run(train_language="sw")
+    with pytest.raises(EvalError, match=r"--export-hf .*: cannot create it"):
+        run(export_hf=str(sib_dir / "en" / "train.tsv" / "exported"))
     write_tsv(sib_dir / "zz" / "test.tsv", [("1", "weather", "a city road.")])
     with pytest.raises(EvalError, match=r"zz/test\.tsv:2: label 'weather' never occurs in the training data"):
         run()

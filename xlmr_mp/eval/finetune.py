@@ -18,6 +18,7 @@ Token tasks label the first sub-word of each word (the rest are -100); a sentenc
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -34,7 +35,9 @@ from xlmr_mp.ids import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, UNK_ID
 # Settings every fine-tuning task takes (key=value on the command line); tasks override defaults.
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     epochs=3, lr=5e-5, batch_size=32, eval_batch_size=64, max_length=128, warmup=0.1,
-    weight_decay=0.01, dropout=0.1, clip=1.0, train_limit=0)
+    weight_decay=0.01, dropout=None, clip=1.0, train_limit=0)
+# dropout=None: the model's own hidden dropout, for the encoder and the head (what transformers does
+# with a config's hidden_dropout_prob); a number sets both.
 ACCURACY, F1 = "accuracy (%)", "entity F1 (%)"
 # 97.5% quantiles of Student's t for 1..10 degrees of freedom (95% confidence intervals over seeds)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -286,8 +289,10 @@ def _check_settings(s: Dict[str, Any], em: EvalModel) -> None:
     if not 8 <= s["max_length"] <= limit:
         raise EvalError(f"max_length={s['max_length']}: the model takes 8 to {limit} ids "
                         f"(model.max_positions={em.model.cfg.max_positions})")
-    if not 0 <= s["warmup"] < 1 or not 0 <= s["dropout"] < 1:
-        raise EvalError(f"warmup={s['warmup']} and dropout={s['dropout']} must be in [0, 1)")
+    if not 0 <= s["warmup"] < 1:
+        raise EvalError(f"warmup={s['warmup']} must be in [0, 1) (a fraction of the training steps)")
+    if s["dropout"] is not None and (isinstance(s["dropout"], str) or not 0 <= s["dropout"] < 1):
+        raise EvalError(f"dropout={s['dropout']} must be a number in [0, 1) (default: the model's own dropout)")
     if s["lr"] <= 0:
         raise EvalError(f"lr={s['lr']} must be > 0")
 
@@ -296,13 +301,14 @@ def train_seed(clf: Classifier, pretrained: Dict[str, torch.Tensor], train: Enco
                metric: str, labels: List[str], s: Dict[str, Any], seed: int, device: str, show: bool, desc: str):
     """Fine-tune from `pretrained` with `seed`; leaves clf at the best dev epoch.
     Returns (dev score per epoch, best epoch (0-based), training tokens per second)."""
-    from xlmr_mp.optim import LRSchedule, param_groups
+    from types import SimpleNamespace
+    from xlmr_mp.optim import LRSchedule, build_adamw, param_groups
     clf.encoder.load_state_dict(pretrained, strict=True)
     clf.reset_head(seed)
     torch.manual_seed(seed)                            # dropout draws
     rng = np.random.default_rng(seed)                  # data order
-    opt = torch.optim.AdamW(param_groups(clf.named_parameters(), s["weight_decay"]), lr=s["lr"],
-                            betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    hyper = SimpleNamespace(lr=s["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=s["weight_decay"])
+    opt = build_adamw(param_groups(clf.named_parameters(), s["weight_decay"]), hyper, "fused")
     per_epoch = steps_per_epoch(len(train.ids), s["batch_size"])
     total = per_epoch * s["epochs"]
     sched = LRSchedule(s["lr"], int(round(s["warmup"] * total)), total, "linear")
@@ -349,6 +355,27 @@ def _prediction_rows(split: Split, gold, pred, labels: List[str], seed: int) -> 
     return rows
 
 
+def check_export(path: str, tokenizer) -> None:
+    """Before training: EvalError when --export-hf cannot be written or the tokenizer cannot be
+    exported (its HF files are written to a scratch directory and checked to give our ids)."""
+    import shutil
+    import tempfile
+    from xlmr_mp.tokenizer import TokenizerError
+    from xlmr_mp.tokenizer.hf import save_hf_tokenizer
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise EvalError(f"--export-hf {path}: cannot create it ({parent} is not a writable directory)")
+    scratch = tempfile.mkdtemp(prefix="xlmr_mp_export_check_")
+    try:
+        save_hf_tokenizer(tokenizer, scratch)
+    except TokenizerError as e:
+        raise EvalError(f"--export-hf {path}: {e}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def finetune(em: EvalModel, opts: EvalOptions, data: TaskData, s: Dict[str, Any]) -> TaskResult:
     """Train on data.train (epoch chosen on data.dev), test every split of data.tests, per seed."""
     t_start = time.perf_counter()
@@ -357,6 +384,8 @@ def finetune(em: EvalModel, opts: EvalOptions, data: TaskData, s: Dict[str, Any]
     label_ids = {name: i for i, name in enumerate(labels)}
     if not opts.seeds:
         raise EvalError("--seeds: give at least one fine-tuning seed")
+    if opts.export_hf:
+        check_export(opts.export_hf, em.tokenizer)
     encode = encode_sequences if data.kind == SEQUENCE else encode_words
     tok, n = em.tokenizer, s["max_length"]
     train_items = data.train.items
@@ -369,7 +398,8 @@ def finetune(em: EvalModel, opts: EvalOptions, data: TaskData, s: Dict[str, Any]
     base = baselines(data.metric, gold_of(train), test_gold, labels)
 
     device = em.device or "cpu"
-    clf = Classifier(encoder_from(em.model, s["dropout"]), data.kind, len(labels), s["dropout"]).to(device)
+    dropout = em.model.cfg.dropout if s["dropout"] is None else float(s["dropout"])
+    clf = Classifier(encoder_from(em.model, s["dropout"]), data.kind, len(labels), dropout).to(device)
     pretrained = {k: v.detach().clone() for k, v in clf.encoder.state_dict().items()}
     per_seed, history, best_epoch, speed, predictions = {}, {}, {}, {}, []
     for k, seed in enumerate(opts.seeds):
@@ -391,7 +421,7 @@ def finetune(em: EvalModel, opts: EvalOptions, data: TaskData, s: Dict[str, Any]
     m = len(opts.seeds)
     t = _T975[m - 2] if 2 <= m <= 11 else 1.96
     ci = {lang: (t * std[lang] / math.sqrt(m) if m > 1 else 0.0) for lang in langs}
-    config = dict(s, train_language=data.train.lang, seeds=list(opts.seeds), labels=labels,
+    config = dict(s, dropout=dropout, train_language=data.train.lang, seeds=list(opts.seeds), labels=labels,
                   train_file=data.train.path, dev_file=data.dev.path,
                   test_files={lang: sp.path for lang, sp in data.tests.items()}, **data.files)
     extra = {"dev_history": history, "best_epoch": {sd: e + 1 for sd, e in best_epoch.items()}, "ci95": ci,
