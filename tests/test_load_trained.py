@@ -162,3 +162,32 @@ def test_unreadable_checkpoints_give_error_lines(run, tmp_path):
     r = subprocess.run([sys.executable, CONVERT, "xlmr-to-hf", "--input", str(cases["truncated"]), "--output",
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_exported_tokenizer_on_shared_flores_zh(shared_corpus, tmp_path):
+    """The issue's measure: a byte-fallback vocabulary trained on the shared corpus; the exported
+    tokenizer gives our ids on all 200 first zh FLORES lines, byte-fallback pieces included."""
+    from transformers import AutoTokenizer
+    from _prep_util import train_tiny_spm
+    from xlmr_mp.tokenizer import XLMRTokenizer
+    from xlmr_mp.tokenizer.hf import save_hf_tokenizer
+    src = tmp_path / "text"
+    src.mkdir()
+    for lang in ("en", "zh"):
+        os.symlink(os.path.join(shared_corpus, f"{lang}.txt"), src / f"{lang}.txt")
+    model = train_tiny_spm(src, tmp_path / "spm", vocab_size=3000, extra=["--sample-size", "6000"])
+    tok = XLMRTokenizer(model)
+    out = tmp_path / "hf"
+    out.mkdir()
+    save_hf_tokenizer(tok, str(out))
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    with open(os.path.join(shared_corpus, "eval", "flores200_devtest", "zh.txt"), encoding="utf-8") as f:
+        lines = [l.rstrip("\n") for l in f][:200]
+    byte_ids = {i for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("<0x")}
+    with_bytes = 0
+    for line in lines:
+        ours = tok.encode(line, add_bos=True, add_eos=True)
+        with_bytes += bool(set(ours) & byte_ids)
+        assert hf_tok(line)["input_ids"] == ours, line
+    assert with_bytes > 10
