@@ -9,6 +9,11 @@
    child process above its baseline), checked against q_i afterwards. Peers measured in the same
    run: this project's numpy reference and megatron-core's blending helper
    (helpers_cpp.build_blending_indices, O(N x L)) on smaller N, as samples/s ratios.
+   Scheduled index (data.alpha_schedule + data.language_schedule, `--skip-schedule` to leave out):
+   the same N and languages in 3 phases (alpha 0.7 over the 60 largest languages, 0.5 over 80,
+   0.3 over all; boundaries at N/3 and 2N/3) built by xlmr_mp._C.blend_window_phase, with the
+   same time and bytes-per-sample figures, the per-phase frequency error against that phase's
+   q_i, and the ratio to the static index measured in the same run.
 2. Loader samples/s for one DP rank at the XLM-R paper's shape (global batch 8192 x 512 at DP=512:
    16 sequences per rank per step, vocab 250002), with 0 and 2 worker processes, on a synthetic
    100-language corpus, against the rate a training step consumes sequences: from the measured
@@ -31,6 +36,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from xlmr_mp.atomic import atomic_write_text  # noqa: E402
 
 H100_BF16_FLOPS = 989e12
 SHAPES = {"base": dict(layers=12, hidden=768, ffn=3072), "large": dict(layers=24, hidden=1024, ffn=4096)}
@@ -83,7 +90,74 @@ def blend_child(n: int, n_lang: int) -> None:
                           qmin=float(spec.q.min()), qmax=float(spec.q.max()))))
 
 
-def bench_blend(n: int, n_lang: int) -> None:
+def phased_blend(n: int, n_lang: int):
+    """The benchmark's 3-phase schedule: (PhasedBlend, phase starts, per-phase shares)."""
+    from xlmr_mp.data.blend import PhasedBlend, sampling_weights
+    blocks = language_blocks(n_lang)
+    order = np.argsort(-blocks)                      # languages join largest first
+    shares = []
+    for frac, alpha in ((0.6, 0.7), (0.8, 0.5), (1.0, 0.3)):
+        on = order[:max(1, int(round(frac * n_lang)))]
+        q = np.zeros(n_lang)
+        q[on] = sampling_weights(blocks[on], alpha)
+        shares.append(q)
+    starts = [0, n // 3, 2 * n // 3]
+    return PhasedBlend(starts, shares, blocks, seed=1234), starts, shares
+
+
+def phased_child(n: int, n_lang: int) -> None:
+    """Runs in a fresh process: build the full 3-phase index, report time, memory and errors."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    from xlmr_mp import _C
+    from xlmr_mp.data.blend import TOTAL_WEIGHT
+    base_kib = vm_kib("VmRSS")
+    t0, c0 = time.perf_counter(), time.process_time()
+    pb, starts, shares = phased_blend(n, n_lang)
+    setup_cpu = time.process_time() - c0
+    lang = np.empty(n, dtype=pb.lang_dtype)
+    block = np.empty(n, dtype=pb.block_dtype)
+    chunk = 50_000_000
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        p = pb.phase_index(s)
+        while s < e:                                 # a chunk may cross a phase boundary
+            ph = pb.phases[pb.phase_index(s)]
+            stop = e if ph.end is None else min(e, ph.end)
+            _C.blend_window_phase(ph.weights, ph.offsets, ph.kbase, pb.n_blocks, TOTAL_WEIGHT, pb.seed,
+                                  s - ph.start, lang[s:stop], block[s:stop])
+            s = stop
+        el = time.perf_counter() - t0
+        print(f"  [phased] {e:,}/{n:,} samples, {e / el / 1e6:.1f} M samples/s (phase {p})", file=sys.stderr, flush=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak_kib = vm_kib("VmHWM")
+    rel = []
+    bounds = starts + [n]
+    for p, q in enumerate(shares):
+        seg = lang[bounds[p]:bounds[p + 1]]
+        freq = np.bincount(seg, minlength=n_lang) / len(seg)
+        on = q > 0
+        rel.append(float(np.max(np.abs(freq[on] - q[on]) / q[on])) if not np.any(freq[~on]) else float("inf"))
+    print(json.dumps(dict(wall=wall, cpu=cpu, setup_cpu=setup_cpu, peak_bytes=(peak_kib - base_kib) * 1024, rel=rel,
+                          active=[int((q > 0).sum()) for q in shares])))
+
+
+def bench_phased(n: int, n_lang: int, static: dict) -> None:
+    log(f"== scheduled index: {n:,} samples, {n_lang} languages, 3 phases (alpha 0.7/0.5/0.3 over 60/80/100% "
+        f"of the languages), C++ blend_window_phase, one core ==")
+    out = subprocess.run([sys.executable, __file__, "--_phased-child", str(n), str(n_lang)], check=True,
+                         stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    log(f"build: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU ({n / r['cpu'] / 1e6:.1f} M samples/s CPU) incl. "
+        f"phase setup {r['setup_cpu'] * 1e3:.1f} ms CPU; static index in this run: {static['cpu']:.1f} s CPU -> "
+        f"scheduled / static CPU time = {r['cpu'] / static['cpu']:.2f}x")
+    log(f"peak memory above baseline: {r['peak_bytes'] / n:.2f} bytes/sample (static: "
+        f"{static['peak_bytes'] / n:.2f}); the phase tables are {3 * n_lang * 24} bytes")
+    log("per-phase drawn frequency vs that phase's q_i: max relative error " +
+        ", ".join(f"phase {p} ({a} languages) {e:.2e}" for p, (e, a) in enumerate(zip(r["rel"], r["active"]))))
+
+
+def bench_blend(n: int, n_lang: int) -> dict:
     from xlmr_mp.data.blend import BlendSpec, blend_window_reference, sampling_weights
     log(f"== blended index: {n:,} samples over {n_lang} languages (C++, one thread pinned to one core) ==")
     out = subprocess.run([sys.executable, __file__, "--_blend-child", str(n), str(n_lang)], check=True,
@@ -116,6 +190,7 @@ def bench_blend(n: int, n_lang: int) -> None:
             f"{cpp_rate / meg_rate:.1f}x faster")
     except ImportError:
         log("peer megatron-core helpers_cpp: not available")
+    return r
 
 
 def write_corpus(root: str, n_lang: int, seed: int = 0) -> None:
@@ -194,11 +269,16 @@ def main() -> None:
     ap.add_argument("--step-seconds", type=float, default=0.0, help="a measured training step time, if any")
     ap.add_argument("--skip-blend", action="store_true")
     ap.add_argument("--skip-loader", action="store_true")
+    ap.add_argument("--skip-schedule", action="store_true", help="leave out the 3-phase scheduled index")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "data_cpu.txt"))
     ap.add_argument("--_blend-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--_phased-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._blend_child:
         blend_child(*args._blend_child)
+        return
+    if args._phased_child:
+        phased_child(*args._phased_child)
         return
     from xlmr_mp.data.blend import have_cpp
     if not have_cpp():
@@ -210,15 +290,14 @@ def main() -> None:
     log(f"# machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start "
         f"(shared machine: wall times are inflated by other jobs; CPU times are this process's)")
     if not args.skip_blend:
-        bench_blend(int(args.samples), args.languages)
+        static = bench_blend(int(args.samples), args.languages)
+        if not args.skip_schedule:
+            bench_phased(int(args.samples), args.languages, static)
     if not args.skip_loader:
         bench_loader(args.steps, args.languages, args.step_seconds)
     log(f"# load average at end {os.getloadavg()[0]:.1f}")
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("\n".join(LINES) + "\n")
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, "\n".join(LINES) + "\n")
         print(f"wrote {args.out}")
 
 

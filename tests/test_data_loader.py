@@ -138,3 +138,109 @@ def test_build_from_run_config_and_errors(corpus_dir):
                                 "languages": ["aa", "bb", "cc"]})
     with pytest.raises(ValueError, match="seed"):
         loader.load_state_dict({"samples_consumed": 8, "seed": 1})
+
+
+# ----------------------------------------------------------------------------- schedules
+
+ALPHA3 = [{"step": 0, "alpha": 0.7}, {"step": 4, "alpha": 0.5}, {"step": 8, "alpha": 0.3}]
+LANGS3 = [{"step": 0, "languages": ["aa", "bb"]}, {"step": 4, "languages": ["aa", "bb", "cc"]}]
+MASK2 = [{"step": 0, "mask_prob": 0.4}, {"step": 6, "mask_prob": 0.1}]
+
+
+def _sched_loader(path, rank=0, dp=1, micro=2, global_batch=8, warmup=None, **kw):
+    kw.setdefault("alpha_schedule", ALPHA3)
+    kw.setdefault("language_schedule", LANGS3)
+    kw.setdefault("mask_schedule", MASK2)
+    cfg = DataConfig(path=path, seq_length=64, **kw)
+    return MLMLoader(cfg, rank, dp, micro, global_batch, V, batch_warmup=warmup)
+
+
+def _step(loader, step):
+    return [next(loader) for _ in range(loader.micro_batches_at(step))]
+
+
+def test_no_schedule_keeps_the_static_stream(corpus_dir):
+    """A one-phase schedule equal to the static options gives today's static batches bit for bit."""
+    plain = _loader(corpus_dir)
+    sched = _sched_loader(corpus_dir, alpha_schedule=[{"step": 0, "alpha": 0.3}], language_schedule=None,
+                          mask_schedule=[{"step": 0, "mask_prob": 0.15}])
+    assert sched.samples.phased is None and plain.samples.phased is None
+    for _ in range(8):
+        assert _equal(next(plain), next(sched))
+
+
+def test_mask_schedule_equals_static_runs_at_each_rate(corpus_dir):
+    """Step s of a mask-scheduled run == a static run at that step's rate, on the same samples."""
+    sched = _sched_loader(corpus_dir, alpha_schedule=None, language_schedule=None)
+    at = {p: _loader(corpus_dir, mask_prob=p) for p in (0.4, 0.1)}
+    for s in range(9):
+        want_p = 0.4 if s < 6 else 0.1
+        assert sched.schedule_values(s)["mask_prob"] == want_p
+        got = _step(sched, s)
+        for p, ref in at.items():
+            exp = _step(ref, s)
+            assert all(_equal(a, b) for a, b in zip(got, exp)) == (p == want_p), (s, p)
+
+
+def test_language_schedule_joins_languages_at_the_boundary(corpus_dir):
+    loader = _sched_loader(corpus_dir, micro=8, global_batch=64)
+    langs = [torch.cat([b["lang"] for b in _step(loader, s)]) for s in range(12)]
+    assert all(not (l == 2).any() for l in langs[:4])          # cc joins at step 4
+    assert (torch.cat(langs[4:]) == 2).any()
+    assert [loader.schedule_values(s)["active_languages"] for s in (3, 4)] == [2, 3]
+    assert [loader.schedule_values(s)["alpha"] for s in (3, 4, 7, 8)] == [0.7, 0.5, 0.5, 0.3]
+    # each step's languages are the phase's q_i within 2 samples (64 per step)
+    for s in (0, 5, 9):
+        ph = loader.samples.phased.phases[loader.samples.phased.phase_index(s * 64)]
+        assert np.abs(np.bincount(langs[s].numpy(), minlength=3) - ph.q * 64).max() <= 2.0
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_scheduled_resume_inside_a_phase_and_across_a_boundary(corpus_dir, dp):
+    warm = {"start": 4, "tokens": 3000}
+    for k in (2, 5, 11, 14):       # micro-batches before the save: mid-step, in phases 0/1/2
+        for rank in range(dp):
+            ref = _sched_loader(corpus_dir, rank, dp, warmup=warm)
+            full = [next(ref) for _ in range(k + 8)]
+            first = _sched_loader(corpus_dir, rank, dp, warmup=warm)
+            for _ in range(k):
+                next(first)
+            resumed = _sched_loader(corpus_dir, rank, dp, warmup=warm)
+            resumed.load_state_dict(first.state_dict())
+            for j in range(8):
+                assert _equal(next(resumed), full[k + j]), (dp, rank, k, j)
+
+
+def test_batch_warmup_steps_tile_the_stream_and_dp_splits_them(corpus_dir):
+    warm = {"start": 4, "tokens": 3000}
+    one = _sched_loader(corpus_dir, micro=4, warmup=warm)      # unit micro x DP = 4 in both layouts
+    r0, r1 = (_sched_loader(corpus_dir, r, 2, warmup=warm) for r in range(2))
+    sizes = [one.schedules.global_batch(s) for s in range(16)]
+    assert sizes[0] == 4 and sizes[-1] == 8 and len(set(sizes)) == 2
+    assert sizes == [r0.schedules.global_batch(s) for s in range(16)]
+    for s in range(16):
+        g = sizes[s]
+        assert one.micro_batches_at(s) == g // 4 and r0.micro_batches_at(s) == g // 4
+        a = torch.cat([b["input_ids"] for b in _step(one, s)])
+        b = torch.cat([x["input_ids"] for x in _step(r0, s) + _step(r1, s)])
+        assert a.shape[0] == g and torch.equal(a, b)
+        want = one.samples.batch(one.schedules.sample_start(s), g, one.schedules.mask_prob(s))
+        assert torch.equal(a, want["input_ids"])
+
+
+def test_branch_keeps_the_prefix_and_changes_only_the_suffix(corpus_dir):
+    parent = _sched_loader(corpus_dir)
+    for _ in range(6 * 4):                # 6 steps of 4 micro-batches
+        next(parent)
+    state = parent.state_dict()
+    cont = [next(parent) for _ in range(12)]
+    same = _sched_loader(corpus_dir)
+    same.load_state_dict(state, branch=True)
+    assert all(_equal(next(same), c) for c in cont)
+    other = _sched_loader(corpus_dir, language_schedule=[{"step": 0, "languages": ["aa"]}])
+    other.load_state_dict(state, branch=True)
+    assert [h[0] for h in other.state_dict()["schedule_history"]] == [0, 6]
+    got = [next(other) for _ in range(12)]
+    assert all(torch.all(b["lang"] == 0) for b in got) and not all(_equal(a, b) for a, b in zip(got, cont))
+    with pytest.raises(ValueError, match="branch_from"):   # a plain resume with other schedules is refused
+        _sched_loader(corpus_dir, language_schedule=[{"step": 0, "languages": ["aa"]}]).load_state_dict(state)

@@ -33,15 +33,24 @@ class OptimConfig:
     weight_decay: float = 0.01      # not applied to biases and LayerNorm weights
     clip_grad: float = 1.0          # global gradient-norm clip; 0 disables
     warmup_steps: int = 10000
-    decay: str = "linear"           # linear | cosine | constant
+    decay: str = "linear"           # linear | cosine | constant | 1-sqrt | wsd (warmup-stable-decay)
+    decay_steps: int = 0            # wsd: decay over the last N steps (or:)
+    decay_fraction: float = 0.0     # wsd: decay over the last fraction of train.train_steps
+    wsd_decay: str = "1-sqrt"       # wsd decay shape: 1-sqrt | linear | cosine
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={self.betas} must be two values in [0, 1)")
-        if self.decay not in ("linear", "cosine", "constant"):
-            raise ConfigError(f"optim.decay={self.decay!r}: choose linear, cosine or constant")
+        if self.decay not in ("linear", "cosine", "constant", "1-sqrt", "wsd"):
+            raise ConfigError(f"optim.decay={self.decay!r}: choose linear, cosine, constant, 1-sqrt or wsd")
+        if self.wsd_decay not in ("1-sqrt", "linear", "cosine"):
+            raise ConfigError(f"optim.wsd_decay={self.wsd_decay!r}: choose 1-sqrt, linear or cosine")
+        if self.decay_steps < 0 or not 0 <= self.decay_fraction <= 1:
+            raise ConfigError("optim.decay_steps must be >= 0 and optim.decay_fraction in [0, 1]")
+        if self.decay == "wsd" and not (self.decay_steps or self.decay_fraction):
+            raise ConfigError("optim.decay=wsd needs optim.decay_steps=N or optim.decay_fraction=F (the decay phase)")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
 
@@ -71,6 +80,7 @@ class TrainConfig:
     eval_interval: int = 2000
     eval_batches: int = 10
     device: str = "auto"            # auto | cpu | cuda
+    batch_warmup: Optional[dict] = None  # {start: B0, tokens: N}: global batch B0 -> global_batch over N tokens
 
     def validate(self) -> None:
         if self.global_batch < 1 or self.micro_batch < 1:
@@ -88,6 +98,7 @@ class CheckpointConfig:
     keep_last: int = 3
     load: str = ""                  # checkpoint dir to start from (any TP/PP/DP layout)
     resume: bool = True             # resume from <dir>/latest when it exists
+    branch_from: str = ""           # a parent run's checkpoint: continue it with this run's schedules
 
     def validate(self) -> None:
         if self.keep_last < 1:
@@ -121,6 +132,8 @@ class RunConfig:
             if hasattr(sub, "validate"):
                 sub.validate()
         validate_layout(self, world_size)
+        from xlmr_mp.schedules import validate_run_schedules
+        validate_run_schedules(self)
 
 
 grad_accumulation_steps = micro_batches_per_step      # micro-batches per DP rank and optimizer step

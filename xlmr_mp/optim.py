@@ -2,8 +2,9 @@
 
 - `param_groups()`: weight decay on matrices (and embeddings), none on biases and LayerNorm
   weights (every 1-D parameter).
-- `LRSchedule`: linear warmup to `optim.lr`, then linear or cosine decay to `optim.min_lr` at
-  `train.train_steps` (or constant).
+- `LRSchedule`: linear warmup to `optim.lr`, then linear, cosine or 1-sqrt decay to `optim.min_lr`
+  at `train.train_steps`, constant, or warmup-stable-decay (`wsd`: constant, then a 1-sqrt /
+  linear / cosine decay over the last `optim.decay_steps` or `optim.decay_fraction`).
 - `build_adamw()`: torch's fused AdamW (one multi-tensor kernel; CPU and CUDA), or foreach.
 - `global_grad_norm()` / `clip_grads()`: the L2 norm of the full model's gradient, with each
   parameter counted once: TP-replicated parameters only on TP rank 0, the last stage's tied
@@ -62,25 +63,48 @@ def build_adamw(groups: List[dict], ocfg, impl: str = "fused") -> torch.optim.Ad
 
 
 class LRSchedule:
-    """lr(step) for 0-based optimizer step: linear warmup, then linear/cosine decay or constant."""
+    """lr(step) for 0-based optimizer step: linear warmup, then linear / cosine / 1-sqrt decay to
+    min_lr at total_steps, constant, or `wsd` (warmup-stable-decay): constant after the warmup,
+    then `wsd_decay` (1-sqrt, linear or cosine) to min_lr over the last decay_steps steps (or the
+    last decay_fraction of total_steps). 1-sqrt: lr = min + (lr - min) * (1 - sqrt(frac))."""
+
+    DECAYS = ("linear", "cosine", "constant", "1-sqrt", "wsd")
+    SHAPES = ("1-sqrt", "linear", "cosine")
 
     def __init__(self, lr: float, warmup_steps: int, total_steps: int, decay: str = "linear",
-                 min_lr: float = 0.0):
+                 min_lr: float = 0.0, decay_steps: int = 0, decay_fraction: float = 0.0, wsd_decay: str = "1-sqrt"):
+        if decay not in self.DECAYS:
+            raise ValueError(f"optim.decay={decay!r}: choose one of {', '.join(self.DECAYS)}")
+        if wsd_decay not in self.SHAPES:
+            raise ValueError(f"optim.wsd_decay={wsd_decay!r}: choose one of {', '.join(self.SHAPES)}")
         self.lr, self.warmup, self.total, self.decay, self.min_lr = lr, warmup_steps, total_steps, decay, min_lr
+        self.wsd_decay = wsd_decay
+        if decay == "wsd":
+            n = int(decay_steps) if decay_steps else int(round(decay_fraction * total_steps))
+            if n < 1:
+                raise ValueError("optim.decay=wsd needs optim.decay_steps >= 1 or optim.decay_fraction in (0, 1]")
+            self.decay_start = max(total_steps - n, warmup_steps)
+        else:
+            self.decay_start = warmup_steps
 
     @classmethod
     def from_config(cls, ocfg, train_steps: int) -> "LRSchedule":
-        return cls(ocfg.lr, ocfg.warmup_steps, train_steps, ocfg.decay, ocfg.min_lr)
+        return cls(ocfg.lr, ocfg.warmup_steps, train_steps, ocfg.decay, ocfg.min_lr,
+                   getattr(ocfg, "decay_steps", 0), getattr(ocfg, "decay_fraction", 0.0),
+                   getattr(ocfg, "wsd_decay", "1-sqrt"))
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
-        if self.decay == "constant":
+        if self.decay == "constant" or step < self.decay_start:
             return self.lr
-        span = max(self.total - self.warmup, 1)
-        frac = min(max(step - self.warmup, 0) / span, 1.0)
-        if self.decay == "linear":
+        span = max(self.total - self.decay_start, 1)
+        frac = min(max(step - self.decay_start, 0) / span, 1.0)
+        shape = self.wsd_decay if self.decay == "wsd" else self.decay
+        if shape == "linear":
             return self.min_lr + (self.lr - self.min_lr) * (1.0 - frac)
+        if shape == "1-sqrt":
+            return self.min_lr + (self.lr - self.min_lr) * (1.0 - math.sqrt(frac))
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:

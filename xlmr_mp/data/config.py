@@ -25,6 +25,13 @@ class DataConfig:
     span_mean_length: float = 3.0
     num_workers: int = 0             # loader worker processes (samples identical for any value)
     seed: int = 1234
+    # schedules (xlmr_mp/schedules.py): lists of phases {step: N | tokens: N, <value>: ...}
+    alpha_schedule: Optional[list] = None     # [{step: 0, alpha: 0.7}, ...]
+    alpha_interpolation: str = "stepped"      # stepped | linear
+    alpha_update_steps: int = 100             # linear alpha: one value per this many steps
+    language_schedule: Optional[list] = None  # [{step: 0, languages: [en, fr]}, ...]
+    mask_schedule: Optional[list] = None      # [{step: 0, mask_prob: 0.3}, ...]
+    mask_interpolation: str = "stepped"       # stepped | linear
 
     def validate(self) -> None:
         if self.alpha <= 0 or self.alpha > 1:

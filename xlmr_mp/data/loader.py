@@ -33,7 +33,7 @@ from typing import Dict, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from xlmr_mp.data.blend import BlendSpec, blend_window, sampling_weights
+from xlmr_mp.data.blend import BlendSpec, PhasedBlend, blend_window, sampling_weights
 from xlmr_mp.data.config import DataConfig
 from xlmr_mp.data.dataset import MultilingualCorpus
 from xlmr_mp.data.masking import IGNORE_INDEX, Masker, sample_key, sentencepiece_tables
@@ -52,8 +52,10 @@ def make_masker(cfg: DataConfig, vocab_size: int, mask_id: Optional[int] = None,
 
 
 def collate(blocks: Sequence[np.ndarray], keys: Sequence[int], langs: Sequence[int], masker: Masker,
-            seq_length: int, char_lengths: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
-    """`<s>` + block, masked with its key, padded to seq_length -> the shared batch dict."""
+            seq_length: int, char_lengths: Optional[np.ndarray] = None,
+            mask_prob: Optional[float] = None) -> Dict[str, torch.Tensor]:
+    """`<s>` + block, masked with its key (at mask_prob, default the masker's), padded to seq_length
+    -> the shared batch dict."""
     n = len(blocks)
     ids = np.full((n, seq_length), PAD_ID, dtype=np.int64)
     labels = np.full((n, seq_length), IGNORE_INDEX, dtype=np.int64)
@@ -63,7 +65,7 @@ def collate(blocks: Sequence[np.ndarray], keys: Sequence[int], langs: Sequence[i
         if len(block) >= seq_length:
             raise ValueError(f"block of {len(block)} tokens does not fit seq_length={seq_length} with <s>")
         seq = np.concatenate([[BOS_ID], block])
-        masked, lab = masker(seq, key)
+        masked, lab = masker(seq, key) if mask_prob is None else masker(seq, key, mask_prob)
         ids[r, :len(seq)] = masked
         labels[r, :len(seq)] = lab
         attn[r, :len(seq)] = 1
@@ -78,41 +80,105 @@ def collate(blocks: Sequence[np.ndarray], keys: Sequence[int], langs: Sequence[i
 
 class BlendedSamples:
     """The blended, masked stream of a corpus: `batch(start, count)` -> batch dict of positions
-    [start, start + count). Picklable (worker processes re-open the token files)."""
+    [start, start + count). Picklable (worker processes re-open the token files).
 
-    def __init__(self, corpus: MultilingualCorpus, cfg: DataConfig, masker: Masker, seed: int):
+    schedules (xlmr_mp.schedules.RunSchedules): with an alpha or language schedule the stream is a
+    PhasedBlend with one phase per (alpha, language set) run of steps, starting at the first sample
+    of its first step; without (static), today's single BlendSpec index."""
+
+    def __init__(self, corpus: MultilingualCorpus, cfg: DataConfig, masker: Masker, seed: int, schedules=None):
         self.corpus, self.masker, self.seed = corpus, masker, int(seed)
         self.seq_length = cfg.seq_length
-        self.q = sampling_weights(corpus.sizes(cfg.share_unit), cfg.alpha)
-        self.spec = BlendSpec(self.q, corpus.num_blocks(), self.seed)
+        self.phased: Optional[PhasedBlend] = None
+        sizes = np.asarray(corpus.sizes(cfg.share_unit), dtype=np.float64)
+        if schedules is None or schedules.is_static():
+            alpha = cfg.alpha if schedules is None else schedules.alpha(0)
+            self.q = sampling_weights(sizes, alpha)
+            self.spec = BlendSpec(self.q, corpus.num_blocks(), self.seed)
+            return
+        starts, shares = [], []
+        for step, alpha, langs in schedules.blend_segments():
+            q = np.zeros(len(sizes))
+            on = np.arange(len(sizes)) if langs is None else np.array([corpus.languages.index(x) for x in langs])
+            q[on] = sampling_weights(sizes[on], alpha)
+            starts.append(schedules.sample_start(step))
+            shares.append(q)
+        self.phased = PhasedBlend(starts, shares, corpus.num_blocks(), self.seed)
+        self.q = shares[0]
 
     def indices(self, start: int, count: int):
         """(language, block, pass) int64 arrays of positions [start, start + count)."""
-        lang, block, epoch = blend_window(self.spec, start, count, with_epoch=True)
+        if self.phased is not None:
+            lang, block, epoch = self.phased.window(start, count)
+        else:
+            lang, block, epoch = blend_window(self.spec, start, count, with_epoch=True)
         return lang.astype(np.int64), block.astype(np.int64), epoch
 
-    def batch(self, start: int, count: int) -> Dict[str, torch.Tensor]:
+    def batch(self, start: int, count: int, mask_prob: Optional[float] = None) -> Dict[str, torch.Tensor]:
         lang, block, epoch = self.indices(start, count)
         ds = self.corpus.datasets
         blocks = [ds[i].block(j) for i, j in zip(lang.tolist(), block.tolist())]
         keys = [sample_key(self.seed, i, e, j) for i, e, j in zip(lang.tolist(), epoch.tolist(), block.tolist())]
-        return collate(blocks, keys, lang, self.masker, self.seq_length)
+        return collate(blocks, keys, lang, self.masker, self.seq_length, mask_prob=mask_prob)
 
 
 class _MicroBatches(torch.utils.data.Dataset):
-    """Map-style dataset: micro-batch index m of one DP rank -> its batch dict."""
+    """Map-style dataset: micro-batch index m of one DP rank -> its batch dict.
 
-    def __init__(self, samples: BlendedSamples, dp_rank: int, dp_size: int, micro_batch: int, global_batch: int):
+    With schedules, step s has G_s = schedules.global_batch(s) samples from schedules.sample_start(s)
+    and G_s / (micro x DP) micro-batches per rank (batch warmup), at the step's mask rate."""
+
+    def __init__(self, samples: BlendedSamples, dp_rank: int, dp_size: int, micro_batch: int, global_batch: int,
+                 schedules=None):
         self.samples, self.dp_rank, self.dp_size = samples, dp_rank, dp_size
         self.micro_batch, self.global_batch = micro_batch, global_batch
         self.accumulation = global_batch // (micro_batch * dp_size)
+        self.schedules = schedules
+        self.runs = []      # (first step, first micro index, micro-batches per step) per batch-size run
+        if schedules is not None:
+            m = 0
+            for step, _, g, n in schedules.batch.runs:
+                if g % (micro_batch * dp_size):
+                    raise ValueError(f"global batch {g} at step {step} is not divisible by train.micro_batch="
+                                     f"{micro_batch} x DP {dp_size}; keep the batch schedule's unit on resume")
+                self.runs.append((step, m, g // (micro_batch * dp_size)))
+                if n is not None:
+                    m += n * (g // (micro_batch * dp_size))
+            self._micro0 = [r[1] for r in self.runs]
+
+    def step_of(self, m: int):
+        """(step, micro-batch within the step) of micro index m."""
+        if self.schedules is None:
+            return divmod(m, self.accumulation)
+        import bisect
+        s0, m0, per = self.runs[bisect.bisect_right(self._micro0, m) - 1]
+        d, j = divmod(m - m0, per)
+        return s0 + d, j
+
+    def micro_index(self, step: int, j: int = 0) -> int:
+        if self.schedules is None:
+            return step * self.accumulation + j
+        import bisect
+        s0, m0, per = self.runs[bisect.bisect_right([r[0] for r in self.runs], step) - 1]
+        return m0 + (step - s0) * per + j
+
+    def micro_batches_at(self, step: int) -> int:
+        if self.schedules is None:
+            return self.accumulation
+        return self.schedules.global_batch(step) // (self.micro_batch * self.dp_size)
 
     def start_of(self, m: int) -> int:
-        b, j = divmod(m, self.accumulation)
-        return b * self.global_batch + self.dp_rank * (self.global_batch // self.dp_size) + j * self.micro_batch
+        b, j = self.step_of(m)
+        if self.schedules is None:
+            return b * self.global_batch + self.dp_rank * (self.global_batch // self.dp_size) + j * self.micro_batch
+        g = self.schedules.global_batch(b)
+        return self.schedules.sample_start(b) + self.dp_rank * (g // self.dp_size) + j * self.micro_batch
 
     def __getitem__(self, m: int) -> Dict[str, torch.Tensor]:
-        return self.samples.batch(self.start_of(int(m)), self.micro_batch)
+        if self.schedules is None:
+            return self.samples.batch(self.start_of(int(m)), self.micro_batch)
+        step, _ = self.step_of(int(m))
+        return self.samples.batch(self.start_of(int(m)), self.micro_batch, self.schedules.mask_prob(step))
 
     def __len__(self) -> int:  # effectively endless
         return 1 << 62
@@ -143,42 +209,72 @@ class MLMLoader:
     def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int, micro_batch: int, global_batch: int,
                  vocab_size: int, mask_id: Optional[int] = None, seed: Optional[int] = None,
                  split: str = "train", corpus: Optional[MultilingualCorpus] = None,
-                 is_word_start: Optional[np.ndarray] = None):
+                 is_word_start: Optional[np.ndarray] = None, batch_warmup: Optional[dict] = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"MLMLoader: dp_rank={dp_rank} not in [0, dp_size={dp_size})")
         if global_batch % (micro_batch * dp_size):
             raise ValueError(f"train.global_batch={global_batch} is not divisible by train.micro_batch="
                              f"{micro_batch} x DP {dp_size}; change train.global_batch or train.micro_batch")
+        from xlmr_mp.schedules import RunSchedules, data_schedule_fields
         self.cfg = cfg
+        self.fields = data_schedule_fields(cfg, global_batch, batch_warmup, micro_batch * dp_size)
+        schedules = RunSchedules([(0, self.fields)])     # validates the schedule options
         if corpus is None:
             corpus = MultilingualCorpus(cfg.path, split, cfg.seq_length - 1, cfg.languages, cfg.break_mode,
                                         cache=cfg.block_cache)
-        masker = make_masker(cfg, vocab_size, mask_id, is_word_start)
-        self.samples = BlendedSamples(corpus, cfg, masker, cfg.seed if seed is None else seed)
-        self.dataset = _MicroBatches(self.samples, dp_rank, dp_size, micro_batch, global_batch)
-        self.languages = corpus.languages
-        self.q = self.samples.q
+        self.corpus, self.languages = corpus, corpus.languages
+        self.masker = make_masker(cfg, vocab_size, mask_id, is_word_start)
+        self.seed = cfg.seed if seed is None else seed
+        self._layout = (dp_rank, dp_size, micro_batch, global_batch)
+        self._build(schedules)
         self._micro = 0
         self._it: Optional[Iterator] = None
+
+    def _build(self, schedules) -> None:
+        """(Re)build the stream for `schedules` (a RunSchedules; a plain run without any schedule
+        option takes today's static code path)."""
+        used = schedules.all_languages()
+        if used is not None:
+            missing = [x for x in used if x not in self.languages]
+            if missing:
+                raise ValueError(f"data.language_schedule names {missing}, which {self.cfg.path} does not have "
+                                 f"(languages: {list(self.languages)}); fix the schedule or data.languages")
+        self.schedules = schedules
+        active = None if schedules.is_trivial() else schedules
+        self.samples = BlendedSamples(self.corpus, self.cfg, self.masker, self.seed, active)
+        self.dataset = _MicroBatches(self.samples, *self._layout, schedules=active)
+        self.q = self.samples.q
 
     @property
     def accumulation_steps(self) -> int:
         return self.dataset.accumulation
 
+    def micro_batches_at(self, step: int) -> int:
+        """Micro-batches this rank yields for optimizer step `step` (varies under batch warmup)."""
+        return self.dataset.micro_batches_at(step)
+
+    def schedule_values(self, step: int) -> Dict[str, float]:
+        """alpha, mask_prob, global_batch and active_languages of step `step` (what the trainer logs)."""
+        return self.schedules.values(step, len(self.languages))
+
     @property
     def samples_consumed(self) -> int:
         """Global samples consumed (all DP ranks together)."""
         d = self.dataset
-        b, j = divmod(self._micro, d.accumulation)
-        return b * d.global_batch + j * d.micro_batch * d.dp_size
+        b, j = d.step_of(self._micro)
+        return self.schedules.sample_start(b) + j * d.micro_batch * d.dp_size
 
     def state_dict(self) -> dict:
         d = self.dataset
+        step, j = d.step_of(self._micro)
         return {"samples_consumed": self.samples_consumed, "global_batch": d.global_batch,
-                "seed": self.samples.seed, "languages": list(self.languages)}
+                "seed": self.samples.seed, "languages": list(self.languages), "step": step,
+                "schedule_history": [[s, dict(f)] for s, f in self.schedules.history]}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue after state["samples_consumed"] global samples."""
+    def load_state_dict(self, state: dict, branch: bool = False) -> None:
+        """Continue after state["samples_consumed"] global samples. branch=True (checkpoint.branch_from):
+        the saved schedule history up to the saved step, then this loader's own schedules."""
+        from xlmr_mp.schedules import RunSchedules, same_schedule
         d = self.dataset
         consumed = int(state["samples_consumed"])
         if state.get("seed", self.samples.seed) != self.samples.seed:
@@ -186,12 +282,32 @@ class MLMLoader:
                              f"resume with the run's seed")
         if state.get("languages", self.languages) != list(self.languages):
             raise ValueError("loader state was saved with another language list (data.languages/data.path)")
-        b, rem = divmod(consumed, d.global_batch)
-        if rem % (d.micro_batch * d.dp_size) or state.get("global_batch", d.global_batch) != d.global_batch:
+        saved = state.get("schedule_history")
+        if saved is None:    # a checkpoint from before schedules: a static run with this loader's batch
+            saved = [[0, dict(self.fields, global_batch=state.get("global_batch", d.global_batch))]]
+        saved = [(int(s), dict(f)) for s, f in saved]
+        if branch:
+            step = int(state.get("step", RunSchedules(saved).batch.step_of_sample(consumed)[0]))
+            if RunSchedules(saved).sample_start(step) != consumed:
+                raise ValueError(f"cannot branch at samples_consumed={consumed}: not the start of step {step}; "
+                                 f"branch from a checkpoint saved at the end of a step")
+            history = [h for h in saved if h[0] < step] + [(step, self.fields)]
+        else:
+            if not same_schedule(saved[-1][1], self.fields):
+                raise ValueError("the schedule options (data.alpha/alpha_schedule/language_schedule/mask_schedule, "
+                                 "train.global_batch/batch_warmup) differ from the checkpoint's; to change them "
+                                 "from this step on start a new run with checkpoint.branch_from=<checkpoint>")
+            history = saved[:-1] + [(saved[-1][0], self.fields)]
+        if [(s, f) for s, f in history] != [(s, f) for s, f in self.schedules.history]:
+            self._build(RunSchedules(history))
+            d = self.dataset
+        step, off = self.schedules.batch.step_of_sample(consumed)
+        unit = d.micro_batch * d.dp_size
+        if off % unit:
             raise ValueError(f"cannot resume at samples_consumed={consumed}: not a micro-batch boundary of "
-                             f"global_batch={d.global_batch}, micro_batch={d.micro_batch}, DP={d.dp_size}; "
-                             f"resume with the saved layout or from a global-batch boundary")
-        self._micro = b * d.accumulation + rem // (d.micro_batch * d.dp_size)
+                             f"global_batch={self.schedules.global_batch(step)}, micro_batch={d.micro_batch}, "
+                             f"DP={d.dp_size}; resume with the saved layout or from a global-batch boundary")
+        self._micro = d.micro_index(step, off // unit)
         self._close()
 
     def _close(self) -> None:
@@ -259,7 +375,8 @@ def build_train_loader(run_cfg, dp_rank: int, dp_size: int, path: Optional[str] 
     """MLMLoader from a RunConfig (data.*, train.micro_batch/global_batch, model.vocab_size)."""
     cfg = _with_path(run_cfg.data, path)
     vocab = _checked_vocab(run_cfg)
-    return MLMLoader(cfg, dp_rank, dp_size, run_cfg.train.micro_batch, run_cfg.train.global_batch, vocab)
+    return MLMLoader(cfg, dp_rank, dp_size, run_cfg.train.micro_batch, run_cfg.train.global_batch, vocab,
+                     batch_warmup=run_cfg.train.batch_warmup)
 
 
 def build_validation_loader(run_cfg, dp_rank: int, dp_size: int, batch_size: Optional[int] = None,

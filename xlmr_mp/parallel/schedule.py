@@ -124,6 +124,7 @@ class PipelineSchedule:
         self._global_num_masked = 1.0
         self._loss_scale = 1.0
         self._eval_schedules: dict = {}
+        self._train_schedules: dict = {}     # micro-batch count -> torch schedule (batch warmup)
         self.parallel_cfg = parallel_cfg
         check_micro_batch_count(self.kind, self.pp_size, n_microbatches)
         for c in self.chunks:
@@ -189,24 +190,38 @@ class PipelineSchedule:
         loss_sum_mb / global_num_masked on the rank holding the last stage, None elsewhere.
         Under sequence parallelism the gradients of sequence-sharded parameters are summed over
         the TP group at their last accumulation (before any later gradient hook reads them);
-        `finalize_grads` completes the rest."""
-        self._check_batches(micro_batches, self.n_microbatches)
+        `finalize_grads` completes the rest. The micro-batch count may differ from n_microbatches
+        from step to step (train.batch_warmup); PP>1 builds (once) a schedule for each count."""
+        n = len(micro_batches)
+        schedule = self._train_schedule(n)
+        self._check_batches(micro_batches, n)
         if not global_num_masked or global_num_masked <= 0:
             raise ValueError(f"global_num_masked={global_num_masked}: a step needs at least one masked token")
         self._global_num_masked = float(global_num_masked)
         self._loss_scale = float(loss_scale)
         for sync in self._sp_syncs:      # TP-sum of sequence-parallel grads at their last accumulation
-            sync.arm(self.n_microbatches)
+            sync.arm(n)
         try:
             if self.pp_size == 1:
                 return self._step_no_pipeline(micro_batches)
-            return self._run(self._schedule, micro_batches, train=True)
+            return self._run(schedule, micro_batches, train=True)
         except BaseException:
             for sync in self._sp_syncs:
                 sync.disarm()
             raise
         finally:
             self._global_num_masked, self._loss_scale = 1.0, 1.0
+
+    def _train_schedule(self, n: int):
+        """The training schedule for n micro-batches (None at PP=1); ConfigError if `kind` cannot run n."""
+        if n == self.n_microbatches:
+            return self._schedule if self.pp_size > 1 else None
+        check_micro_batch_count(self.kind, self.pp_size, n)
+        if self.pp_size == 1:
+            return None
+        if n not in self._train_schedules:
+            self._train_schedules[n] = self._build_schedule(self.kind, n)[1]
+        return self._train_schedules[n]
 
     def _loss_sum(self, mb: dict) -> torch.Tensor:
         dev = self.device
