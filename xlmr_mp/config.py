@@ -236,9 +236,29 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
         for k, v in data.items():
             _apply(cfg, [k], v, k)
     apply_overrides(cfg, overrides or [])
+    infer_vocab_size(cfg, given=any(o.split("=", 1)[0].strip() == "model.vocab_size" for o in overrides or []))
     if validate:
         cfg.validate(world_size)
     return cfg
+
+
+def infer_vocab_size(cfg: RunConfig, given: bool = False) -> None:
+    """model.vocab_size from data.tokenizer (its dictionary size: pieces + 2 for the standard layout),
+    the id authority: it replaces a preset's or YAML's value; a value `given` on the command line
+    that disagrees is an error naming both. Nothing happens without data.tokenizer, or when the file
+    is not there (the loader reports a missing tokenizer when it opens it)."""
+    path = cfg.data.tokenizer
+    if not path or not os.path.isfile(path):
+        return
+    from xlmr_mp.tokenizer import TokenizerError, XLMRTokenizer
+    try:
+        n = XLMRTokenizer(path).vocab_size
+    except TokenizerError as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    if given and cfg.model.vocab_size != n:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but data.tokenizer={path} has {n} ids; "
+                          f"leave model.vocab_size out (it is inferred from data.tokenizer) or set model.vocab_size={n}")
+    cfg.model.vocab_size = n
 
 
 def config_to_dict(cfg: Any) -> dict:
