@@ -33,9 +33,7 @@ Datasets only appear complete: written under temporary names, .bin renamed befor
 from __future__ import annotations
 
 import argparse
-import bisect
 import collections
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -54,28 +52,9 @@ from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, CorpusError, RawChunk, al
 from xlmr_mp.data.indexed import IndexedWriter, token_dtype  # noqa: E402
 from merge_datasets import merge_datasets  # noqa: E402  (tools/merge_datasets.py)
 
-SPLITS = ("train", "valid", "test")
+from xlmr_mp.data.split import SPLITS, document_split, parse_split  # noqa: E402,F401 (re-exported for tests)
+
 _TOKENIZER = None  # per-process XLMRTokenizer, set by _init_worker
-
-
-def parse_split(text: str) -> np.ndarray:
-    """'98,1,1' -> cumulative fractions [0.98, 0.99, 1.0]."""
-    try:
-        parts = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise CorpusError(f"--split {text!r}: expected three numbers like 98,1,1") from None
-    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
-        raise CorpusError(f"--split {text!r}: expected three non-negative numbers like 98,1,1")
-    c = np.cumsum(parts) / sum(parts)
-    c[-1] = 1.0
-    return c
-
-
-def document_split(first_sentence: str, seed: int, cumulative: np.ndarray) -> int:
-    """Split index (0 train, 1 valid, 2 test) of a document, from a keyed hash of its first sentence."""
-    h = hashlib.blake2b(first_sentence.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
-    u = int.from_bytes(h, "little") / 2.0 ** 64
-    return min(bisect.bisect_right(cumulative, u), 2)
 
 
 def _init_worker(model_path: str) -> None:

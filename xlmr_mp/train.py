@@ -116,7 +116,26 @@ def build_loaders(cfg: RunConfig, groups):
             valid = L.build_validation_loader(cfg, groups.dp_rank, groups.dp_size)
         except FileNotFoundError as e:
             log0(f"no validation split ({e}); validation disabled")
+    if valid is not None:
+        warn_validation_gaps(list(train.languages), list(valid.languages), cfg.data.tokenizer)
     return train, valid
+
+
+def warn_validation_gaps(train_languages: List[str], valid_languages: List[str], tokenizer: str) -> List[str]:
+    """Log (rank 0) what validation will not report: languages without validation documents, and bits
+    per character when no tokenizer is given; returns the warnings."""
+    out = []
+    missing = [lang for lang in train_languages if lang not in valid_languages]
+    if missing:
+        out.append(f"WARNING: no validation documents for {', '.join(missing)} ({len(missing)} of "
+                   f"{len(train_languages)} languages): they are not validated; re-run tools/preprocess_data.py "
+                   f"with a larger validation share (--split), or add documents")
+    if not tokenizer:
+        out.append("WARNING: no data.tokenizer: validation reports loss only, no bits per character; set "
+                   "data.tokenizer=P.model (the SentencePiece model the data was preprocessed with)")
+    for msg in out:
+        log0(msg)
+    return out
 
 
 # ----------------------------------------------------------------------------- trainer

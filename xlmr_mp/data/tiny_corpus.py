@@ -4,13 +4,17 @@ Seven languages in five scripts (Latin: en fr sw, Cyrillic: ru, CJK: zh, Arabic:
 Devanagari: hi), sentences generated from small embedded word lists, with per-language sizes
 spread ~10x (en largest, sw smallest) so alpha sampling has a visible effect. The layout is the
 one tools/preprocess_data.py and tools/train_spm.py read: `<lang>.txt`, UTF-8, one sentence per
-line, one blank line between documents.
+line, one blank line between documents. Every language of two or more documents has at least one
+that the preprocessor puts in the validation split (under its default --split 98,1,1 and --seed, or
+the split given), so validation reports every language.
 """
 from __future__ import annotations
 
 import os
 import random
 from typing import Dict, Iterable, Optional
+
+from xlmr_mp.data.split import DEFAULT_SEED, DEFAULT_SPLIT, document_split, parse_split
 
 # words, sentence-final punctuation, whether words are joined with spaces, capitalise first word
 _LANGS = {
@@ -95,12 +99,30 @@ def tiny_documents(lang: str, n_sentences: int, seed: int = 0) -> Iterable[list]
         left -= k
 
 
+def _with_validation_document(docs: list, lang: str, seed: int, valid_split: str, split_seed: int) -> list:
+    """`docs`, with the first sentence of the last document redrawn (same language, same length of the
+    corpus) until that document lands in the validation split, when none of them does."""
+    cumulative = parse_split(valid_split)
+    if len(docs) < 2 or any(document_split(d[0], split_seed, cumulative) == 1 for d in docs):
+        return docs
+    words_s, end, spaced, capital = _LANGS[lang]
+    rng = random.Random(f"{seed}-{lang}-valid")
+    for _ in range(100_000):
+        first = _sentence(rng, words_s.split(), end, spaced, capital)
+        if document_split(first, split_seed, cumulative) == 1:
+            return docs[:-1] + [[first] + docs[-1][1:]]
+    raise RuntimeError(f"tiny corpus: no {lang} sentence lands in the validation split {valid_split!r}")
+
+
 def make_tiny_corpus(out_dir: str, languages: Optional[Iterable[str]] = None, scale: float = 1.0,
-                     seed: int = 0, sizes: Optional[Dict[str, int]] = None) -> Dict[str, str]:
+                     seed: int = 0, sizes: Optional[Dict[str, int]] = None, valid_split: str = DEFAULT_SPLIT,
+                     split_seed: int = DEFAULT_SEED) -> Dict[str, str]:
     """Write `<out_dir>/<lang>.txt` for the tiny corpus; return {lang: path}.
 
-    `scale` multiplies the default per-language sentence counts; `sizes` overrides them.
-    Files are written to a temporary name and renamed when complete.
+    `scale` multiplies the default per-language sentence counts; `sizes` overrides them. Each
+    language of two or more documents gets a validation document under tools/preprocess_data.py's
+    `--split valid_split --seed split_seed` (its defaults unless given). Files are written to a
+    temporary name and renamed when complete.
     """
     langs = list(languages) if languages is not None else tiny_languages()
     sizes = dict(sizes) if sizes is not None else {l: max(1, int(round(DEFAULT_SIZES.get(l, 100) * scale)))
@@ -111,7 +133,9 @@ def make_tiny_corpus(out_dir: str, languages: Optional[Iterable[str]] = None, sc
         path = os.path.join(out_dir, f"{lang}.txt")
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            for d, doc in enumerate(tiny_documents(lang, sizes[lang], seed)):
+            docs = _with_validation_document(list(tiny_documents(lang, sizes[lang], seed)), lang, seed,
+                                             valid_split, split_seed)
+            for d, doc in enumerate(docs):
                 if d:
                     f.write("\n")
                 f.write("\n".join(doc) + "\n")
