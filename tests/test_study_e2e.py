@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.yaml")
 STUDY = [sys.executable, os.path.join(ROOT, "tools", "study.py")]
 HAS_EVAL = os.path.exists(os.path.join(ROOT, "tools", "evaluate.py"))
+CWD = __import__("tempfile").gettempdir()    # nothing may depend on the current directory
 
 
 def _env():
@@ -27,7 +28,10 @@ def _env():
 
 
 def _cli(*args, timeout=900):
-    return subprocess.run(STUDY + list(args), capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=timeout)
+    # one thread per cell in every run: float reductions (training and evaluation) depend on it
+    extra = ["--threads", "1"] if args[0] == "run" else []
+    return subprocess.run(STUDY + list(args) + extra, capture_output=True, text=True, cwd=CWD, env=_env(),
+                          timeout=timeout)
 
 
 def _write_spec(path, corpus, eval_dir, **extra):
@@ -89,8 +93,9 @@ def test_study_plan_run_kill_resume_report(data):
     assert "params" in r.stdout and "sw: q " in r.stdout and "20 steps x 8 x 32" in r.stdout
 
     # run --jobs 2, SIGKILL once a cell has finished
-    p = subprocess.Popen(STUDY + ["run", spec, "--out", out, "--jobs", "2", "--no-calibrate", "--progress-every", "1"],
-                         cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(STUDY + ["run", spec, "--out", out, "--jobs", "2", "--no-calibrate", "--progress-every", "1",
+                                  "--threads", "1"], cwd=CWD, env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     t0 = time.time()
     while not _done(out) and p.poll() is None and time.time() - t0 < 900:
         time.sleep(0.2)

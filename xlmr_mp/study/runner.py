@@ -162,7 +162,7 @@ class Runner:
             ds = self.prep.dataset_for(cell)
             self.prep.ensure_dataset(ds)
             plan = plan_cell(self.study, self.prep, cell, self.out)
-            _atomic_json(os.path.join(d, "cell.json"), cell_record(cell, plan))
+            _atomic_json(os.path.join(d, "cell.json"), dict(cell_record(cell, plan), threads=self.threads))
             if self.stopping.is_set():
                 return "interrupted"
             fail = os.path.join(d, "failed.json")
