@@ -139,8 +139,14 @@ class _Sink:
             w.finalize()
 
     def abort(self):
+        """Drop this unit's temporary files, and its language folder when that leaves it empty."""
         for w in self.writers:
             w.abort()
+        for d in {os.path.dirname(w.prefix) for w in self.writers}:
+            try:
+                os.rmdir(d)             # only when empty: a finished dataset of another unit stays
+            except OSError:
+                pass
 
 
 class _Progress:
@@ -176,7 +182,7 @@ class _Done:
     def ready(self):
         return True
 
-    def get(self):
+    def get(self, timeout=None):
         return self.value
 
 
@@ -199,15 +205,23 @@ def process_units(args, pool, units, dtype, progress, on_done):
     sinks = {}
     n_chunks = 0
     stats = dict(local_cpu_s=0.0, local_chunks=0, pool_chunks=0)
+    reading = draining = -1                # the unit being read / last unit whose result was taken
 
     def drain_one():
-        nonlocal n_chunks
+        nonlocal n_chunks, draining
         kind, u, obj = inflight.popleft()
+        draining = u
         if kind == "end":
             on_done(u, sinks.pop(u))
             return
         n_chunks -= 1
-        r = obj.get()
+        try:
+            r = obj.get(timeout=args.task_timeout)
+        except mp.TimeoutError:
+            lang, path = units[u][0], units[u][1]
+            raise CorpusError(f"an encoding helper gave no answer for {args.task_timeout:g} s on a chunk of {path} "
+                              f"({lang}): a helper process died (e.g. out of memory) or hangs; rerun with "
+                              f"--workers 1 to see its error, or raise --task-timeout") from None
         progress.update(r["n_bytes"], sinks[u].consume(r))
 
     def drain_ready():
@@ -216,6 +230,7 @@ def process_units(args, pool, units, dtype, progress, on_done):
 
     try:
         for u, (lang, path, start, end, first_line, prefixes) in enumerate(units):
+            reading = u
             _, fmt, _ = split_ext(path)
             extra = (path, fmt, args.max_line_bytes, args.on_bad_line, args.json_key, args.seed, cumulative, dtype)
             sinks[u] = _Sink(prefixes, dtype)
@@ -238,7 +253,16 @@ def process_units(args, pool, units, dtype, progress, on_done):
             drain_ready()                   # finished units are written out at once
         while inflight:
             drain_one()
-    except BaseException:
+    except BaseException as e:
+        # A bad line while reading unit `reading`: the units read completely before it may still be
+        # in flight; write them out (they are complete), then drop the rest. An error from a result
+        # (draining) comes in unit order, so every earlier unit is written already.
+        if isinstance(e, CorpusError) and draining < reading:
+            try:
+                while inflight and inflight[0][1] < reading:
+                    drain_one()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
         for sink in sinks.values():
             sink.abort()
         raise
@@ -338,6 +362,12 @@ def run_single(args, files):
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         sched = process_units(args, pool, units, dtype, progress, done)
+    except CorpusError as e:
+        left = [lang for lang in langs if lang not in stats]
+        kept = (f"kept the finished languages {', '.join(stats)} (complete) in {args.output_dir}; " if stats
+                else "nothing was written; ")
+        raise CorpusError(f"{e}\n{kept}not written: {', '.join(left)} (fix the input and rerun with "
+                          f"--languages {','.join(left)})") from None
     finally:
         progress.close()
         if pool is not None:
@@ -397,7 +427,9 @@ def run_mpi(args, files, comm):
         if pool is not None:
             pool.terminate()
     errors = [e for e in comm.allgather(error) if e]
-    if errors:
+    if errors:                          # no language is complete yet: remove the partial output
+        if rank == 0:
+            shutil.rmtree(shard_root, ignore_errors=True)
         return None, errors
     # merge: language j on rank j % size
     langs = list(files)
@@ -422,7 +454,9 @@ def run_mpi(args, files, comm):
         error = f"rank {rank}: {e}"
     gathered = comm.allgather((stats, error))
     errors = [e for _, e in gathered if e]
-    if errors:
+    if errors:                          # merged languages are complete and stay; the shards go
+        if rank == 0:
+            shutil.rmtree(shard_root, ignore_errors=True)
         return None, errors
     merged = {}
     for st, _ in gathered:
@@ -450,6 +484,8 @@ def build_parser():
                    help="auto: MPI mode when launched by mpirun with more than one rank")
     p.add_argument("--range-bytes", type=int, default=256 << 20,
                    help="MPI mode: plain files are cut into ranges of about this size (default 256 MiB)")
+    p.add_argument("--task-timeout", type=float, default=600.0,
+                   help="seconds to wait for a helper's chunk before failing (default 600; a chunk takes ~1 s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -459,6 +495,8 @@ def _check_args(args):
         raise CorpusError(f"--workers {args.workers}: must be >= 1")
     if args.chunk_bytes < 1024:
         raise CorpusError(f"--chunk-bytes {args.chunk_bytes}: must be >= 1024")
+    if args.task_timeout <= 0:
+        raise CorpusError(f"--task-timeout {args.task_timeout}: must be > 0")
     if args.max_line_bytes < 16:
         raise CorpusError(f"--max-line-bytes {args.max_line_bytes}: must be >= 16")
     if not os.path.isfile(args.tokenizer):
