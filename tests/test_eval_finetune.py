@@ -116,11 +116,22 @@ def test_best_dev_epoch_is_restored(tokenizer, sib_dir, monkeypatch):
     assert not torch.equal(final["encoder.layers.0.ffn.fc1.weight"], pre["layers.0.ffn.fc1.weight"])
 
 
-def test_epoch_choice_ignores_test_labels(tokenizer, sib_dir):
-    """Shuffling the test sets' gold labels changes no prediction and no chosen epoch."""
-    from xlmr_mp.eval import sib200
+def test_epoch_choice_ignores_test_labels(tokenizer, sib_dir, monkeypatch):
+    """The epoch is scored on the dev split only; shuffling the test sets' gold labels changes no
+    prediction and no chosen epoch."""
+    from xlmr_mp.eval import finetune as ft, sib200
+    from xlmr_mp.eval.sib200 import read_sib_tsv
     opts = EvalOptions(data=str(sib_dir), seeds=[3], settings=dict(FAST, epochs="4"), progress=False)
+    dev_texts = [tokenizer.encode(it.texts[0], add_bos=True, add_eos=True)
+                 for it in read_sib_tsv(str(sib_dir / "en" / "dev.tsv"))]
+    real_train_seed, seen = ft.train_seed, []
+
+    def spy(clf, pretrained, train, dev, *args, **kw):
+        seen.append([x.tolist() for x in dev.ids])
+        return real_train_seed(clf, pretrained, train, dev, *args, **kw)
+    monkeypatch.setattr(ft, "train_seed", spy)
     a = sib200.run(tiny_model(tokenizer), opts)
+    assert seen == [dev_texts]
     for lang in ("en", "fr"):
         path = sib_dir / lang / "test.tsv"
         rows = [l.split("\t") for l in path.read_text().splitlines()[1:]]
@@ -142,6 +153,7 @@ def test_deterministic_per_seed_mean_and_std(tokenizer, sib_dir):
     assert one.seeds == again.seeds and one.predictions == again.predictions
     assert one.extra["dev_history"] == again.extra["dev_history"]
     assert two.seeds["2"] == one.seeds["2"]              # a seed's run does not depend on the seeds before it
+    assert two.extra["dev_history"]["2"] == one.extra["dev_history"]["2"]          # (train losses included)
     assert two.extra["dev_history"]["1"] != two.extra["dev_history"]["2"]
     for lang in ("en", "zz"):
         vals = [two.seeds["1"][lang], two.seeds["2"][lang]]
