@@ -21,6 +21,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from xlmr_mp.atomic import atomic_write, atomic_write_text  # noqa: E402
+
 
 def main() -> None:
     from xlmr_mp.data.blend import BlendSpec, blend_window, sampling_weights
@@ -64,9 +66,7 @@ def main() -> None:
         out.append(f"{langs[i]:<8}{int(lines[i]):>8}{p[i]:>10.5f}{q[i]:>10.5f}{freq[i]:>10.5f}{rel[i]:>10.1e}"
                    f"{int(nbytes[i]):>10}{pb[i]:>10.5f}{qb[i]:>10.5f}{freqb[i]:>10.5f}{relb[i]:>10.1e}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".txt.tmp", "w") as f:
-        f.write("\n".join(out) + "\n")
-    os.replace(args.out + ".txt.tmp", args.out + ".txt")
+    atomic_write_text(args.out + ".txt", "\n".join(out) + "\n")
     print("\n".join(out[:6]))
     print(f"wrote {args.out}.txt")
     try:
@@ -91,8 +91,8 @@ def main() -> None:
                  f"max relative error of drawn vs q_i = {relb.max():.1e}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out + ".png.tmp.png", dpi=110)
-    os.replace(args.out + ".png.tmp.png", args.out + ".png")
+    with atomic_write(args.out + ".png", "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     print(f"wrote {args.out}.png")
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from xlmr_mp.atomic import atomic_write  # noqa: E402
 from xlmr_mp.kernels import dispatch, fused, mlm_xent, ops  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -245,9 +246,8 @@ def main(argv=None) -> int:
     payload = dict(device=dev, arch=arch, torch=torch.__version__, dtype=args.dtype, copy_GBps=copy_bw / 1e9,
                    shapes=dict(tokens=N, hidden=H, ffn=I, heads=args.heads, seq=S, masked=M, vocab_shard=V),
                    faster_on=faster, rows=rows, seconds=time.time() - t0)
-    with open(out + ".tmp", "w") as f:
+    with atomic_write(out) as f:
         json.dump(payload, f, indent=1)
-    os.replace(out + ".tmp", out)
     print(f"wrote {out} ({time.time() - t0:.0f}s)")
     return 0
 

@@ -27,6 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from xlmr_mp.atomic import atomic_write_text  # noqa: E402
+from xlmr_mp.ids import IGNORE_INDEX  # noqa: E402
+
 
 def _setup(args, device):
     from xlmr_mp.model.config import ModelConfig
@@ -44,7 +47,7 @@ def _setup(args, device):
     weight = torch.nn.Parameter((torch.randn(vp, args.hidden, generator=g) * 0.02).to(device=device, dtype=dtype))
     hidden = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(device=device, dtype=dtype)
     hidden.requires_grad_(True)
-    labels = torch.full((args.batch, args.seq), -100, dtype=torch.long)
+    labels = torch.full((args.batch, args.seq), IGNORE_INDEX, dtype=torch.long)
     pick = torch.rand(args.batch, args.seq, generator=g) < args.mask_frac
     labels[pick] = torch.randint(3, args.vocab, (int(pick.sum()),), generator=g)
     return head, weight, hidden, labels.to(device), int(pick.sum())
@@ -54,7 +57,7 @@ def _ours(head, weight, hidden, labels):
     from xlmr_mp.parallel.vocab import vocab_parallel_cross_entropy
     h = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1)
-    sel = (flat != -100).nonzero().squeeze(1)
+    sel = (flat != IGNORE_INDEX).nonzero().squeeze(1)
     logits = head(h.index_select(0, sel), weight)
     return vocab_parallel_cross_entropy(logits, flat.index_select(0, sel)).mean()
 
@@ -66,7 +69,7 @@ def _full(head, weight, hidden, labels):
     x = head.layernorm(x)
     V = head.vocab_size
     logits = F.linear(x, weight[:V], head.bias[:V])               # [B, S, V]
-    return F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def _rss_mb() -> float:
@@ -175,10 +178,7 @@ def main(argv=None) -> int:
     print(report, end="")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(report)
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, report)
     return 0
 
 

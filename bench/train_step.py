@@ -29,6 +29,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from xlmr_mp.ids import IGNORE_INDEX  # noqa: E402
+
 
 class RandomBatches:
     """Endless random masked-LM micro-batches [micro, seq] (15% masked, <s> first, full length)."""
@@ -47,7 +49,7 @@ class RandomBatches:
         mask = torch.rand(self.m, self.s, generator=self.g) < 0.15
         mask[:, 0] = False
         mask[:, 1] = True
-        labels = torch.where(mask, ids, torch.full_like(ids, -100))
+        labels = torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX))
         return {"input_ids": torch.where(mask, torch.full_like(ids, self.v - 1), ids),
                 "attention_mask": torch.ones_like(ids), "labels": labels,
                 "lang": torch.zeros(self.m, dtype=torch.long)}

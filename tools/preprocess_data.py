@@ -46,6 +46,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from xlmr_mp.atomic import atomic_write  # noqa: E402
 from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, CorpusError, RawChunk, align_range_start,  # noqa: E402
                                     count_lines_before, find_language_files, is_seekable,
                                     iter_raw_chunks, parse_chunk, split_ext)
@@ -308,10 +309,8 @@ def print_summary(stats_by_lang, seconds, workers, ranks):
 
 
 def _write_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _make_pool(args, announce=True):

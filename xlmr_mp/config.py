@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
+from xlmr_mp.atomic import atomic_write
 from xlmr_mp.data.config import DataConfig
 from xlmr_mp.errors import ConfigError
 from xlmr_mp.model.config import ModelConfig
@@ -275,8 +276,5 @@ def config_to_dict(cfg: Any) -> dict:
 
 def dump_config(cfg: RunConfig, path: str) -> None:
     """Write the resolved config as YAML, atomically (tmp name, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)

@@ -156,3 +156,16 @@ def comm_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce_floats(values, group=None, op: str = "sum") -> list:
+    """`values` (floats) summed, or with op="max" max-ed, over `group` (None: every rank) in
+    float64; returned as floats. The values themselves without torch.distributed or in a group of one."""
+    values = [float(v) for v in values]
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return values
+    if op not in ("sum", "max"):
+        raise ValueError(f"all_reduce_floats: op={op!r}, choose sum or max")
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return t.tolist()

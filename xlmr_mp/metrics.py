@@ -15,6 +15,8 @@ from typing import Dict, Optional
 
 import torch
 
+from xlmr_mp.atomic import atomic_write
+
 # Dense peak FLOP/s per device, by precision (vendor datasheets; SXM parts; no sparsity).
 PEAK_FLOPS = {
     "V100": {"fp32": 15.7e12, "fp16": 125e12, "bf16": 15.7e12},   # V100 has no bf16 tensor cores
@@ -127,10 +129,8 @@ class MetricsLogger:
                             keep.append(line if line.endswith("\n") else line + "\n")
                     except json.JSONDecodeError:
                         pass        # a line cut by a crash
-            tmp = f"{path}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
+            with atomic_write(path) as f:
                 f.writelines(keep)
-            os.replace(tmp, path)
 
     def log(self, step: int, values: Dict[str, float], prefix: str = "train") -> None:
         if not self.active:

@@ -4,7 +4,7 @@ Works under torchrun, srun and mpirun (see xlmr_mp/distributed.py) and as a sing
 One optimizer step:
 
     micro-batches  = accumulation x next(loader)                  (this DP rank's slice of the global batch)
-    global_masked  = all-reduce_DP(sum of labels != -100)         (before any forward: the loss contract)
+    global_masked  = all-reduce_DP(sum of labels != IGNORE_INDEX) (before any forward: the loss contract)
     loss           = schedule.step(micro-batches, global_masked / loss_scale)
                      every micro-batch backpropagates loss_sum_mb * scale / global_masked
                      (PP=1: a plain loop; PP>1: 1F1B / interleaved on torch.distributed.pipelining)
@@ -14,27 +14,39 @@ One optimizer step:
     clip, AdamW    = global norm over TP/PP (each element counted once); ZeRO-1 optional
 
 Everything needed to resume exactly (step, RNG states, loss scaler, data position, Adam state)
-is in the sharded checkpoint (checkpoint/sharded.py). SIGTERM / SIGUSR1: finish the step, save,
+is in the sharded checkpoint (checkpoint/manager.py). SIGTERM / SIGUSR1: finish the step, save,
 exit with code 75 (EXIT_REQUEUE), which the SLURM launcher requeues on; one arriving at or after the
 last step (final save, teardown) changes nothing: the run finishes and exits 0.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from xlmr_mp.config import ConfigError, RunConfig, config_to_dict, dump_config, grad_accumulation_steps, load_config
+from xlmr_mp.checkpoint.manager import CheckpointManager, rng_state, set_rng_state  # noqa: F401 (re-exported)
+from xlmr_mp.config import ConfigError, RunConfig, dump_config, grad_accumulation_steps, load_config
+from xlmr_mp.data import loader as L
+from xlmr_mp.distributed import (all_reduce_floats, destroy_distributed, exit_with_launcher, init_distributed,
+                                 pick_device)
+from xlmr_mp.ids import IGNORE_INDEX
+from xlmr_mp.metrics import MetricsLogger, flops_per_token, memory_stats, peak_flops, throughput
+from xlmr_mp.model.sharding import partition_dim
+from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+from xlmr_mp.optim import LRSchedule, clip_grads, global_grad_norm, norm_counted
+from xlmr_mp.parallel.data_parallel import DistributedAdamW, FlatBuffers, GradReducer, backend_has_reduce_scatter
+from xlmr_mp.parallel.grads import finalize_grads, sync_tied_embedding_weight
+from xlmr_mp.parallel.schedule import PipelineSchedule, broadcast_step_loss
+from xlmr_mp.parallel.state import destroy_parallel, init_parallel, seed_parallel_rng
+from xlmr_mp.precision import LossScaleAtMinimum, autocast, build_scaler, grads_have_inf, unscale_grads
+from xlmr_mp.run_lock import RunDirLocked, lock_run_dir
 
 EXIT_REQUEUE = 75          # SIGTERM / SIGUSR1: checkpoint written, requeue me
 EXIT_LOSS_SCALE = 3        # fp16 loss scale hit its minimum: checkpoint written, run diverged
@@ -79,36 +91,13 @@ class StopFlag:
         self._old = {}
 
     def any_rank(self) -> bool:
-        from xlmr_mp.distributed import comm_device
-        t = torch.tensor([1.0 if self.signum is not None else 0.0], device=comm_device())
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-def rng_state() -> dict:
-    from xlmr_mp.parallel.state import get_rng_tracker
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python": random.getstate(), "numpy": np.random.get_state(), "tracker": get_rng_tracker().get_states()}
-
-
-def set_rng_state(st: dict) -> None:
-    from xlmr_mp.parallel.state import get_rng_tracker
-    torch.set_rng_state(st["torch"])
-    if st.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    get_rng_tracker().set_states(st["tracker"])
+        return all_reduce_floats([1.0 if self.signum is not None else 0.0], op="max")[0] > 0
 
 
 # ----------------------------------------------------------------------------- data
 
 def build_loaders(cfg: RunConfig, groups):
     """(train MLMLoader, ValidationLoader or None) for this DP rank (xlmr_mp/data/loader.py)."""
-    from xlmr_mp.data import loader as L
     train = L.build_train_loader(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
     valid = None
     if cfg.train.eval_interval:
@@ -145,17 +134,6 @@ class Trainer:
     and the step / evaluate / save / load operations `train()` strings together."""
 
     def __init__(self, cfg: RunConfig, groups, device: torch.device, loader=None, valid=None):
-        from xlmr_mp.metrics import MetricsLogger, flops_per_token, peak_flops
-        from xlmr_mp.optim import LRSchedule, norm_counted
-        from xlmr_mp.parallel.data_parallel import (DistributedAdamW, FlatBuffers, GradReducer,
-                                                    backend_has_reduce_scatter)
-        from xlmr_mp.model.sharding import partition_dim
-        from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
-        from xlmr_mp.parallel.grads import sync_tied_embedding_weight
-        from xlmr_mp.parallel.schedule import PipelineSchedule
-        from xlmr_mp.parallel.state import seed_parallel_rng
-        from xlmr_mp.precision import build_scaler
-
         self.cfg, self.groups, self.device = cfg, groups, device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -179,14 +157,13 @@ class Trainer:
         self.optimizer = DistributedAdamW(self.buffers, cfg.optim, groups.dp_group, zero)
         self.reducer = GradReducer(self.buffers, groups.dp_group, reduce_scatter=zero and groups.pp_size == 1
                                    and backend_has_reduce_scatter(groups.dp_group))
-        from xlmr_mp.precision import autocast
         self.schedule = PipelineSchedule(self.chunks, groups, cfg.parallel, self.n_accum, masked_lm_loss_sum,
                                          device=device, autocast=lambda: autocast(cfg.precision.dtype, device))
         self.lr_schedule = LRSchedule.from_config(cfg.optim, cfg.train.train_steps)
         self.scaler = build_scaler(cfg.precision)
         self.loader, self.valid = loader, valid
         self.step = 0
-        self.ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+        self.checkpoints = CheckpointManager(cfg, groups)
         self.logger = MetricsLogger(cfg.run_dir, self.rank, cfg.logging.jsonl, cfg.logging.tensorboard)
         self.fpt = flops_per_token(cfg.model, cfg.data.seq_length, cfg.data.mask_prob)
         self.peak = peak_flops(device, cfg.precision.dtype)
@@ -197,20 +174,12 @@ class Trainer:
 
     def train_step(self, micro_batches: Optional[List[dict]] = None) -> Dict[str, float]:
         """One optimizer step over the global batch; returns its metrics (same on every rank)."""
-        from xlmr_mp.optim import clip_grads, global_grad_norm
-        from xlmr_mp.parallel.grads import finalize_grads
-        from xlmr_mp.parallel.schedule import broadcast_step_loss
-        from xlmr_mp.distributed import comm_device
-        from xlmr_mp.precision import grads_have_inf, unscale_grads
         g = self.groups
         t0 = time.perf_counter()
         mbs = micro_batches if micro_batches is not None else self._next_micro_batches()
-        counts = torch.tensor([sum(float((mb["labels"] != -100).sum()) for mb in mbs),
-                               sum(float(mb["attention_mask"].sum()) for mb in mbs)], dtype=torch.float64,
-                              device=comm_device())
-        if dist.is_initialized() and g.dp_size > 1:
-            dist.all_reduce(counts, group=g.dp_group)
-        global_masked, global_tokens = counts.tolist()
+        global_masked, global_tokens = all_reduce_floats(
+            [sum(float((mb["labels"] != IGNORE_INDEX).sum()) for mb in mbs),
+             sum(float(mb["attention_mask"].sum()) for mb in mbs)], g.dp_group)
         if global_masked <= 0:
             raise RuntimeError(f"step {self.step}: the global batch has no masked token; check data.mask_prob")
         lr = self.lr_schedule.apply(self.optimizer, self.step)
@@ -220,10 +189,7 @@ class Trainer:
         finalize_grads(self.chunks, g, self.reducer)    # SP, DP, tied embedding
         # step loss: per-DP-rank partial sums on the last stage, summed over DP, sent to all stages
         if self.schedule.has_last_stage:
-            t = torch.tensor([part], dtype=torch.float64, device=comm_device())
-            if dist.is_initialized() and g.dp_size > 1:
-                dist.all_reduce(t, group=g.dp_group)
-            part = t.item()
+            part = all_reduce_floats([part], g.dp_group)[0]
         loss = broadcast_step_loss(part, g)
         opt = self.optimizer            # gradients: flat buffers (this rank's ranges under ZeRO-1)
         found_inf = grads_have_inf(opt.grad_tensors()) if self.cfg.precision.dtype == "fp16" else False
@@ -237,7 +203,6 @@ class Trainer:
         self.optimizer.zero_grad()
         self.step += 1
         dt = time.perf_counter() - t0
-        from xlmr_mp.metrics import memory_stats, throughput
         out = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "loss_scale": scale,
                "skipped": int(skipped), "step_time_s": dt, "tokens": global_tokens}
         out.update(throughput(global_tokens, dt, self.world, self.fpt, self.peak))
@@ -251,7 +216,6 @@ class Trainer:
         NLL / ln 2 / characters of the masked pieces), over train.eval_batches batches per language,
         summed over DP. At any layout: `PipelineSchedule.evaluate` runs the forward-only pipeline
         (every rank of a pipeline group passes the same batches) and returns the sums on every rank."""
-        from xlmr_mp.distributed import comm_device
         if self.valid is None:
             return {}
         out = {}
@@ -259,10 +223,7 @@ class Trainer:
             mbs = list(self.valid.batches(lang, max_batches=self.cfg.train.eval_batches))
             ls, n = self.schedule.evaluate(mbs) if mbs else (0.0, 0)
             chars = sum(float(mb["masked_chars"].sum()) for mb in mbs if "masked_chars" in mb)
-            tot = torch.tensor([ls, n, chars], dtype=torch.float64, device=comm_device())  # loss sum, masked, chars
-            if dist.is_initialized() and self.groups.dp_size > 1:
-                dist.all_reduce(tot, group=self.groups.dp_group)
-            ls, n, chars = tot.tolist()
+            ls, n, chars = all_reduce_floats([ls, n, chars], self.groups.dp_group)   # loss sum, masked, chars
             if n > 0:
                 out[f"loss_{lang}"] = ls / n
                 if chars > 0:
@@ -274,67 +235,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
-        from xlmr_mp.checkpoint.sharded import save_checkpoint
-        g = self.groups
-        p = self.cfg.parallel
-        meta = {"model": config_to_dict(self.cfg.model), "tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size,
-                "virtual_stages": p.virtual_stages, "zero": bool(p.distributed_optimizer),
-                "config": config_to_dict(self.cfg)}
-        rank_state = {"step": self.step, "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                      "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None}
-        path = save_checkpoint(self.ckpt_root, self.step, g,
-                               model_state={n: p_.detach() for n, p_ in self.named},
-                               optim_state=self.optimizer.state_by_name(), rank_state=rank_state, meta=meta,
-                               keep_last=self.cfg.checkpoint.keep_last,
-                               write_optim=bool(p.distributed_optimizer) or g.dp_rank == 0)
-        log0(f"saved checkpoint {path}")
-        return path
+        """Checkpoint this TrainState (collective; checkpoint/manager.py)."""
+        return self.checkpoints.save(self)
 
-    def load(self, path: str, load_optim: bool = True) -> None:
-        """Restore from a step directory saved at any layout (exact when the layout is the same)."""
-        from xlmr_mp.checkpoint.sharded import (load_model_state, load_optim_state, load_rank_state, read_meta,
-                                                same_layout)
-        from xlmr_mp.parallel.grads import sync_tied_embedding_weight
-        meta = read_meta(path)
-        g = self.groups
-        same = same_layout(meta, g, self.cfg.parallel.virtual_stages, self.cfg.parallel.distributed_optimizer)
-        names = [n for n, _ in self.named]
-        sd = load_model_state(path, names, self.cfg.model, g, same)
-        with torch.no_grad():
-            for n, p in self.named:
-                if n not in sd:
-                    raise KeyError(f"{path}: no weights for {n!r}; model.* options differ from the checkpoint's")
-                if tuple(sd[n].shape) != tuple(p.shape):
-                    raise ValueError(f"{path}: {n} has shape {tuple(sd[n].shape)}, this model {tuple(p.shape)}; "
-                                     f"model.* options differ from the checkpoint's meta.json")
-                p.copy_(sd[n])
-        sync_tied_embedding_weight(self.chunks, g)
-        if load_optim:
-            self.optimizer.load_state_by_name(load_optim_state(path, self.optimizer.owned_names, self.cfg.model, g, same))
-        rs = load_rank_state(path, self.rank if same else 0)
-        self.step = int(meta.get("step", 0))
-        if rs is not None:
-            self.scaler.load_state_dict(rs["scaler"])
-            if rs.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
-                self.loader.load_state_dict(rs["loader"])
-        if same and rs is not None:
-            set_rng_state(rs["rng"])
-        else:   # RNG streams do not map across layouts: reseed from (seed, step)
-            from xlmr_mp.parallel.state import seed_parallel_rng
-            seed_parallel_rng(self.cfg.train.seed + self.step, g)
-        log0(f"loaded checkpoint {path} (step {self.step}, {'same' if same else 'resharded from'} layout "
-             f"tp={meta['tp']} pp={meta['pp']} dp={meta.get('dp', '?')})")
+    def load(self, path: str, load_optim: bool = True, branch: bool = False) -> None:
+        """Restore from a step directory saved at any layout (`CheckpointManager.load`)."""
+        self.checkpoints.load(self, path, load_optim, branch)
 
     def resume_path(self) -> Optional[str]:
-        from xlmr_mp.checkpoint.sharded import latest_checkpoint
-        if self.cfg.checkpoint.resume:
-            p = latest_checkpoint(self.ckpt_root)
-            if p is not None:
-                return p
-        if self.cfg.checkpoint.load:     # a step directory, or a root whose `latest` names one
-            from xlmr_mp.checkpoint.model_io import resolve_checkpoint_dir
-            return resolve_checkpoint_dir(self.cfg.checkpoint.load)
-        return None
+        return self.checkpoints.resume_path()
 
 
 def _format(m: dict) -> str:
@@ -346,9 +255,6 @@ def _format(m: dict) -> str:
 def train(cfg: RunConfig) -> List[float]:
     """Train from `cfg` (torch.distributed must not be initialised yet, or already be for this run);
     returns the step losses of this process's run. Exits 75 on SIGTERM/SIGUSR1 after saving."""
-    from xlmr_mp.distributed import init_distributed, pick_device
-    from xlmr_mp.parallel.state import destroy_parallel, init_parallel
-    from xlmr_mp.precision import LossScaleAtMinimum
     env = init_distributed(cfg.parallel.backend, cfg.train.device)
     cfg.validate(env.world_size)                     # every layout rule (parallel/layout.py)
     device = pick_device(cfg.train.device)
@@ -407,8 +313,6 @@ def train(cfg: RunConfig) -> List[float]:
 def _lock_run_dir(run_dir: str, rank: int):
     """Rank 0 takes the run directory's OS lock (xlmr_mp/run_lock.py); every rank fails at once,
     naming the holder, when another trainer has it."""
-    from xlmr_mp.distributed import comm_device
-    from xlmr_mp.run_lock import RunDirLocked, lock_run_dir
     lock, err = None, None
     if rank == 0:
         try:
@@ -416,9 +320,7 @@ def _lock_run_dir(run_dir: str, rank: int):
         except RunDirLocked as e:
             err = e
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([0.0 if err is None else 1.0], device=comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if t.item() > 0 and err is None:
+        if all_reduce_floats([0.0 if err is None else 1.0], op="max")[0] > 0 and err is None:
             err = RunDirLocked(f"{run_dir} is in use by another trainer (see rank 0's message)")
     if err is not None:
         if lock is not None:
@@ -433,8 +335,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--config", default=None, help="YAML preset (launch/configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.micro_batch=8")
     args = ap.parse_args(argv)
-    from xlmr_mp.distributed import exit_with_launcher
-    from xlmr_mp.run_lock import RunDirLocked
     exit_with_launcher()               # under torchrun: die with the launcher, not train on alone
     try:
         cfg = load_config(args.config, args.overrides, validate=False)
@@ -446,7 +346,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     except RunDirLocked as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_LOCKED)
-    from xlmr_mp.distributed import destroy_distributed
     destroy_distributed()
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from xlmr_mp.atomic import atomic_dir  # noqa: E402
 from xlmr_mp.config import ConfigError, dump_config, grad_accumulation_steps, load_config  # noqa: E402
 
 
@@ -44,9 +44,12 @@ def _git(*args: str) -> str:
 def record(cfg, tag: str, argv: list) -> str:
     """Write config, commit, diff and command into RUN_DIR/launch/TAG (tmp dir, then rename)."""
     dest = os.path.join(cfg.run_dir, "launch", tag)
-    tmp = f"{dest}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    with atomic_dir(dest) as tmp:
+        _record_into(tmp, cfg, argv)
+    return dest
+
+
+def _record_into(tmp: str, cfg, argv: list) -> None:
     dump_config(cfg, os.path.join(tmp, "config.yaml"))
     with open(os.path.join(tmp, "commit.txt"), "w") as f:
         f.write(f"commit: {_git('rev-parse', 'HEAD').strip()}\n")
@@ -61,10 +64,6 @@ def record(cfg, tag: str, argv: list) -> str:
             if k.startswith(("SLURM_JOB", "SLURM_NNODES", "SLURM_NTASKS", "SLURM_RESTART", "SLURM_ARRAY",
                              "SLURM_SUBMIT", "MASTER_", "NCCL_", "XLMR_")):
                 f.write(f"{k}={os.environ[k]}\n")
-    if os.path.isdir(dest):
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return dest
 
 
 def main(argv=None) -> int:

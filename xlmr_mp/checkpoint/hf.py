@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
-from xlmr_mp.checkpoint.model_io import TOKEN_TYPE, constant_buffers, fresh_temp_dir_beside
+from xlmr_mp.atomic import atomic_dir
+from xlmr_mp.checkpoint.model_io import TOKEN_TYPE, constant_buffers
 from xlmr_mp.model.config import ModelConfig
 
 # ours -> HF, for names outside the layers ({i} is the global layer index inside them).
@@ -200,8 +200,7 @@ def save_hf(path: str, full: dict, cfg: ModelConfig, tokenizer=None) -> str:
     if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
         raise HFConversionError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} ids but the model's "
                                 f"vocabulary is {cfg.vocab_size}: it belongs to another model")
-    tmp = fresh_temp_dir_beside(path)
-    try:
+    with atomic_dir(path) as tmp:       # renamed onto `path` when complete
         hf_sd = {k: v.contiguous() for k, v in full_state_to_hf(full, cfg).items()}
         save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -209,10 +208,4 @@ def save_hf(path: str, full: dict, cfg: ModelConfig, tokenizer=None) -> str:
         if tokenizer is not None:
             from xlmr_mp.tokenizer.hf import save_hf_tokenizer
             save_hf_tokenizer(tokenizer, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
     return path

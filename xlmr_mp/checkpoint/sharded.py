@@ -1,15 +1,11 @@
-"""Sharded, atomic training checkpoints that reload at any TP/PP/DP layout.
+"""Sharded, atomic training checkpoints that reload at any TP/PP/DP layout (file names, meta.json
+and `latest`: checkpoint/format.py).
 
-A checkpoint root holds step directories and a `latest` file:
-
-    ROOT/step_00000100/meta.json                  {"format": "xlmr_mp-v1", "model": {...}, "tp", "pp", "dp",
-                                                   "virtual_stages", "zero", "step", "config": {...}}
-    ROOT/step_00000100/model_tp00_pp00.pt         {global param name: TP-local tensor} (DP rank 0 of each (tp, pp))
-    ROOT/step_00000100/optim_tp00_pp00_dp00.pt    {param name: {"exp_avg", "exp_avg_sq", "step"}} this rank's
-                                                   Adam state (all of it on DP rank 0 without ZeRO; its
-                                                   shard on every DP rank with ZeRO-1)
-    ROOT/step_00000100/rank00000.pt               RNG states, loss scaler, data-loader position, step
-    ROOT/latest                                   "step_00000100"
+    meta.json                 {"format", "model", "tp", "pp", "dp", "virtual_stages", "zero", "step", "config"}
+    model_tp00_pp00.pt        written by DP rank 0 of each (tp, pp)
+    optim_tp00_pp00_dp00.pt   this rank's Adam state (all of it on DP rank 0 without ZeRO; its shard on
+                              every DP rank with ZeRO-1)
+    rank00000.pt              RNG states, loss scaler, data-loader position, step
 
 Atomicity: every rank writes into `step_N.tmp/` (each file under a temporary name, then renamed);
 after a barrier, rank 0 writes meta.json, renames the directory to `step_N`, then rewrites
@@ -23,15 +19,12 @@ decoder copy of a last stage is taken from the word embedding when the saved lay
 RNG states cannot map across layouts: the trainer reseeds from (seed, step) in that case.
 The model files follow the model-checkpoint contract, so `load_model` reads a step directory.
 
-Every file is read with `torch.load(..., weights_only=True)`: a checkpoint holds only tensors and
-plain Python values (numpy arrays in the rank state, e.g. numpy's RNG state, are stored as
-{"__ndarray__": uint8 tensor, "dtype", "shape"} and decoded on load), so loading a checkpoint
-someone handed you cannot run code; a file carrying anything else is refused (UnsafeCheckpointError).
+Every file is read with `torch.load(..., weights_only=True)` (`format.load_file`): numpy arrays in
+the rank state, e.g. numpy's RNG state, are stored as {"__ndarray__": uint8 tensor, "dtype",
+"shape"} and decoded on load; a file carrying anything else is refused (UnsafeCheckpointError).
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import re
 import shutil
@@ -41,15 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from xlmr_mp.atomic import atomic_write, fresh_dir, replace_dir
+from xlmr_mp.checkpoint.format import (DECODER_COPY, LATEST, STEP_DIR_PATTERN, WORD_EMB, latest_checkpoint,  # noqa: F401
+                                       load_file, merge_model_shards, model_file, optim_file, optim_files,
+                                       rank_file, read_meta, step_dir_name, write_latest, write_meta)
+from xlmr_mp.errors import UnsafeCheckpointError  # noqa: F401 (re-exported)
 from xlmr_mp.model.sharding import full_to_local, local_to_full
-
-FORMAT = "xlmr_mp-v1"
-TIED_COPY = "lm_head.decoder_weight"
-WORD_EMB = "embeddings.word_embeddings.weight"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def _barrier():
@@ -57,34 +47,9 @@ def _barrier():
         dist.barrier()
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    """Path of the step directory named by ROOT/latest, or None when there is none."""
-    p = os.path.join(root, "latest")
-    if not os.path.exists(p):
-        return None
-    name = open(p).read().strip()
-    path = os.path.join(root, name)
-    if not os.path.exists(os.path.join(path, "meta.json")) and os.path.exists(os.path.join(path + ".old", "meta.json")):
-        return path + ".old"        # a crash between the two renames of a re-save
-    if not os.path.exists(os.path.join(path, "meta.json")):
-        raise FileNotFoundError(f"{p} names {name!r} but {path}/meta.json does not exist; the checkpoint root "
-                                f"was edited by hand: point {p} at a complete step directory")
-    return path
+def _save(obj, path: str) -> None:
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(root: str, step: int, groups, *, model_state: Dict[str, torch.Tensor],
@@ -96,29 +61,19 @@ def save_checkpoint(root: str, step: int, groups, *, model_state: Dict[str, torc
     tmp = final + ".tmp"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
+        fresh_dir(tmp)
     _barrier()
     t, p, d = groups.tp_rank, groups.pp_rank, groups.dp_rank
     if d == 0:
-        _atomic_save({k: v.detach().cpu().clone() for k, v in model_state.items()},
-                     os.path.join(tmp, f"model_tp{t:02d}_pp{p:02d}.pt"))
+        _save({k: v.detach().cpu().clone() for k, v in model_state.items()}, os.path.join(tmp, model_file(t, p)))
     if write_optim:
-        _atomic_save(optim_state, os.path.join(tmp, f"optim_tp{t:02d}_pp{p:02d}_dp{d:02d}.pt"))
-    _atomic_save(to_plain(rank_state), os.path.join(tmp, f"rank{rank:05d}.pt"))
+        _save(optim_state, os.path.join(tmp, optim_file(t, p, d)))
+    _save(to_plain(rank_state), os.path.join(tmp, rank_file(rank)))
     _barrier()   # every rank's files are complete
     if rank == 0:
-        full_meta = {"format": FORMAT, "step": step, **meta}
-        _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(full_meta, indent=1))
-        old = final + ".old"            # re-saving a step (e.g. at a new layout): keep it until replaced
-        if os.path.exists(final):
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        _atomic_write_text(os.path.join(root, "latest"), step_dir_name(step) + "\n")
+        write_meta(tmp, {"step": step, **meta})
+        replace_dir(tmp, final)         # re-saving a step (e.g. at a new layout) keeps the old one until replaced
+        write_latest(root, final)
         prune_checkpoints(root, keep_last)
     _barrier()
     return final
@@ -126,31 +81,16 @@ def save_checkpoint(root: str, step: int, groups, *, model_state: Dict[str, torc
 
 def prune_checkpoints(root: str, keep_last: int) -> None:
     """Delete complete step directories beyond the newest `keep_last` (never the one `latest` names)."""
-    latest = open(os.path.join(root, "latest")).read().strip() if os.path.exists(os.path.join(root, "latest")) else None
-    steps = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))
+    latest = open(os.path.join(root, LATEST)).read().strip() if os.path.exists(os.path.join(root, LATEST)) else None
+    steps = sorted(d for d in os.listdir(root) if re.fullmatch(STEP_DIR_PATTERN, d))
     for d in steps[:-keep_last] if keep_last > 0 else []:
         if d != latest:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
-def read_meta(path: str) -> dict:
-    p = os.path.join(path, "meta.json")
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"{p} not found: {path} is not a complete xlmr_mp checkpoint "
-                                f"(an interrupted save leaves only a .tmp directory)")
-    meta = json.load(open(p))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{p}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
-
-
 def same_layout(meta: dict, groups, virtual_stages: int, zero: bool) -> bool:
     return (meta["tp"], meta["pp"], meta.get("dp"), meta.get("virtual_stages", 1), bool(meta.get("zero", False))) == \
         (groups.tp_size, groups.pp_size, groups.dp_size, virtual_stages, bool(zero))
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file holds objects other than tensors and plain Python values."""
 
 
 def to_plain(obj):
@@ -181,26 +121,9 @@ def from_plain(obj):
     return obj
 
 
-def _load(path: str) -> dict:
-    """torch.load(path, weights_only=True); a file with pickled objects is refused, naming it."""
-    import pickle
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain Python values, which "
-            f"could run code when unpickled (torch: {str(e).splitlines()[0]}). xlmr_mp never writes such "
-            f"files; only use checkpoints from a source you trust, re-saved by xlmr_mp") from None
-
-
 def full_model_state(path: str, model_cfg, meta: Optional[dict] = None) -> Dict[str, torch.Tensor]:
     """Full (unsharded, real-vocabulary) model state of a checkpoint, all stages merged."""
-    meta = meta or read_meta(path)
-    full = {}
-    for p in range(meta["pp"]):
-        locals_ = [_load(os.path.join(path, f"model_tp{t:02d}_pp{p:02d}.pt")) for t in range(meta["tp"])]
-        full.update(local_to_full(locals_, model_cfg))
-    return full
+    return merge_model_shards(path, model_cfg, meta)
 
 
 def full_optim_state(path: str, model_cfg, meta: Optional[dict] = None) -> Dict[str, dict]:
@@ -211,8 +134,8 @@ def full_optim_state(path: str, model_cfg, meta: Optional[dict] = None) -> Dict[
         per_tp = []
         for t in range(meta["tp"]):
             merged: Dict[str, dict] = {}
-            for f in sorted(glob.glob(os.path.join(path, f"optim_tp{t:02d}_pp{p:02d}_dp*.pt"))):
-                merged.update(_load(f))
+            for f in optim_files(path, t, p):
+                merged.update(load_file(f))
             per_tp.append(merged)
         names = per_tp[0].keys()
         for key in ("exp_avg", "exp_avg_sq"):
@@ -228,7 +151,7 @@ def _localise(full: Dict[str, torch.Tensor], names: Iterable[str], model_cfg, gr
     sel = {}
     for n in names:
         src = n
-        if n not in full and n == TIED_COPY and WORD_EMB in full:
+        if n not in full and n == DECODER_COPY and WORD_EMB in full:
             src = WORD_EMB  # saved without pipeline parallelism: the tied decoder is the embedding
         if src not in full:
             raise KeyError(f"checkpoint has no {what} for parameter {n!r}; it was saved from a different model "
@@ -240,7 +163,7 @@ def _localise(full: Dict[str, torch.Tensor], names: Iterable[str], model_cfg, gr
 def load_model_state(path: str, names: Iterable[str], model_cfg, groups, same: bool) -> Dict[str, torch.Tensor]:
     """This rank's local model tensors for parameter `names`."""
     if same:
-        return _load(os.path.join(path, f"model_tp{groups.tp_rank:02d}_pp{groups.pp_rank:02d}.pt"))
+        return load_file(os.path.join(path, model_file(groups.tp_rank, groups.pp_rank)))
     return _localise(full_model_state(path, model_cfg), names, model_cfg, groups, "weights")
 
 
@@ -249,14 +172,14 @@ def load_optim_state(path: str, names: Iterable[str], model_cfg, groups, same: b
     names = list(names)
     if same:
         merged = {}
-        for f in sorted(glob.glob(os.path.join(path, f"optim_tp{groups.tp_rank:02d}_pp{groups.pp_rank:02d}_dp*.pt"))):
-            merged.update(_load(f))
+        for f in optim_files(path, groups.tp_rank, groups.pp_rank):
+            merged.update(load_file(f))
         return {n: merged[n] for n in names if n in merged}
     full = full_optim_state(path, model_cfg)
     out = {}
     for key in ("exp_avg", "exp_avg_sq"):
         flat = {n: v[key] for n, v in full.items()}
-        have = [n for n in names if n in flat or (n == TIED_COPY and WORD_EMB in flat)]
+        have = [n for n in names if n in flat or (n == DECODER_COPY and WORD_EMB in flat)]
         for n, v in _localise(flat, have, model_cfg, groups, "optimizer state").items():
             out.setdefault(n, {})[key] = v
     for n in out:
@@ -267,5 +190,5 @@ def load_optim_state(path: str, names: Iterable[str], model_cfg, groups, same: b
 
 def load_rank_state(path: str, rank: int) -> Optional[dict]:
     """The rank state saved by `rank` (numpy arrays decoded), or None when it has no rank file."""
-    p = os.path.join(path, f"rank{rank:05d}.pt")
-    return from_plain(_load(p)) if os.path.exists(p) else None
+    p = os.path.join(path, rank_file(rank))
+    return from_plain(load_file(p)) if os.path.exists(p) else None

@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from xlmr_mp.atomic import atomic_write
 from xlmr_mp.data.packing import pack_blocks
 
 EOS_ID = 2
@@ -81,18 +82,13 @@ class PackedLanguageDataset:
             return None
 
     def _write_cache(self, bounds: np.ndarray, meta: dict) -> None:
-        tmp = f"{self._cache_path}.tmp.{os.getpid()}"
         try:  # concurrent ranks write the same bytes; each renames its own complete file
-            with open(tmp + ".npy", "wb") as f:
+            with atomic_write(self._cache_path, "wb") as f:
                 np.save(f, bounds)
-            os.replace(tmp + ".npy", self._cache_path)
-            with open(tmp + ".json", "w") as f:
+            with atomic_write(self._cache_path[:-4] + ".json") as f:
                 json.dump(meta, f)
-            os.replace(tmp + ".json", self._cache_path[:-4] + ".json")
         except OSError:  # read-only data directory: keep the in-memory bounds
-            for t in (tmp + ".npy", tmp + ".json"):
-                if os.path.exists(t):
-                    os.remove(t)
+            pass
 
     def _build(self, fingerprint: dict):
         prefix = self.prefix

@@ -21,9 +21,8 @@ from typing import Optional
 import numpy as np
 
 from xlmr_mp.data.blend import mix64
+from xlmr_mp.ids import IGNORE_INDEX, NUM_SPECIAL  # noqa: F401 (re-exported)
 
-NUM_SPECIAL = 4  # <s> <pad> </s> <unk>
-IGNORE_INDEX = -100
 WORD_START = "\u2581"
 
 

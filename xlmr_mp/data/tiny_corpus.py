@@ -16,6 +16,8 @@ from typing import Dict, Iterable, Optional
 
 from xlmr_mp.data.split import DEFAULT_SEED, DEFAULT_SPLIT, document_split, parse_split
 
+from xlmr_mp.atomic import atomic_write
+
 # words, sentence-final punctuation, whether words are joined with spaces, capitalise first word
 _LANGS = {
     "en": ("the a people city river market school government water children morning night "
@@ -131,14 +133,12 @@ def make_tiny_corpus(out_dir: str, languages: Optional[Iterable[str]] = None, sc
     paths = {}
     for lang in langs:
         path = os.path.join(out_dir, f"{lang}.txt")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path, encoding="utf-8") as f:
             docs = _with_validation_document(list(tiny_documents(lang, sizes[lang], seed)), lang, seed,
                                              valid_split, split_seed)
             for d, doc in enumerate(docs):
                 if d:
                     f.write("\n")
                 f.write("\n".join(doc) + "\n")
-        os.replace(tmp, path)
         paths[lang] = path
     return paths

@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from xlmr_mp.atomic import atomic_dir
 from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.xlmr import XLMRModel
@@ -168,7 +168,6 @@ def export_hf(path: str, classifier: Classifier, labels: List[str], tokenizer=No
     XLMRobertaFor{Sequence,Token}Classification and, with `tokenizer` (an XLMRTokenizer of the
     model's vocabulary), its HF tokenizer files (xlmr_mp.tokenizer.hf, checked to give our ids)."""
     from safetensors.torch import save_file
-    from xlmr_mp.checkpoint.model_io import fresh_temp_dir_beside
     if len(labels) != classifier.num_labels:
         raise ValueError(f"{len(labels)} label names for a head of {classifier.num_labels} labels")
     vocab = classifier.encoder.cfg.vocab_size
@@ -177,8 +176,7 @@ def export_hf(path: str, classifier: Classifier, labels: List[str], tokenizer=No
                          f"vocabulary is {vocab}: it belongs to another model")
     sd = encoder_hf_state(classifier.encoder)
     sd.update({k: v.float().cpu() for k, v in classifier.hf_head_state().items()})
-    tmp = fresh_temp_dir_beside(path)
-    try:
+    with atomic_dir(path) as tmp:       # renamed onto `path` when complete
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -186,10 +184,4 @@ def export_hf(path: str, classifier: Classifier, labels: List[str], tokenizer=No
         if tokenizer is not None:
             from xlmr_mp.tokenizer.hf import save_hf_tokenizer
             save_hf_tokenizer(tokenizer, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
     return path

@@ -35,6 +35,7 @@ import torch
 from xlmr_mp.eval.api import EvalError, EvalModel, EvalOptions, TaskResult
 from xlmr_mp.eval.common import (length_sorted_batches, max_tokens, pad_batch, progress, read_lines,
                                  select_languages, task_settings)
+from xlmr_mp.ids import IGNORE_INDEX
 
 DEFAULTS = {"k": 7, "batch_size": 32, "whole_word": False, "max_batch_tokens": 16384}
 WORD_START = "\u2581"
@@ -178,20 +179,20 @@ def plan_language(tok, lang: str, lines: Sequence[str], k: int, max_len: int, wh
 
 def masked_inputs(windows: Sequence[Window], items: Sequence[Item], batch: Sequence[int], mask_id: int,
                   pad_id: int, device: str = "cpu"):
-    """(input_ids, attention_mask, labels) of a batch of items: labels are -100 except at the masked
+    """(input_ids, attention_mask, labels) of a batch of items: labels are IGNORE_INDEX except at the masked
     positions, which hold the original ids (the inputs hold <mask> there)."""
     seqs, labels = [], []
     for i in batch:
         it = items[i]
         ids = list(windows[it.window].ids)
-        lab = [-100] * len(ids)
+        lab = [IGNORE_INDEX] * len(ids)
         for p in it.local:
             lab[p] = ids[p]
             ids[p] = mask_id
         seqs.append(ids)
         labels.append(lab)
     ids, attn = pad_batch(seqs, pad_id, device)
-    lab, _ = pad_batch(labels, -100, device)
+    lab, _ = pad_batch(labels, IGNORE_INDEX, device)
     return ids, attn, lab
 
 
@@ -205,7 +206,7 @@ def score_items(model, tok, windows, items, batch_size: int, max_batch_tokens: O
     for batch in progress(batches, total=len(batches), desc=desc, enabled=show, unit="batch"):
         ids, attn, lab = masked_inputs(windows, items, batch, tok.mask_id, tok.pad_id, device)
         hidden = model.encode(ids, attn)
-        sel = lab.ne(-100)
+        sel = lab.ne(IGNORE_INDEX)
         logits = model.lm_head(hidden[sel], model.decoder_weight()).float()
         nll = -torch.log_softmax(logits, dim=-1).gather(1, lab[sel].unsqueeze(1)).squeeze(1)
         nll = nll.double().cpu().numpy()

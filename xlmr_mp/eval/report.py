@@ -14,6 +14,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
+from xlmr_mp.atomic import atomic_write
 from xlmr_mp.eval.api import EvalModel, EvalOptions, TaskResult
 
 GROUPS = {"High": ("en", "fr"), "Low": ("sw", "ur"), "All": ("en", "fr", "de", "ru", "zh", "sw", "ur")}
@@ -53,11 +54,8 @@ def build_report(result: TaskResult, em: EvalModel, opts: EvalOptions, seconds: 
 
 
 def _atomic_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: str, report: dict) -> None:
@@ -124,7 +122,6 @@ def write_plot(path: str, report: dict) -> None:
     ax.set_title(f"{report['task']}: {os.path.basename(str(report['model']['source']).rstrip('/'))}{step}", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)

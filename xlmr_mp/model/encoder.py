@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from xlmr_mp.kernels import ops
 from xlmr_mp.model.config import ModelConfig
-from xlmr_mp.parallel.layers import (check_divisible, column_parallel_linear, mark_sequence_parallel,
-                                     row_parallel_linear, tp_size_of)
+from xlmr_mp.parallel.layers import check_divisible, column_parallel_linear, mark_sequence_parallel, row_parallel_linear
+from xlmr_mp.parallel.mappings import tp_size_of
 from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
 
 

@@ -38,9 +38,9 @@ from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.kernels import ops
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.encoder import EncoderLayer, attention_bias
-from xlmr_mp.parallel.layers import (check_divisible, gather_sequence, mark_sequence_parallel, tp_rank_of,
-                                     tp_size_of)
 from xlmr_mp.model.sharding import partition_dim, shard_tensor
+from xlmr_mp.parallel.layers import check_divisible, mark_sequence_parallel
+from xlmr_mp.parallel.mappings import gather_sequence, tp_rank_of, tp_size_of
 from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
 from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, padded_vocab_size,
                                     parallel_lm_logits, vocab_parallel_cross_entropy, vocab_range)

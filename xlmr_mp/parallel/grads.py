@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from xlmr_mp.parallel.layers import tp_size_of
+from xlmr_mp.parallel.mappings import tp_size_of
 
 
 # ----------------------------------------------------------------------------- sequence parallel

@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xlmr_mp.parallel.layers import copy_to_tp, reduce_from_tp, reduce_scatter_sequence, tp_rank_of, tp_size_of
+from xlmr_mp.ids import IGNORE_INDEX
+from xlmr_mp.parallel.mappings import copy_to_tp, reduce_from_tp, reduce_scatter_sequence, tp_rank_of, tp_size_of
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -116,7 +117,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None,
-                                 vocab_start: int = 0, ignore_index: int = -100) -> torch.Tensor:
+                                 vocab_start: int = 0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-token loss [N] (0 where target == ignore_index) from local logits [N, V/TP] whose
     columns are global ids [vocab_start, vocab_start + V/TP). Equals F.cross_entropy(full logits,
     target, ignore_index, reduction='none') in value and gradient, without gathering the logits.

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.study.prepare import DatasetSpec, Preparation, TokenizerSpec
 from xlmr_mp.study.spec import Cell, SpecError, Study
 
@@ -187,7 +188,7 @@ def _calibrate_shape(shape: dict, threads: int, seconds: float) -> float:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         mb, seq = shape["micro_batch"], shape["seq_length"]
         ids = torch.randint(4, shape["vocab_size"], (mb, seq), generator=g)
-        labels = torch.where(torch.rand(mb, seq, generator=g) < 0.15, ids, torch.full_like(ids, -100))
+        labels = torch.where(torch.rand(mb, seq, generator=g) < 0.15, ids, torch.full_like(ids, IGNORE_INDEX))
         mask = torch.ones_like(ids)
 
         def micro():

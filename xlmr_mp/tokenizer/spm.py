@@ -32,6 +32,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from xlmr_mp.atomic import atomic_write
 from xlmr_mp.ids import BOS_ID, EOS_ID, MASK_PIECE, PAD_ID, SPECIAL_PIECES, UNK_ID  # noqa: F401 (re-exported)
 
 WORD_START = "\u2581"   # SentencePiece's marker for "a space before this piece"
@@ -132,12 +133,10 @@ def read_fairseq_dict(path: str) -> List[str]:
 
 def write_fairseq_dict(sp, path: str, counts: Optional[np.ndarray] = None) -> None:
     """Write `P.dict.txt` for SentencePiece model `sp`: pieces 3..size-1 with their counts."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, encoding="utf-8") as f:
         for i in range(3, sp.get_piece_size()):
             c = int(counts[i]) if counts is not None else 1
             f.write(f"{sp.id_to_piece(i)} {c}\n")
-    os.replace(tmp, path)
 
 
 class XLMRTokenizer:
