@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     reports, commands = {}, {}
     for task in a.tasks.split(","):
         cmd = task_command(task, a.model, a.work, langs, a.seeds, settings)
-        commands[task] = [c.replace(ROOT + os.sep, "") for c in cmd]
+        commands[task] = ["python"] + [c.replace(ROOT + os.sep, "") for c in cmd[1:]]
         out = os.path.join(a.work, f"{task}.json")
         if not a.summarise_only:
             print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
