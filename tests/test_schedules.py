@@ -112,3 +112,16 @@ def test_wsd_and_1_sqrt_learning_rates():
     assert math.isclose(one(35), 1 - math.sqrt(0.25)) and one(110) == 0.0
     old = LRSchedule(1.0, 10, 110, "linear")                     # today's schedule unchanged
     assert old(60) == 1.0 * (1 - 50 / 100) and old(5) == 0.6
+
+
+def test_mmbert_like_preset_resolves():
+    import os
+    cfg = load_config(os.path.join(os.path.dirname(TINY), "mmbert_like.yaml"), world_size=32)
+    r = RunSchedules.from_config(cfg, cfg.train.micro_batch * cfg.parallel.data)
+    seg = r.blend_segments()
+    assert [(a, len(l)) for _, a, l in seg] == [(0.7, 60), (0.5, 110), (0.3, 129)]
+    assert seg[2][0] == 1_450_000 and 0.7 < seg[1][0] / cfg.train.train_steps < 0.8    # tokens 4.8e12
+    assert [r.mask_prob(s) for s, _, _ in seg] == [0.3, 0.15, 0.05]
+    assert r.global_batch(0) == 1024 and r.global_batch(10 ** 6) == 8192
+    lr = LRSchedule.from_config(cfg.optim, cfg.train.train_steps)
+    assert lr(1_449_999) == cfg.optim.lr and lr(1_475_000) < cfg.optim.lr

@@ -102,6 +102,11 @@ def parse_batch_warmup(raw: Any, global_batch: int, unit: int) -> Optional[Tuple
     if not isinstance(raw, dict) or set(raw) != {"start", "tokens"}:
         raise ConfigError(f"train.batch_warmup={raw!r} must be a mapping {{start: B0, tokens: N}}")
     start, tokens = raw["start"], raw["tokens"]
+    if isinstance(tokens, str):                 # YAML reads 5.0e10 (no sign in the exponent) as a string
+        try:
+            tokens = float(tokens)
+        except ValueError:
+            raise ConfigError(f"train.batch_warmup.tokens={tokens!r} is not a number") from None
     if isinstance(tokens, float) and tokens.is_integer():
         tokens = int(tokens)
     if isinstance(start, bool) or not isinstance(start, int) or start < 1:
