@@ -70,16 +70,19 @@ def _import_nodes(tree: ast.AST):
         stack.extend(ast.iter_child_nodes(node))
 
 
-def _imports(name: str, path: str, modules: dict, package: str = "xlmr_mp") -> set:
+def _imports(name: str, path: str, modules: dict, package: str = "xlmr_mp", module_level: bool = False) -> set:
     """The modules of `modules` that module `name` imports (a `from a import b` of a submodule
-    counts as importing a.b)."""
+    counts as importing a.b); with `module_level`, only the imports run when it is imported."""
     with open(path) as f:
         tree = ast.parse(f.read(), path)
     is_pkg = path.endswith("__init__.py")
     out = set()
     for node in _import_nodes(tree):
+        if module_level and node.col_offset > 0 and not _at_module_level(tree, node):
+            continue
         if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
+            # `import pkg.x` of a compiled extension (xlmr_mp._C) imports nothing of the package
+            targets = [a.name for a in node.names if a.name in modules or a.name.rsplit(".", 1)[0] not in modules]
         else:
             base = node.module or ""
             if node.level:
@@ -87,6 +90,8 @@ def _imports(name: str, path: str, modules: dict, package: str = "xlmr_mp") -> s
                 parts = parts if is_pkg else parts[:-1]
                 parts = parts[: len(parts) - (node.level - 1)]
                 base = ".".join(parts + ([base] if base else []))
+            if base not in modules and base.rsplit(".", 1)[0] in modules:
+                continue                   # from a compiled extension (xlmr_mp._C): nothing of the package
             # `from pkg import x`: the submodule pkg.x, else a name pkg/__init__.py defines; anything
             # else is a compiled extension (xlmr_mp._C), which imports nothing of the package
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
@@ -100,9 +105,22 @@ def _imports(name: str, path: str, modules: dict, package: str = "xlmr_mp") -> s
     return out
 
 
-def import_graph(root: str, package: str = "xlmr_mp") -> dict:
+def _at_module_level(tree: ast.Module, node: ast.AST) -> bool:
+    """Whether `node` runs when the module is imported: not inside a function (an import under a
+    module-level `if` / `try` counts)."""
+    stack = list(tree.body)
+    while stack:
+        n = stack.pop()
+        if n is node:
+            return True
+        if isinstance(n, (ast.If, ast.Try, ast.With)):
+            stack.extend(ast.iter_child_nodes(n))
+    return False
+
+
+def import_graph(root: str, package: str = "xlmr_mp", module_level: bool = False) -> dict:
     mods = _modules(root, package)
-    return {m: _imports(m, p, mods, package) for m, p in mods.items()}
+    return {m: _imports(m, p, mods, package, module_level) for m, p in mods.items()}
 
 
 def find_cycle(graph: dict):
@@ -207,22 +225,33 @@ def test_model_calls_no_collective():
     assert not {p: c for p, c in calls.items() if c}
 
 
-def test_layout_rules_import_no_torch():
-    """launch/tools/check_layout.py validates a layout in one CPU process without torch."""
-    mods = _modules(ROOT)
-    graph = import_graph(ROOT)
-    seen, todo = set(), ["xlmr_mp.config", "xlmr_mp.parallel.layout"]
+def torch_importers(root: str, starts) -> list:
+    """Modules that importing `starts` runs and that import torch at module level (function-level
+    imports do not run on import)."""
+    mods = _modules(root)
+    graph = import_graph(root, module_level=True)
+    seen, todo = set(), list(starts)
     while todo:
         m = todo.pop()
         if m not in seen:
             seen.add(m)
             todo.extend(graph[m])
+    out = []
     for m in sorted(seen):
         with open(mods[m]) as f:
             tree = ast.parse(f.read())
-        names = [a.name for n in _import_nodes(tree) if isinstance(n, ast.Import) for a in n.names] + \
-                [n.module or "" for n in _import_nodes(tree) if isinstance(n, ast.ImportFrom)]
-        assert not [n for n in names if n == "torch" or n.startswith("torch.")], (m, "imports torch")
+        run = [n for n in _import_nodes(tree) if _at_module_level(tree, n)]
+        names = [a.name for n in run if isinstance(n, ast.Import) for a in n.names] + \
+                [n.module or "" for n in run if isinstance(n, ast.ImportFrom)]
+        if [n for n in names if n == "torch" or n.startswith("torch.")]:
+            out.append(m)
+    return out
+
+
+def test_layout_rules_import_no_torch():
+    """launch/tools/check_layout.py validates a layout in one CPU process without torch: importing
+    xlmr_mp.config and xlmr_mp.parallel.layout runs no torch import."""
+    assert torch_importers(ROOT, ["xlmr_mp.config", "xlmr_mp.parallel.layout"]) == []
 
 
 def test_no_source_file_over_600_lines():
@@ -237,7 +266,10 @@ def test_checks_find_what_they_look_for(tmp_path):
     _write(tmp_path, "xlmr_mp/config.py", "def f():\n    from xlmr_mp.parallel import layout\n")
     _write(tmp_path, "xlmr_mp/parallel/__init__.py", "")
     _write(tmp_path, "xlmr_mp/parallel/layout.py", "from ..errors import ConfigError\n")
-    _write(tmp_path, "xlmr_mp/parallel/stages.py", "import xlmr_mp.model.xlmr as m\nfrom xlmr_mp import _C\n")
+    _write(tmp_path, "xlmr_mp/parallel/stages.py", "import xlmr_mp.model.xlmr as m\nfrom xlmr_mp import _C\n"
+           "import xlmr_mp._C\nfrom xlmr_mp._C import f\n")
+    _write(tmp_path, "xlmr_mp/parallel/lazy.py", "def f():\n    import torch\n")
+    _write(tmp_path, "xlmr_mp/parallel/eager.py", "try:\n    import torch.nn\nexcept ImportError:\n    pass\n")
     _write(tmp_path, "xlmr_mp/model/__init__.py", "")
     _write(tmp_path, "xlmr_mp/model/xlmr.py",
            "import torch.distributed as d\nfrom torch.distributed import all_reduce\n"
@@ -247,6 +279,8 @@ def test_checks_find_what_they_look_for(tmp_path):
     assert find_cycle(graph) == ["xlmr_mp.config", "xlmr_mp.parallel.layout", "xlmr_mp.errors", "xlmr_mp.config"]
     assert graph["xlmr_mp.parallel.stages"] == {"xlmr_mp.model.xlmr"}
     assert graph["xlmr_mp.model.xlmr"] == set()          # TYPE_CHECKING imports are not run
+    assert torch_importers(str(tmp_path), ["xlmr_mp.parallel.lazy", "xlmr_mp.parallel.eager"]) == \
+        ["xlmr_mp.parallel.eager"]
     assert [c for _, c in collective_calls(str(tmp_path / "xlmr_mp/model/xlmr.py"))] == ["d.all_reduce", "all_reduce"]
     _write(tmp_path, "xlmr_mp/errors.py", "")
     assert find_cycle(import_graph(str(tmp_path))) is None
