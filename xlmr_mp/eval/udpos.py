@@ -88,9 +88,9 @@ def choose_files(root: str, lang: str, s: dict) -> Dict[str, object]:
                   f"{', '.join(map(os.path.basename, dev)) or 'nothing'} (set train_split= / train_files= to choose)",
                   file=sys.stderr)
     if not train:
+        trainable = sorted(set(_by_split(files, s["train_split"])) | set(_by_split(files, "dev")))
         raise EvalError(f"--train-language {lang}: no {lang}_*-ud-{s['train_split']}.conllu (nor dev file) under "
-                        f"{root}/UD_*/; languages there: {', '.join(sorted({lang_of(p) for p in files})) or 'none'}; "
-                        f"or give train_files=")
+                        f"{root}/UD_*/; languages with one: {', '.join(trainable) or 'none'}; or give train_files=")
     if not dev:
         raise EvalError(f"dev_split={s['dev_split']}: no {lang}_*-ud-{s['dev_split']}.conllu under {root}/UD_*/ to "
                         f"choose the epoch on (empty dev set); give dev_files= or dev_split=")
