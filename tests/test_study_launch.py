@@ -124,6 +124,7 @@ def test_workers_exit_when_torchrun_is_killed(data_dir, tmp_path):
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  "--nproc-per-node", "2"] + _train_cmd(data_dir, run, 100000)[1:],
                                 cwd=b.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = set()
     try:
         _wait_for(lambda: os.path.exists(os.path.join(run, "metrics.jsonl")), what="training to start")
         workers = _children(launcher.pid)
@@ -132,7 +133,8 @@ def test_workers_exit_when_torchrun_is_killed(data_dir, tmp_path):
         launcher.wait()
         _wait_for(lambda: not any(_alive(w) for w in workers), timeout=30, what="the workers to exit")
     finally:
-        for w in _children(launcher.pid) if _alive(launcher.pid) else ():
-            os.kill(w, signal.SIGKILL)
+        for w in workers | (_children(launcher.pid) if _alive(launcher.pid) else set()):
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
         if launcher.poll() is None:
             launcher.kill()
