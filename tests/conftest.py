@@ -1,6 +1,12 @@
-"""Shared fixtures. Every test runs confined: run directories default to the session's temporary
-directory (XLMR_MP_TEST_RUNS, inherited by spawned ranks), and a test that creates, changes or
-deletes anything under the repository's own runs/ fails (see `repo_runs_untouched`)."""
+"""Shared fixtures and the test lanes.
+
+Every test runs confined: run directories default to the session's temporary directory
+(XLMR_MP_TEST_RUNS, inherited by spawned ranks), and a test that creates, changes or deletes
+anything under the repository's own runs/ fails (see `repo_runs_untouched`).
+
+Lanes: `pytest -m "not slow and not slurm"` is the fast lane. A test is marked `slow` / `slurm` by
+its own decorator, or here in SLOW / SLURM by node-id prefix (whole modules that predate the
+markers; an entry that matches no collected test fails a full collection)."""
 import os
 import re
 import sys
@@ -61,3 +67,32 @@ def repo_runs_untouched(request):
     if changed:
         pytest.fail(f"{request.node.nodeid} touched the repository's runs/: {changed[:10]}; give the run a "
                     f"temporary run_dir (tmp_path) instead", pytrace=False)
+
+
+# More than ~30 s each on a quiet 2-core machine (real multi-process gloo runs, trainer CLI runs,
+# compilers, clusters), by node-id prefix.
+SLOW = (
+    "tests/test_train_parallel.py", "tests/test_sequence_parallel_train.py", "tests/test_train_resume.py",
+    "tests/test_train_resume_dropout.py", "tests/test_train_launchers.py",
+    "tests/test_checkpoint_reshard.py::test_tp2pp2_to_dp4_and_back",
+    "tests/test_bench_preprocess.py", "tests/test_kernels_compile.py",
+    "tests/test_preprocess.py::test_killed_run", "tests/test_preprocess.py::test_mpi",
+)
+# Need the local two-node SLURM cluster (launch/slurm_cluster.sh; skipped without slurm-wlm).
+SLURM = ("tests/test_slurm.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Apply the `slow` / `slurm` markers of SLOW and SLURM (slurm tests are slow too)."""
+    used = set()
+    for item in items:
+        for prefix in SLOW + SLURM:
+            if item.nodeid.startswith(prefix):
+                used.add(prefix)
+                item.add_marker(pytest.mark.slow)
+                if prefix in SLURM:
+                    item.add_marker(pytest.mark.slurm)
+    full = [os.path.abspath(str(a)) for a in config.args] in ([os.path.join(ROOT, "tests")], [ROOT])
+    stale = [p for p in SLOW + SLURM if p not in used]
+    if full and stale and not config.option.markexpr:
+        raise pytest.UsageError(f"tests/conftest.py: SLOW/SLURM entries match no test: {stale}; update them")
