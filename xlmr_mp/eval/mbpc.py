@@ -265,17 +265,16 @@ def run(em: EvalModel, opts: EvalOptions) -> TaskResult:
     s = task_settings(opts.settings, DEFAULTS, "mbpc")
     langs = select_languages(available_languages(opts.data), opts.languages, opts.data, "{lang}.txt")
     info = PieceInfo(em.tokenizer) if s["whole_word"] else None
-    per = {}
+    per, preds = {}, []
     for lang in progress(langs, total=len(langs), desc="mbpc languages", enabled=opts.progress and len(langs) > 1,
                          unit="lang"):
         lines = read_lines(os.path.join(opts.data, f"{lang}.txt"))
         per[lang] = evaluate_lines(em.model, em.tokenizer, lang, lines, s["k"], s["batch_size"], s["whole_word"],
                                    s["max_batch_tokens"], em.device, opts.progress, info)
+        if opts.predictions:       # one row per line: its bits (no gold: mbpc has no labels)
+            preds += [{"lang": lang, "id": i, "pred": bits, "gold": None, "chars": len(line)}
+                      for i, (bits, line) in enumerate(zip(per[lang]["per_line_bits"], lines))]
     uniform = math.log2(em.tokenizer.vocab_size)
-    preds = [{"lang": l, "id": i, "pred": b, "gold": None, "chars": len(line_chars)}
-             for l in langs for i, (b, line_chars) in enumerate(zip(per[l]["per_line_bits"],
-                                                                     read_lines(os.path.join(opts.data, f"{l}.txt"))))] \
-        if opts.predictions else []
     extra = {key: {l: per[l][key] for l in langs}
              for key in ("bits_per_line", "nll_per_token", "nll", "chars", "tokens", "lines", "split_lines")}
     return TaskResult(task="mbpc", metric="bits_per_char" + ("_whole_word" if s["whole_word"] else ""),
