@@ -70,6 +70,8 @@ def build_config(a, world: int):
         ov.append(f"data.seq_length={a.seq}")
     if a.zero:
         ov.append("parallel.distributed_optimizer=true")
+    if a.compile:
+        ov.append("train.compile=true")
     cfg = load_config(preset, ov + list(a.set), world_size=world)
     if cfg.data.seq_length > cfg.model.max_positions - 2:
         raise SystemExit(f"--seq {cfg.data.seq_length} > model.max_positions - 2 = {cfg.model.max_positions - 2}")
@@ -95,13 +97,17 @@ def measure_ours(a, world: int) -> dict:
     secs = sum(m["step_time_s"] for m in ms)
     tokens = sum(cfg.train.global_batch * cfg.data.seq_length for _ in ms)
     mem = torch.tensor([ms[-1]["mem_gib"]])
+    opt_bytes = [float(tr.optimizer.state_bytes())]
     if dist.is_initialized():
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, opt_bytes[0])
+        opt_bytes = gathered
     out = {"tokens_per_s": tokens / secs, "tflops": tokens / secs * tr.fpt / world / 1e12,
            "step_s": secs / len(ms), "mem_gib": mem.item(), "peak_tflops": tr.peak / 1e12,
            "loss": ms[-1]["loss"], "params_rank0": sum(p.numel() for p in tr.params),
            "global_batch": cfg.train.global_batch, "seq": cfg.data.seq_length, "fpt": tr.fpt,
-           "dtype": cfg.precision.dtype, "device": str(device), "cfg": cfg}
+           "dtype": cfg.precision.dtype, "device": str(device), "cfg": cfg, "opt_bytes": opt_bytes}
     out["mfu"] = out["tflops"] * 1e12 / tr.peak
     destroy_parallel()
     return out
@@ -186,12 +192,20 @@ def report(a, world, ours, peer):
         f"ours: {ours['tokens_per_s']:.1f} tokens/s total, {ours['tokens_per_s'] / world:.1f} tokens/s/device, "
         f"{ours['step_s'] * 1e3:.1f} ms/step, {ours['tflops']:.4f} TFLOP/s/device, MFU {100 * ours['mfu']:.2f}% "
         f"(peak {ours['peak_tflops']:.3f} TFLOP/s/device), peak mem {ours['mem_gib']:.2f} GiB, loss {ours['loss']:.3f}",
+        f"optimizer-state bytes per rank: max {max(ours['opt_bytes']) / 2 ** 20:.1f} MiB, min "
+        f"{min(ours['opt_bytes']) / 2 ** 20:.1f} MiB, max/min {max(ours['opt_bytes']) / max(min(ours['opt_bytes']), 1):.3f}",
     ]
     if peer is not None:
         lines.append(f"peer (HF XLMRobertaForMaskedLM + torch AdamW, 1 device, micro={a.micro_batch} accum={a.accum}): "
                      f"{peer['tokens_per_s']:.1f} tokens/s, {peer['step_s'] * 1e3:.1f} ms/step, "
                      f"peak mem {peer['mem_gib']:.2f} GiB")
         lines.append(f"ratio ours/peer (tokens/s per device): {ours['tokens_per_s'] / world / peer['tokens_per_s']:.3f}")
+    if a.plan:
+        sys.path.insert(0, os.path.join(ROOT, "tools"))
+        import plan as planner
+        pr = planner.plan(ours["cfg"], planner.GPUS[a.plan], nodes=1, gpus_per_node=world)
+        lines.append(f"planner (tools/plan.py --gpu {a.plan}): predicted peak {pr['memory']['total'] / 2 ** 30:.2f} GiB/rank, "
+                     f"measured {ours['mem_gib']:.2f} GiB, predicted/measured {pr['memory']['total'] / 2 ** 30 / ours['mem_gib']:.3f}")
     if a.note:
         lines.append(f"note: {a.note}")
     text = "\n".join(lines) + "\n"
@@ -213,6 +227,9 @@ def main():
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--virtual-stages", type=int, default=1)
     ap.add_argument("--zero", action="store_true", help="ZeRO-1 distributed optimizer")
+    ap.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile of layers and loss)")
+    ap.add_argument("--plan", default="", help="also print tools/plan.py's predicted peak memory per rank for this "
+                    "GPU type (e.g. H100; CPU: peak RSS includes the process baseline, about 0.4 GiB)")
     ap.add_argument("--recompute", default="none", choices=["none", "full", "selective"])
     ap.add_argument("--nproc", type=int, default=1, help="CPU: spawn this many gloo processes (GPU: use torchrun)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -123,6 +123,8 @@ def tiny_cfg(overrides=(), world_size=None):
     overrides = list(overrides)
     if not any(o.startswith("run_dir=") for o in overrides):
         overrides.insert(0, f"run_dir={default_run_dir()}")
+    if __import__("os").environ.get("XLMR_MP_TEST_COMPILE") == "1":   # layout tests compiled (slow)
+        overrides.append("train.compile=true")
     return load_config(TINY, overrides, world_size=world_size)
 
 

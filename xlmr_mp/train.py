@@ -145,6 +145,9 @@ class Trainer:
         for c in self.chunks:
             c.set_recompute(cfg.train.recompute)
             c.train()
+        if cfg.train.compile:           # torch.compile of each encoder layer and the head (kernels/compile.py)
+            from xlmr_mp.kernels.compile import compile_chunks
+            compile_chunks(self.chunks)
         sync_tied_embedding_weight(self.chunks, groups)
         seed_parallel_rng(cfg.train.seed, groups)      # dropout streams (differ per PP / DP / TP rank)
         self.named = [(n, p) for c in self.chunks for n, p in c.named_parameters()]

@@ -43,7 +43,7 @@ from xlmr_mp.parallel.layers import check_divisible, mark_sequence_parallel
 from xlmr_mp.parallel.mappings import gather_sequence, tp_rank_of, tp_size_of
 from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
 from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, padded_vocab_size,
-                                    parallel_lm_logits, vocab_parallel_cross_entropy, vocab_range)
+                                    parallel_lm_logits, vocab_parallel_masked_lm_loss, vocab_range)
 
 RECOMPUTE_MODES = ("none", "full", "selective")
 
@@ -115,12 +115,22 @@ class MLMHead(nn.Module):
         else:
             self.decoder_weight = None
 
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        """dense -> GELU -> LayerNorm: h [..., H] -> [..., H], the decoder's input."""
+        x = ops.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias)
+        return self.layernorm(x)
+
     def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         """h [..., H] -> local logits [..., V_local], padding ids at -inf."""
-        x = ops.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias)
-        x = self.layernorm(x)
-        logits = parallel_lm_logits(x, decoder_weight, self.bias, self.tp_group)
+        logits = parallel_lm_logits(self.transform(h), decoder_weight, self.bias, self.tp_group)
         return mask_padded_logits(logits, self.vocab_size, self.vocab_start)
+
+    def masked_loss_sum(self, h: torch.Tensor, decoder_weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Sum of the cross-entropy of the masked tokens' hidden states h [M, H] against their
+        global target ids [M], through the chunked vocab-parallel loss (parallel/vocab.py: the
+        [M, V_local] fp32 logits are never held for the whole masked set)."""
+        return vocab_parallel_masked_lm_loss(self.transform(h), decoder_weight, self.bias, target, self.tp_group,
+                                             self.vocab_start, self.vocab_size)
 
 
 class XLMRModel(nn.Module):
@@ -286,10 +296,8 @@ class XLMRModel(nn.Module):
         flat = labels.reshape(-1)
         sel = (flat != IGNORE_INDEX).nonzero().squeeze(1)
         h, target = h.index_select(0, sel), flat.index_select(0, sel)
-        logits = self.lm_head(h, self.decoder_weight())
-        loss = vocab_parallel_cross_entropy(logits, target, self.tp_group,
-                                            self.lm_head.vocab_start, IGNORE_INDEX)
-        return loss.sum(), torch.tensor(float(sel.numel()), device=hidden.device)
+        loss_sum = self.lm_head.masked_loss_sum(h, self.decoder_weight(), target)
+        return loss_sum, torch.tensor(float(sel.numel()), device=hidden.device)
 
     def loss_and_count(self, x, attention_mask=None, labels=None):
         """(loss_sum, num_masked) of this microbatch. With gradient accumulation / DP, divide the
