@@ -103,9 +103,9 @@ def test_best_dev_epoch_is_restored(tokenizer, sib_dir, monkeypatch):
     pre = {k: v.clone() for k, v in clf.encoder.state_dict().items()}
     snaps, real_predict, scores = [], ft.predict, iter([10.0, 50.0, 20.0, 50.0])
 
-    def spy(model, enc, bs, device="cpu"):
+    def spy(model, enc, *args, **kw):
         snaps.append({k: v.clone() for k, v in model.state_dict().items()})
-        return real_predict(model, enc, bs, device)
+        return real_predict(model, enc, *args, **kw)
     monkeypatch.setattr(ft, "predict", spy)
     monkeypatch.setattr(ft, "score", lambda *a: next(scores))
     hist, best, _ = ft.train_seed(clf, pre, train, dev, ft.gold_of(dev), ft.ACCURACY, labels, s, 1, "cpu", False, "t")
@@ -297,6 +297,16 @@ def test_xnli_pairs_encoded_as_xlmr(tokenizer, tmp_path):
     assert enc.ids[0].tolist() == [0] + a + [2, 2] + b + [2]
     short = encode_sequences(tokenizer, [SeqItem("1", ("the city river " * 5, "a"), "neutral", "x:1")], {"neutral": 0}, 12)
     assert len(short.ids[0]) == 12 and short.ids[0].tolist()[-3:] == [2] + tokenizer.encode("a") + [2]
+    # truncated pairs are cut as the exported tokenizer (transformers, truncation=True) cuts them
+    from transformers import AutoTokenizer
+    from xlmr_mp.tokenizer.hf import save_hf_tokenizer
+    save_hf_tokenizer(tokenizer, str(tmp_path))
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    for na, nb, length in [(10, 10, 19), (10, 10, 20), (12, 5, 14), (5, 12, 14), (20, 3, 12), (3, 20, 12),
+                           (8, 8, 15), (6, 5, 14), (2, 2, 8), (30, 30, 64)]:
+        pair = (" ".join(["river"] * na), " ".join(["water"] * nb))
+        ours = encode_sequences(tokenizer, [SeqItem("1", pair, "neutral", "x:1")], {"neutral": 0}, length).ids[0]
+        assert ours.tolist() == hf_tok(*pair, truncation=True, max_length=length)["input_ids"], (na, nb, length)
     rng = random.Random(3)
     head = "language\tgold_label\tsentence1\tsentence2\tpairID\n"
     lab = {"water": "entailment", "school": "neutral", "market": "contradiction"}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -121,29 +122,42 @@ class Encoded:
     n_sentences: int = 0
 
 
-def _truncate_pair(a: List[int], b: List[int], budget: int):
-    """HF's 'longest_first': drop pieces from the end of the longer side until both fit."""
-    a, b = list(a), list(b)
-    while len(a) + len(b) > budget:
-        if len(a) >= len(b):
-            a.pop()
-        else:
-            b.pop()
-    return a, b
+def pair_lengths(la: int, lb: int, budget: int):
+    """Pieces kept of each side of a pair over `budget`, as the Hugging Face fast tokenizers'
+    'longest_first' truncation: a side that fits in its half is kept whole and the other takes the
+    rest; otherwise the first side keeps budget // 2 and the second the remainder."""
+    if la + lb <= budget:
+        return la, lb
+    half = budget // 2
+    if la <= half:
+        return la, budget - la
+    if lb <= budget - half:
+        return budget - lb, lb
+    return half, budget - half
+
+
+def _pieces(tokenizer, texts: Sequence[str]):
+    """(flat int64 ids, start offsets [N + 1]) of each text's pieces, no <s> / </s>."""
+    flat, lens = tokenizer.encode_flat(list(texts), add_eos=False)
+    return flat.astype(np.int64), np.concatenate([[0], np.cumsum(lens)])
 
 
 def encode_sequences(tokenizer, items: Sequence[SeqItem], label_ids: Dict[str, int], max_length: int) -> Encoded:
-    """`<s> A </s>` or `<s> A </s></s> B </s>` (XLM-R pairs), cut to max_length ids."""
+    """`<s> A </s>` or `<s> A </s></s> B </s>` (XLM-R pairs), cut to max_length ids (pairs as HF cuts them)."""
     n_texts = len(items[0].texts)
-    cols = [tokenizer.encode_batch([it.texts[k] for it in items]) for k in range(n_texts)]
+    cols = [_pieces(tokenizer, [it.texts[k] for it in items]) for k in range(n_texts)]
+    bos, eos = np.array([BOS_ID]), np.array([EOS_ID])
     ids = []
     for i in range(len(items)):
+        (fa, oa) = cols[0]
+        a = fa[oa[i]:oa[i + 1]]
         if n_texts == 1:
-            seq = [BOS_ID] + cols[0][i][: max_length - 2] + [EOS_ID]
+            ids.append(np.concatenate([bos, a[: max_length - 2], eos]))
         else:
-            a, b = _truncate_pair(cols[0][i], cols[1][i], max_length - 4)
-            seq = [BOS_ID] + a + [EOS_ID, EOS_ID] + b + [EOS_ID]
-        ids.append(np.asarray(seq, dtype=np.int64))
+            (fb, ob) = cols[1]
+            b = fb[ob[i]:ob[i + 1]]
+            ka, kb = pair_lengths(len(a), len(b), max_length - 4)
+            ids.append(np.concatenate([bos, a[:ka], eos, eos, b[:kb], eos]))
     return Encoded(ids=ids, lengths=np.array([len(x) for x in ids], dtype=np.int64),
                    y=np.array([label_ids[it.label] for it in items], dtype=np.int64), n_sentences=len(items))
 
@@ -217,7 +231,8 @@ def steps_per_epoch(n: int, batch_size: int, pool: int = 50) -> int:
 # ----------------------------------------------------------------------------- predict and score
 
 @torch.no_grad()
-def predict(clf: Classifier, enc: Encoded, batch_size: int, device: str = "cpu") -> list:
+def predict(clf: Classifier, enc: Encoded, batch_size: int, device: str = "cpu", show: bool = False,
+            desc: str = "predict") -> list:
     """Predicted label ids: an array [N] (sequences) or, per sentence, an array per word (tokens)."""
     clf.eval()
     order = np.argsort(-enc.lengths, kind="stable")
@@ -225,7 +240,8 @@ def predict(clf: Classifier, enc: Encoded, batch_size: int, device: str = "cpu")
         out = np.zeros(len(enc.ids), dtype=np.int64)
     else:
         out = [None] * len(enc.ids)
-    for p in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for p in progress(starts, total=len(starts), desc=desc, enabled=show, unit="batch"):
         idx = order[p:p + batch_size]
         ids, mask, _ = collate(enc, idx, clf.kind)
         logits = clf(ids.to(device), mask.to(device))
@@ -332,11 +348,12 @@ def train_seed(clf: Classifier, pretrained: Dict[str, torch.Tensor], train: Enco
             step += 1
             tokens += int(train.lengths[idx].sum())
         seconds += time.perf_counter() - t0
-        dev_score = score(metric, dev_gold, predict(clf, dev, s["eval_batch_size"], device), labels)
+        dev_pred = predict(clf, dev, s["eval_batch_size"], device, show, f"{desc} dev")
+        dev_score = score(metric, dev_gold, dev_pred, labels)
         history.append({"epoch": epoch + 1, "dev": dev_score, "train_loss": float(loss_sum) / max(per_epoch, 1)})
         if show:
             print(f"{desc} epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, dev {dev_score:.2f}, "
-                  f"{tokens / max(seconds, 1e-9):.0f} train tokens/s", flush=True)
+                  f"{tokens / max(seconds, 1e-9):.0f} train tokens/s", file=sys.stderr, flush=True)
         if dev_score > best:
             best, best_epoch = dev_score, epoch
             best_state = {k: v.detach().clone() for k, v in clf.state_dict().items()}
@@ -408,7 +425,7 @@ def finetune(em: EvalModel, opts: EvalOptions, data: TaskData, s: Dict[str, Any]
             clf, pretrained, train, dev, dev_gold, data.metric, labels, s, seed, device, opts.progress, desc)
         per_seed[str(seed)] = {}
         for lang, enc in tests.items():
-            pred = predict(clf, enc, s["eval_batch_size"], device)
+            pred = predict(clf, enc, s["eval_batch_size"], device, opts.progress, f"{desc} test {lang}")
             per_seed[str(seed)][lang] = score(data.metric, test_gold[lang], pred, labels)
             if k == 0:
                 predictions.extend(_prediction_rows(data.tests[lang], test_gold[lang], pred, labels, seed))
