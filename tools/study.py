@@ -37,6 +37,8 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch command only")
     p.add_argument("--sbatch-arg", action="append", default=[], help="with --slurm: extra sbatch option (repeat)")
     p.add_argument("--cell", default=None, help="finish: the cell an array task trained")
+    p.add_argument("--cells", default=None, help="run/plan/status: only these cells (comma-separated), in this "
+                                                  "order")
     p.add_argument("--order", choices=("longest", "shortest", "spec"), default="longest",
                    help="run: cell order (longest first, the default, finishes the study soonest; shortest "
                         "first finishes the most cells by a deadline; spec: as listed)")
@@ -51,6 +53,15 @@ def main(argv=None) -> int:
         print(f"spec error: {e}", file=sys.stderr)
         return 2
     out = os.path.abspath(args.out or os.path.join("runs", "studies", study.name))
+    if args.cells and args.command != "report":
+        by_name = {c.name: c for c in study.cells}
+        names = [n for n in args.cells.split(",") if n]
+        bad = [n for n in names if n not in by_name]
+        if bad:
+            print(f"--cells: no cell {bad[0]!r} in {args.spec} (cells: {', '.join(by_name)})", file=sys.stderr)
+            return 2
+        study.cells = [by_name[n] for n in names]
+        args.order = "spec"
     jobs = max(1, args.jobs)
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     from xlmr_mp.study import plan as P
