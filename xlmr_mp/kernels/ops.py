@@ -105,3 +105,31 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale
         from xlmr_mp.kernels.fused import ScaledMaskedSoftmax
         return ScaledMaskedSoftmax.apply(scores, mask, scale)
     return scaled_masked_softmax_ref(scores, mask, scale)
+
+
+def attention_uses_masked_softmax(q: torch.Tensor) -> bool:
+    """Whether attention should run as explicit scores + `scaled_masked_softmax` instead of
+    scaled_dot_product_attention: half-precision CUDA tensors where SDPA has no flash kernel
+    (compute capability below 8.0: V100's sm_70) and the fused softmax is dispatched (FASTER_ON or
+    XLMR_MP_KERNELS=fused)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if dispatch.mode() == "reference":
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] >= 8 and dispatch.mode() != "fused":
+        return False
+    return dispatch.use_fused(q, "scaled_masked_softmax")
+
+
+def masked_softmax_attention(q, k, v, bias, scale: float, dropout_p: float = 0.0):
+    """softmax(scale * q k^T, padding keys excluded) v with dropout: q, k, v [B, heads, S, D], bias
+    the additive key-padding bias [B, 1, 1, S] (negative at padding keys) or None. The softmax is
+    `scaled_masked_softmax` (the fused kernel where dispatched, its torch reference otherwise)."""
+    scores = torch.matmul(q, k.transpose(-2, -1))                    # [B, heads, S, S]
+    mask = None if bias is None else bias < 0
+    probs = scaled_masked_softmax(scores, mask, scale)
+    if mask is not None:    # a fully padded row (no real key) gives 0, as SDPA's finite-bias result does not
+        probs = probs.nan_to_num(0.0)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p, True)
+    return torch.matmul(probs, v)

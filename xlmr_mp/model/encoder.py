@@ -58,6 +58,8 @@ class SelfAttention(nn.Module):
         """softmax(q k^T / sqrt(D) + bias) v with attention dropout; q, k, v [B, heads, S, D]."""
         p = self.attention_dropout if self.training else 0.0
         with tp_rng_context(self.tp_size):  # heads differ per TP rank: sharded-region RNG stream
+            if ops.attention_uses_masked_softmax(q):   # fp16 on sm_70: no flash kernel in SDPA
+                return ops.masked_softmax_attention(q, k, v, bias, 1.0 / math.sqrt(self.head_dim), p)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p,
                                                   scale=1.0 / math.sqrt(self.head_dim))
 
