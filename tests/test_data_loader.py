@@ -244,3 +244,9 @@ def test_branch_keeps_the_prefix_and_changes_only_the_suffix(corpus_dir):
     assert all(torch.all(b["lang"] == 0) for b in got) and not all(_equal(a, b) for a, b in zip(got, cont))
     with pytest.raises(ValueError, match="branch_from"):   # a plain resume with other schedules is refused
         _sched_loader(corpus_dir, language_schedule=[{"step": 0, "languages": ["aa"]}]).load_state_dict(state)
+
+
+def test_scheduled_samples_identical_whatever_num_workers(corpus_dir):
+    warm = {"start": 4, "tokens": 3000}
+    a, b = _sched_loader(corpus_dir, warmup=warm), _sched_loader(corpus_dir, warmup=warm, num_workers=2)
+    assert all(_equal(next(a), next(b)) for _ in range(30))
