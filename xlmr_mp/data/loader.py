@@ -13,9 +13,19 @@ whatever num_workers is, and resuming only needs the number of samples consumed.
 Batch (CPU tensors): input_ids [B,S] int64, attention_mask [B,S] int64 (1 = real token),
 labels [B,S] int64 (original id at masked positions, -100 elsewhere), lang [B] int64.
 
+Schedules (xlmr_mp/schedules.py): with data.alpha_schedule / language_schedule the stream is a
+PhasedBlend (one phase per run of steps with one alpha and language set, from the first sample
+of its first step); data.mask_schedule sets each step's mask rate; train.batch_warmup makes step
+s take G_s = schedules.global_batch(s) samples from schedules.sample_start(s), i.e. G_s / (micro x
+DP) micro-batches per rank (`micro_batches_at(s)`). Without any schedule option the static code
+path of before is used unchanged.
+
 Resume: `state_dict()` -> {"samples_consumed": global samples consumed by all DP ranks together,
-...}; `load_state_dict()` continues from there (the next batch is bitwise the one that would have
-followed). At a global-batch boundary the DP size and micro batch may change on resume.
+"schedule_history": [[from_step, schedule options], ...], ...}; `load_state_dict()` continues
+from there (the next batch is bitwise the one that would have followed). At a global-batch
+boundary the DP size and micro batch may change on resume. `load_state_dict(state, branch=True)`
+(checkpoint.branch_from) keeps the saved history before the saved step and this loader's own
+schedules from it on; a plain resume with other schedule options is refused.
 
 Validation: `ValidationLoader` iterates one language's valid split in block order with a fixed
 masking key (pass 0), sharded across DP ranks by batch. Bits per character: each validation batch
