@@ -163,28 +163,45 @@ def test_deterministic_per_seed_mean_and_std(tokenizer, sib_dir):
 
 
 def test_export_hf_predicts_what_predictions_recorded(tokenizer, sib_dir, tmp_path):
+    """tools/evaluate.py sib200 on an HF directory: --export-hf reloaded in transformers (model and
+    tokenizer from that directory alone) predicts exactly the --predictions lines; --out has the scores
+    next to the majority and chance baselines."""
+    import importlib.util
+    import json
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from xlmr_mp.eval import sib200
+    from xlmr_mp.checkpoint.hf import save_hf
     from xlmr_mp.eval.sib200 import read_sib_tsv
-    out = tmp_path / "exported"
-    r = sib200.run(tiny_model(tokenizer), EvalOptions(data=str(sib_dir), seeds=[1, 2], settings=dict(FAST),
-                                                      export_hf=str(out), progress=False))
-    hf_tok = AutoTokenizer.from_pretrained(str(out))
-    hf = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
-    assert sorted(hf.config.label2id) == r.config["labels"]
-    recorded = {(p["lang"], p["id"]): p["pred"] for p in r.predictions}
+    em = tiny_model(tokenizer)
+    save_hf(str(tmp_path / "mlm"), em.model.state_dict(), em.model.cfg, tokenizer=tokenizer)
+    spec = importlib.util.spec_from_file_location("evaluate_tool", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "evaluate.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out, preds, exported = tmp_path / "r" / "sib.json", tmp_path / "r" / "p.jsonl", tmp_path / "exported"
+    assert tool.main(["sib200", "--model", str(tmp_path / "mlm"), "--data", str(sib_dir), "--seeds", "1,2",
+                      "--out", str(out), "--predictions", str(preds), "--export-hf", str(exported), "--no-progress"]
+                     + [f"{k}={v}" for k, v in FAST.items()]) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["baselines"]) == {"majority", "chance"} and sorted(rep["seeds"]) == ["1", "2"]
+    assert rep["languages"]["en"] == pytest.approx((rep["seeds"]["1"]["en"] + rep["seeds"]["2"]["en"]) / 2)
+    rows = [json.loads(l) for l in preds.read_text().splitlines()]
+    recorded = {(p["lang"], p["id"]): p["pred"] for p in rows}
+    hf_tok = AutoTokenizer.from_pretrained(str(exported))
+    hf = AutoModelForSequenceClassification.from_pretrained(str(exported)).eval()
+    assert sorted(hf.config.label2id) == rep["config"]["task"]["labels"]
     n = 0
     for lang in ("en", "fr", "zz"):
         items = read_sib_tsv(str(sib_dir / lang / "test.tsv"))
         enc = hf_tok([it.texts[0] for it in items], padding=True, return_tensors="pt")
-        assert enc["input_ids"][0].tolist()[:3] == tokenizer.encode(items[0].texts[0], add_bos=True)[:3]
+        assert enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist() == \
+            tokenizer.encode(items[0].texts[0], add_bos=True, add_eos=True)
         with torch.no_grad():
             pred = hf(**enc).logits.argmax(-1).tolist()
         for it, p in zip(items, pred):
             assert hf.config.id2label[p] == recorded[(lang, it.id)]
             n += 1
-    assert n == len(recorded) == 80
-    assert len({p for p in recorded.values()}) > 1                          # not a constant predictor
+    assert n == len(recorded) == len(rows) == 80 and {p["seed"] for p in rows} == {1}
+    assert len(set(recorded.values())) > 1                                  # not a constant predictor
 
 
 # ----------------------------------------------------------------------------- token tasks
