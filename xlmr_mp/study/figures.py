@@ -43,6 +43,11 @@ def _varying(agg: Dict[tuple, dict]) -> Dict[str, List[str]]:
     return {a: v for a, v in vals.items() if len(v) > 1}
 
 
+def _label(k: tuple, var: Dict[str, List[str]]) -> str:
+    """A cell key named by the axes that vary in the figure."""
+    return " ".join(v for a, v in k if a in var) or " ".join(v for _, v in k)
+
+
 def _errorbar(ax, xs, ts, label, **kw):
     ys = [t[0] for t in ts]
     es = [t[1] if t[1] == t[1] else 0.0 for t in ts]
@@ -61,7 +66,7 @@ def axis_figure(study: Study, grid: str, metric: str, agg: Dict[tuple, dict], ax
         pk = tuple((a, kd.get(a)) for a in others)
         panels.setdefault(pk, {})[kd.get(axis)] = d
     n = len(panels)
-    fig, axs = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
+    fig, axs = plt.subplots(1, n, figsize=(max(6.0, 4.2 * n), 3.8), squeeze=False, sharey=True)
     for ax, (pk, by_v) in zip(axs[0], sorted(panels.items())):
         order = var.get(axis) or list(by_v)
         vs = [v for v in order if v in by_v]
@@ -85,7 +90,33 @@ def axis_figure(study: Study, grid: str, metric: str, agg: Dict[tuple, dict], ax
         ax.grid(alpha=0.3)
     axs[0][0].set_ylabel(metric)
     axs[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{title} ({grid}; translated news corpus: transfer flattered)", fontsize=10)
+    fig.suptitle(f"{title}, grid {grid}\n(corpus: much of it translated news; mean and 95% CI over seeds)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def language_bars(grid: str, metric: str, agg: Dict[tuple, dict], out_path: str) -> str:
+    """Per language, one bar per cell (Table 5's form: monolingual models against the multilingual one)."""
+    plt = _plt()
+    keys = list(agg)
+    langs = sorted({l for d in agg.values() for l in d if l not in LINES})
+    width = 0.8 / max(1, len(keys))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(langs) + 2), 3.8))
+    for j, k in enumerate(keys):
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i, l in enumerate(langs) if l in agg[k]]
+        ts = [agg[k][l] for l in langs if l in agg[k]]
+        es = [t[1] if t[1] == t[1] else 0.0 for t in ts]
+        ax.bar(xs, [t[0] for t in ts], width, yerr=es if any(es) else None, capsize=3,
+               label=_label(k, _varying(agg)))
+    ax.set_xticks(range(len(langs)))
+    ax.set_xticklabels(langs)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"{grid}: {metric} per language and cell (mean and 95% CI over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
@@ -104,19 +135,20 @@ def heatmap(grid: str, metric: str, agg: Dict[tuple, dict], out_path: str) -> st
         for i, l in enumerate(langs):
             if l in agg[k] and l in base:
                 m[i, j] = agg[k][l][0] - base[l][0]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(keys), 1.0 + 0.35 * len(langs)))
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.9 * len(keys)), max(3.0, 1.5 + 0.35 * len(langs))))
     lim = np.nanmax(np.abs(m)) if np.isfinite(m).any() and np.nanmax(np.abs(m)) > 0 else 1.0
     im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([" ".join(v for _, v in k) for k in keys], rotation=40, ha="right", fontsize=8)
+    ax.set_xticklabels([_label(k, _varying(agg)) for k in keys], rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(len(langs)))
     ax.set_yticklabels(langs, fontsize=8)
     for i in range(len(langs)):
         for j in range(len(keys)):
             if np.isfinite(m[i, j]):
                 ax.text(j, i, f"{m[i, j]:+.3f}", ha="center", va="center", fontsize=6)
-    fig.colorbar(im, ax=ax, label=f"{metric} change vs {' '.join(v for _, v in keys[0])}")
-    ax.set_title(f"{grid}: {metric} change per language against the base cell", fontsize=9)
+    fig.colorbar(im, ax=ax, label=f"{metric} change")
+    ax.set_title(f"{grid}: {metric} per language minus the base cell\n({_label(keys[0], _varying(agg))}; "
+                 f"seed means)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
@@ -130,6 +162,10 @@ def grid_figures(study: Study, grid: str, metric: str, agg: Dict[tuple, dict], f
     names = {"languages": ("curse", "Curse of multilinguality (Fig. 2/4)"), "alpha": ("alpha", "Sampling alpha (Fig. 5)"),
              "vocab": ("vocab", "Vocabulary size (Fig. 6)")}
     for axis in var:
+        nums = [_axis_numeric(study, grid, axis, v) for v in var[axis]]
+        if axis == "languages" and len(set(nums)) < len(nums):      # e.g. monolingual sets: per-language bars
+            out.append(language_bars(grid, metric, agg, os.path.join(fig_dir, f"{grid}_languages_{metric}.png")))
+            continue
         stem, title = names.get(axis, (axis.replace(".", "_"), f"Effect of {axis}"))
         out.append(axis_figure(study, grid, metric, agg, axis,
                                os.path.join(fig_dir, f"{grid}_{stem}_{metric}.png"), title))
@@ -142,10 +178,11 @@ def learning_curves(study: Study, out: str, grid: str, recs: List[dict], fig_dir
     """valid bits per character per language against step, one line per cell (mean over seeds)."""
     plt = _plt()
     curves: Dict[str, Dict[str, Dict[int, List[float]]]] = {}
-    for r in recs:
-        av = next((av for g, av in [(r["grid"], r["axis_values"])] + [tuple(x) for x in r.get("aliases", [])]
-                   if g == grid), r["axis_values"])
-        label = " ".join(v for a, v in av.items() if a != "seed")
+    avs = [next((av for g, av in [(r["grid"], r["axis_values"])] + [tuple(x) for x in r.get("aliases", [])]
+                 if g == grid), r["axis_values"]) for r in recs]
+    var = _varying({tuple((a, v) for a, v in av.items() if a != "seed"): None for av in avs})
+    for r, av in zip(recs, avs):
+        label = _label(tuple((a, v) for a, v in av.items() if a != "seed"), var)
         p = os.path.join(out, "cells", r["name"], "run", "valid.jsonl")
         if not os.path.exists(p):
             continue
