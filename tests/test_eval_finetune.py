@@ -357,6 +357,8 @@ def test_bad_input_stops_before_training(tokenizer, sib_dir, monkeypatch):
         run(settings={"lr": "abc"})
     with pytest.raises(EvalError, match=r"--seeds"):
         run(seeds=[])
+    with pytest.raises(EvalError, match=r"--seeds 1,1: give one or more different"):
+        run(seeds=[1, 1])
     with pytest.raises(EvalError, match=r"--train-language sw"):
         run(train_language="sw")
     with pytest.raises(EvalError, match=r"--export-hf .*: cannot create it"):

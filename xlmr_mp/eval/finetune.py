@@ -332,7 +332,7 @@ def train_seed(clf: Classifier, pretrained: Dict[str, torch.Tensor], train: Enco
     history, best, best_state, best_epoch, step, tokens, seconds = [], -math.inf, None, 0, 0, 0, 0.0
     for epoch in range(s["epochs"]):
         clf.train()
-        t0, loss_sum = time.perf_counter(), torch.zeros(())
+        t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         bar = progress(train_batches(train.lengths, s["batch_size"], rng), total=per_epoch,
                        desc=f"{desc} epoch {epoch + 1}/{s['epochs']}", enabled=show, unit="batch")
         for idx in bar:
@@ -344,7 +344,7 @@ def train_seed(clf: Classifier, pretrained: Dict[str, torch.Tensor], train: Enco
                 torch.nn.utils.clip_grad_norm_(params, s["clip"], foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().cpu()
+            loss_sum += loss.detach()
             step += 1
             tokens += int(train.lengths[idx].sum())
         seconds += time.perf_counter() - t0
@@ -399,8 +399,8 @@ def finetune(em: EvalModel, opts: EvalOptions, data: TaskData, s: Dict[str, Any]
     _check_settings(s, em)
     labels = check_data(data)
     label_ids = {name: i for i, name in enumerate(labels)}
-    if not opts.seeds:
-        raise EvalError("--seeds: give at least one fine-tuning seed")
+    if not opts.seeds or len(set(opts.seeds)) != len(opts.seeds):
+        raise EvalError(f"--seeds {','.join(map(str, opts.seeds))}: give one or more different fine-tuning seeds")
     if opts.export_hf:
         check_export(opts.export_hf, em.tokenizer)
     encode = encode_sequences if data.kind == SEQUENCE else encode_words
