@@ -58,14 +58,15 @@ def test_json_keys_and_directions():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)      # six spawned runs; minutes on a busy 2-core machine
 def test_predicted_peak_within_15_percent_of_measured(tmp_path, monkeypatch):
-    """Measured: peak RSS growth of each rank from just before the Trainer is built through 3
-    steps (fp32, gloo; glibc's mmap threshold fixed so freed tensors go back to the OS and RSS
+    """Measured: peak RSS growth of each rank from just before the Trainer is built through 2
+    steps (the second has Adam state and the full backward peak) (fp32, gloo; glibc's mmap threshold fixed so freed tensors go back to the OS and RSS
     follows the live tensors). Predicted: the planner's total for the largest rank."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     ratios = {}
     for name, (ov, world) in CASES.items():
-        res = run_distributed(pb.measure_body, world, args=(ov, 3, str(tmp_path / name)), timeout=600)
+        res = run_distributed(pb.measure_body, world, args=(ov, 2, str(tmp_path / name)), timeout=600)
         measured = max(r["peak_growth"] for r in res)
         ratios[name] = _plan(ov, world)["memory"]["total"] / measured
     assert all(abs(r - 1) <= 0.15 for r in ratios.values()), ratios

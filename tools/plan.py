@@ -10,7 +10,8 @@ Memory per rank (the rank of the stage that needs most; bytes, also GiB in the t
   autocast      bf16/fp16 weight copies cached by autocast during a forward (2 B/param of matrices)
   activations   saved tensors of the micro-batches in flight (1F1B: PP - stage on stage `stage`),
                 per layer and token: 4H + 5H/TP + 2F/TP elements with no recompute (flash / CPU
-                attention: no S x S term; the math path adds heads/TP x S x 13 B), H with full
+                attention: no S x S term; the math path adds heads/TP x S x 5 B on a GPU, 13 B for the
+                CPU torch softmax), H with full
                 recompute plus one layer recomputed, selective: the attention output not kept
   logits        the masked-LM loss (parallel/vocab.py): one [min(M, 1024), V/TP] fp32 logit chunk and
                 the [V/TP, H] decoder gradient it accumulates in the forward
@@ -141,12 +142,13 @@ def plan(cfg, gpu: GPU, nodes: int = 1, gpus_per_node: int = 8, efficiency: floa
                "autocast": 2 * prm["matrices"] if low else 0}
         seq_tp = tp if sp else 1
         full_layer = (4 * H / seq_tp + 5 * H / tp + 2 * F / tp) * act_b
-        if math_attention:
-            full_layer += heads / tp * seq * 13
+        score_b = 13 if gpu.name == "CPU" else 5     # per attention score: fp32 torch softmax chain, or the fused
+        if math_attention:                           # kernel's fp16 probabilities + dropout mask + output
+            full_layer += heads / tp * seq * score_b
         if t.recompute == "full":
             per_layer, extra = H / seq_tp * act_b, full_layer * tokens
         elif t.recompute == "selective":
-            per_layer, extra = full_layer - H / tp * act_b - (heads / tp * seq * 13 if math_attention else 0), 0
+            per_layer, extra = full_layer - H / tp * act_b - (heads / tp * seq * score_b if math_attention else 0), 0
         else:
             per_layer, extra = full_layer, 0
         held = in_flight(kind, pp, r, n_micro, v)
