@@ -70,3 +70,15 @@ def test_predicted_peak_within_15_percent_of_measured(tmp_path, monkeypatch):
         measured = max(r["peak_growth"] for r in res)
         ratios[name] = _plan(ov, world)["memory"]["total"] / measured
     assert all(abs(r - 1) <= 0.15 for r in ratios.values()), ratios
+
+
+def test_check_layout_warns_when_the_plan_does_not_fit():
+    def run(gpu, *ov):
+        return subprocess.run([sys.executable, "launch/tools/check_layout.py", "--config", "launch/configs/large.yaml",
+                               "--world-size", "512", "--tasks-per-node", "8", "--gpu", gpu, "train.micro_batch=16",
+                               "train.global_batch=8192", "precision.dtype=fp16", *ov],
+                              cwd=b.ROOT, capture_output=True, text=True, timeout=120)
+    small = run("V100-16", "train.recompute=none")
+    assert small.returncode == 0 and "warning: tools/plan.py predicts" in small.stderr and "train.recompute" in small.stderr
+    big = run("H100", "train.recompute=none")
+    assert big.returncode == 0 and "# plan:" in big.stdout and "warning" not in big.stderr

@@ -109,10 +109,10 @@ def in_flight(kind: str, pp: int, stage: int, n_micro: int, v: int) -> float:
 
 
 def plan(cfg, gpu: GPU, nodes: int = 1, gpus_per_node: int = 8, efficiency: float = 0.45,
-         inter_gbps: Optional[float] = None, attention: str = "auto") -> dict:
+         inter_gbps: Optional[float] = None, attention: str = "auto", step_time: bool = True) -> dict:
     """The planner's prediction for RunConfig `cfg` (parallel.* set; DP from nodes x gpus_per_node
-    when parallel.data is 0)."""
-    from xlmr_mp.metrics import flops_per_token
+    when parallel.data is 0). step_time=False: memory only (no torch import, for the launcher's
+    layout check)."""
     from xlmr_mp.parallel.layout import schedule_kind, stage_layer_counts
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, v = p.tensor, p.pipeline, p.virtual_stages
@@ -173,7 +173,17 @@ def plan(cfg, gpu: GPU, nodes: int = 1, gpus_per_node: int = 8, efficiency: floa
         if best is None or mem["total"] > best[1]["total"]:
             best = (r, mem, n)
     stage, mem, n_local = best
+    usable = gpu.mem_gib * GiB * USABLE_FRACTION
+    res = {"gpu": gpu.name, "layout": {"tp": tp, "pp": pp, "dp": dp, "virtual_stages": v, "world": world,
+                                       "nodes": nodes, "gpus_per_node": gpus_per_node, "micro_batch": micro,
+                                       "micro_batches_per_step": n_micro, "zero": bool(p.distributed_optimizer),
+                                       "recompute": t.recompute, "dtype": cfg.precision.dtype, "stage": stage,
+                                       "attention": "math" if math_attention else "flash"},
+           "memory": mem, "usable_bytes": usable, "fits": mem["total"] <= usable}
+    if not step_time:
+        return res
     # ---------------------------------------------------------------- step time
+    from xlmr_mp.metrics import flops_per_token
     fpt = flops_per_token(m, seq, cfg.data.mask_prob) * (4.0 / 3.0 if t.recompute == "full" else 1.0)
     gb_tokens = t.global_batch * seq
     peak = (gpu.bf16_tflops if low else gpu.fp32_tflops) * 1e12
@@ -190,20 +200,14 @@ def plan(cfg, gpu: GPU, nodes: int = 1, gpus_per_node: int = 8, efficiency: floa
     bubble = (compute + tp_comm) * (pp - 1) / (v * n_micro) if pp > 1 else 0.0
     optim_t = 7 * 4 * n_local / (dp if p.distributed_optimizer else 1) / (gpu.hbm_gbps * 1e9)
     total_t = compute + tp_comm + pp_comm + dp_comm + bubble + optim_t
-    usable = gpu.mem_gib * GiB * USABLE_FRACTION
-    return {
-        "gpu": gpu.name, "layout": {"tp": tp, "pp": pp, "dp": dp, "virtual_stages": v, "world": world,
-                                    "nodes": nodes, "gpus_per_node": gpus_per_node, "micro_batch": micro,
-                                    "micro_batches_per_step": n_micro, "zero": bool(p.distributed_optimizer),
-                                    "recompute": t.recompute, "dtype": cfg.precision.dtype, "stage": stage,
-                                    "attention": "math" if math_attention else "flash"},
-        "memory": mem, "usable_bytes": usable, "fits": mem["total"] <= usable,
+    res.update({
         "step_time_s": {"compute": compute, "tp_comm": tp_comm, "pp_comm": pp_comm, "dp_comm": dp_comm,
                         "bubble": bubble, "optimizer": optim_t, "total": total_t},
         "tokens_per_s": gb_tokens / total_t, "mfu": fpt * gb_tokens / total_t / (world * peak),
         "efficiency": efficiency, "train_steps": t.train_steps,
         "days_for_steps": t.train_steps * total_t / 86400.0,
-    }
+    })
+    return res
 
 
 def format_plan(res: dict) -> str:

@@ -66,12 +66,33 @@ def _record_into(tmp: str, cfg, argv: list) -> None:
                 f.write(f"{k}={os.environ[k]}\n")
 
 
+def plan_memory_check(cfg, gpu: str, world: int, per_node: int) -> None:
+    """Print the planner's memory per rank (tools/plan.py, memory only: no torch); a warning on
+    stderr when it does not fit the GPU."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import plan as planner
+    if gpu not in planner.GPUS:
+        print(f"warning: --gpu {gpu!r} is not one of {', '.join(sorted(planner.GPUS))}; no memory plan", file=sys.stderr)
+        return
+    res = planner.plan(cfg, planner.GPUS[gpu], max(1, world // per_node), min(per_node, world), step_time=False)
+    need, have = res["memory"]["total"] / planner.GiB, res["usable_bytes"] / planner.GiB
+    print(f"# plan: {need:.1f} GiB per rank of {have:.1f} GiB usable on {gpu} (tools/plan.py)")
+    if not res["fits"]:
+        print(f"warning: tools/plan.py predicts {need:.1f} GiB per rank but a {gpu} has {have:.1f} GiB usable: "
+              f"the run will likely run out of memory; lower train.micro_batch, set train.recompute=full or "
+              f"parallel.distributed_optimizer=true, or raise parallel.tensor / parallel.pipeline "
+              f"(details: python tools/plan.py --gpu {gpu} ...)", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="YAML preset (launch/configs/*.yaml)")
     ap.add_argument("--world-size", type=int, required=True, help="number of training processes (SLURM_NTASKS)")
     ap.add_argument("--tasks-per-node", type=int, default=0, help="processes per node (warns when TP spans nodes)")
     ap.add_argument("--record", default="", metavar="TAG", help="write config/commit/command into RUN_DIR/launch/TAG")
+    ap.add_argument("--gpu", default=os.environ.get("XLMR_GPU_TYPE", ""),
+                    help="GPU type for the memory plan (tools/plan.py: V100-16, V100-32, A100-40, A100-80, H100, "
+                         "H200; default $XLMR_GPU_TYPE); warns when the plan does not fit")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = ap.parse_args(argv)
     if args.world_size < 1:
@@ -91,6 +112,8 @@ def main(argv=None) -> int:
     if args.tasks_per_node and (p.tensor > args.tasks_per_node or args.tasks_per_node % p.tensor):
         print(f"warning: parallel.tensor={p.tensor} does not fit within one node's {args.tasks_per_node} tasks; "
               f"tensor-parallel all-reduces will cross the network", file=sys.stderr)
+    if args.gpu:
+        plan_memory_check(cfg, args.gpu, args.world_size, args.tasks_per_node or 8)
     ckpt = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
     accum = grad_accumulation_steps(cfg)
     print(f"# layout ok: world {args.world_size} = TP {p.tensor} x PP {p.pipeline} x DP {p.data} "
