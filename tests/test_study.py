@@ -144,3 +144,32 @@ def test_cap_lines_text_and_keys(tmp_path, corpus):
     assert Preparation(other, str(tmp_path / "out")).tokenizer_for(other.cells[2]).key != tok.key
     assert Preparation(other, str(tmp_path / "out")).tokenizer_for(other.cells[0]).key != \
         prep.tokenizer_for(st.cells[0]).key                      # sw is in L2 too
+
+
+@pytest.mark.slow
+def test_concurrent_cells_build_each_artefact_once(tmp_path, corpus):
+    """Four cells at once, two tokenizer keys (per_set L2 and L3): each SentencePiece model and
+    dataset is built exactly once, the other cells wait for it under its file lock."""
+    import json
+    import threading
+    from xlmr_mp.study.prepare import Preparation
+    st = _load(tmp_path, corpus, tokenizer="per_set", spm={"sample_size": 2000})
+    prep = Preparation(st, str(tmp_path / "out"), log=lambda *_: None)
+    errors = []
+
+    def build(cell):
+        try:
+            prep.ensure_dataset(prep.dataset_for(cell))
+        except Exception as e:        # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=build, args=(c,)) for c in st.cells]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    builds = [json.loads(l) for l in open(tmp_path / "out" / "prep" / "builds.jsonl")]
+    assert sorted(b["kind"] for b in builds) == ["dataset", "dataset", "tokenizer", "tokenizer"], builds
+    assert len({b["key"] for b in builds}) == 4
+    for c in st.cells:
+        assert prep.train_tokens(prep.dataset_for(c)) is not None
