@@ -150,6 +150,8 @@ def main(argv=None) -> int:
         if os.path.isfile(out):
             with open(out) as f:
                 reports[task] = json.load(f)
+            if reports[task].get("command"):        # the command that wrote it, as evaluate.py recorded it
+                commands[task] = ["python"] + reports[task]["command"]
     for task in ("xnli", "ner"):
         print(f"[{task}] not run: ../shared/corpus/eval has no {task} data")
     summarise(reports, commands, a.note, a.out_dir)
