@@ -47,6 +47,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)      # progress lines reach a log file as they happen
     try:
         study = load_spec(args.spec)
     except SpecError as e:
