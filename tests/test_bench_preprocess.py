@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from _prep_util import ROOT, train_tiny_spm
+from support.prep import ROOT, train_tiny_spm
 from xlmr_mp.data.tiny_corpus import make_tiny_corpus
 
 

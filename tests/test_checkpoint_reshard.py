@@ -5,8 +5,8 @@ import os
 
 import torch
 
-from dist import run_distributed
-import _train_bodies as b
+from support.harness import run_distributed
+from support import train_bodies as b
 from xlmr_mp.model.sharding import local_to_full
 
 TP2PP2 = ["parallel.tensor=2", "parallel.pipeline=2"]

@@ -5,7 +5,7 @@ processes), and the model's masked_loss_sum uses it."""
 import pytest
 import torch
 
-from dist import run_distributed
+from support.harness import run_distributed
 
 M, H, V, VP = 37, 16, 50, 56         # masked tokens, hidden, real vocabulary, padded vocabulary
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-import _train_bodies as b
-from _prep_util import train_tiny_spm
+from support import train_bodies as b
+from support.prep import train_tiny_spm
 from xlmr_mp.config import ConfigError, load_config
 from xlmr_mp.data.tiny_corpus import make_tiny_corpus
 

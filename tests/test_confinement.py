@@ -3,7 +3,7 @@ temporary root, not the preset's relative runs/tiny (where the README's Training
 and the guard in conftest.py notices a file created, changed or deleted under a watched tree."""
 import os
 
-import _train_bodies as b
+from support import train_bodies as b
 from conftest import REPO_RUNS, tree_changes, tree_state
 
 

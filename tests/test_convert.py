@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from _model_bodies import tiny_batch, tiny_hf_model
+from support.model_bodies import tiny_batch, tiny_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")

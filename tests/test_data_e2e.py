@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from _prep_util import run_tool, train_tiny_spm
+from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.data.tiny_corpus import make_tiny_corpus
 
 LANGS = ["en", "fr", "zh", "ur", "sw"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from _data_corpus import write_corpus
-from dist import run_distributed
+from support.corpus import write_corpus
+from support.harness import run_distributed
 from xlmr_mp.data.config import DataConfig
 from xlmr_mp.data.loader import MLMLoader, ValidationLoader, bits_per_char, build_train_loader
 

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from _data_corpus import write_corpus
+from support.corpus import write_corpus
 from xlmr_mp.data.blend import have_cpp
 from xlmr_mp.data.dataset import MultilingualCorpus, PackedLanguageDataset
 from xlmr_mp.data.packing import pack_blocks, pack_blocks_reference

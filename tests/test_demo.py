@@ -7,9 +7,7 @@ import subprocess
 
 import pytest
 
-import _train_bodies as b
-
-
+from support import train_bodies as b
 @pytest.mark.slow
 def test_demo_installs_only_what_it_needs_and_validates_every_language(tmp_path):
     shims = tmp_path / "shims"

@@ -5,9 +5,8 @@ the elements (max/min bytes <= 1.05), parameters straddling two ranks' ranges ar
 and whole into the by-name checkpoint state, and a save/load at the same layout restores it."""
 import torch
 
-from dist import run_distributed
-import _train_bodies as b
-
+from support.harness import run_distributed
+from support import train_bodies as b
 STEPS = 4
 BASE = ["train.global_batch=8", "train.micro_batch=2", "optim.warmup_steps=2"]
 

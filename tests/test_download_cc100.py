@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from _prep_util import run_tool
+from support.prep import run_tool
 
 TEXT = {"sw": "Habari ya asubuhi.\nWatoto wanasoma.\n\nMji mkubwa.\n" * 500,
         "ur": "لوگ شہر دریا بازار۔\nآج کل۔\n\n" * 300}

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from _eval_bodies import EVAL_LANGS, eval_lines, trained_run
+from support.eval_bodies import EVAL_LANGS, eval_lines, trained_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "evaluate.py")
@@ -65,8 +65,8 @@ def test_mbpc_report_predictions_table_plot(run, tmp_path):
 
 
 def test_hf_directory_gives_the_same_numbers(run, tmp_path):
-    import _prep_util
-    _prep_util.run_tool("convert_checkpoint", "xlmr-to-hf", "--input", run["root"], "--output", tmp_path / "hf")
+    from support import prep
+    prep.run_tool("convert_checkpoint", "xlmr-to-hf", "--input", run["root"], "--output", tmp_path / "hf")
     res = {}
     for name, model in (("ours", run["root"]), ("hf", tmp_path / "hf")):
         rc, out, err = evaluate("mbpc", "--model", model, "--data", run["flores"], "--out", tmp_path / f"{name}.json",
@@ -85,7 +85,7 @@ def test_hf_directory_gives_the_same_numbers(run, tmp_path):
 
 
 def test_bad_input_gives_one_error_line(run, tmp_path):
-    from _prep_util import train_tiny_spm
+    from support.prep import train_tiny_spm
     other = train_tiny_spm(run["corpus"], tmp_path / "small", vocab_size=600)
     bad_ckpt = tmp_path / "notackpt"
     bad_ckpt.mkdir()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from _model_bodies import TINY_HF, tiny_batch
+from support.model_bodies import TINY_HF, tiny_batch
 
 
 def _hf_classifier(kind, num_labels=5, seed=3, **overrides):
@@ -72,7 +72,7 @@ def test_export_hf_reloads_with_same_logits(kind, tmp_path):
     from xlmr_mp.checkpoint.model_io import local_state_for
     from xlmr_mp.eval.heads import Classifier, encoder_from, export_hf
     from xlmr_mp.model.xlmr import XLMRModel
-    from _model_bodies import tiny_hf_model
+    from support.model_bodies import tiny_hf_model
     mlm = tiny_hf_model(seed=6)
     cfg = model_config_from_hf(mlm.config.to_dict())
     model = XLMRModel(cfg, init_seed=0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _eval_bodies import EVAL_LANGS, eval_lines, trained_run
+from support.eval_bodies import EVAL_LANGS, eval_lines, trained_run
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +133,8 @@ def test_batch_size_does_not_change_the_numbers(em):
 def test_tp1_and_tp2_give_the_same_numbers(run, em, tmp_path):
     from xlmr_mp.eval.common import load_eval_model
     from xlmr_mp.eval.mbpc import evaluate_lines
-    import _prep_util
-    _prep_util.run_tool("convert_checkpoint", "reshard", "--input", run["root"], "--output", tmp_path / "tp1",
+    from support import prep
+    prep.run_tool("convert_checkpoint", "reshard", "--input", run["root"], "--output", tmp_path / "tp1",
                         "--tp", "1")
     em1 = load_eval_model(str(tmp_path / "tp1"), tokenizer=run["spm"])
     for lang in EVAL_LANGS:

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from _eval_bodies import eval_lines, trained_run
+from support.eval_bodies import eval_lines, trained_run
 
 
 @pytest.fixture(scope="module")

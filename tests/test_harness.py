@@ -1,9 +1,7 @@
 import pytest
 
-from dist import run_distributed
-import _dist_bodies as bodies
-
-
+from support.harness import run_distributed
+from support import dist_bodies as bodies
 def test_allreduce_two_ranks():
     assert run_distributed(bodies.allreduce_rank, 2, timeout=120) == [3.0, 3.0]
 

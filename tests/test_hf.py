@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from _model_bodies import tiny_batch, tiny_hf_model
+from support.model_bodies import tiny_batch, tiny_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_export_reloads_in_transformers(hf_and_ours, tmp_path):
 
 def test_unsupported_hf_config_is_named():
     from xlmr_mp.checkpoint.hf import HFConversionError, model_config_from_hf
-    from _model_bodies import TINY_HF
+    from support.model_bodies import TINY_HF
     bad = dict(TINY_HF, hidden_act="relu", num_hidden_layers=2)
     with pytest.raises(HFConversionError, match="hidden_act"):
         model_config_from_hf(bad, "x/config.json")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist import run_distributed
+from support.harness import run_distributed
 from xlmr_mp.kernels import dispatch, mlm_xent, ops
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from _eval_bodies import trained_run
+from support.eval_bodies import trained_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "tools", "convert_checkpoint.py")
@@ -117,7 +117,7 @@ def test_export_tokenizer_options(run, tmp_path):
     rc, out, err = _tool(CONVERT, "xlmr-to-hf", "--input", bare, "--output", tmp_path / "t", "--tokenizer", run["spm"])
     assert rc == 0 and "tokenizer.json" in os.listdir(tmp_path / "t")
     # a tokenizer of another size: refused before anything is written
-    from _prep_util import train_tiny_spm
+    from support.prep import train_tiny_spm
     other = train_tiny_spm(run["corpus"], tmp_path / "small", vocab_size=600)
     rc, out, err = _tool(CONVERT, "xlmr-to-hf", "--input", bare, "--output", tmp_path / "x", "--tokenizer", other)
     assert rc == 2 and err.startswith("error:") and "602" in err and "1002" in err
@@ -169,7 +169,7 @@ def test_exported_tokenizer_on_shared_flores_zh(shared_corpus, tmp_path):
     """The issue's measure: a byte-fallback vocabulary trained on the shared corpus; the exported
     tokenizer gives our ids on all 200 first zh FLORES lines, byte-fallback pieces included."""
     from transformers import AutoTokenizer
-    from _prep_util import train_tiny_spm
+    from support.prep import train_tiny_spm
     from xlmr_mp.tokenizer import XLMRTokenizer
     from xlmr_mp.tokenizer.hf import save_hf_tokenizer
     src = tmp_path / "text"

@@ -4,7 +4,7 @@ a special token (<s>, </s>, <unk>, <pad>, <mask>): a special between two pieces 
 import numpy as np
 import torch
 
-from _data_corpus import write_corpus
+from support.corpus import write_corpus
 from xlmr_mp.data.config import DataConfig
 from xlmr_mp.data.loader import MLMLoader
 from xlmr_mp.data.masking import Masker

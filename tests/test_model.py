@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _model_bodies import tiny_batch
+from support.model_bodies import tiny_batch
 from xlmr_mp.config import ConfigError
 from xlmr_mp.model.config import PRESETS, ModelConfig
 from xlmr_mp.model.xlmr import XLMRModel

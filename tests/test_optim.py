@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dist import run_distributed
+from support.harness import run_distributed
 from xlmr_mp.config import OptimConfig
 from xlmr_mp.optim import LRSchedule, clip_grads, global_grad_norm, param_groups
 
@@ -47,7 +47,7 @@ def test_clip_scales_to_max_norm():
                          ids=["ddp", "zero1-allreduce", "zero1-reduce-scatter"])
 def test_dp_reducer_and_zero1_match_single_process(zero, reduce_scatter):
     """DP=2 (bucketed in-place SUM reduction, ZeRO-1 on or off) == one process with 2x accumulation."""
-    import _train_bodies as b
+    from support import train_bodies as b
     ref = b.dp_reference(steps=4)
     res = run_distributed(b.dp_rank_body, 2, args=(4, zero, reduce_scatter), timeout=120)
     for r in res:

@@ -5,7 +5,7 @@ several AdamW steps, same forward-only evaluation, and the tied decoder weight i
 first stage's embedding; shape inference leaves the dropout RNG streams alone."""
 import pytest
 
-from dist import run_scenarios
+from support.harness import run_scenarios
 
 RTOL = 1e-5
 # After AdamW steps parameters may differ by float rounding amplified by Adam's normalisation:
@@ -56,12 +56,12 @@ FOUR_RANKS = {
 
 @pytest.fixture(scope="module")
 def two_rank():
-    return run_scenarios("_pipeline_bodies", 2, TWO_RANKS)
+    return run_scenarios("support.pipeline_bodies", 2, TWO_RANKS)
 
 
 @pytest.fixture(scope="module")
 def four_rank():
-    return run_scenarios("_pipeline_bodies", 4, FOUR_RANKS)
+    return run_scenarios("support.pipeline_bodies", 4, FOUR_RANKS)
 
 
 @pytest.mark.timeout(600)

@@ -89,14 +89,14 @@ def test_first_last_fewer_is_a_config_option():
 
 
 def _tiny_model():
-    from _pipeline_bodies import tiny_model_cfg
+    from support.pipeline_bodies import tiny_model_cfg
     from xlmr_mp.model.xlmr import XLMRModel
     return XLMRModel(tiny_model_cfg(), init_seed=3)
 
 
 def test_pp1_schedule_is_the_plain_accumulation_loop():
     import torch
-    from _pipeline_bodies import make_micro_batches
+    from support.pipeline_bodies import make_micro_batches
     from xlmr_mp.model.stages import masked_lm_loss_sum
     from xlmr_mp.parallel.schedule import PipelineSchedule
     model, ref = _tiny_model(), _tiny_model()
@@ -116,7 +116,7 @@ def test_pp1_schedule_is_the_plain_accumulation_loop():
 
 
 def test_schedule_rejects_bad_micro_batches():
-    from _pipeline_bodies import make_micro_batches
+    from support.pipeline_bodies import make_micro_batches
     from xlmr_mp.model.stages import masked_lm_loss_sum
     from xlmr_mp.parallel.schedule import PipelineSchedule
     sched = PipelineSchedule([_tiny_model()], None, ParallelConfig(), 2, masked_lm_loss_sum)

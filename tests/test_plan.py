@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from dist import run_distributed
-import _plan_bodies as pb
-import _train_bodies as b
-
+from support.harness import run_distributed
+from support import plan_bodies as pb
+from support import train_bodies as b
 sys.path.insert(0, os.path.join(b.ROOT, "tools"))
 import plan as P  # noqa: E402
 

@@ -2,10 +2,8 @@
 nothing else (parameters, Adam state), on every DP rank; bf16 trains close to fp32."""
 import math
 
-from dist import run_distributed
-import _train_bodies as b
-
-
+from support.harness import run_distributed
+from support import train_bodies as b
 def test_forced_inf_skips_step_and_halves_scale(tmp_path):
     res = run_distributed(b.fp16_inf_body, 2, args=(str(tmp_path),), timeout=300)
     for r in res:

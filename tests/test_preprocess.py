@@ -10,7 +10,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from _prep_util import run_tool, train_tiny_spm
+from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.data.corpus_io import (CorpusError, RawChunk, align_range_start, iter_documents, iter_raw_chunks,
                                     parse_chunk)
 from xlmr_mp.data.indexed import IndexedWriter, read_documents, read_index

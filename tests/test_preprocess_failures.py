@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from _prep_util import run_tool, train_tiny_spm
+from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.data.corpus_io import CorpusError
 from xlmr_mp.data.tiny_corpus import make_tiny_corpus
 

@@ -2,7 +2,7 @@
 a process group, in float64, on real gloo ranks."""
 import pytest
 
-from dist import run_distributed
+from support.harness import run_distributed
 from xlmr_mp.distributed import all_reduce_floats
 
 

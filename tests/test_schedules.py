@@ -8,7 +8,7 @@ from xlmr_mp.config import ConfigError, load_config
 from xlmr_mp.optim import LRSchedule
 from xlmr_mp.schedules import BatchRule, BatchSchedule, RunSchedules, schedule_fields
 
-from _train_bodies import TINY
+from support.train_bodies import TINY
 
 
 def _cfg(*ov):

@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-import _train_bodies as b
-
+from support import train_bodies as b
 ROOT = b.ROOT
 STEPS = 30
 # alpha 0.7 -> 0.5 -> 0.3 and sw joining at step 12; mask 0.3 -> 0.15; wsd over the last 8 steps;
@@ -192,7 +191,7 @@ def test_batch_warmup_equals_fixed_size_runs_on_its_steps(data_dir, reference, t
 
 
 def _torchrun_cmd(data_dir, run_dir, extra=()):
-    from dist import free_port
+    from support.harness import free_port
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={free_port()}",
             "-m", "xlmr_mp.train", "--config", b.TINY, f"data.path={data_dir}", f"run_dir={run_dir}",
             f"train.train_steps={STEPS_TP}", "checkpoint.interval=10", "checkpoint.keep_last=10",

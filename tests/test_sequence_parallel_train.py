@@ -8,8 +8,8 @@ validation losses and parameters of TP=2 without it."""
 import pytest
 import torch
 
-from dist import run_scenarios
-from _pipeline_bodies import make_micro_batches, tiny_model_cfg
+from support.harness import run_scenarios
+from support.pipeline_bodies import make_micro_batches, tiny_model_cfg
 
 from xlmr_mp.config import ConfigError, ParallelConfig
 
@@ -35,12 +35,12 @@ FOUR = {
 
 @pytest.fixture(scope="module")
 def two_rank():
-    return run_scenarios("_sp_bodies", 2, TWO)
+    return run_scenarios("support.sp_bodies", 2, TWO)
 
 
 @pytest.fixture(scope="module")
 def four_rank():
-    return run_scenarios("_sp_bodies", 4, FOUR)
+    return run_scenarios("support.sp_bodies", 4, FOUR)
 
 
 def _bad(errs: dict, rtol: float, atol: float = 0.0) -> dict:
@@ -180,8 +180,8 @@ def _torchrun(nproc, data, run_dir, overrides):
     import os
     import subprocess
     import sys
-    from dist import free_port
-    import _train_bodies as tb
+    from support.harness import free_port
+    from support import train_bodies as tb
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "xlmr_mp.train", "--config", tb.TINY, f"data.path={data}", f"run_dir={run_dir}",
            "train.train_steps=4", "checkpoint.interval=0", "optim.warmup_steps=2", *overrides]
@@ -206,7 +206,7 @@ def _torchrun(nproc, data, run_dir, overrides):
 
 @pytest.fixture(scope="module")
 def cli_data(tmp_path_factory):
-    import _train_bodies as tb
+    from support import train_bodies as tb
     return tb.make_indexed_data(str(tmp_path_factory.mktemp("spdata")), seed=0)
 
 

@@ -10,9 +10,7 @@ import time
 
 import pytest
 
-import _train_bodies as b
-
-
+from support import train_bodies as b
 def _env(**extra):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from _prep_util import train_tiny_spm
+from support.prep import train_tiny_spm
 from xlmr_mp.data.tiny_corpus import make_tiny_corpus
 from xlmr_mp.tokenizer import TokenizerError, XLMRTokenizer, read_fairseq_dict
 

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from _prep_util import run_tool, train_tiny_spm
+from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.data.config import DataConfig
 from xlmr_mp.data.indexed import read_documents
 from xlmr_mp.data.loader import ValidationLoader, make_masker

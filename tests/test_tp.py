@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _model_bodies import blockwise_init, tiny_batch, tiny_hf_model, tp_rank_checks
-from dist import run_distributed
+from support.model_bodies import blockwise_init, tiny_batch, tiny_hf_model, tp_rank_checks
+from support.harness import run_distributed
 
 
 @pytest.fixture(scope="module")

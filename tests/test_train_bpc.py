@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import _train_bodies as b
-from _prep_util import run_tool, train_tiny_spm
+from support import train_bodies as b
+from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.config import load_config
 from xlmr_mp.data.loader import ValidationLoader
 from xlmr_mp.data.tiny_corpus import make_tiny_corpus

@@ -4,9 +4,8 @@ compiled with XLMR_MP_TEST_COMPILE=1). Slow: compilation takes minutes on a smal
 import pytest
 import torch
 
-from dist import run_distributed
-import _train_bodies as b
-
+from support.harness import run_distributed
+from support import train_bodies as b
 BASE = ["train.global_batch=8", "train.micro_batch=4", "optim.warmup_steps=2"]
 
 

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from dist import run_distributed
-import _train_bodies as b
+from support.harness import run_distributed
+from support import train_bodies as b
 from xlmr_mp.metrics import PEAK_FLOPS, MetricsLogger, flops_per_token, peak_flops, throughput
 
 

@@ -7,8 +7,7 @@ import os
 import subprocess
 import sys
 
-import _train_bodies as b
-
+from support import train_bodies as b
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_losses.json")
 
 

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-import _train_bodies as b
-
+from support import train_bodies as b
 ROOT = b.ROOT
 STEPS = 3
 

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-import _train_bodies as b
-
+from support import train_bodies as b
 STEPS = 3
 
 

@@ -3,9 +3,8 @@ parameters of the single-process run (fp32, gloo, real multi-process runs)."""
 import pytest
 import torch
 
-from dist import run_distributed
-import _train_bodies as b
-
+from support.harness import run_distributed
+from support import train_bodies as b
 STEPS = 10
 BASE = ["train.global_batch=8", "train.micro_batch=2", "optim.warmup_steps=3"]
 

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-import _train_bodies as b
-
+from support import train_bodies as b
 ROOT = b.ROOT
 STEPS, SAVE_AT = 8, 4
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from _prep_util import run_tool
+from support.prep import run_tool
 from xlmr_mp.data.corpus_io import iter_sentences
 from xlmr_mp.data.tiny_corpus import DEFAULT_SIZES, make_tiny_corpus
 

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 
-import _train_bodies as b
-from _prep_util import run_tool, train_tiny_spm
+from support import train_bodies as b
+from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.data.indexed import read_index
 from xlmr_mp.data.tiny_corpus import make_tiny_corpus, tiny_languages
 

@@ -25,7 +25,7 @@ def eval_lines(lang: str, n: int = 24, seed: int = 11):
 def train_tp2_body(rank, world_size, data_dir, spm, run_dir, eval_langs):
     """Train STEPS steps at TP=2 on real data, save; return the TP-local parameters and the NLL sums
     the TP=2 model (vocab-parallel cross-entropy) gives on the mbpc passes of eval_lines()."""
-    from _train_bodies import tiny_cfg
+    from support.train_bodies import tiny_cfg
     from xlmr_mp.data.loader import build_train_loader
     from xlmr_mp.eval.common import max_tokens
     from xlmr_mp.eval.mbpc import masked_inputs, plan_language
@@ -60,8 +60,8 @@ def train_tp2_body(rank, world_size, data_dir, spm, run_dir, eval_langs):
 
 def trained_run(base_dir: str) -> dict:
     """The tiny TP=2 run (built once under base_dir; later calls reuse it)."""
-    from dist import run_distributed
-    from _prep_util import run_tool, train_tiny_spm
+    from support.harness import run_distributed
+    from support.prep import run_tool, train_tiny_spm
     from xlmr_mp.data.tiny_corpus import make_tiny_corpus
     try:
         from xlmr_mp.model.sharding import local_to_full
@@ -79,7 +79,7 @@ def trained_run(base_dir: str) -> dict:
              "--workers", 1, "--quiet")
     run_dir = os.path.join(base_dir, "run")
     res = run_distributed(train_tp2_body, 2, args=(data, spm, run_dir, EVAL_LANGS), timeout=300)
-    from _train_bodies import tiny_cfg
+    from support.train_bodies import tiny_cfg
     cfg = tiny_cfg().model
     params = local_to_full([r["params"] for r in sorted(res, key=lambda r: r["tp_rank"])], cfg)
     out = {"root": os.path.join(run_dir, "checkpoints"), "spm": spm, "data": data, "corpus": corpus,

@@ -4,8 +4,7 @@ import resource
 
 import torch
 
-import _train_bodies as b
-
+from support import train_bodies as b
 SHAPE = ["model.vocab_size=32000", "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4",
          "model.ffn_size=1024", "model.max_positions=130", "data.seq_length=128", "train.micro_batch=8",
          "optim.warmup_steps=2"]

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from xlmr_mp.config import ParallelConfig
-from _pipeline_bodies import make_micro_batches, tiny_model_cfg
+from support.pipeline_bodies import make_micro_batches, tiny_model_cfg
 
 TIED = "lm_head.decoder_weight"
 EMB = "embeddings.word_embeddings.weight"

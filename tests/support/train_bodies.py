@@ -57,7 +57,8 @@ def dp_rank_body(rank, world_size, steps, zero, reduce_scatter=False):
 
 # ----------------------------------------------------------------------------- trainer end-to-end
 
-ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.dirname(
+    __import__("os").path.abspath(__file__))))
 TINY = __import__("os").path.join(ROOT, "launch", "configs", "tiny.yaml")
 
 
