@@ -14,6 +14,9 @@ import time
 import pytest
 
 from support import train_bodies as b
+
+pytestmark = pytest.mark.slow         # real trainer processes: tens of seconds per test on 2 quiet cores
+
 ROOT = b.ROOT
 STEPS = 30
 # alpha 0.7 -> 0.5 -> 0.3 and sw joining at step 12; mask 0.3 -> 0.15; wsd over the last 8 steps;
@@ -202,7 +205,6 @@ def _torchrun_cmd(data_dir, run_dir, extra=()):
 STEPS_TP = 20
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(3600)           # 5 runs of 4 processes; minutes on 2 loaded cores
 def test_tp2_pp2_sigkill_inside_a_phase_and_across_a_boundary_resumes_bitwise(data_dir, tmp_path):
     """TP=2 x PP=2 (4 processes under torchrun, dropout on, batch 4 -> 6 -> 8 at micro-batch 2, so
