@@ -179,7 +179,6 @@ def write_report(study: Study, out: str) -> List[str]:
           f"({', '.join(f'{n} {s}' for s, n in sorted(_count(states).items()))}). Only finished cells are reported.", "",
           "## Corpus caveats", "", CAVEATS]
     metrics = sorted({r["metric"] for r in rows}, key=lambda m: (m != "mbpc", m != "valid_bpc", m))
-    by_name = {r["name"]: r for r in recs}
     for grid in study.grids:
         g_recs = [r for r in recs if any(g == grid for g, _ in _memberships(r))]
         md += [f"## Grid {grid}", ""]
@@ -206,7 +205,6 @@ def write_report(study: Study, out: str) -> List[str]:
                 md.append(f"| {' '.join(v for _, v in k)} | {_fmt_ci(d.get('High'))} | {_fmt_ci(d.get('Low'))} | "
                           f"{_fmt_ci(d.get('All'))} | " + " | ".join(_fmt_ci(d.get(l)) for l in langs) + " |")
             md.append("")
-    del by_name
     md_path = os.path.join(out, "report.md")
     with open(md_path + ".tmp", "w") as f:
         f.write("\n".join(md) + "\n")

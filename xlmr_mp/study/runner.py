@@ -328,8 +328,6 @@ def status_rows(study: Study, out: str) -> List[dict]:
         done = read_json(os.path.join(d, "done.json")) or {}
         rec = read_json(os.path.join(d, "cell.json")) or {}
         t = done.get("train_seconds", 0) + done.get("eval_seconds", 0) if done else None
-        if t is None and m:
-            t = None
         rows.append({"cell": c.name, "state": st, "step": m.get("step", trained_step(os.path.join(d, "run"))),
                      "steps": rec.get("steps"), "loss": m.get("loss"), "seconds": t})
     return rows
