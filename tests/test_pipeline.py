@@ -43,14 +43,18 @@ def _check(results, steps, rtol=RTOL):
 
 # Spawning and importing dominate the cost, so each world size runs its scenarios in one launch.
 TWO_RANKS = {
-    "1f1b": ("pipeline_vs_reference", (1, 2, 1, "1f1b", 4, 3, None, dict(loss_scale=8.0))),
-    "interleaved": ("pipeline_vs_reference", (1, 2, 2, "interleaved", 4, 3, None, dict(recompute="full"))),
-    "bf16": ("pipeline_vs_reference", (1, 2, 1, "1f1b", 4, 1, None, dict(bf16=True, recompute="selective"))),
+    "1f1b": ("pipeline_vs_reference", dict(tp=1, pp=2, virtual_stages=1, schedule="1f1b", n_micro=4, steps=3,
+                                           options=dict(loss_scale=8.0))),
+    "interleaved": ("pipeline_vs_reference", dict(tp=1, pp=2, virtual_stages=2, schedule="interleaved", n_micro=4,
+                                                  steps=3, options=dict(recompute="full"))),
+    "bf16": ("pipeline_vs_reference", dict(tp=1, pp=2, virtual_stages=1, schedule="1f1b", n_micro=4, steps=1,
+                                           options=dict(bf16=True, recompute="selective"))),
 }
 FOUR_RANKS = {
-    "tp2_pp2": ("pipeline_vs_reference", (2, 2, 1, "1f1b", 4, 3)),
-    "pp4_gpipe": ("pipeline_vs_reference", (1, 4, 1, "gpipe", 4, 2, [0, 2, 2, 0])),
-    "rng": ("shape_inference_keeps_rng", (2, 2)),
+    "tp2_pp2": ("pipeline_vs_reference", dict(tp=2, pp=2, virtual_stages=1, schedule="1f1b", n_micro=4, steps=3)),
+    "pp4_gpipe": ("pipeline_vs_reference", dict(tp=1, pp=4, virtual_stages=1, schedule="gpipe", n_micro=4, steps=2,
+                                                stage_layers=[0, 2, 2, 0])),
+    "rng": ("shape_inference_keeps_rng", dict(tp=2, pp=2)),
 }
 
 

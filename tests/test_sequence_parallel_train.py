@@ -21,15 +21,18 @@ RTOL = 1e-5
 PARAM_ATOL = 1e-4
 
 TWO = {
-    "tp2": ("sp_train_vs_single", (2, 1, 2, STEPS, "hooks")),
-    "tp2_unsynced": ("sp_train_vs_single", (2, 1, 2, STEPS, "none")),
-    "bad_seq": ("bad_seq_length", ()),
+    "tp2": ("sp_train_vs_single", dict(tp=2, pp=1, n_micro=2, steps=STEPS, sync="hooks")),
+    "tp2_unsynced": ("sp_train_vs_single", dict(tp=2, pp=1, n_micro=2, steps=STEPS, sync="none")),
+    "bad_seq": ("bad_seq_length", {}),
 }
 FOUR = {
-    "tp2_pp2": ("sp_train_vs_single", (2, 2, 2, STEPS, "hooks", 25.0, "full")),
-    "tp2_dp2": ("sp_train_vs_single", (2, 1, 2, STEPS, "hooks", 1e-3)),
-    "tp2_dp2_sync_after_step": ("sp_train_vs_single", (2, 1, 2, STEPS, "after_step", 1e-3)),
-    "tp2_dp2_sync_after_dp": ("sp_train_vs_single", (2, 1, 2, STEPS, "after_dp", 1e-3)),
+    "tp2_pp2": ("sp_train_vs_single", dict(tp=2, pp=2, n_micro=2, steps=STEPS, sync="hooks", bucket_mb=25.0,
+                                           recompute="full")),
+    "tp2_dp2": ("sp_train_vs_single", dict(tp=2, pp=1, n_micro=2, steps=STEPS, sync="hooks", bucket_mb=1e-3)),
+    "tp2_dp2_sync_after_step": ("sp_train_vs_single", dict(tp=2, pp=1, n_micro=2, steps=STEPS, sync="after_step",
+                                                           bucket_mb=1e-3)),
+    "tp2_dp2_sync_after_dp": ("sp_train_vs_single", dict(tp=2, pp=1, n_micro=2, steps=STEPS, sync="after_dp",
+                                                         bucket_mb=1e-3)),
 }
 
 

@@ -92,12 +92,16 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300,
 def _run_scenarios(rank, world_size, module_name, scenarios):
     import importlib
     mod = importlib.import_module(module_name)
-    return [getattr(mod, name)(rank, world_size, *args) for name, args in scenarios]
+    return [getattr(mod, name)(rank, world_size, **kwargs) for name, kwargs in scenarios]
 
 
 def run_scenarios(module_name: str, world_size: int, scenarios: dict, timeout: float = 540) -> dict:
-    """Run several {label: (body name in module_name, args)} scenarios in one set of `world_size`
-    processes (spawning is the slow part of multi-process tests); {label: [result per rank]}."""
+    """Run several {label: (body name in module_name, {keyword: value})} scenarios in one set of
+    `world_size` processes (spawning is the slow part of multi-process tests); each body is called
+    as body(rank, world_size, **keywords). Returns {label: [result per rank]}."""
+    for label, scenario in scenarios.items():
+        if not (isinstance(scenario, tuple) and len(scenario) == 2 and isinstance(scenario[1], dict)):
+            raise TypeError(f"scenario {label!r}: give (body name, dict of keyword arguments), got {scenario!r}")
     per_rank = run_distributed(_run_scenarios, world_size, args=(module_name, list(scenarios.values())),
                                timeout=timeout)
     return {label: [r[i] for r in per_rank] for i, label in enumerate(scenarios)}
