@@ -73,6 +73,7 @@ def repo_runs_untouched(request):
 # compilers, clusters), by node-id prefix.
 SLOW = (
     "tests/test_train_parallel.py", "tests/test_sequence_parallel_train.py", "tests/test_train_resume.py",
+    "tests/test_pipeline.py",
     "tests/test_train_resume_dropout.py", "tests/test_train_launchers.py",
     "tests/test_checkpoint_reshard.py::test_tp2pp2_to_dp4_and_back",
     "tests/test_bench_preprocess.py", "tests/test_kernels_compile.py",
