@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from xlmr_mp.atomic import atomic_write
 from xlmr_mp.checkpoint.format import resolve_checkpoint_dir
 from xlmr_mp.checkpoint.manager import CheckpointManager, rng_state, set_rng_state  # noqa: F401 (re-exported)
 from xlmr_mp.config import ConfigError, RunConfig, dump_config, grad_accumulation_steps, load_config
@@ -45,7 +46,7 @@ from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
 from xlmr_mp.optim import LRSchedule, clip_grads, global_grad_norm, norm_counted
 from xlmr_mp.parallel.data_parallel import DistributedAdamW, FlatBuffers, GradReducer, backend_has_reduce_scatter
 from xlmr_mp.parallel.grads import finalize_grads, sync_tied_embedding_weight
-from xlmr_mp.parallel.schedule import PipelineSchedule, broadcast_step_loss
+from xlmr_mp.parallel.schedule import PipelineSchedule, step_loss
 from xlmr_mp.parallel.state import destroy_parallel, init_parallel, seed_parallel_rng
 from xlmr_mp.precision import LossScaleAtMinimum, autocast, build_scaler, grads_have_inf, unscale_grads
 from xlmr_mp.run_lock import RunDirLocked, lock_run_dir
@@ -197,10 +198,7 @@ class Trainer:
         self.reducer.start_step(len(mbs))
         part = self.schedule.step(mbs, global_masked, loss_scale=scale)   # autocast inside, forward only
         finalize_grads(self.chunks, g, self.reducer)    # SP, DP, tied embedding
-        # step loss: per-DP-rank partial sums on the last stage, summed over DP, sent to all stages
-        if self.schedule.has_last_stage:
-            part = all_reduce_floats([part], g.dp_group)[0]
-        loss = broadcast_step_loss(part, g)
+        loss = step_loss(part, g)        # last stage's partial sums, summed over DP, sent to every stage
         opt = self.optimizer            # gradients: flat buffers (this rank's ranges under ZeRO-1)
         found_inf = grads_have_inf(opt.grad_tensors()) if self.cfg.precision.dtype == "fp16" else False
         skipped = self.scaler.update(found_inf)     # may raise LossScaleAtMinimum
@@ -261,10 +259,8 @@ class Trainer:
 
 def _write_schedules(schedules, path: str) -> None:
     """The run's step-keyed schedules (tokens resolved, branch history included), atomically."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         yaml.safe_dump(schedules.resolved(), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def _format(m: dict) -> str:

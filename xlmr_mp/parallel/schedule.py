@@ -4,7 +4,7 @@ over the micro-batches, no communication), so the training loop does not depend 
 
     pipe = PipelineSchedule(chunks, groups, cfg.parallel, n_microbatches, loss_fn, device=dev, autocast=ctx)
     loss = pipe.step(micro_batches, global_num_masked, loss_scale=scale)  # last stage: float, else None
-    loss = broadcast_step_loss(loss, groups)             # the same float on every PP rank
+    loss = step_loss(loss, groups)                       # DP-summed, the same float on every rank
     loss_sum, n_masked = pipe.evaluate(valid_batches)    # forward only, on every PP rank
 
 The schedule knows no model: `chunks` are this rank's stage modules (chunk order, each with a
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xlmr_mp.distributed import all_reduce_floats
 from xlmr_mp.errors import ConfigError
 from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.parallel.grads import sequence_parallel_syncs
@@ -57,6 +58,14 @@ def broadcast_step_loss(loss: Optional[float], groups) -> float:
                      device=_comm_device(groups.pp_group))
     dist.broadcast(t, group=groups.pp_group, group_src=groups.pp_size - 1)
     return t.item()
+
+
+def step_loss(part: Optional[float], groups) -> float:
+    """The step loss on every rank: the last stage's `step()` result (this DP rank's share of
+    the global loss sum / global masked count) summed over DP, then sent to every pipeline rank."""
+    if part is not None and groups is not None:
+        part = all_reduce_floats([part], groups.dp_group)[0]
+    return broadcast_step_loss(part, groups)
 
 
 class _StageModule(nn.Module):
