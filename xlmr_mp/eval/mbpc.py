@@ -37,7 +37,7 @@ from xlmr_mp.eval.common import (length_sorted_batches, max_tokens, pad_batch, p
                                  select_languages, task_settings)
 from xlmr_mp.ids import IGNORE_INDEX
 
-DEFAULTS = {"k": 7, "batch_size": 32, "whole_word": False, "max_batch_tokens": 16384}
+DEFAULTS = {"k": 7, "batch_size": 32, "whole_word": False, "max_batch_tokens": 16384, "max_lines": 0}
 WORD_START = "\u2581"
 
 # Scripts written without spaces between words (whole-word units are 2-3 character runs there).
@@ -269,6 +269,8 @@ def run(em: EvalModel, opts: EvalOptions) -> TaskResult:
     for lang in progress(langs, total=len(langs), desc="mbpc languages", enabled=opts.progress and len(langs) > 1,
                          unit="lang"):
         lines = read_lines(os.path.join(opts.data, f"{lang}.txt"))
+        if s["max_lines"] > 0:     # a quick run on the first lines (FLORES is parallel: the same content)
+            lines = lines[: s["max_lines"]]
         per[lang] = evaluate_lines(em.model, em.tokenizer, lang, lines, s["k"], s["batch_size"], s["whole_word"],
                                    s["max_batch_tokens"], em.device, opts.progress, info)
         if opts.predictions:       # one row per line: its bits (no gold: mbpc has no labels)
