@@ -57,7 +57,8 @@ def summarise(reports: dict, commands: dict, note: str, out_dir: str) -> None:
         if task in reports:
             r = reports[task]
             cols.append((f"{task} %", lambda l, r=r: r["languages"].get(l), "{:.1f}"))
-            cols.append((f"± std", lambda l, r=r: r.get("std", {}).get(l), "{:.1f}"))
+            if len(r.get("seeds") or {}) > 1:
+                cols.append((f"± std", lambda l, r=r: r.get("std", {}).get(l), "{:.1f}"))
             cols.append((f"{task} {base}", lambda l, r=r, b=base: r["baselines"].get(b, {}).get(l), "{:.1f}"))
 
     def cell(v, fmt):
