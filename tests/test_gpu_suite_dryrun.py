@@ -3,9 +3,12 @@
 import os
 import subprocess
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.timeout(1500)      # seven steps, two with the HF peer: ~2 min quiet, 10+ min on a busy machine
 def test_gpu_suite_dry_run(tmp_path):
     out = tmp_path / "suite"
     p = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_suite.sh"), "--dry-run", "--out", str(out)],
