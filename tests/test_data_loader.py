@@ -98,7 +98,7 @@ def test_language_mix_follows_q(corpus_dir):
 
 def test_real_two_process_resume(corpus_dir):
     k = 3
-    res = run_distributed(__import__("_data_bodies").resume_rank, world_size=2, args=(corpus_dir, k), timeout=240)
+    res = run_distributed(__import__("support.data_bodies", fromlist=["x"]).resume_rank, world_size=2, args=(corpus_dir, k), timeout=240)
     single = _loader(corpus_dir, 0, 1)
     global0 = torch.cat([next(single)["input_ids"] for _ in range(4)])
     assert torch.equal(res[0]["global0"], global0)

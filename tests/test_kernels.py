@@ -243,7 +243,7 @@ def test_mlm_cross_entropy_rejects_bad_shapes():
 def test_vocab_parallel_mlm_cross_entropy_tp2_equals_single_process():
     h, w, b, t = _xent_problem(M=11, D=8, V=57, dtype=torch.float32)
     g = torch.randn(11, generator=_gen(11))
-    results = run_distributed(__import__("_kernels_bodies").shard_xent_rank, world_size=2,
+    results = run_distributed(__import__("support.kernels_bodies", fromlist=["shard_xent_rank"]).shard_xent_rank, world_size=2,
                               args=(h, w, b, t, g, 10), timeout=120)
     hh, ww, bb = (x.clone().double().requires_grad_(True) for x in (h, w, b))
     ref = F.cross_entropy(F.linear(hh, ww, bb), t, reduction="none")

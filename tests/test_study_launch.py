@@ -118,7 +118,7 @@ def _alive(pid):
 
 def test_workers_exit_when_torchrun_is_killed(data_dir, tmp_path):
     run = str(tmp_path / "run")
-    env = _env(MASTER_PORT=str(__import__("dist").free_port()))
+    env = _env(MASTER_PORT=str(__import__("support.harness", fromlist=["x"]).free_port()))
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  "--nproc-per-node", "2"] + _train_cmd(data_dir, run, 100000)[1:],
                                 cwd=b.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -27,7 +27,7 @@ def _losses(run):
 
 
 def _run(cmd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=b.ROOT, MASTER_PORT=str(__import__("dist").free_port()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=b.ROOT, MASTER_PORT=str(__import__("support.harness", fromlist=["x"]).free_port()))
     p = subprocess.run(cmd, cwd=b.ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     return p
