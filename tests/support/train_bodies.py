@@ -267,9 +267,9 @@ def loss_scale_abort_body(rank, world_size, data_dir, run_dir):
     """fp16 run whose every step overflows: scale 4 -> 2 -> 1, then the abort saves and exits 3."""
     import json
     import os
-    import xlmr_mp.precision as P
+    import xlmr_mp.train as T
     from xlmr_mp.train import train
-    P.grads_have_inf = lambda params, group=None: True        # every step overflows
+    T.grads_have_inf = lambda params, group=None: True        # every step overflows (the trainer's own reference)
     cfg = tiny_cfg([f"data.path={data_dir}", f"run_dir={run_dir}", "precision.dtype=fp16",
                     "precision.initial_loss_scale=4", "precision.min_loss_scale=1", "train.eval_interval=0",
                     "checkpoint.interval=0"], world_size)
