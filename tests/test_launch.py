@@ -25,10 +25,16 @@ def _sbatch_opts(path):
     return opts
 
 
+def _preset(path):
+    """The preset a launcher uses by default (CONFIG="${CONFIG:-...}")."""
+    m = re.search(r'CONFIG="\$\{CONFIG:-([^}]+)\}"', open(os.path.join(ROOT, path)).read())
+    return os.path.join(ROOT, m.group(1))
+
+
 def _defaults(path):
     """The DEFAULTS=( ... ) override list of a launcher, with ${VAR:-x} left as the fallback x."""
     text = open(os.path.join(ROOT, path)).read()
-    body = re.search(r"DEFAULTS=\((.*?)\n\)", text, re.S).group(1)
+    body = re.search(r"^DEFAULTS=\(\n(.*?)\n\)", text, re.S | re.M).group(1)
     items = []
     for line in body.strip().splitlines():
         line = line.strip().strip('"')
@@ -56,7 +62,7 @@ def test_paper_defaults_are_a_valid_layout(path, nodes, micro, accum):
     assert opts["signal"] == "USR1@300" and "requeue" in opts and opts["open-mode"] == "append"
     assert opts["output"].startswith("logs/%x-")
     world = nodes * 8
-    cfg = load_config(None, [o for o in _defaults(path) if not o.startswith("run_dir")], world_size=world)
+    cfg = load_config(_preset(path), [o for o in _defaults(path) if not o.startswith("run_dir")], world_size=world)
     assert cfg.train.micro_batch == micro and grad_accumulation_steps(cfg) == accum
     assert cfg.train.micro_batch * accum * cfg.parallel.data == cfg.train.global_batch
     if path != "launch/scaling_study.slurm":
@@ -156,5 +162,5 @@ def test_sweep_cells_are_valid_configs():
     assert len(set(names)) == len(names)
     for name, *over in cells:
         over = [o.replace("$DATA_ROOT", "/data") for o in over]
-        cfg = load_config(None, defaults + over, world_size=32)
+        cfg = load_config(_preset("launch/scaling_study.slurm"), defaults + over, world_size=32)
         assert cfg.model.hidden_size % cfg.model.num_heads == 0, name
