@@ -164,7 +164,8 @@ class Trainer:
         self.reducer = GradReducer(self.buffers, groups.dp_group, reduce_scatter=zero and groups.pp_size == 1
                                    and backend_has_reduce_scatter(groups.dp_group))
         self.schedule = PipelineSchedule(self.chunks, groups, cfg.parallel, self.n_accum, masked_lm_loss_sum,
-                                         device=device, autocast=lambda: autocast(cfg.precision.dtype, device))
+                                         device=device, autocast=lambda: autocast(cfg.precision.dtype, device),
+                                         variable_micro_batches=bool(cfg.train.batch_warmup))
         self.lr_schedule = LRSchedule.from_config(cfg.optim, cfg.train.train_steps)
         self.scaler = build_scaler(cfg.precision)
         self.loader, self.valid = loader, valid

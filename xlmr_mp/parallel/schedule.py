@@ -119,12 +119,14 @@ class PipelineSchedule:
     `device`: where the stages' tensors live (default: the chunks' parameter device)."""
 
     def __init__(self, chunks: Sequence[nn.Module], groups, parallel_cfg, n_microbatches: int,
-                 loss_fn: StageLoss, device: Optional[torch.device] = None, autocast=None):
+                 loss_fn: StageLoss, device: Optional[torch.device] = None, autocast=None,
+                 variable_micro_batches: bool = False):
         if not callable(loss_fn):
             raise TypeError(f"PipelineSchedule needs loss_fn(chunk, x, attention_mask, labels), got {loss_fn!r}")
         self.chunks = list(chunks)
         self.groups = groups
         self.n_microbatches = n_microbatches
+        self.variable_micro_batches = variable_micro_batches    # train.batch_warmup: counts vary per step
         self.pp_size = groups.pp_size if groups is not None else 1
         self.kind = schedule_kind(parallel_cfg)
         self.loss_fn = loss_fn
@@ -199,9 +201,13 @@ class PipelineSchedule:
         loss_sum_mb / global_num_masked on the rank holding the last stage, None elsewhere.
         Under sequence parallelism the gradients of sequence-sharded parameters are summed over
         the TP group at their last accumulation (before any later gradient hook reads them);
-        `finalize_grads` completes the rest. The micro-batch count may differ from n_microbatches
-        from step to step (train.batch_warmup); PP>1 builds (once) a schedule for each count."""
+        `finalize_grads` completes the rest. With `variable_micro_batches` (train.batch_warmup)
+        the count may differ from n_microbatches from step to step and PP>1 builds (once) a
+        schedule for each count; otherwise any other count is an error."""
         n = len(micro_batches)
+        if n != self.n_microbatches and not self.variable_micro_batches:
+            raise ValueError(f"expected {self.n_microbatches} micro-batches (train.global_batch / "
+                             f"(train.micro_batch x DP)), got {n}")
         schedule = self._train_schedule(n)
         self._check_batches(micro_batches, n)
         if not global_num_masked or global_num_masked <= 0:
