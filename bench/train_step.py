@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import tempfile
 import subprocess
 import sys
 import time
@@ -63,7 +64,9 @@ def build_config(a, world: int):
           f"precision.dtype={a.precision}", f"parallel.tensor={a.tp}", f"parallel.pipeline={a.pp}",
           f"parallel.virtual_stages={a.virtual_stages}", f"train.recompute={a.recompute}",
           f"train.device={a.device}", "logging.jsonl=false", "logging.tensorboard=false",
-          "checkpoint.interval=0", f"optim.warmup_steps={a.steps + a.warmup + 1}"]
+          "checkpoint.interval=0", f"optim.warmup_steps={a.steps + a.warmup + 1}",
+          # never the preset's relative runs/<preset> under the caller's directory (--set run_dir=... wins)
+          f"run_dir={os.path.join(tempfile.gettempdir(), 'xlmr_mp_bench_train_step')}"]
     if a.virtual_stages > 1:
         ov.append("parallel.schedule=interleaved")
     if a.seq:
