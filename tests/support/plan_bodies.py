@@ -30,6 +30,10 @@ def measure_body(rank, world_size, overrides, steps, run_dir):
     """Peak RSS growth of this rank from just before the Trainer is built through `steps` steps
     (bytes), and its pipeline rank."""
     from xlmr_mp.parallel.state import destroy_parallel
+    # glibc's mmap threshold fixed in this process itself (M_MMAP_THRESHOLD = -3): the test's
+    # MALLOC_MMAP_THRESHOLD_ does not reach ranks forked from a server started earlier in the session
+    import ctypes
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
     warm_imports()
     cfg = b.tiny_cfg(SHAPE + list(overrides) + [f"run_dir={run_dir}", "logging.jsonl=false"], world_size)
     base = _rss_bytes()
