@@ -55,12 +55,42 @@ def flops_per_token(mcfg, seq_length: int, mask_prob: float = 0.15) -> float:
     return 3.0 * fwd
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes since it started (or since reset_peak_rss).
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process's own address space.
+    Not getrusage's ru_maxrss: the kernel carries that across fork + exec, so a process spawned by a
+    large parent (a rank started by the multiprocessing 'spawn' method from a pytest session holding
+    gigabytes, a torchrun worker) reports at least the parent's RSS at the fork. Elsewhere
+    ru_maxrss is the only measure there is."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if os.uname().sysname == "Darwin" else 1024       # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak RSS to the current RSS (Linux: '5' to /proc/self/clear_refs); False where the
+    kernel does not allow it (the peak then counts from the process start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def memory_stats(device: torch.device) -> Dict[str, float]:
-    """Peak memory in GiB: allocated on the GPU, or the process's max RSS on the CPU."""
+    """Peak memory in GiB: allocated on the GPU, or the process's peak RSS on the CPU."""
     if device.type == "cuda":
         return {"mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
                 "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
-    return {"mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    return {"mem_gib": peak_rss_bytes() / 2 ** 30}
 
 
 class Timer:

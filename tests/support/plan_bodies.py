@@ -1,6 +1,5 @@
 """Rank body for tests/test_plan.py: the measured peak memory of a few trainer steps."""
 import os
-import resource
 
 import torch
 
@@ -28,19 +27,23 @@ def warm_imports() -> None:
 
 def measure_body(rank, world_size, overrides, steps, run_dir):
     """Peak RSS growth of this rank from just before the Trainer is built through `steps` steps
-    (bytes), and its pipeline rank."""
+    (bytes), and its pipeline rank. The peak is VmHWM reset at the start (xlmr_mp.metrics): never
+    ru_maxrss, which a spawned rank inherits from the parent's RSS at the fork (late in a full test
+    session the pytest process holds gigabytes, and the growth measured 2.3-3x the plan)."""
+    from xlmr_mp.metrics import peak_rss_bytes, reset_peak_rss
     from xlmr_mp.parallel.state import destroy_parallel
-    # glibc's mmap threshold fixed in this process itself (M_MMAP_THRESHOLD = -3): the test's
-    # MALLOC_MMAP_THRESHOLD_ does not reach ranks forked from a server started earlier in the session
+    # glibc's mmap threshold fixed in this process (M_MMAP_THRESHOLD = -3) so freed tensors go back
+    # to the OS and the RSS follows the live tensors
     import ctypes
     ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
     warm_imports()
     cfg = b.tiny_cfg(SHAPE + list(overrides) + [f"run_dir={run_dir}", "logging.jsonl=false"], world_size)
     base = _rss_bytes()
-    base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if not reset_peak_rss():
+        raise RuntimeError("/proc/self/clear_refs not writable: cannot measure the peak from here")
     tr, g = b.make_trainer(cfg)
     for _ in range(steps):
         tr.train_step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     destroy_parallel()
-    return {"peak_growth": peak - base, "pp_rank": g.pp_rank, "base": base, "base_peak": base_peak}
+    return {"peak_growth": peak - base, "pp_rank": g.pp_rank, "base": base}
