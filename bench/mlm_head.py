@@ -9,7 +9,7 @@ Both run forward + backward in the same invocation; time and peak memory are pri
     python bench/mlm_head.py --batch 2 --out bench/results/mlm_head_cpu.txt
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated above the inputs and weights; on CPU, each
-variant runs in its own subprocess and we report its peak RSS (getrusage ru_maxrss) above the RSS
+variant runs in its own subprocess and we report its peak RSS (VmHWM, reset once inputs exist) above the RSS
 after the inputs and weights were allocated (includes allocator slack; a coarse but fair measure).
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from xlmr_mp.atomic import atomic_write_text  # noqa: E402
 from xlmr_mp.ids import IGNORE_INDEX  # noqa: E402
+from xlmr_mp.metrics import peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 
 def _setup(args, device):
@@ -102,6 +102,7 @@ def measure(args, variant: str) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_mb()
+        reset_peak_rss()
     times = []
     loss = None
     for i in range(args.warmup + args.iters):
@@ -119,7 +120,7 @@ def measure(args, variant: str) -> dict:
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        peak = peak_rss_bytes() / 2 ** 20 - base
     return {"variant": variant, "ms": statistics.median(times) * 1e3, "peak_mb": peak,
             "loss": loss.item(), "masked": n_masked}
 
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             results[variant] = measure(args, variant)
-        else:  # own process, so ru_maxrss is this variant's peak alone
+        else:  # own process, so its high-water mark is this variant's peak alone
             cmd = [sys.executable, os.path.abspath(__file__), "--_child", variant,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--mask-frac", str(args.mask_frac),
                    "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--dtype", args.dtype,
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     except OSError:
         commit = "?"
     mem_how = ("torch.cuda.max_memory_allocated above inputs+weights" if args.device.startswith("cuda")
-               else "peak RSS (ru_maxrss) above RSS after inputs+weights, one subprocess per variant")
+               else "peak RSS (VmHWM, reset after inputs+weights) above RSS after inputs+weights, one subprocess per variant")
     lines = [
         f"# bench/mlm_head.py  {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  commit {commit}",
         f"# command: python bench/mlm_head.py {' '.join(argv if argv is not None else sys.argv[1:])}",
