@@ -88,19 +88,19 @@ def _reordered(raw):
 
 
 BAD = {
-    "unknown top-level key": (lambda r: r.update(run=r.pop("runs")), ["unknown key run"]),
-    "unknown run key": (lambda r: r["runs"][2].update(branch_step=480), ["runs[2].branch_step"]),
-    "unknown run-config key": (lambda r: r["runs"][1]["overrides"].update({"data.alpha_schedul": 0.3}),
+    "unknown_top_key": (lambda r: r.update(run=r.pop("runs")), ["unknown key run"]),
+    "unknown_run_key": (lambda r: r["runs"][2].update(branch_step=480), ["runs[2].branch_step"]),
+    "unknown_run_config_key": (lambda r: r["runs"][1]["overrides"].update({"data.alpha_schedul": 0.3}),
                                ["runs[1] (annealed).overrides", "data.alpha_schedul"]),
-    "schedule language not in languages": (
+    "schedule_language_not_in_languages": (
         lambda r: r["runs"][2]["overrides"].update({"data.language_schedule": [{"step": 0, "languages": ["en", "xx"]}]}),
         ["runs[2] (decay_high)", "data.language_schedule", "xx"]),
-    "missing parent": (lambda r: r["runs"][2].update(parent="anealed"), ["runs[2] (decay_high).parent='anealed'", "not a run"]),
-    "parent runs later": (_reordered, ["runs[1] (decay_high).parent='annealed' runs later", "move decay_high after annealed"]),
-    "branch_at not a checkpoint step": (_bad, ["runs[3] (decay_flat).branch_at=470", "keeps 480, 600"]),
-    "parent without branch_at": (lambda r: r["runs"][2].pop("branch_at"), ["runs[2] (decay_high)", "branch_at"]),
-    "tool-set key": (lambda r: r["overrides"].append("run_dir=/tmp/x"), ["overrides: run_dir"]),
-    "high_resource not in languages": (lambda r: r.update(high_resource=["en", "xx"]), ["high_resource", "xx"]),
+    "missing_parent": (lambda r: r["runs"][2].update(parent="anealed"), ["runs[2] (decay_high).parent='anealed'", "not a run"]),
+    "parent_runs_later": (_reordered, ["runs[1] (decay_high).parent='annealed' runs later", "move decay_high after annealed"]),
+    "branch_at_not_a_checkpoint_step": (_bad, ["runs[3] (decay_flat).branch_at=470", "keeps 480, 600"]),
+    "parent_without_branch_at": (lambda r: r["runs"][2].pop("branch_at"), ["runs[2] (decay_high)", "branch_at"]),
+    "tool_set_key": (lambda r: r["overrides"].append("run_dir=/tmp/x"), ["overrides: run_dir"]),
+    "high_resource_not_in_languages": (lambda r: r.update(high_resource=["en", "xx"]), ["high_resource", "xx"]),
 }
 
 
