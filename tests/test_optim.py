@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from support.harness import run_distributed
+from support.harness import run_scenarios
 from xlmr_mp.config import OptimConfig
 from xlmr_mp.optim import LRSchedule, clip_grads, global_grad_norm, param_groups
 
@@ -43,13 +43,24 @@ def test_clip_scales_to_max_norm():
     assert clip_grads([p], 0.5, 1.0) == 1.0 and p.grad[0].item() == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("zero,reduce_scatter", [(False, False), (True, False), (True, True)],
-                         ids=["ddp", "zero1-allreduce", "zero1-reduce-scatter"])
-def test_dp_reducer_and_zero1_match_single_process(zero, reduce_scatter):
+DP_CASES = {"ddp": (False, False), "zero1-allreduce": (True, False), "zero1-reduce-scatter": (True, True)}
+
+
+@pytest.fixture(scope="module")
+def dp_runs():
+    """The three DP=2 variants, one after another in one pair of processes (spawning dominates)."""
+    return run_scenarios("support.train_bodies", 2, {
+        case: ("dp_rank_body", dict(steps=4, zero=zero, reduce_scatter=rs)) for case, (zero, rs) in DP_CASES.items()},
+        timeout=180)
+
+
+@pytest.mark.parametrize("case", list(DP_CASES))
+def test_dp_reducer_and_zero1_match_single_process(case, dp_runs):
     """DP=2 (bucketed in-place SUM reduction, ZeRO-1 on or off) == one process with 2x accumulation."""
     from support import train_bodies as b
+    zero, _ = DP_CASES[case]
     ref = b.dp_reference(steps=4)
-    res = run_distributed(b.dp_rank_body, 2, args=(4, zero, reduce_scatter), timeout=120)
+    res = dp_runs[case]
     for r in res:
         for name, t in ref.items():
             torch.testing.assert_close(r[name], t, rtol=1e-6, atol=1e-7)
