@@ -3,6 +3,7 @@ the weights arrive bit for bit, Adam state too (the next steps' losses match the
 changed layout), and an interrupted save never damages `latest`."""
 import os
 
+import pytest
 import torch
 
 from support.harness import run_distributed
@@ -49,6 +50,7 @@ def test_tp2pp2_to_dp4_and_back(tmp_path):
     assert r3[0]["step"] == 5
 
 
+@pytest.mark.slow          # two trainer processes in turn
 def test_optimizer_state_matters(tmp_path):
     """Control for the test above: loading the weights without the Adam state changes the next
     steps' losses beyond the tolerance used there."""
@@ -63,6 +65,7 @@ def test_optimizer_state_matters(tmp_path):
     assert not close(r2[0]["losses"][1:], r1[0]["losses"][4:])   # fresh Adam state: different update
 
 
+@pytest.mark.slow          # two trainer processes in turn
 def test_interrupted_save_keeps_latest(tmp_path):
     """A crash after some ranks wrote their files (a leftover step_N.tmp) leaves `latest` and its
     directory usable, and the next save replaces the leftover."""

@@ -3,6 +3,7 @@ single process (losses, gradient norms, parameters) on both gradient paths (redu
 gloo has in this torch, and the all-reduce fallback), each rank holds Adam state for a quarter of
 the elements (max/min bytes <= 1.05), parameters straddling two ranks' ranges are written once
 and whole into the by-name checkpoint state, and a save/load at the same layout restores it."""
+import pytest
 import torch
 
 from support.harness import run_distributed
@@ -44,6 +45,7 @@ def _zero_body(rank, world_size, run_dir):
     return out
 
 
+@pytest.mark.slow          # 1 + 4 trainer ranks
 def test_dp4_zero1_equals_single_and_shards_evenly(tmp_path):
     ref = run_distributed(_zero_body, 1, args=(str(tmp_path / "ref"),), timeout=300)[0]["single"]
     res = run_distributed(_zero_body, 4, args=(str(tmp_path / "dp4"),), timeout=500)

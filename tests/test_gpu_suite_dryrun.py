@@ -8,6 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow               # seven suite steps, two with the HF peer
 @pytest.mark.timeout(1500)      # seven steps, two with the HF peer: ~2 min quiet, 10+ min on a busy machine
 def test_gpu_suite_dry_run(tmp_path):
     out = tmp_path / "suite"

@@ -34,6 +34,7 @@ def runs(tmp_path_factory):
     return {d: _metrics(data, str(tmp_path_factory.mktemp(d)), d) for d in ("fp32", "fp16")}
 
 
+@pytest.mark.slow          # two trainer CLI runs (the module fixture)
 def test_fp16_tracks_fp32_and_logs_the_unscaled_grad_norm(runs):
     ref, half = runs["fp32"], runs["fp16"]
     assert [r["step"] for r in half] == [r["step"] for r in ref] == list(range(1, STEPS + 1))

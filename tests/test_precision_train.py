@@ -2,8 +2,13 @@
 nothing else (parameters, Adam state), on every DP rank; bf16 trains close to fp32."""
 import math
 
+import pytest
+
 from support.harness import run_distributed
 from support import train_bodies as b
+
+
+@pytest.mark.slow          # two trainer ranks
 def test_forced_inf_skips_step_and_halves_scale(tmp_path):
     res = run_distributed(b.fp16_inf_body, 2, args=(str(tmp_path),), timeout=300)
     for r in res:
@@ -17,6 +22,7 @@ def test_forced_inf_skips_step_and_halves_scale(tmp_path):
         assert math.isfinite(r["after"]["loss"])
 
 
+@pytest.mark.slow          # two trainer ranks
 def test_minimum_loss_scale_saves_and_aborts(tmp_path):
     data = b.make_indexed_data(str(tmp_path / "data"))
     res = run_distributed(b.loss_scale_abort_body, 2, args=(data, str(tmp_path / "run")), timeout=300)

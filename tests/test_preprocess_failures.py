@@ -98,6 +98,7 @@ def test_a_helper_that_never_answers_fails_after_the_timeout(prep, tmp_path):
     assert r.returncode == 2 and "--task-timeout 0.0: must be > 0" in r.stderr
 
 
+@pytest.mark.slow          # mpirun
 def test_mpi_failure_removes_its_shards(prep, tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not installed")

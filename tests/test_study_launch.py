@@ -47,6 +47,7 @@ def _lock_holder(run):
     return h or None
 
 
+@pytest.mark.slow          # trainer CLI processes
 def test_two_single_process_runs_share_a_port_free_machine(data_dir, tmp_path):
     """Two single-process trainings at once, with the default rendezvous port taken by someone else:
     both finish (a TCP store at world size 1 would fail both with EADDRINUSE)."""
@@ -64,6 +65,7 @@ def test_two_single_process_runs_share_a_port_free_machine(data_dir, tmp_path):
         assert len(open(tmp_path / f"run{i}" / "metrics.jsonl").readlines()) == 6
 
 
+@pytest.mark.slow          # trainer CLI processes
 def test_second_trainer_in_a_run_dir_fails_naming_the_holder(data_dir, tmp_path):
     run = str(tmp_path / "run")
     first = subprocess.Popen(_train_cmd(data_dir, run, 100000), cwd=b.ROOT, env=_env(),
@@ -116,6 +118,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.slow          # trainer CLI processes
 def test_workers_exit_when_torchrun_is_killed(data_dir, tmp_path):
     run = str(tmp_path / "run")
     env = _env(MASTER_PORT=str(__import__("support.harness", fromlist=["x"]).free_port()))

@@ -44,7 +44,7 @@ def reference():
                 init=local_to_full([init_ref], cfg), init_blockwise=local_to_full([init_block_ref], cfg))
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=["tp2", "tp4"])  # tp4: 4 ranks
 def tp_run(request, reference):
     ws = request.param
     r = reference

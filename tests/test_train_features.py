@@ -65,6 +65,7 @@ def test_metrics_logger_rank0_only_and_truncate(tmp_path):
     assert open(tmp_path / "valid.jsonl").read() == ""
 
 
+@pytest.mark.slow          # 1 + 2 + 2 trainer ranks
 def test_validation_same_at_every_layout(tmp_path):
     """Per-language validation loss after 3 steps on real (tiny, preprocessed-format) data: DP=2
     and interleaved PP=2 x 2 (the stage-by-stage forward) report the single process's values."""

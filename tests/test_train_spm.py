@@ -104,6 +104,7 @@ def test_errors_name_the_problem(tmp_path):
 SHARED_LANGS = ("en,fr,de,ru,zh,ja,ko,ar,hi,ur,sw,es,pt,it,tr,vi,th,el,he,fa,id,pl,uk,bn,ta,zh_Hant")
 
 
+@pytest.mark.slow          # sentencepiece on ../shared/corpus
 def test_shared_corpus_vocabulary_keeps_cjk_unknowns_near_zero(shared_corpus, tmp_path):
     """>= 20 languages incl. zh/ja/ko, alpha-sampled, 8000 pieces: CJK unknown rate < 0.1%."""
     langs = [l for l in SHARED_LANGS.split(",") if os.path.exists(os.path.join(shared_corpus, f"{l}.txt"))]
