@@ -5,10 +5,13 @@
                                    [--corpus ../shared/corpus] [--eval-data CORPUS/eval]
                                    [--results bench/results/schedule_study]
 
-The spec (format documented at the top of launch/studies/schedules.yaml) names the languages (joining
-order), the SentencePiece vocabulary, the overrides every run shares and the runs in order; a run is
-trained from scratch or is a branch (`parent`, `branch_at`) started from its parent's checkpoint at
-step branch_at (`checkpoint.branch_from`) with the parent's overrides and then its own. The shipped
+The spec (format documented at the top of launch/studies/schedules.yaml):
+    name, description, corpus, eval_data, base_config, languages (joining order), high_resource,
+    vocab, spm_alpha, overrides (every run's key=value), runs: [{name, label, overrides, parent, branch_at}]
+Runs are trained in list order; a run is trained from scratch or is a branch (`parent`, `branch_at`)
+started from its parent's checkpoint at step branch_at (`checkpoint.branch_from`) with the parent's
+overrides and then its own. The tool sets data.path, data.tokenizer, data.languages, run_dir and
+checkpoint.branch_from (a spec may not, nor checkpoint.dir). The shipped
 spec: `static` (alpha 0.3), `annealed` (alpha 0.7 -> 0.5 -> 0.3, languages 6 -> 8 -> 10, mask 0.3 ->
 0.15 -> 0.05, batch warmup; its own decay phase is the first decay branch, "decay_all"), and the
 branches `decay_high` (the 5 highest-resource languages) and `decay_flat` (alpha 0.01) at step 480.
