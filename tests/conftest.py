@@ -4,9 +4,12 @@ Every test runs confined: run directories default to the session's temporary dir
 (XLMR_MP_TEST_RUNS, inherited by spawned ranks), and a test that creates, changes or deletes
 anything under the repository's own runs/ fails (see `repo_runs_untouched`).
 
-Lanes: `pytest -m "not slow and not slurm"` is the fast lane. A test is marked `slow` / `slurm` by
-its own decorator, or here in SLOW / SLURM by node-id prefix (whole modules that predate the
-markers; an entry that matches no collected test fails a full collection)."""
+Lanes: `pytest -m "not slow and not slurm"` is the fast lane (a few minutes on 2 quiet cores); the
+full suite runs every test. A test taking more than ~8 s on a quiet 2-core machine (spawned ranks,
+trainer CLI runs, compilers, clusters) is marked `slow` by its own decorator (a parametrized case:
+`pytest.param(..., marks=pytest.mark.slow)`), or here in SLOW by node-id prefix for modules whose
+every test is that slow; `slurm` (needs the local cluster) likewise in SLURM. An entry that matches
+no collected test fails a full collection. Each feature area keeps a fast test where one exists."""
 import os
 import re
 import sys
@@ -69,14 +72,14 @@ def repo_runs_untouched(request):
                     f"temporary run_dir (tmp_path) instead", pytrace=False)
 
 
-# More than ~30 s each on a quiet 2-core machine (real multi-process gloo runs, trainer CLI runs,
-# compilers, clusters), by node-id prefix.
+# More than ~8 s each on a quiet 2-core machine (multi-process gloo runs, trainer CLI runs, mpirun,
+# the preprocessing benchmark), by node-id prefix: modules (or test-name prefixes) with no faster test.
 SLOW = (
-    "tests/test_train_parallel.py", "tests/test_sequence_parallel_train.py", "tests/test_train_resume.py",
+    "tests/test_train_parallel.py", "tests/test_train_resume.py",
     "tests/test_pipeline.py",
     "tests/test_train_resume_dropout.py", "tests/test_train_launchers.py",
     "tests/test_checkpoint_reshard.py::test_tp2pp2_to_dp4_and_back",
-    "tests/test_bench_preprocess.py", "tests/test_kernels_compile.py",
+    "tests/test_bench_preprocess.py",
     "tests/test_preprocess.py::test_killed_run", "tests/test_preprocess.py::test_mpi",
 )
 # Need the local two-node SLURM cluster (launch/slurm_cluster.sh; skipped without slurm-wlm).

@@ -25,6 +25,7 @@ def _run(args, timeout):
     return p.returncode, p.stdout + p.stderr
 
 
+@pytest.mark.slow          # nvcc and NVRTC, three archs
 def test_device_code_compiles_for_sm70_sm80_sm90():
     _need(ck.find_nvcc)
     _need(ck.find_sm70_toolchain)
@@ -53,6 +54,7 @@ def test_compile_check_reports_a_broken_kernel(tmp_path, monkeypatch):
 @pytest.mark.skipif(os.environ.get("XLMR_MP_TEST_HOST_COMPILE") != "1",
                     reason="host launchers take ~30 CPU-s each to compile against torch's headers; "
                            "set XLMR_MP_TEST_HOST_COMPILE=1 (or run tools/compile_kernels.py)")
+@pytest.mark.slow
 def test_host_launchers_and_bindings_compile_against_torch_headers():
     _need(ck.find_nvcc)
     rc, out = _run(["--archs", "sm_80", "--jobs", "2"], timeout=1800)

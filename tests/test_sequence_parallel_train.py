@@ -72,6 +72,7 @@ def _differs_from_single(results):
     assert max(d for d, _ in r["param_err"].values()) > 100 * PARAM_ATOL
 
 
+@pytest.mark.slow          # two_rank: 2 ranks, 3 scenarios
 def test_tp2_sp_equals_single_process(two_rank):
     res = two_rank["tp2"]
     _same_as_single(res)
@@ -82,16 +83,19 @@ def test_tp2_sp_equals_single_process(two_rank):
     assert not any(n.startswith("lm_head.") or "qkv" in n or "fc1" in n for n in sp)
 
 
+@pytest.mark.slow          # two_rank: 2 ranks, 3 scenarios
 def test_without_the_tp_gradient_sum_the_comparison_fails(two_rank):
     _differs_from_single(two_rank["tp2_unsynced"])
 
 
+@pytest.mark.slow          # two_rank: 2 ranks, 3 scenarios
 def test_bad_micro_batch_length_refused_before_any_forward(two_rank):
     for r in two_rank["bad_seq"]:
         assert r["msg"] is not None and "data.seq_length=15" in r["msg"] and "parallel.sequence_parallel" in r["msg"]
         assert r["untouched"]
 
 
+@pytest.mark.slow          # four_rank: 4 ranks, 4 scenarios
 def test_tp2_pp2_sp_equals_single_process(four_rank):
     """(with full activation recompute on the sequence-parallel side)"""
     res = four_rank["tp2_pp2"]
@@ -102,16 +106,19 @@ def test_tp2_pp2_sp_equals_single_process(four_rank):
     assert shapes == {(2, 8, 32)}
 
 
+@pytest.mark.slow          # four_rank: 4 ranks, 4 scenarios
 def test_tp2_dp2_sp_with_overlapped_dp_reducer_equals_single_process(four_rank):
     res = four_rank["tp2_dp2"]
     assert res[0]["n_buckets"] > 3            # several buckets, launched during backward
     _same_as_single(res)
 
 
+@pytest.mark.slow          # four_rank: 4 ranks, 4 scenarios
 def test_sp_sum_after_dp_reduction_commutes(four_rank):
     _same_as_single(four_rank["tp2_dp2_sync_after_dp"])
 
 
+@pytest.mark.slow          # four_rank: 4 ranks, 4 scenarios
 def test_sp_sum_between_step_and_dp_write_back_is_lost(four_rank):
     """Why the sum is a gradient hook: the DP reducer copies gradients into buckets during the
     last backward and writes the bucket sums back in finish(), over a sum done in between."""
@@ -235,6 +242,7 @@ def _same_run(ref, got, with_valid):
         torch.testing.assert_close(params[k], ref_params[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.slow          # torchrun, 2 + 4 processes
 def test_cli_tp2_dp2_sequence_parallel_equals_tp2(cli_data, cli_reference, tmp_path):
     """torchrun, 4 processes: TP=2 x DP=2 with sequence parallelism and small DP buckets (reduced
     during backward), validation included, == TP=2 without it (same losses, parameters)."""
