@@ -79,7 +79,6 @@ def test_interrupted_save_keeps_latest(tmp_path):
     assert latest_checkpoint(ck).endswith("step_00000003") and not os.path.exists(os.path.join(ck, "step_00000003.tmp"))
 
 
-@pytest.mark.slow          # a trainer process (the fast lane reshards in tests/test_convert.py)
 def test_model_only_checkpoint_loads_at_another_layout(tmp_path):
     """A model-only checkpoint (xlmr_mp.checkpoint.model_io, as written by tools/convert_checkpoint.py)
     saved at TP=2 x PP=2 starts a single-process run with exactly its weights (fresh Adam state)."""

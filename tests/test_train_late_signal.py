@@ -22,7 +22,7 @@ def data_dir(tmp_path_factory):
     return b.make_indexed_data(str(tmp_path_factory.mktemp("data")))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])  # a CLI run each
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_after_the_last_step_exits_0(data_dir, tmp_path, sig):
     run = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "xlmr_mp.train", "--config", b.TINY, f"data.path={data_dir}", f"run_dir={run}",
