@@ -125,6 +125,9 @@ def measure(args, variant: str) -> dict:
             "loss": loss.item(), "masked": n_masked}
 
 
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="also write the report here (temp file, then rename)")
     p.add_argument("--no-full", action="store_true",
                    help="skip the full-projection head (it needs > 24 GiB at 16 x 512 on a CPU)")
+    p.add_argument("--note", default="", help="a line recorded with the result (the machine's state, ...)")
     p.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
@@ -192,7 +196,9 @@ def main(argv=None) -> int:
                  f"all-position logits alone are {args.batch * args.seq * args.vocab * esize / 2 ** 20:.0f} MiB "
                  f"vs {g['masked'] * vp * esize / 2 ** 20:.0f} MiB gathered")
     if not args.device.startswith("cuda"):
-        lines.append("# note: shared, busy 2-core machine; times are indicative only")
+        lines.append(f"# load average (1 min) at the start: {LOAD_AT_START:.2f}")
+    if args.note:
+        lines.append(f"# note: {args.note}")
     report = "\n".join(lines) + "\n"
     print(report, end="")
     if args.out:

@@ -71,6 +71,13 @@ def test_predicted_peak_within_15_percent_of_measured(tmp_path, monkeypatch):
     assert all(abs(r - 1) <= 0.15 for r in ratios.values()), ratios
 
 
+def test_loss_chunk_rows_mirror_the_model_path():
+    from xlmr_mp.parallel.vocab import mlm_loss_chunk_rows
+    for v in (1, 1002, 32000, 125001, 250002, 10 ** 7):
+        assert P.loss_chunk_rows(v) == mlm_loss_chunk_rows(v)
+    assert mlm_loss_chunk_rows(250002) == 268      # 256 MiB of fp32 logits
+
+
 def test_check_layout_warns_when_the_plan_does_not_fit():
     def run(gpu, *ov):
         return subprocess.run([sys.executable, "launch/tools/check_layout.py", "--config", "launch/configs/large.yaml",

@@ -70,7 +70,15 @@ GPUS = {g.name: g for g in (
     GPU("CPU", 1e9, 0.16, 0.16, 10, 10, 10),      # this repository's test machine class (2 cores)
 )}
 
-LOSS_CHUNK_ROWS = 1024      # xlmr_mp.parallel.vocab.MLM_LOSS_CHUNK_ROWS
+LOSS_CHUNK_BYTES = 256 * 2 ** 20   # xlmr_mp.parallel.vocab.MLM_LOSS_CHUNK_BYTES (mirrored: no torch import here)
+
+
+def loss_chunk_rows(local_vocab: int) -> int:
+    """xlmr_mp.parallel.vocab.mlm_loss_chunk_rows without importing torch (tests/test_plan.py checks
+    that the two agree)."""
+    return max(16, LOSS_CHUNK_BYTES // (4 * max(1, local_vocab)))
+
+
 USABLE_FRACTION = 0.92      # device memory left after the CUDA context, NCCL buffers and fragmentation
 
 
@@ -158,7 +166,7 @@ def plan(cfg, gpu: GPU, nodes: int = 1, gpus_per_node: int = 8, efficiency: floa
         logits = 0.0
         if last:
             act += 5 * H * 4 * masked                                  # head transform saved tensors
-            logits = min(masked, LOSS_CHUNK_ROWS) * prm["vocab_rows"] * 4 + prm["vocab_rows"] * H * 4
+            logits = min(masked, loss_chunk_rows(prm["vocab_rows"])) * prm["vocab_rows"] * 4 + prm["vocab_rows"] * H * 4
             if low:
                 logits += prm["vocab_rows"] * H * 2                    # the weight in the compute dtype
         buffers = 0.0

@@ -130,7 +130,15 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_
 
 # ----------------------------------------------------------------------------- masked-LM loss, chunked
 
-MLM_LOSS_CHUNK_ROWS = 1024   # masked tokens per chunk: at most [chunk, V/TP] fp32 logits exist at a time
+MLM_LOSS_CHUNK_BYTES = 256 * 2 ** 20   # fp32 logits of one chunk, [rows, V/TP] x 4 bytes, at most this
+
+
+def mlm_loss_chunk_rows(local_vocab: int, budget_bytes: int = MLM_LOSS_CHUNK_BYTES) -> int:
+    """Masked tokens per chunk of the chunked loss: as many rows of [rows, V/TP] fp32 logits as fit
+    in budget_bytes (256 MiB: 268 rows at V=250002 on one TP rank, 536 at TP=2), at least 16. A byte
+    budget, not a row count: at XLM-R's vocabulary 1024 rows would be 977 MiB, as much as the whole
+    masked set of a 16 x 512 micro-batch."""
+    return max(16, budget_bytes // (4 * max(1, local_vocab)))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -228,20 +236,23 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
 def vocab_parallel_masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                   target: torch.Tensor, tp_group=None, vocab_start: int = 0,
                                   vocab_size: Optional[int] = None,
-                                  chunk_rows: int = MLM_LOSS_CHUNK_ROWS) -> torch.Tensor:
+                                  chunk_rows: Optional[int] = None) -> torch.Tensor:
     """Sum over the M masked tokens of cross_entropy(hidden @ weight^T + bias, target), a 0-d
     fp32 tensor, from this rank's vocabulary shard: hidden [M, H] (replicated over TP), weight
     [V/TP, H] and bias [V/TP] covering global ids [vocab_start, vocab_start + V/TP), target [M]
     global ids. Ids >= vocab_size (vocabulary padding) are never predicted. Equals
     vocab_parallel_cross_entropy(mask_padded_logits(parallel_lm_logits(...)), target).sum() in
-    value and gradient without holding more than [chunk_rows, V/TP] fp32 logits; the fused
+    value and gradient without holding more than [chunk_rows, V/TP] fp32 logits (default
+    mlm_loss_chunk_rows: a 256 MiB budget); the fused
     CUDA kernels (kernels/mlm_xent, XLMR_MP_KERNELS) replace the torch softmax where dispatched."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or target.shape != hidden.shape[:1]:
         raise ValueError(f"vocab_parallel_masked_lm_loss: hidden [M, H], weight [V_local, H], target [M] expected; "
                          f"got {tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(target.shape)}")
-    if chunk_rows <= 0:
+    if chunk_rows is not None and chunk_rows <= 0:
         raise ValueError(f"vocab_parallel_masked_lm_loss: chunk_rows must be positive, got {chunk_rows}")
     n_real = weight.shape[0] if vocab_size is None else max(0, min(weight.shape[0], vocab_size - vocab_start))
+    if chunk_rows is None:
+        chunk_rows = mlm_loss_chunk_rows(n_real)
     hidden = copy_to_tp(hidden, tp_group)          # backward: the TP sum of every shard's partial d hidden
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _ChunkedMaskedLMLoss.apply(hidden, weight, bias, target, tp_group, int(vocab_start), int(n_real),
