@@ -52,3 +52,20 @@ def test_dump_roundtrip(tmp_path):
     again = load_config(str(out))
     assert again == cfg
     assert yaml.safe_load(out.read_text())["optim"]["lr"] == 2e-3
+
+
+def test_yaml_files_missing_or_invalid_name_the_file(tmp_path):
+    """One reader (config.read_yaml) for presets and study specs: a missing file names the path and
+    where the shipped ones live; bad YAML names the file."""
+    from xlmr_mp.config import ConfigError, load_config
+    from xlmr_mp.study.spec import SpecError, load_spec
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"config file .*missing\.yaml does not exist \(presets live in launch/configs/\)"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
+        load_config(str(bad))
+    with pytest.raises(SpecError, match=r"study spec .*missing\.yaml does not exist"):
+        load_spec(str(tmp_path / "missing.yaml"))
+    with pytest.raises(SpecError, match=r"bad\.yaml: invalid YAML"):
+        load_spec(str(bad))

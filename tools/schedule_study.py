@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 import yaml  # noqa: E402
 
 from xlmr_mp.atomic import atomic_write  # noqa: E402
-from xlmr_mp.study.spec import SpecError, run_config_key_error  # noqa: E402
+from xlmr_mp.study.spec import SpecError, check_keys, run_config_key_error  # noqa: E402
 
 DEFAULT_SPEC = os.path.join(ROOT, "launch", "studies", "schedules.yaml")
 TOP_KEYS = ("name", "description", "corpus", "eval_data", "base_config", "languages", "high_resource",
@@ -118,15 +118,6 @@ def _overrides(raw: Any, path: str, where: str) -> List[str]:
     return [f"{k}={v}" for k, v in items]
 
 
-def _check_keys(d: Any, valid, where: str, path: str) -> None:
-    if not isinstance(d, dict):
-        raise SpecError(f"{path}: {where} must be a mapping")
-    for k in d:
-        if k not in valid:
-            raise SpecError(f"{path}: unknown key {where + '.' if where != 'top level' else ''}{k} "
-                            f"(valid keys{' of ' + where if where != 'top level' else ''}: {', '.join(valid)})")
-
-
 def _path(value: Any, path: str, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise SpecError(f"{path}: {key} must be a path (relative ones are relative to the repository root)")
@@ -152,15 +143,9 @@ def checkpoint_steps(cfg, start: int = 0) -> List[int]:
 def load_study(path: str, corpus: Optional[str] = None, eval_data: Optional[str] = None) -> ScheduleStudy:
     """Read and validate a schedule-study spec, down to each run's resolved run config and every
     branch point (SpecError naming the file, the key and the fix)."""
-    from xlmr_mp.config import ConfigError, load_config
-    if not os.path.isfile(path):
-        raise SpecError(f"study spec {path} does not exist (shipped: launch/studies/schedules.yaml)")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise SpecError(f"{path}: invalid YAML: {e}") from None
-    _check_keys(raw, TOP_KEYS, "top level", path)
+    from xlmr_mp.config import ConfigError, load_config, read_yaml
+    raw = read_yaml(path, SpecError, "study spec", "shipped: launch/studies/schedules.yaml")
+    check_keys(raw, TOP_KEYS, "top level", path)
     for k in REQUIRED:
         if k not in raw:
             raise SpecError(f"{path}: missing key {k!r} (see the format at the top of launch/studies/schedules.yaml)")
@@ -189,7 +174,7 @@ def load_study(path: str, corpus: Optional[str] = None, eval_data: Optional[str]
     order = {}
     for i, r in enumerate(raw["runs"]):
         where = f"runs[{i}]"
-        _check_keys(r, RUN_KEYS, where, path)
+        check_keys(r, RUN_KEYS, where, path)
         name = r.get("name")
         if not isinstance(name, str) or not name or any(not (c.isalnum() or c in "._-") for c in name):
             raise SpecError(f"{path}: {where}.name={name!r} must be a directory name (letters, digits, . _ -)")

@@ -221,18 +221,24 @@ def apply_overrides(cfg: RunConfig, overrides: list) -> RunConfig:
     return cfg
 
 
+def read_yaml(path: str, error: type, what: str, hint: str) -> Any:
+    """The YAML document at `path` ({} when empty); a missing file or bad YAML raises `error` naming
+    the file ("<what> <path> does not exist (<hint>)", "<path>: invalid YAML: ...")."""
+    if not os.path.isfile(path):
+        raise error(f"{what} {path} does not exist ({hint})")
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise error(f"{path}: invalid YAML: {e}") from None
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
                 world_size: Optional[int] = None, validate: bool = True) -> RunConfig:
     """Defaults, then the YAML preset at `path`, then overrides; validated unless told not to."""
     cfg = RunConfig()
     if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path} does not exist (presets live in launch/configs/)")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        data = read_yaml(path, ConfigError, "config file", "presets live in launch/configs/")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         for k, v in data.items():

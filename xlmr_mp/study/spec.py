@@ -103,13 +103,14 @@ def _resolve_path(value: str, spec_path: str, key: str, must_exist: bool = True)
     return os.path.abspath(cands[0])
 
 
-def _check_keys(d: Any, valid, where: str, spec_path: str) -> None:
+def check_keys(d: Any, valid, where: str, spec_path: str) -> None:
+    """SpecError unless `d` is a mapping whose keys are all in `valid` (the message lists them)."""
     if not isinstance(d, dict):
         raise SpecError(f"{spec_path}: {where} must be a mapping")
     bad = [k for k in d if k not in valid]
     if bad:
         raise SpecError(f"{spec_path}: unknown key {where + '.' if where != 'top level' else ''}{bad[0]} "
-                        f"(valid keys {'of ' + where if where != 'top level' else ''}: {', '.join(valid)})")
+                        f"(valid keys{' of ' + where if where != 'top level' else ''}: {', '.join(valid)})")
 
 
 def run_config_key_error(key: str) -> Optional[str]:
@@ -176,15 +177,9 @@ def _axis_values(name: str, raw: Any, spec_path: str) -> Dict[str, Dict[str, Any
 
 def load_spec(path: str, check_corpus: bool = True) -> Study:
     """Read and validate a study spec; expand its grids into cells (duplicates merged)."""
-    from xlmr_mp.config import ConfigError, load_config
-    if not os.path.exists(path):
-        raise SpecError(f"study spec {path} does not exist (shipped studies: launch/studies/*.yaml)")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise SpecError(f"{path}: invalid YAML: {e}") from None
-    _check_keys(raw, TOP_KEYS, "top level", path)
+    from xlmr_mp.config import ConfigError, load_config, read_yaml
+    raw = read_yaml(path, SpecError, "study spec", "shipped studies: launch/studies/*.yaml")
+    check_keys(raw, TOP_KEYS, "top level", path)
     for req in ("name", "corpus", "base_config"):
         if req not in raw:
             raise SpecError(f"{path}: missing key {req!r}")
@@ -202,7 +197,7 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
         eval_data = _resolve_path(raw["eval_data"], path, "eval_data")
     spm = {"sample_size": 300000, "alpha": 0.3, "character_coverage": 0.9995, "seed": 1234}
     if raw.get("spm") is not None:
-        _check_keys(raw["spm"], SPM_KEYS, "spm", path)
+        check_keys(raw["spm"], SPM_KEYS, "spm", path)
         spm.update(raw["spm"])
     ov = raw.get("overrides") or []
     if not isinstance(ov, list) or any(not isinstance(o, str) or "=" not in o for o in ov):
@@ -221,7 +216,7 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
     all_axes: Dict[str, List[str]] = {}
     grid_names = []
     for gi, g in enumerate(grid_raws):
-        _check_keys(g, GRID_KEYS, f"grids[{gi}]", path)
+        check_keys(g, GRID_KEYS, f"grids[{gi}]", path)
         gname = str(g.get("name", f"g{gi}"))
         grid_names.append(gname)
         axes_raw = dict(raw.get("axes") or {})
@@ -229,7 +224,7 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
         axes = {a: _axis_values(a, v, path) for a, v in axes_raw.items()}
         excl = list(raw.get("exclude") or []) + list(g.get("exclude") or [])
         for ei, e in enumerate(excl):
-            _check_keys(e, list(axes), f"exclude[{ei}]", path)
+            check_keys(e, list(axes), f"exclude[{ei}]", path)
             for a, vn in e.items():
                 if str(vn) not in axes[a]:
                     raise SpecError(f"{path}: exclude[{ei}].{a}={vn!r} is not a value of axes.{a} "
@@ -347,7 +342,7 @@ def _make_cell(gname, av, s, run_ov, corpus_langs, corpus, path, where, named_se
         raise SpecError(f"{path}: {where}: fixed_params={fp!r} must be a positive parameter count")
     budget = dict(s.get("budget") or {})
     if budget:
-        _check_keys(budget, BUDGET_KEYS, "budget", path)
+        check_keys(budget, BUDGET_KEYS, "budget", path)
         mode = budget.setdefault("mode", "fixed_total")
         if mode not in BUDGET_MODES:
             raise SpecError(f"{path}: {where}: budget.mode={mode!r}: choose {' or '.join(BUDGET_MODES)}")
