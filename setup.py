@@ -59,6 +59,7 @@ setup(
     install_requires=["torch", "megatron-core>=0.16", "sentencepiece", "numpy", "pybind11",
                       "pyyaml", "tqdm", "safetensors"],
     extras_require={"mpi": ["mpi4py"], "hf": ["transformers", "protobuf"], "tb": ["tensorboard"], "bench": ["matplotlib"],
-                    "test": ["pytest", "pytest-timeout", "transformers", "protobuf", "mpi4py", "matplotlib"]},
+                    "test": ["pytest", "pytest-timeout", "transformers", "protobuf", "mpi4py", "matplotlib",
+                             "seqeval"]},
     zip_safe=False,
 )
