@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
-import subprocess
 import sys
 
 import numpy as np
+
+import bench_log  # bench/, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,10 +41,7 @@ def main() -> None:
     lines = np.array([int(r["lines"]) for r in rows], dtype=np.float64)
     nbytes = np.array([int(r["bytes"]) for r in rows], dtype=np.float64)
     blocks = np.maximum(1, nbytes // 2000).astype(np.int64)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True).stdout.strip()
-    out = [f"# bench/alpha_sampling.py  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  "
-           f"commit {commit}", f"# command: python {' '.join(sys.argv)}",
+    out = [bench_log.header("alpha_sampling.py"), f"# command: python {' '.join(sys.argv)}",
            f"# {len(langs)} languages of {os.path.abspath(args.corpus)}; alpha={args.alpha}; "
            f"{args.samples:,} samples drawn from the blended stream (seed 1234)"]
     results = {}

@@ -24,7 +24,6 @@ Results go to --out (default bench/results/data_cpu.txt) with date, commit and c
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -33,6 +32,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import bench_log  # noqa: E402  (bench/, beside this script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -283,9 +284,7 @@ def main() -> None:
     from xlmr_mp.data.blend import have_cpp
     if not have_cpp():
         raise SystemExit("xlmr_mp._C is not built: run `python setup.py build_ext --inplace` (or pip install -e .)")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True).stdout.strip()
-    log(f"# bench/data.py  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  commit {commit}")
+    log(bench_log.header("data.py"))
     log(f"# command: python {' '.join(sys.argv)}")
     log(f"# machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start "
         f"(shared machine: wall times are inflated by other jobs; CPU times are this process's)")

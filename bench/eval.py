@@ -19,9 +19,7 @@ the non-padding tokens of the training batches.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
+import bench_log  # noqa: E402  (bench/, beside this script)
 
 SHARED = os.path.join(ROOT, "..", "shared", "corpus", "eval")
 FLORES_LINES = 1012
@@ -175,14 +174,9 @@ def main(argv=None) -> int:
         mb = bench_mbpc(em, a.languages.split(","), a.lines, a.batch_size)
         sib = bench_sib(em, work, a.sib_train, a.batch_size, min(128, em.model.cfg.max_positions - 2))
         pre = bench_pretrain(a.shape, a.pretrain_micro, a.pretrain_steps)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cfg = run_config(a.shape).model
-    lines = [f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  commit {commit}  cpus {os.cpu_count()}"
+    lines = [f"# {bench_log.utc_stamp()}  commit {bench_log.commit()}  cpus {os.cpu_count()}"
              f"  threads {torch.get_num_threads()}  torch {torch.__version__}  load avg {load:.2f}",
              f"# command: python bench/eval.py {' '.join(sys.argv[1:] if argv is None else argv)}",
              f"shape={a.shape} layers={cfg.num_layers} hidden={cfg.hidden_size} vocab={cfg.vocab_size} "
@@ -202,12 +196,7 @@ def main(argv=None) -> int:
         lines.append(f"ratio fine-tuning / pretraining tokens/s: {sib['train_tokens_per_s'] / pre['tokens_per_s']:.3f}")
     if a.note:
         lines.append(f"note: {a.note}")
-    text = "\n".join(lines) + "\n"
-    print(text, end="", flush=True)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "a") as f:
-            f.write(text + "\n")
+    bench_log.emit("\n".join(lines), a.out)
     return 0
 
 

@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import bench_log  # noqa: E402  (bench/, beside this script)
 import torch.nn.functional as F  # noqa: E402
 
 from xlmr_mp.atomic import atomic_write_text  # noqa: E402
@@ -169,11 +170,7 @@ def main(argv=None) -> int:
     c, g = results["chunked"], results["gathered"]
     f = results.get("full")
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({args.threads} threads)"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = bench_log.commit()
     mem_how = ("torch.cuda.max_memory_allocated above inputs+weights" if args.device.startswith("cuda")
                else "peak RSS (VmHWM, reset after inputs+weights) above RSS after inputs+weights, one subprocess per variant")
     lines = [

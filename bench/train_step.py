@@ -18,10 +18,8 @@ not timed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import tempfile
-import subprocess
 import sys
 import time
 
@@ -29,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+import bench_log  # noqa: E402  (bench/, beside this script)
 
 from xlmr_mp.ids import IGNORE_INDEX  # noqa: E402
 
@@ -179,13 +178,8 @@ def rank_main(rank, world, a, port):
 
 
 def report(a, world, ours, peer):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
     lines = [
-        f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  commit {commit}  "
+        f"# {bench_log.utc_stamp()}  commit {bench_log.commit()}  "
         f"cpus {os.cpu_count()}  torch {torch.__version__}",
         f"# command: python bench/train_step.py {' '.join(sys.argv[1:])}",
         f"preset={a.preset} layout=TP{a.tp}xPP{a.pp}xDP{world // (a.tp * a.pp)} (V={a.virtual_stages}) "
@@ -211,12 +205,7 @@ def report(a, world, ours, peer):
                      f"measured {ours['mem_gib']:.2f} GiB, predicted/measured {pr['memory']['total'] / 2 ** 30 / ours['mem_gib']:.3f}")
     if a.note:
         lines.append(f"note: {a.note}")
-    text = "\n".join(lines) + "\n"
-    print(text, end="", flush=True)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "a") as f:
-            f.write(text + "\n")
+    bench_log.emit("\n".join(lines), a.out)
 
 
 def main():
