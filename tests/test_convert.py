@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from support.model_bodies import tiny_batch, tiny_hf_model
+from support.prep import run_tool_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
@@ -23,16 +24,7 @@ class _Result:
 
 def _run(*args):
     """The tool's main() in this process (the CLI entry point itself is run once as a subprocess)."""
-    import contextlib
-    import importlib.util
-    import io
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = mod.main(list(args))
-    return _Result(rc, out.getvalue(), err.getvalue())
+    return _Result(*run_tool_main("convert_checkpoint", *args))
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,6 @@
 """tools/evaluate.py end to end: the --out JSON (groups, baselines, model, step, config, seconds),
 the bar plot beside it, --predictions JSONL, the stdout table; an HF directory gives the same numbers
 as the checkpoint it was exported from; bad input stops with one `error:` line (exit 2)."""
-import contextlib
-import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -12,6 +9,7 @@ import sys
 import pytest
 
 from support.eval_bodies import EVAL_LANGS, eval_lines, trained_run
+from support.prep import run_tool_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "evaluate.py")
@@ -28,13 +26,7 @@ def run(tmp_path_factory):
 
 def evaluate(*args):
     """tools/evaluate.py main() in this process: (rc, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = mod.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
+    return run_tool_main("evaluate", *args)
 
 
 def test_mbpc_report_predictions_table_plot(run, tmp_path):

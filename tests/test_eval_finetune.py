@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from support.prep import load_tool
 from xlmr_mp.eval.api import EvalError, EvalModel, EvalOptions
 
 KEYS = {"water": ["river", "water", "rain"], "school": ["school", "book", "teaches"],
@@ -166,17 +167,13 @@ def test_export_hf_predicts_what_predictions_recorded(tokenizer, sib_dir, tmp_pa
     """tools/evaluate.py sib200 on an HF directory: --export-hf reloaded in transformers (model and
     tokenizer from that directory alone) predicts exactly the --predictions lines; --out has the scores
     next to the majority and chance baselines."""
-    import importlib.util
     import json
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from xlmr_mp.checkpoint.hf import save_hf
     from xlmr_mp.eval.sib200 import read_sib_tsv
     em = tiny_model(tokenizer)
     save_hf(str(tmp_path / "mlm"), em.model.state_dict(), em.model.cfg, tokenizer=tokenizer)
-    spec = importlib.util.spec_from_file_location("evaluate_tool", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "evaluate.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("evaluate")
     out, preds, exported = tmp_path / "r" / "sib.json", tmp_path / "r" / "p.jsonl", tmp_path / "exported"
     assert tool.main(["sib200", "--model", str(tmp_path / "mlm"), "--data", str(sib_dir), "--seeds", "1,2",
                       "--out", str(out), "--predictions", str(preds), "--export-hf", str(exported), "--no-progress"]

@@ -2,9 +2,6 @@
 `xlmr_mp.load_model` -> `tools/convert_checkpoint.py xlmr-to-hf` (weights and tokenizer) ->
 transformers' AutoTokenizer / AutoModelForMaskedLM on the exported directory alone: same ids
 (byte-fallback pieces included) and the same logits. Unreadable checkpoints give `error:` lines."""
-import contextlib
-import importlib.util
-import io
 import os
 import random
 import shutil
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 from support.eval_bodies import trained_run
+from support.prep import run_tool_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "tools", "convert_checkpoint.py")
@@ -29,13 +27,7 @@ def run(tmp_path_factory):
 
 
 def _tool(path, *args):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = mod.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
+    return run_tool_main(os.path.basename(path)[:-3], *args)
 
 
 def test_load_model_reads_the_tp2_trainer_checkpoint(run):
@@ -106,7 +98,6 @@ def test_exported_tokenizer_keeps_a_foreign_dictionary_order(run, tmp_path):
 
 
 def test_export_tokenizer_options(run, tmp_path):
-    from xlmr_mp.checkpoint.hf import save_hf
     from xlmr_mp.checkpoint.model_io import load_full_model_state, save_model_checkpoint
     cfg, full = load_full_model_state(run["root"])
     bare = tmp_path / "bare"                       # a checkpoint without a run config (e.g. hf-to-xlmr output)

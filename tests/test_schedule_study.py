@@ -2,7 +2,6 @@
 run (the runs, their resolved schedules and branch points), bad specs (exit 2 naming the key) and the
 results files."""
 import copy
-import importlib.util
 import json
 import os
 import shlex
@@ -12,6 +11,8 @@ import sys
 import pytest
 import yaml
 
+from support.prep import load_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "schedule_study.py")
 SPEC = os.path.join(ROOT, "launch", "studies", "schedules.yaml")
@@ -20,10 +21,7 @@ LANGS = ["en", "fr", "de", "ru", "zh", "es", "ar", "hi", "sw", "ur"]
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("schedule_study", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["schedule_study"] = mod           # its dataclasses look their module up
-    spec.loader.exec_module(mod)
+    sys.modules["schedule_study"] = mod = load_tool("schedule_study")   # its dataclasses look it up
     yield mod
     sys.modules.pop("schedule_study", None)
 

@@ -1,4 +1,5 @@
-"""Shared helpers for the data-preparation tests: run the tools, build a tiny tokenizer."""
+"""Shared helpers for the tests of tools/: run a tool (subprocess or its main() in-process), build a
+tiny tokenizer."""
 from __future__ import annotations
 
 import os
@@ -21,6 +22,31 @@ def run_tool(name, *args, check=True, env=None, timeout=300, prefix=()):
     if check and r.returncode != 0:
         raise AssertionError(f"{name} failed ({r.returncode}):\nstdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}")
     return r
+
+
+def load_tool(name):
+    """tools/<name>.py as a fresh module (registered in sys.modules while loading: dataclasses need it)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.modules.pop(name, None)
+    return mod
+
+
+def run_tool_main(name, *args):
+    """tools/<name>.py's main(args) in this process with stdout/stderr captured: (rc, stdout, stderr).
+    Cheaper than run_tool's subprocess; each CLI is still run once as a subprocess by its own tests."""
+    import contextlib
+    import io
+    mod = load_tool(name)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = mod.main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
 
 
 def train_tiny_spm(corpus_dir, prefix, vocab_size=1000, extra=()):
