@@ -21,7 +21,7 @@ import bench_log  # bench/, beside this script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from xlmr_mp.atomic import atomic_write, atomic_write_text  # noqa: E402
+from xlmr_mp.atomic import atomic_write_text, save_figure  # noqa: E402
 
 
 def main() -> None:
@@ -87,9 +87,7 @@ def main() -> None:
     ax.set_title(f"XLM-R language sampling on ../shared/corpus ({len(langs)} languages, alpha={args.alpha}): "
                  f"max relative error of drawn vs q_i = {relb.max():.1e}")
     ax.legend()
-    fig.tight_layout()
-    with atomic_write(args.out + ".png", "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    save_figure(fig, args.out + ".png")
     print(f"wrote {args.out}.png")
 
 

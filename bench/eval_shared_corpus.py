@@ -20,6 +20,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from xlmr_mp.atomic import save_figure  # noqa: E402
+
 EVAL = os.path.normpath(os.path.join(ROOT, "..", "shared", "corpus", "eval"))
 DATA = {"mbpc": "flores200_devtest", "retrieval": "flores200_devtest", "sib200": "sib200", "udpos": "ud"}
 FINE_TUNING = ("sib200", "udpos")
@@ -111,10 +115,7 @@ def plot(reports: dict, path: str) -> None:
         ax.set_ylabel(task)
         ax.set_title(f"{task}: {r['metric']} ({'higher' if r['higher_is_better'] else 'lower'} is better)", fontsize=9)
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -106,6 +106,7 @@ def run_tool(corpus, model, out, workers, tool=None, env=None):
 
 def plot(rows, nbytes, desc, args):
     """Grouped bars: MB/s of raw, raw np, the tool (and the list-path / --compare tool) per process count."""
+    from xlmr_mp.atomic import save_figure
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,8 +126,7 @@ def plot(rows, nbytes, desc, args):
     ax.set_title(f"tools/preprocess_data.py vs raw SentencePiece\n{desc}, {nbytes / 1e6:.0f} MB, "
                  f"best of {args.repeats}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
+    save_figure(fig, args.plot, dpi=120)
     print(f"plot: {args.plot}")
 
 

@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 
 import yaml  # noqa: E402
 
-from xlmr_mp.atomic import atomic_write  # noqa: E402
+from xlmr_mp.atomic import atomic_write, save_figure  # noqa: E402
 from xlmr_mp.study.spec import SpecError, check_keys, run_config_key_error  # noqa: E402
 
 DEFAULT_SPEC = os.path.join(ROOT, "launch", "studies", "schedules.yaml")
@@ -342,10 +342,7 @@ def write_results(study: ScheduleStudy, table: Dict[str, dict], results: str, wa
     ax.set_ylabel("mBPC (FLORES-200 devtest, lower is better)")
     ax.set_title(f"schedules at {summary['steps']} steps (branch at {summary['branch_at']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(os.path.join(results, "mbpc.png"), "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(results, "mbpc.png"), dpi=120)
     return summary
 
 

@@ -14,7 +14,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-from xlmr_mp.atomic import atomic_write
+from xlmr_mp.atomic import atomic_write, save_figure
 from xlmr_mp.eval.api import EvalModel, EvalOptions, TaskResult
 
 GROUPS = {"High": ("en", "fr"), "Low": ("sw", "ur"), "All": ("en", "fr", "de", "ru", "zh", "sw", "ur")}
@@ -121,7 +121,4 @@ def write_plot(path: str, report: dict) -> None:
     step = f" step {report['step']}" if report.get("step") is not None else ""
     ax.set_title(f"{report['task']}: {os.path.basename(str(report['model']['source']).rstrip('/'))}{step}", fontsize=10)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Dict, List
 
+from xlmr_mp.atomic import save_figure
 from xlmr_mp.study.spec import Study
 
 LINES = ("High", "Low", "All")
@@ -92,10 +93,7 @@ def axis_figure(study: Study, grid: str, metric: str, agg: Dict[tuple, dict], ax
     axs[0][-1].legend(fontsize=8)
     fig.suptitle(f"{title}, grid {grid}\n(corpus: much of it translated news; mean and 95% CI over seeds)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def language_bars(grid: str, metric: str, agg: Dict[tuple, dict], out_path: str) -> str:
@@ -117,10 +115,7 @@ def language_bars(grid: str, metric: str, agg: Dict[tuple, dict], out_path: str)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"{grid}: {metric} per language and cell (mean and 95% CI over seeds)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def heatmap(grid: str, metric: str, agg: Dict[tuple, dict], out_path: str) -> str:
@@ -149,10 +144,7 @@ def heatmap(grid: str, metric: str, agg: Dict[tuple, dict], out_path: str) -> st
     fig.colorbar(im, ax=ax, label=f"{metric} change")
     ax.set_title(f"{grid}: {metric} per language minus the base cell\n({_label(keys[0], _varying(agg))}; "
                  f"seed means)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def grid_figures(study: Study, grid: str, metric: str, agg: Dict[tuple, dict], fig_dir: str) -> List[str]:
@@ -213,8 +205,4 @@ def learning_curves(study: Study, out: str, grid: str, recs: List[dict], fig_dir
         ax.axis("off")
     axs[0][0].legend(fontsize=6)
     fig.suptitle(f"{grid}: learning curves (mean over seeds)", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(fig_dir, f"{grid}_learning_curves.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, os.path.join(fig_dir, f"{grid}_learning_curves.png"), dpi=100)]
