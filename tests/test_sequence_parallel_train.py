@@ -194,7 +194,7 @@ def _torchrun(nproc, data, run_dir, overrides):
     from support import train_bodies as tb
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "xlmr_mp.train", "--config", tb.TINY, f"data.path={data}", f"run_dir={run_dir}",
-           "train.train_steps=4", "checkpoint.interval=0", "optim.warmup_steps=2", *overrides]
+           "train.train_steps=4", "checkpoint.interval=0", "optim.warmup_steps=2", *tb.compile_overrides(), *overrides]
     p = subprocess.run(cmd, cwd=tb.ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -1,12 +1,14 @@
 """train.compile: the trainer with torch.compile'd encoder layers and head gives the eager run's
-losses, gradient norms and parameters (tiny preset, fp32, TP=1; the layout equality tests run
+losses, gradient norms and parameters (tiny preset with dropout, fp32, TP=1; the layout equality tests run
 compiled with XLMR_MP_TEST_COMPILE=1). Slow: compilation takes minutes on a small CPU."""
 import pytest
 import torch
 
 from support.harness import run_distributed
 from support import train_bodies as b
-BASE = ["train.global_batch=8", "train.micro_batch=4", "optim.warmup_steps=2"]
+# dropout on: the compiled graphs must draw eager's masks (kernels/compile.py: fallback_random)
+BASE = ["train.global_batch=8", "train.micro_batch=4", "optim.warmup_steps=2", "model.dropout=0.1",
+        "model.attention_dropout=0.1"]
 
 
 def _body(rank, world_size, run_dir):

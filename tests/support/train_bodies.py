@@ -117,6 +117,13 @@ def default_run_dir() -> str:
     return os.path.join(root, os.environ.get("XLMR_MP_TEST_NAME", "no-test-name"))
 
 
+def compile_overrides() -> list:
+    """["train.compile=true"] under XLMR_MP_TEST_COMPILE=1 (the layout tests compiled: slow), else []:
+    for tests that launch `python -m xlmr_mp.train` themselves (tiny_cfg adds it on its own)."""
+    import os
+    return ["train.compile=true"] if os.environ.get("XLMR_MP_TEST_COMPILE") == "1" else []
+
+
 def tiny_cfg(overrides=(), world_size=None):
     """The tiny preset with `overrides`; run_dir defaults to default_run_dir() (the preset's runs/tiny
     is where the README's Training command writes)."""
@@ -124,8 +131,7 @@ def tiny_cfg(overrides=(), world_size=None):
     overrides = list(overrides)
     if not any(o.startswith("run_dir=") for o in overrides):
         overrides.insert(0, f"run_dir={default_run_dir()}")
-    if __import__("os").environ.get("XLMR_MP_TEST_COMPILE") == "1":   # layout tests compiled (slow)
-        overrides.append("train.compile=true")
+    overrides += compile_overrides()
     return load_config(TINY, overrides, world_size=world_size)
 
 

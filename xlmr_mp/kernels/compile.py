@@ -6,8 +6,9 @@ dropout, residual, LayerNorm) around the matmuls. Compiled in place (`nn.Module.
 parameter names, hooks, activation checkpointing and checkpoints are unchanged. The chunked
 vocab-parallel cross-entropy (parallel/vocab.py) stays eager: its cost is matmuls, and its
 TP collectives must stay outside a graph. Off by default: the first step pays the compilation
-(minutes on a small CPU), and the compiled dropout draws from inductor's RNG, not torch's
-generator, so runs with dropout are not bitwise equal to eager ones.
+(minutes on a small CPU). Dropout in the compiled graphs draws from torch's generators (inductor's
+`fallback_random`), so the masks are eager's: selective recompute (attention, kept eager: a graph
+break) and the TP RNG streams see the same draws as without compile.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from torch import nn
 def compile_chunks(chunks: Sequence[nn.Module]) -> int:
     """Compile every encoder layer and head transform of the model chunks in place; returns how
     many modules were compiled."""
+    import torch._inductor.config as inductor_config
+    # Dropout inside a compiled graph draws from torch's generators (aten's RNG ops), not inductor's
+    # own Philox stream: the same masks as eager, so selective recompute (an eager region), the TP
+    # RNG streams and exact resume behave as without compile.
+    inductor_config.fallback_random = True
     n = 0
     for c in chunks:
         for layer in getattr(c, "layers", {}).values():

@@ -63,6 +63,14 @@ class SelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p,
                                                   scale=1.0 / math.sqrt(self.head_dim))
 
+    # Eager under train.compile (a graph break around it): dynamo cannot trace checkpoint's custom
+    # context_fn (the RNG-stream replay), and the recomputed region is attention alone.
+    @torch.compiler.disable
+    def recomputed_core(self, q, k, v, bias):
+        """core() under activation checkpointing (train.recompute=selective): the scores and
+        probabilities are recomputed in backward, with the same dropout masks (RecomputeRNG)."""
+        return checkpoint(self.core, q, k, v, bias, use_reentrant=False, context_fn=RecomputeRNG())
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None):
         """x [B, S, H] (sequence parallel: [B, S/TP, H]) -> (output before its bias, same shape as
         x, output bias)."""
@@ -75,7 +83,7 @@ class SelfAttention(nn.Module):
         if bias is not None and bias.dtype != q.dtype:  # e.g. autocast: keep padding finite in fp16
             bias = bias.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
         if self.selective_recompute and torch.is_grad_enabled():
-            ctx = checkpoint(self.core, q, k, v, bias, use_reentrant=False, context_fn=RecomputeRNG())
+            ctx = self.recomputed_core(q, k, v, bias)
         else:
             ctx = self.core(q, k, v, bias)
         ctx = ctx.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim)
