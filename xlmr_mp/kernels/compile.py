@@ -18,21 +18,23 @@ import torch
 from torch import nn
 
 
+# Inductor settings of our compiled modules only (no process-wide config change). fallback_random:
+# dropout in a compiled graph draws from torch's generators (aten's RNG ops), not inductor's own
+# Philox stream, so the masks are eager's and selective recompute (an eager region), the TP RNG
+# streams and exact resume behave as without compile.
+INDUCTOR_OPTIONS = {"fallback_random": True}
+
+
 def compile_chunks(chunks: Sequence[nn.Module]) -> int:
     """Compile every encoder layer and head transform of the model chunks in place; returns how
     many modules were compiled."""
-    import torch._inductor.config as inductor_config
-    # Dropout inside a compiled graph draws from torch's generators (aten's RNG ops), not inductor's
-    # own Philox stream: the same masks as eager, so selective recompute (an eager region), the TP
-    # RNG streams and exact resume behave as without compile.
-    inductor_config.fallback_random = True
     n = 0
     for c in chunks:
         for layer in getattr(c, "layers", {}).values():
-            layer.compile()
+            layer.compile(options=INDUCTOR_OPTIONS)
             n += 1
         head = getattr(c, "lm_head", None)
         if head is not None and hasattr(head, "transform"):
-            head.transform = torch.compile(head.transform, dynamic=True)
+            head.transform = torch.compile(head.transform, dynamic=True, options=INDUCTOR_OPTIONS)
             n += 1
     return n
