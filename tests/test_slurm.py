@@ -214,7 +214,8 @@ def test_usr1_and_scontrol_requeue_resume_to_same_losses(slurm, data_dir, refere
     (sig1, first), (sig2, second) = [(s, int(n)) for s, n in stops]
     assert sig1 in ("10", "on another rank") and sig2 in ("15", "on another rank")
     assert 3 <= first < second < STEPS, (first, second)
-    assert text.count("requeueing job") >= 1   # the USR1 path: the script itself requeued
+    assert text.count("requeueing job") == 1   # the USR1 path: the script itself requeued
+    assert f"job {job} was already requeued by SLURM (restart 2)" in text   # scontrol requeue: SLURM did
     for stop in (first, second):
         assert f"loaded checkpoint {run}/checkpoints/step_{stop:08d}" in text
     got = _losses(run)
@@ -301,15 +302,16 @@ def test_scaling_study_array_runs_one_cell_per_task(slurm, data_dir, tmp_path):
     assert "array index 2 has no cell" in bad and "2 cells" in bad
 
 
-def test_time_limit_signal_saves_and_requeues(slurm, data_dir, tmp_path):
+def test_time_limit_signal_saves_and_requeues_and_scancel_ends_it(slurm, data_dir, tmp_path):
     """The #SBATCH --signal=USR1@<s> path: SLURM itself warns the job before its time limit; the job
-    saves, requeues, and the next incarnation resumes from that checkpoint (1 node x 1 task, a 3 min
-    limit with the warning 60 s before it, which SLURM may send up to 60 s early; the run is
-    cancelled once it has resumed)."""
+    saves, requeues, and the next incarnation resumes from that checkpoint (1 node x 1 task, a 2 min
+    limit, SLURM's shortest, with the warning 50 s before it, which slurmctld's 30 s time-limit check
+    may send up to 30 s early, i.e. 40-70 s into the job, well after the trainer is up). Once it has
+    resumed, `scancel` ends it for good: the trainer saves, and the job is not requeued."""
     run, log = str(tmp_path / "run"), str(tmp_path / "tl-%j.out")
     tiny = [a for a in TINY if a != "parallel.tensor=2" and not a.startswith("train.train_steps")]
     p = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
-                        "--cpus-per-task=1", "--time=3", "--signal=USR1@60", f"--output={log}",
+                        "--cpus-per-task=1", "--time=2", "--signal=USR1@50", f"--output={log}",
                         "launch/xlmr_base.slurm", *tiny, "train.train_steps=1000000", f"data.path={data_dir}",
                         f"run_dir={run}"], cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -327,5 +329,13 @@ def test_time_limit_signal_saves_and_requeues(slurm, data_dir, tmp_path):
         assert "requeueing job" in text and "restart 1:" in text
         steps = [s for s, _ in _losses(run)]
         assert steps[:stop + 2] == list(range(1, stop + 1)) + [stop + 1, stop + 2]
+        # scancel: the trainer saves on the SIGTERM, and the job ends there: it does not requeue
+        # itself (it used to, and came back ~1 min later as restart 2)
+        subprocess.run(["scancel", job], env=slurm, check=True, timeout=60)
+        info = _wait(slurm, job, ("CANCELLED",), log, timeout=120)
+        assert info["Restarts"] == "1", info
+        text = open(log).read()
+        assert re.search(rf"job {job} is \w+ \(cancelled, or at its hard time limit\): not requeueing", text), text[-3000:]
+        assert text.count("requeueing job") == 1
     finally:
         subprocess.run(["scancel", job], env=slurm, timeout=60)

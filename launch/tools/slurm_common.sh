@@ -12,7 +12,9 @@
 #      read by the trainer from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS;
 #   6. exit code 75 from the trainer (it caught SIGUSR1/SIGTERM and saved a checkpoint) ->
 #      `scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue and, when it starts again,
-#      the trainer resumes from CKPT_DIR/latest. Any other non-zero code fails the job.
+#      the trainer resumes from CKPT_DIR/latest. Not when SLURM already requeued the job itself
+#      (`scontrol requeue`, preemption), nor when the job is no longer RUNNING: `scancel` (or the
+#      hard time limit) ends it, with the checkpoint saved. Any other non-zero code fails the job.
 # Precedence of options: preset YAML < the script's DEFAULTS array < key=value arguments of sbatch.
 # Environment knobs: CONFIG (preset), PYTHON (interpreter), KILL_ON_BAD_EXIT (default 0: with 1, the first rank to exit 75 would get
 # its peers killed mid-exit and the job could not tell a save-and-requeue from a crash),
@@ -27,6 +29,12 @@ xlmr_die() { echo "[launch] ERROR: $*" >&2; exit 2; }
 xlmr_master_port() {
   local job="$1" restart="${2:-0}"
   echo $(( 10000 + (job * 10 + restart % 10) % 50000 ))
+}
+
+# One field of this job's record in slurmctld (`scontrol show job`), e.g. JobState or Restarts;
+# empty when slurmctld cannot be asked.
+xlmr_job_field() {
+  scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | awk -v k="$1=" 'index($0, k) == 1 { print substr($0, length(k) + 1); exit }' || true
 }
 
 xlmr_slurm_train() {
@@ -94,6 +102,21 @@ xlmr_slurm_train() {
   case "$rc" in
     0) xlmr_log "training finished (exit 0)"; return 0 ;;
     75)
+      # Who sent the signal decides what comes next. SLURM counts a requeue it made itself
+      # (`scontrol requeue`, preemption) in Restarts at once; a job that is no longer RUNNING was
+      # cancelled (`scancel`) or reached its hard time limit, and must not come back by itself.
+      local state restarts
+      state="$(xlmr_job_field JobState)"
+      restarts="$(xlmr_job_field Restarts)"
+      if [ -n "$restarts" ] && [ "$restarts" -gt "$restart" ]; then
+        xlmr_log "training saved a checkpoint on a signal (exit 75); job ${SLURM_JOB_ID} was already requeued by SLURM (restart ${restarts})"
+        return 0
+      fi
+      if [ -n "$state" ] && [ "$state" != RUNNING ]; then
+        xlmr_log "training saved a checkpoint on a signal (exit 75); job ${SLURM_JOB_ID} is ${state} (cancelled, or at its hard time limit): not requeueing"
+        xlmr_log "to continue, submit the same command again: training resumes from ${CKPT_DIR}/latest"
+        exit 75
+      fi
       xlmr_log "training saved a checkpoint on a signal (exit 75): requeueing job ${SLURM_JOB_ID}"
       local out
       if out="$(scontrol requeue "$SLURM_JOB_ID" 2>&1)"; then
