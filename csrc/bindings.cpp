@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_cpu.h"
 #include "blend_index.h"
 
 namespace py = pybind11;
@@ -207,10 +208,55 @@ py::tuple py_flatten_id_buffers(const py::sequence& buffers, CArr<int32_t> table
   return py::make_tuple(out, lengths, n_unk);
 }
 
+using FArr = py::array_t<float, py::array::c_style>;
+
+AttentionShape attention_shape(const FArr& qkv, const char* who) {
+  if (qkv.ndim() != 5 || qkv.shape(3) != 3)
+    throw std::invalid_argument(std::string(who) + ": qkv must be [B, S, heads, 3, D] float32, C-contiguous");
+  return AttentionShape{qkv.shape(0), qkv.shape(1), qkv.shape(2), qkv.shape(4)};
+}
+
+void check_len(const py::array& a, int64_t n, const char* who, const char* what) {
+  if (a.size() != n || !(a.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(who) + ": " + what + " has the wrong size or is not C-contiguous");
+}
+
+void py_attention_forward(FArr qkv, py::object key_bias, double scale, FArr out, FArr probs, int threads) {
+  if (!attention_cpu_supported()) throw std::runtime_error("attention_forward: this CPU has no AVX2/FMA");
+  const AttentionShape s = attention_shape(qkv, "attention_forward");
+  check_len(out, s.batch * s.seq * s.heads * s.head_dim, "attention_forward", "out");
+  check_len(probs, s.batch * s.heads * s.seq * s.seq, "attention_forward", "probs");
+  FArr kb;
+  const float* kbp = nullptr;
+  if (!key_bias.is_none()) {
+    kb = key_bias.cast<FArr>();
+    check_len(kb, s.batch * s.seq, "attention_forward", "key_bias ([B, S])");
+    kbp = kb.data();
+  }
+  float* o = out.mutable_data();
+  float* p = probs.mutable_data();
+  py::gil_scoped_release nogil;
+  attention_forward(s, qkv.data(), kbp, static_cast<float>(scale), o, p, threads);
+}
+
+void py_attention_backward(FArr qkv, FArr probs, FArr out, FArr grad_out, double scale, FArr grad_qkv, int threads) {
+  if (!attention_cpu_supported()) throw std::runtime_error("attention_backward: this CPU has no AVX2/FMA");
+  const AttentionShape s = attention_shape(qkv, "attention_backward");
+  const int64_t n_out = s.batch * s.seq * s.heads * s.head_dim;
+  check_len(probs, s.batch * s.heads * s.seq * s.seq, "attention_backward", "probs");
+  check_len(out, n_out, "attention_backward", "out");
+  check_len(grad_out, n_out, "attention_backward", "grad_out");
+  check_len(grad_qkv, qkv.size(), "attention_backward", "grad_qkv");
+  float* g = grad_qkv.mutable_data();
+  py::gil_scoped_release nogil;
+  attention_backward(s, qkv.data(), probs.data(), out.data(), grad_out.data(), static_cast<float>(scale), g, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "xlmr_mp C++ helpers: data index building (packing, blended language index), id flattening";
+  m.doc() = "xlmr_mp C++ helpers: data index building (packing, blended language index), id flattening, "
+            "CPU attention kernels";
   m.def("pack_blocks", &py_pack_blocks, py::arg("sizes"), py::arg("doc_index"), py::arg("block_size"),
         py::arg("break_at_documents"),
         "Pack sentences into blocks of <= block_size tokens; returns (token starts, lengths).");
@@ -242,4 +288,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("feistel_permute", &feistel_permute, py::arg("x"), py::arg("n"), py::arg("seed"),
         py::arg("lang"), py::arg("epoch"),
         "Position of x under the block permutation of (seed, lang, epoch) on [0, n).");
+  m.def("attention_cpu_supported", &attention_cpu_supported, "Whether this CPU has AVX2 and FMA.");
+  m.def("attention_forward", &py_attention_forward, py::arg("qkv"), py::arg("key_bias"), py::arg("scale"),
+        py::arg("out"), py::arg("probs"), py::arg("threads") = 1,
+        "out [B, S, heads*D] = softmax(scale q k^T + key_bias) v from qkv [B, S, heads, 3, D] (float32); "
+        "probs [B, heads, S, S] receives the probabilities. key_bias: [B, S] additive, or None.");
+  m.def("attention_backward", &py_attention_backward, py::arg("qkv"), py::arg("probs"), py::arg("out"),
+        py::arg("grad_out"), py::arg("scale"), py::arg("grad_qkv"), py::arg("threads") = 1,
+        "grad_qkv [B, S, heads, 3, D] from grad_out [B, S, heads*D] and the forward's qkv, probs and out.");
 }

@@ -5,6 +5,8 @@
              only for ops that `FASTER_ON` lists for this GPU (from a bench/kernels.py measurement);
   fused      always the fused kernel; a CPU tensor or a missing extension is an error;
   reference  always the torch reference.
+The same switch governs the CPU attention kernel (kernels/attention_cpu.py): `auto` runs it where it
+applies at S <= MAX_SEQ, `fused` at any length, `reference` never.
 """
 from __future__ import annotations
 

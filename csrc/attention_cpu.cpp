@@ -1,0 +1,242 @@
+// Fused multi-head self-attention for CPU (fp32, AVX2 + FMA), forward and backward, over the fused
+// QKV projection's output; the torch reference is scaled_dot_product_attention (the autograd
+// wrapper and the dispatch are xlmr_mp/kernels/attention_cpu.py). Per (batch, head): K^T copied
+// once, query rows in blocks of 24 through scores -> softmax -> P V while they are hot in L1, the
+// probabilities kept for the backward (so it is meant for short sequences: S x S floats a head).
+// The small GEMMs are register-blocked 6 x 16 tiles of FMAs over broadcast A and contiguous B rows.
+#include "attention_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+
+namespace xlmr_mp {
+namespace {
+
+constexpr int W = 8;  // floats per __m256
+
+// exp(x) for x <= 0 (softmax arguments after the row max is subtracted), ~1 ulp in [-87, 0]:
+// Cephes' expf range reduction and degree-5 polynomial; below -87 it flushes to 0.
+inline __m256 exp_nonpos(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(below, y);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// C(i, n) = alpha * sum_k A(i, k) B(k, n) [+ colbias(n)] for a tile of MR rows x NV*8 columns
+// (with TAIL, the last vector's lanes are `mask`'s: loads and stores past N are masked off);
+// A(i, k) = A[i * ai + k * ak] (broadcast), B(k, :) = B + k * ldb (contiguous).
+template <int MR, int NV, bool TAIL>
+inline void tile(int64_t K, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, float alpha, const float* colbias, __m256i mask) {
+  __m256 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      b[v] = (TAIL && v == NV - 1) ? _mm256_maskload_ps(B + k * ldb + v * W, mask) : _mm256_loadu_ps(B + k * ldb + v * W);
+    const float* a = A + k * ak;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a + r * ai);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(x, b[v], c[r][v]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const bool last = TAIL && v == NV - 1;
+      __m256 y = _mm256_mul_ps(c[r][v], va);
+      if (colbias) y = _mm256_add_ps(y, last ? _mm256_maskload_ps(colbias + v * W, mask) : _mm256_loadu_ps(colbias + v * W));
+      if (last) _mm256_maskstore_ps(C + r * ldc + v * W, mask, y);
+      else _mm256_storeu_ps(C + r * ldc + v * W, y);
+    }
+}
+
+template <int NV, bool TAIL>
+inline void rows(int64_t M, int64_t K, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, float alpha, const float* colbias, __m256i mask) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6) tile<6, NV, TAIL>(K, A + i * ai, ai, ak, B, ldb, C + i * ldc, ldc, alpha, colbias, mask);
+  for (; i + 2 <= M; i += 2) tile<2, NV, TAIL>(K, A + i * ai, ai, ak, B, ldb, C + i * ldc, ldc, alpha, colbias, mask);
+  for (; i < M; ++i) tile<1, NV, TAIL>(K, A + i * ai, ai, ak, B, ldb, C + i * ldc, ldc, alpha, colbias, mask);
+}
+
+// C[M x N] = alpha * A B (+ colbias): N in tiles of 16 columns, then one of 8, then the last N % 8
+// columns through masked loads and stores.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb,
+          float* C, int64_t ldc, float alpha, const float* colbias) {
+  const __m256i all = _mm256_set1_epi32(-1);
+  int64_t n = 0;
+  for (; n + 2 * W <= N; n += 2 * W)
+    rows<2, false>(M, K, A, ai, ak, B + n, ldb, C + n, ldc, alpha, colbias ? colbias + n : nullptr, all);
+  for (; n + W <= N; n += W)
+    rows<1, false>(M, K, A, ai, ak, B + n, ldb, C + n, ldc, alpha, colbias ? colbias + n : nullptr, all);
+  if (n < N) {
+    alignas(32) int32_t lanes[W];
+    for (int l = 0; l < W; ++l) lanes[l] = n + l < N ? -1 : 0;
+    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+    rows<1, true>(M, K, A, ai, ak, B + n, ldb, C + n, ldc, alpha, colbias ? colbias + n : nullptr, mask);
+  }
+}
+
+// In-place softmax of each of the M rows of length S (row stride S).
+void softmax_rows(float* P, int64_t M, int64_t S) {
+  for (int64_t i = 0; i < M; ++i) {
+    float* row = P + i * S;
+    int64_t j = 0;
+    __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (; j + W <= S; j += W) vm = _mm256_max_ps(vm, _mm256_loadu_ps(row + j));
+    float m = hmax(vm);
+    for (; j < S; ++j) m = std::max(m, row[j]);
+    const __m256 vmm = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    float s = 0.f;
+    for (j = 0; j + W <= S; j += W) {
+      const __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmm));
+      _mm256_storeu_ps(row + j, e);
+      vs = _mm256_add_ps(vs, e);
+    }
+    for (; j < S; ++j) { row[j] = std::exp(row[j] - m); s += row[j]; }
+    const float inv = 1.f / (s + hsum(vs));
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (j = 0; j + W <= S; j += W) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), vinv));
+    for (; j < S; ++j) row[j] *= inv;
+  }
+}
+
+// Runs f(lo, hi) over [0, n) split in `threads` contiguous ranges (the calling thread takes one).
+template <typename F>
+void parallel_range(int64_t n, int threads, F f) {
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
+  if (threads == 1) { f(0, n); return; }
+  std::vector<std::thread> pool;
+  const int64_t per = (n + threads - 1) / threads;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t lo = t * per, hi = std::min(n, lo + per);
+    if (lo < hi) pool.emplace_back([=] { f(lo, hi); });
+  }
+  f(0, std::min(n, per));
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+void attention_forward(const AttentionShape& s, const float* qkv, const float* key_bias, float scale,
+                       float* out, float* probs, int threads) {
+  const int64_t S = s.seq, D = s.head_dim, NH = s.heads;
+  const int64_t ss = NH * 3 * D, so = NH * D;
+  parallel_range(s.batch * NH, threads, [&](int64_t lo, int64_t hi) {
+    std::vector<float> kT(static_cast<size_t>(D * S));
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / NH, h = bh % NH;
+      const float* q = qkv + b * S * ss + h * 3 * D;
+      const float* k = q + D;
+      const float* v = q + 2 * D;
+      for (int64_t j = 0; j < S; ++j)
+        for (int64_t d = 0; d < D; ++d) kT[d * S + j] = k[j * ss + d];
+      float* P = probs + bh * S * S;
+      const float* kb = key_bias ? key_bias + b * S : nullptr;
+      float* o = out + b * S * so + h * D;
+      // blocks of query rows, hot in L1 from scores through softmax to P V
+      for (int64_t i0 = 0; i0 < S; i0 += 24) {
+        const int64_t m = std::min<int64_t>(24, S - i0);
+        gemm(m, S, D, q + i0 * ss, ss, 1, kT.data(), S, P + i0 * S, S, scale, kb);
+        softmax_rows(P + i0 * S, m, S);
+        gemm(m, D, S, P + i0 * S, S, 1, v, ss, o + i0 * so, so, 1.f, nullptr);
+      }
+    }
+  });
+}
+
+void attention_backward(const AttentionShape& s, const float* qkv, const float* probs, const float* out,
+                        const float* grad_out, float scale, float* grad_qkv, int threads) {
+  const int64_t S = s.seq, D = s.head_dim, NH = s.heads;
+  const int64_t ss = NH * 3 * D, so = NH * D;
+  parallel_range(s.batch * NH, threads, [&](int64_t lo, int64_t hi) {
+    std::vector<float> vT(static_cast<size_t>(D * S)), ds(static_cast<size_t>(S * S)), delta(static_cast<size_t>(S));
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / NH, h = bh % NH;
+      const float* q = qkv + b * S * ss + h * 3 * D;
+      const float* k = q + D;
+      const float* v = q + 2 * D;
+      const float* P = probs + bh * S * S;
+      const float* dO = grad_out + b * S * so + h * D;
+      const float* O = out + b * S * so + h * D;
+      float* gq = grad_qkv + b * S * ss + h * 3 * D;
+      for (int64_t j = 0; j < S; ++j)
+        for (int64_t d = 0; d < D; ++d) vT[d * S + j] = v[j * ss + d];
+      for (int64_t i = 0; i < S; ++i) {  // delta_i = sum_j P_ij dP_ij = dO_i . O_i
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; ++d) acc += dO[i * so + d] * O[i * so + d];
+        delta[i] = acc;
+      }
+      gemm(S, D, S, P, 1, S, dO, so, gq + 2 * D, ss, 1.f, nullptr);          // dV = P^T dO
+      gemm(S, S, D, dO, so, 1, vT.data(), S, ds.data(), S, 1.f, nullptr);    // dP = dO V^T
+      for (int64_t i = 0; i < S; ++i) {                                       // dS = scale P (dP - delta)
+        const float* pr = P + i * S;
+        float* dr = ds.data() + i * S;
+        const __m256 vd = _mm256_set1_ps(delta[i]), vsc = _mm256_set1_ps(scale);
+        int64_t j = 0;
+        for (; j + W <= S; j += W)
+          _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(pr + j), vsc),
+                                                 _mm256_sub_ps(_mm256_loadu_ps(dr + j), vd)));
+        for (; j < S; ++j) dr[j] = pr[j] * scale * (dr[j] - delta[i]);
+      }
+      gemm(S, D, S, ds.data(), S, 1, k, ss, gq, ss, 1.f, nullptr);           // dQ = dS K
+      gemm(S, D, S, ds.data(), 1, S, q, ss, gq + D, ss, 1.f, nullptr);       // dK = dS^T Q
+    }
+  });
+}
+
+}  // namespace xlmr_mp
+
+#pragma GCC pop_options
+
+bool xlmr_mp::attention_cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}

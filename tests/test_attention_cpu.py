@@ -1,0 +1,140 @@
+"""The fused CPU attention kernel (csrc/attention_cpu.cpp, kernels/attention_cpu.py) beside its
+reference, scaled_dot_product_attention: values and gradients, padding, odd shapes, threads, the
+dispatch rule, and the whole model through either path."""
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from xlmr_mp.kernels import attention_cpu
+
+pytestmark = pytest.mark.skipif(attention_cpu._ext() is None, reason="xlmr_mp._C without the CPU attention "
+                                "kernel, or a CPU without AVX2/FMA")
+
+
+def _case(B, S, NH, D, pad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, S, NH, 3, D, generator=g) * 2.0
+    grad = torch.randn(B, S, NH * D, generator=g)
+    bias = None
+    if pad:
+        keep = torch.ones(B, S)
+        keep[0, S // 2:] = 0               # half the keys padding
+        if B > 1:
+            keep[1, :] = 0                 # a fully padded sequence: uniform rows, as SDPA
+        bias = ((1.0 - keep) * torch.finfo(torch.float32).min)[:, None, None, :]
+    return qkv, grad, bias
+
+
+def _fwd_bwd(fn, qkv, grad, bias, scale):
+    x = qkv.clone().requires_grad_(True)
+    out = fn(x, bias, scale)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+# (B, S, heads, D): the tiny preset, the studies' S=128 at head dims 16-42, odd sizes everywhere
+SHAPES = [(8, 64, 4, 16), (2, 128, 4, 42), (3, 61, 3, 13), (1, 7, 1, 8), (2, 33, 2, 24), (1, 1, 2, 5)]
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_equals_sdpa_in_value_and_gradient(shape, pad):
+    qkv, grad, bias = _case(*shape, pad)
+    scale = 1.0 / math.sqrt(shape[3])
+    out, g = _fwd_bwd(attention_cpu.attention, qkv, grad, bias, scale)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref_out, ref_g = _fwd_bwd(attention_cpu.attention_ref, qkv, grad, bias, scale)
+    assert out.shape == ref_out.shape and g.shape == ref_g.shape
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, ref_g, rtol=1e-4, atol=5e-5)
+    # SDPA's default CPU (flash) kernel agrees too, except on the fully padded sequence (index 1 with
+    # pad): recomputing the probabilities from its log-sum-exp there loses the padding bias in fp32,
+    # so its backward takes every probability as 1 instead of 1/S (the math path and this kernel
+    # keep the uniform 1/S of the forward). No real batch has a sequence without a real token.
+    flash_out, flash_g = _fwd_bwd(attention_cpu.attention_ref, qkv, grad, bias, scale)
+    keep = [b for b in range(shape[0]) if not (pad and b == 1)]
+    torch.testing.assert_close(out, flash_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g[keep], flash_g[keep], rtol=1e-4, atol=5e-5)
+
+
+def test_same_bits_at_any_thread_count():
+    qkv, grad, bias = _case(4, 64, 4, 16, True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _fwd_bwd(attention_cpu.attention, qkv, grad, bias, 0.25)
+        torch.set_num_threads(3)
+        three = _fwd_bwd(attention_cpu.attention, qkv, grad, bias, 0.25)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+
+
+def test_dispatch_rule(monkeypatch):
+    monkeypatch.delenv("XLMR_MP_KERNELS", raising=False)
+    qkv, _, bias = _case(2, 64, 2, 16, True)
+    assert attention_cpu.applies(qkv, bias, 0.0) and attention_cpu.applies(qkv, None, 0.0)
+    assert not attention_cpu.applies(qkv, bias, 0.1)                      # attention dropout: SDPA
+    assert not attention_cpu.applies(qkv.bfloat16(), None, 0.0)           # fp32 only
+    long = torch.zeros(1, attention_cpu.MAX_SEQ + 1, 2, 3, 16)
+    assert not attention_cpu.applies(long, None, 0.0)                     # long sequences: SDPA
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not attention_cpu.applies(qkv, bias, 0.0)
+    monkeypatch.setenv("XLMR_MP_KERNELS", "reference")
+    assert not attention_cpu.applies(qkv, bias, 0.0)
+    monkeypatch.setenv("XLMR_MP_KERNELS", "fused")
+    assert attention_cpu.applies(long, None, 0.0)                         # fused: any length
+
+
+def test_bad_shapes_are_named():
+    from xlmr_mp import _C
+    qkv = torch.zeros(2, 8, 2, 3, 4)
+    out, probs = torch.zeros(2, 8, 8), torch.zeros(2, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"qkv must be \[B, S, heads, 3, D\]"):
+        _C.attention_forward(torch.zeros(2, 8, 24).numpy(), None, 1.0, out.numpy(), probs.numpy())
+    with pytest.raises(ValueError, match="probs has the wrong size"):
+        _C.attention_forward(qkv.numpy(), None, 1.0, out.numpy(), torch.zeros(2, 2, 8).numpy())
+    with pytest.raises(ValueError, match=r"key_bias \(\[B, S\]\) has the wrong size"):
+        _C.attention_forward(qkv.numpy(), torch.zeros(2, 7).numpy(), 1.0, out.numpy(), probs.numpy())
+
+
+def _tiny_model():
+    from xlmr_mp.model.config import ModelConfig
+    from xlmr_mp.model.xlmr import XLMRModel
+    cfg = ModelConfig(vocab_size=200, hidden_size=48, num_layers=2, num_heads=4, ffn_size=96, max_positions=40,
+                      dropout=0.1, attention_dropout=0.0, make_vocab_size_divisible_by=8)
+    return XLMRModel(cfg, init_seed=0)
+
+
+def test_model_equals_the_sdpa_path_and_uses_the_kernel(monkeypatch):
+    """The whole model (hidden dropout on, padding in the batch) through the kernel and through SDPA
+    (XLMR_MP_KERNELS=reference): same loss and gradients; the kernel path really ran."""
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 200, (3, 32), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 20:] = 0
+    ids[0, 20:] = 1
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.2, ids, torch.full_like(ids, -100))
+    labels[1, 3] = ids[1, 3]
+    calls = []
+    real = attention_cpu._Attention.apply
+    monkeypatch.setattr(attention_cpu._Attention, "apply", lambda *a: calls.append(1) or real(*a))
+
+    def run(mode):
+        monkeypatch.setenv("XLMR_MP_KERNELS", mode)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)                      # the same hidden-dropout masks both times
+        loss = model(ids, attention_mask=mask, labels=labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_k, grads_k = run("auto")
+    assert len(calls) == 2                        # one call per layer
+    loss_r, grads_r = run("reference")
+    assert len(calls) == 2
+    torch.testing.assert_close(loss_k, loss_r, rtol=1e-6, atol=1e-6)
+    for n in grads_r:
+        torch.testing.assert_close(grads_k[n], grads_r[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -1,0 +1,97 @@
+"""Fused self-attention for CPU training at short sequences, beside its torch reference.
+
+    attention(qkv [B, S, heads, 3, D], bias [B, 1, 1, S] | None, scale) -> [B, S, heads * D]
+
+The kernel (csrc/attention_cpu.cpp, in xlmr_mp._C) reads q, k and v of each head straight from the
+fused QKV projection's output (Megatron's per-head interleave), writes the context already in the
+[B, S, heads * D] layout the output projection takes, and writes dQ, dK, dV straight into the QKV
+gradient: no transposes, no split, one autograd node. It keeps the probabilities (S x S floats per
+head) for the backward, where SDPA's CPU flash kernel recomputes them; at S <= 128 that is the
+faster trade, at S = 256 it is even (bench/attention_cpu.py).
+
+The reference is `torch.nn.functional.scaled_dot_product_attention`, which the model uses whenever
+`applies` is False: another device or dtype, attention dropout in training, S > MAX_SEQ, a CPU
+without AVX2/FMA, or XLMR_MP_KERNELS=reference. XLMR_MP_KERNELS=fused lifts the MAX_SEQ limit.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from xlmr_mp.kernels import dispatch
+
+# bench/attention_cpu.py on the 2-core AVX2 CI machine, fp32, forward + backward, one thread,
+# against SDPA: 1.7x at S=64 (D 16), 1.25-1.35x at S=128 (D 16-42), 1.0x at S=256 (D 64).
+MAX_SEQ = 128
+
+
+@functools.lru_cache(maxsize=1)
+def _ext():
+    """xlmr_mp._C when it has the kernel and this CPU can run it, else None."""
+    try:
+        from xlmr_mp import _C
+    except ImportError:
+        return None
+    if not hasattr(_C, "attention_forward") or not _C.attention_cpu_supported():
+        return None
+    return _C
+
+
+def applies(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float) -> bool:
+    """Whether `attention` (the fused CPU kernel) should run instead of SDPA for this call;
+    dropout_p is the attention dropout in effect (0 in eval)."""
+    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or dropout_p > 0:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    m = dispatch.mode()
+    if m == "reference" or _ext() is None:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 4 or bias.shape[1] != 1
+                             or bias.shape[2] != 1 or bias.shape[0] != qkv.shape[0]):
+        return False
+    return m == "fused" or qkv.shape[1] <= MAX_SEQ
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, key_bias, scale):
+        B, S, NH, _, D = qkv.shape
+        qkv = qkv.contiguous()
+        out = qkv.new_empty(B, S, NH * D)
+        probs = qkv.new_empty(B, NH, S, S)
+        kb = None if key_bias is None else key_bias.detach().contiguous().numpy()
+        _ext().attention_forward(qkv.detach().numpy(), kb, scale, out.numpy(), probs.numpy(),
+                                 torch.get_num_threads())
+        ctx.save_for_backward(qkv, probs, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, probs, out = ctx.saved_tensors
+        grad_qkv = torch.empty_like(qkv)
+        _ext().attention_backward(qkv.detach().numpy(), probs.numpy(), out.detach().numpy(),
+                                  grad_out.detach().contiguous().numpy(), ctx.scale, grad_qkv.numpy(),
+                                  torch.get_num_threads())
+        return grad_qkv, None, None
+
+
+@torch.compiler.disable     # an opaque C++ call: a graph break under train.compile
+def attention(qkv: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T + bias) v for every head of qkv [B, S, heads, 3, D] (float32, CPU);
+    bias is the additive key-padding bias [B, 1, 1, S] or None. Returns [B, S, heads * D]."""
+    if _ext() is None:
+        raise RuntimeError("the CPU attention kernel is unavailable (xlmr_mp._C without it, or a CPU "
+                           "without AVX2/FMA); check attention_cpu.applies() first")
+    key_bias = None if bias is None else bias.reshape(bias.shape[0], bias.shape[-1])
+    return _Attention.apply(qkv, key_bias, scale)
+
+
+def attention_ref(qkv: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The torch reference of `attention`: scaled_dot_product_attention over the same layout."""
+    B, S, NH, _, D = qkv.shape
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))
+    ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return ctx.transpose(1, 2).reshape(B, S, NH * D)
