@@ -13,8 +13,15 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(XLMR_MP_NO_X86_KERNELS)
+// Everything below is compiled for AVX2 + FMA whatever the build's -march; callers check
+// attention_cpu_supported() (at run time) first.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 #include <immintrin.h>
 
 namespace xlmr_mp {
@@ -234,9 +241,30 @@ void attention_backward(const AttentionShape& s, const float* qkv, const float* 
 
 }  // namespace xlmr_mp
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 bool xlmr_mp::attention_cpu_supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
+
+#else  // not x86-64 (or -DXLMR_MP_NO_X86_KERNELS): no kernel; the model uses scaled_dot_product_attention
+
+#include <stdexcept>
+
+bool xlmr_mp::attention_cpu_supported() { return false; }
+
+void xlmr_mp::attention_forward(const AttentionShape&, const float*, const float*, float, float*, float*, int) {
+  throw std::runtime_error("attention_forward: built without the x86-64 AVX2 kernel");
+}
+
+void xlmr_mp::attention_backward(const AttentionShape&, const float*, const float*, const float*, const float*,
+                                 float, float*, int) {
+  throw std::runtime_error("attention_backward: built without the x86-64 AVX2 kernel");
+}
+
+#endif
