@@ -1,6 +1,7 @@
 """Build: `pip install -e .` (install torch first: `pip install torch==2.13.0` on a CPU machine).
 
-The C++ extension `xlmr_mp._C` (csrc/*.cpp, pybind11 + numpy only) is always built. The CUDA
+The C++ extension `xlmr_mp._C` (csrc/*.cpp, pybind11 + numpy only: the data index builders and the
+AVX2 CPU kernels, compiled for AVX2 by target pragmas and checked at run time) is always built. The CUDA
 kernels (`xlmr_mp._cuda`, csrc/cuda/) are built only when torch is importable in the build
 environment as a CUDA build and nvcc is present (use `pip install --no-build-isolation -e .`
 on GPU machines); otherwise they are skipped cleanly and the torch references are used.
@@ -40,7 +41,7 @@ def cuda_extensions():
 
 
 cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-ext_modules = [Pybind11Extension("xlmr_mp._C", cpp_sources, cxx_std=17,
+ext_modules = [Pybind11Extension("xlmr_mp._C", cpp_sources, cxx_std=17, depends=sorted(glob.glob("csrc/*.h")),
                                  extra_compile_args=["-O3"])] if cpp_sources else []
 cmdclass = {"build_ext": build_ext}
 cuda_exts, cuda_cmd = cuda_extensions()

@@ -95,6 +95,7 @@ def measure_ours(a, world: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(a.warmup):
         tr.train_step()
+    ab = kernels_ab(tr, a.ab_kernels) if a.ab_kernels else None
     ms = [tr.train_step() for _ in range(a.steps)]
     secs = sum(m["step_time_s"] for m in ms)
     tokens = sum(cfg.train.global_batch * cfg.data.seq_length for _ in ms)
@@ -111,8 +112,36 @@ def measure_ours(a, world: int) -> dict:
            "global_batch": cfg.train.global_batch, "seq": cfg.data.seq_length, "fpt": tr.fpt,
            "dtype": cfg.precision.dtype, "device": str(device), "cfg": cfg, "opt_bytes": opt_bytes}
     out["mfu"] = out["tflops"] * 1e12 / tr.peak
+    out["kernels_ab"] = ab
     destroy_parallel()
     return out
+
+
+def kernels_ab(tr, rounds: int) -> str:
+    """Our step with XLMR_MP_KERNELS=reference and =auto in alternating blocks of 5 steps in this one
+    process (the switch is read at every call), so machine drift cancels pair by pair."""
+    import statistics
+    times = {"reference": [], "auto": []}
+    before = os.environ.get("XLMR_MP_KERNELS")
+    try:
+        for _ in range(rounds):
+            for m in times:
+                os.environ["XLMR_MP_KERNELS"] = m
+                tr.train_step()                                  # first step after the switch: not timed
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    tr.train_step()
+                times[m].append((time.perf_counter() - t0) / 5)
+    finally:
+        if before is None:
+            os.environ.pop("XLMR_MP_KERNELS", None)
+        else:
+            os.environ["XLMR_MP_KERNELS"] = before
+    ratios = [r / k for r, k in zip(times["reference"], times["auto"])]
+    return (f"kernels A/B ({rounds} alternating blocks of 5 steps, one process): XLMR_MP_KERNELS=reference "
+            f"{statistics.median(times['reference']) * 1e3:.1f} ms/step, auto {statistics.median(times['auto']) * 1e3:.1f} "
+            f"ms/step, paired ratio reference/auto median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+            f"max {max(ratios):.3f})")
 
 
 def measure_peer(a, cfg, device) -> dict:
@@ -197,6 +226,8 @@ def report(a, world, ours, peer):
                      f"{peer['tokens_per_s']:.1f} tokens/s, {peer['step_s'] * 1e3:.1f} ms/step, "
                      f"peak mem {peer['mem_gib']:.2f} GiB")
         lines.append(f"ratio ours/peer (tokens/s per device): {ours['tokens_per_s'] / world / peer['tokens_per_s']:.3f}")
+    if ours.get("kernels_ab"):
+        lines.append(ours["kernels_ab"])
     if a.plan:
         sys.path.insert(0, os.path.join(ROOT, "tools"))
         import plan as planner
@@ -228,6 +259,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--ab-kernels", type=int, default=0, metavar="ROUNDS",
+                    help="also time our step with XLMR_MP_KERNELS=reference against auto, alternating ROUNDS "
+                    "blocks of 5 steps in this process (CPU: the AVX2 attention and bias-GELU kernels)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default="", help="append the result to this file")

@@ -13,58 +13,13 @@
 #include <thread>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(XLMR_MP_NO_X86_KERNELS)
-// Everything below is compiled for AVX2 + FMA whatever the build's -march; callers check
-// attention_cpu_supported() (at run time) first.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
-#include <immintrin.h>
+#include "cpu_target_begin.h"
+#if XLMR_MP_AVX2
 
 namespace xlmr_mp {
 namespace {
 
-constexpr int W = 8;  // floats per __m256
-
-// exp(x) for x <= 0 (softmax arguments after the row max is subtracted), ~1 ulp in [-87, 0]:
-// Cephes' expf range reduction and degree-5 polynomial; below -87 it flushes to 0.
-inline __m256 exp_nonpos(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  const __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(below, y);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using namespace cpu;
 
 // C(i, n) = alpha * sum_k A(i, k) B(k, n) [+ colbias(n)] for a tile of MR rows x NV*8 columns
 // (with TAIL, the last vector's lanes are `mask`'s: loads and stores past N are masked off);
@@ -155,21 +110,6 @@ void softmax_rows(float* P, int64_t M, int64_t S) {
   }
 }
 
-// Runs f(lo, hi) over [0, n) split in `threads` contiguous ranges (the calling thread takes one).
-template <typename F>
-void parallel_range(int64_t n, int threads, F f) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
-  if (threads == 1) { f(0, n); return; }
-  std::vector<std::thread> pool;
-  const int64_t per = (n + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t lo = t * per, hi = std::min(n, lo + per);
-    if (lo < hi) pool.emplace_back([=] { f(lo, hi); });
-  }
-  f(0, std::min(n, per));
-  for (auto& th : pool) th.join();
-}
-
 }  // namespace
 
 void attention_forward(const AttentionShape& s, const float* qkv, const float* key_bias, float scale,
@@ -241,11 +181,7 @@ void attention_backward(const AttentionShape& s, const float* qkv, const float* 
 
 }  // namespace xlmr_mp
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "cpu_target_end.h"
 
 bool xlmr_mp::attention_cpu_supported() {
   __builtin_cpu_init();

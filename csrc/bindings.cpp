@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "bias_gelu_cpu.h"
 #include "blend_index.h"
 
 namespace py = pybind11;
@@ -252,6 +253,31 @@ void py_attention_backward(FArr qkv, FArr probs, FArr out, FArr grad_out, double
   attention_backward(s, qkv.data(), probs.data(), out.data(), grad_out.data(), static_cast<float>(scale), g, threads);
 }
 
+void py_bias_gelu_forward(FArr x, FArr bias, FArr y, int threads) {
+  if (!attention_cpu_supported()) throw std::runtime_error("bias_gelu_forward: this CPU has no AVX2/FMA");
+  if (x.ndim() < 1 || bias.ndim() != 1 || x.shape(x.ndim() - 1) != bias.size())
+    throw std::invalid_argument("bias_gelu_forward: x must be [..., H] and bias [H] (float32, C-contiguous)");
+  check_len(y, x.size(), "bias_gelu_forward", "y");
+  const int64_t cols = bias.size(), rows = cols ? x.size() / cols : 0;
+  float* out = y.mutable_data();
+  py::gil_scoped_release nogil;
+  bias_gelu_forward(x.data(), bias.data(), out, rows, cols, threads);
+}
+
+void py_bias_gelu_backward(FArr grad, FArr x, FArr bias, FArr dx, FArr dbias, int threads) {
+  if (!attention_cpu_supported()) throw std::runtime_error("bias_gelu_backward: this CPU has no AVX2/FMA");
+  if (x.ndim() < 1 || bias.ndim() != 1 || x.shape(x.ndim() - 1) != bias.size())
+    throw std::invalid_argument("bias_gelu_backward: x must be [..., H] and bias [H] (float32, C-contiguous)");
+  check_len(grad, x.size(), "bias_gelu_backward", "grad");
+  check_len(dx, x.size(), "bias_gelu_backward", "dx");
+  check_len(dbias, bias.size(), "bias_gelu_backward", "dbias");
+  const int64_t cols = bias.size(), rows = cols ? x.size() / cols : 0;
+  float* d = dx.mutable_data();
+  float* db = dbias.mutable_data();
+  py::gil_scoped_release nogil;
+  bias_gelu_backward(grad.data(), x.data(), bias.data(), d, db, rows, cols, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -296,4 +322,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_backward", &py_attention_backward, py::arg("qkv"), py::arg("probs"), py::arg("out"),
         py::arg("grad_out"), py::arg("scale"), py::arg("grad_qkv"), py::arg("threads") = 1,
         "grad_qkv [B, S, heads, 3, D] from grad_out [B, S, heads*D] and the forward's qkv, probs and out.");
+  m.def("bias_gelu_forward", &py_bias_gelu_forward, py::arg("x"), py::arg("bias"), py::arg("y"),
+        py::arg("threads") = 1, "y = gelu(x + bias) (exact erf GELU; float32; x [..., H], bias [H]).");
+  m.def("bias_gelu_backward", &py_bias_gelu_backward, py::arg("grad"), py::arg("x"), py::arg("bias"),
+        py::arg("dx"), py::arg("dbias"), py::arg("threads") = 1,
+        "dx = grad * gelu'(x + bias) and dbias = dx summed over rows (float32).");
 }

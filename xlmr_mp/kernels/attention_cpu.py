@@ -10,48 +10,36 @@ head) for the backward, where SDPA's CPU flash kernel recomputes them; at S <= 1
 faster trade, at S = 256 it is even (bench/attention_cpu.py).
 
 The reference is `torch.nn.functional.scaled_dot_product_attention`, which the model uses whenever
-`applies` is False: another device or dtype, attention dropout in training, S > MAX_SEQ, a CPU
-without AVX2/FMA, or XLMR_MP_KERNELS=reference. XLMR_MP_KERNELS=fused lifts the MAX_SEQ limit.
+`applies` is False: another device or dtype, autocast, torch.compile tracing, attention dropout in
+training, S > MAX_SEQ, a CPU without AVX2/FMA, or XLMR_MP_KERNELS=reference
+(`dispatch.cpu_kernels`). XLMR_MP_KERNELS=fused lifts the MAX_SEQ limit.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
 from xlmr_mp.kernels import dispatch
 
 # bench/attention_cpu.py on the 2-core AVX2 CI machine, fp32, forward + backward, one thread,
-# against SDPA: 1.7x at S=64 (D 16), 1.25-1.35x at S=128 (D 16-42), 1.0x at S=256 (D 64).
+# against SDPA (two runs): 1.54-1.70x at S=64 (D 16), 1.06-1.38x at S=128 (D 16-42), 0.96-1.02x
+# at S=256 and 0.76-0.84x at S=512 (D 64).
 MAX_SEQ = 128
 
 
-@functools.lru_cache(maxsize=1)
 def _ext():
-    """xlmr_mp._C when it has the kernel and this CPU can run it, else None."""
-    try:
-        from xlmr_mp import _C
-    except ImportError:
-        return None
-    if not hasattr(_C, "attention_forward") or not _C.attention_cpu_supported():
-        return None
-    return _C
+    """xlmr_mp._C when this CPU can run its kernels (whatever the tensor or switch), else None."""
+    return dispatch._cpu_extension()
 
 
 def applies(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float) -> bool:
     """Whether `attention` (the fused CPU kernel) should run instead of SDPA for this call;
     dropout_p is the attention dropout in effect (0 in eval)."""
-    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or dropout_p > 0:
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    m = dispatch.mode()
-    if m == "reference" or _ext() is None:
+    if dropout_p > 0 or dispatch.cpu_kernels(qkv) is None:
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 4 or bias.shape[1] != 1
                              or bias.shape[2] != 1 or bias.shape[0] != qkv.shape[0]):
         return False
-    return m == "fused" or qkv.shape[1] <= MAX_SEQ
+    return dispatch.mode() == "fused" or qkv.shape[1] <= MAX_SEQ
 
 
 class _Attention(torch.autograd.Function):

@@ -5,8 +5,9 @@
              only for ops that `FASTER_ON` lists for this GPU (from a bench/kernels.py measurement);
   fused      always the fused kernel; a CPU tensor or a missing extension is an error;
   reference  always the torch reference.
-The same switch governs the CPU attention kernel (kernels/attention_cpu.py): `auto` runs it where it
-applies at S <= MAX_SEQ, `fused` at any length, `reference` never.
+The same switch governs the AVX2 CPU kernels in xlmr_mp._C (kernels/attention_cpu.py,
+kernels/bias_gelu_cpu.py): `reference` never runs them, `auto` and `fused` do where they apply
+(`cpu_kernels`; attention at S <= MAX_SEQ under `auto`, at any length under `fused`).
 """
 from __future__ import annotations
 
@@ -74,3 +75,25 @@ def use_fused(tensor: torch.Tensor, op: str) -> bool:
                                     f"pip install --no-build-isolation -e . (or set {ENV}=auto)")
         return True
     return tensor.is_cuda and extension() is not None and arch(tensor.device) in FASTER_ON.get(op, ())
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_extension():
+    try:
+        from xlmr_mp import _C
+    except ImportError:
+        return None
+    if not hasattr(_C, "attention_forward") or not _C.attention_cpu_supported():
+        return None
+    return _C
+
+
+def cpu_kernels(tensor: torch.Tensor):
+    """The `xlmr_mp._C` module when its AVX2 CPU kernels may run on `tensor`: an fp32 CPU tensor,
+    outside autocast and torch.compile tracing (inductor fuses these ops itself), on a CPU with AVX2
+    and FMA, and XLMR_MP_KERNELS not `reference`; None otherwise."""
+    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return None
+    if torch.compiler.is_compiling() or mode() == "reference":
+        return None
+    return _cpu_extension()

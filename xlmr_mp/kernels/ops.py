@@ -1,13 +1,13 @@
 """Fused-op entry points used by the model. Each op has a plain torch reference here (`*_ref`);
 the public names run the CUDA kernel (csrc/cuda, autograd in fused.py) when `dispatch.use_fused`
-says so (CUDA tensor, extension built, XLMR_MP_KERNELS switch, measured FASTER_ON table) and the
-reference otherwise. The MLM vocabulary-shard cross-entropy lives in mlm_xent.py."""
+says so (CUDA tensor, extension built, XLMR_MP_KERNELS switch, measured FASTER_ON table), bias_gelu
+the AVX2 CPU kernel (bias_gelu_cpu.py) on fp32 CPU tensors, and the reference otherwise. The MLM vocabulary-shard cross-entropy lives in mlm_xent.py."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from xlmr_mp.kernels import dispatch
+from xlmr_mp.kernels import bias_gelu_cpu, dispatch
 from xlmr_mp.kernels.mlm_xent import mlm_cross_entropy  # noqa: F401  (re-exported)
 
 
@@ -84,6 +84,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
             and dispatch.use_fused(x, "bias_gelu")):
         from xlmr_mp.kernels.fused import BiasGelu
         return BiasGelu.apply(x, bias)
+    if bias_gelu_cpu.applies(x, bias):     # fp32 on an AVX2 CPU: csrc/bias_gelu_cpu.cpp
+        return bias_gelu_cpu.bias_gelu(x, bias)
     return bias_gelu_ref(x, bias)
 
 
