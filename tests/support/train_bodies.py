@@ -131,7 +131,8 @@ def tiny_cfg(overrides=(), world_size=None):
     overrides = list(overrides)
     if not any(o.startswith("run_dir=") for o in overrides):
         overrides.insert(0, f"run_dir={default_run_dir()}")
-    overrides += compile_overrides()
+    # first, so that a test's own train.compile (test_train_compile's eager run) wins
+    overrides = compile_overrides() + overrides
     return load_config(TINY, overrides, world_size=world_size)
 
 
