@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <thread>
 #include <vector>
 
 #include "cpu_target_begin.h"
@@ -183,16 +182,9 @@ void attention_backward(const AttentionShape& s, const float* qkv, const float* 
 
 #include "cpu_target_end.h"
 
-bool xlmr_mp::attention_cpu_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
 #else  // not x86-64 (or -DXLMR_MP_NO_X86_KERNELS): no kernel; the model uses scaled_dot_product_attention
 
 #include <stdexcept>
-
-bool xlmr_mp::attention_cpu_supported() { return false; }
 
 void xlmr_mp::attention_forward(const AttentionShape&, const float*, const float*, float, float*, float*, int) {
   throw std::runtime_error("attention_forward: built without the x86-64 AVX2 kernel");

@@ -5,14 +5,13 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu_kernels.h"  // cpu_kernels_supported(): the kernels below need AVX2 and FMA
+
 namespace xlmr_mp {
 
 struct AttentionShape {
   int64_t batch, seq, heads, head_dim;
 };
-
-// True when this CPU has AVX2 and FMA (the kernels below need both).
-bool attention_cpu_supported();
 
 // out [B, S, heads * D] = softmax(scale * q k^T + key_bias) v per head; probs [B, heads, S, S]
 // receives the probabilities (kept for the backward). key_bias [B, S] (additive, per key) or null.

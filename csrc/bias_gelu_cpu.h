@@ -1,5 +1,5 @@
 // Exact GELU of x + bias for CPU (fp32, AVX2 + FMA), forward and backward (autograd wrapper and
-// dispatch: xlmr_mp/kernels/ops.py:bias_gelu). Needs attention_cpu_supported() (AVX2 and FMA).
+// dispatch: xlmr_mp/kernels/ops.py:bias_gelu). Needs cpu_kernels_supported() (AVX2 and FMA).
 #pragma once
 #include <cstdint>
 

@@ -222,8 +222,20 @@ void check_len(const py::array& a, int64_t n, const char* who, const char* what)
     throw std::invalid_argument(std::string(who) + ": " + what + " has the wrong size or is not C-contiguous");
 }
 
+void require_cpu_kernels(const char* who) {
+  if (!cpu_kernels_supported()) throw std::runtime_error(std::string(who) + ": this CPU has no AVX2/FMA");
+}
+
+// x [..., H] against a per-column vector v [H] (and the CPU check every kernel binding starts with).
+void check_rows(const py::array& x, const py::array& v, const char* who, const char* xname, const char* vname) {
+  require_cpu_kernels(who);
+  if (x.ndim() < 1 || v.ndim() != 1 || x.shape(x.ndim() - 1) != v.size())
+    throw std::invalid_argument(std::string(who) + ": " + xname + " must be [..., H] and " + vname +
+                                " [H] (float32, C-contiguous)");
+}
+
 void py_attention_forward(FArr qkv, py::object key_bias, double scale, FArr out, FArr probs, int threads) {
-  if (!attention_cpu_supported()) throw std::runtime_error("attention_forward: this CPU has no AVX2/FMA");
+  require_cpu_kernels("attention_forward");
   const AttentionShape s = attention_shape(qkv, "attention_forward");
   check_len(out, s.batch * s.seq * s.heads * s.head_dim, "attention_forward", "out");
   check_len(probs, s.batch * s.heads * s.seq * s.seq, "attention_forward", "probs");
@@ -241,7 +253,7 @@ void py_attention_forward(FArr qkv, py::object key_bias, double scale, FArr out,
 }
 
 void py_attention_backward(FArr qkv, FArr probs, FArr out, FArr grad_out, double scale, FArr grad_qkv, int threads) {
-  if (!attention_cpu_supported()) throw std::runtime_error("attention_backward: this CPU has no AVX2/FMA");
+  require_cpu_kernels("attention_backward");
   const AttentionShape s = attention_shape(qkv, "attention_backward");
   const int64_t n_out = s.batch * s.seq * s.heads * s.head_dim;
   check_len(probs, s.batch * s.heads * s.seq * s.seq, "attention_backward", "probs");
@@ -254,9 +266,7 @@ void py_attention_backward(FArr qkv, FArr probs, FArr out, FArr grad_out, double
 }
 
 void py_bias_gelu_forward(FArr x, FArr bias, FArr y, int threads) {
-  if (!attention_cpu_supported()) throw std::runtime_error("bias_gelu_forward: this CPU has no AVX2/FMA");
-  if (x.ndim() < 1 || bias.ndim() != 1 || x.shape(x.ndim() - 1) != bias.size())
-    throw std::invalid_argument("bias_gelu_forward: x must be [..., H] and bias [H] (float32, C-contiguous)");
+  check_rows(x, bias, "bias_gelu_forward", "x", "bias");
   check_len(y, x.size(), "bias_gelu_forward", "y");
   const int64_t cols = bias.size(), rows = cols ? x.size() / cols : 0;
   float* out = y.mutable_data();
@@ -265,9 +275,7 @@ void py_bias_gelu_forward(FArr x, FArr bias, FArr y, int threads) {
 }
 
 void py_bias_gelu_backward(FArr grad, FArr x, FArr bias, FArr dx, FArr dbias, int threads) {
-  if (!attention_cpu_supported()) throw std::runtime_error("bias_gelu_backward: this CPU has no AVX2/FMA");
-  if (x.ndim() < 1 || bias.ndim() != 1 || x.shape(x.ndim() - 1) != bias.size())
-    throw std::invalid_argument("bias_gelu_backward: x must be [..., H] and bias [H] (float32, C-contiguous)");
+  check_rows(x, bias, "bias_gelu_backward", "x", "bias");
   check_len(grad, x.size(), "bias_gelu_backward", "grad");
   check_len(dx, x.size(), "bias_gelu_backward", "dx");
   check_len(dbias, bias.size(), "bias_gelu_backward", "dbias");
@@ -282,7 +290,7 @@ void py_bias_gelu_backward(FArr grad, FArr x, FArr bias, FArr dx, FArr dbias, in
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "xlmr_mp C++ helpers: data index building (packing, blended language index), id flattening, "
-            "CPU attention kernels";
+            "the AVX2 CPU kernels (attention, bias-GELU)";
   m.def("pack_blocks", &py_pack_blocks, py::arg("sizes"), py::arg("doc_index"), py::arg("block_size"),
         py::arg("break_at_documents"),
         "Pack sentences into blocks of <= block_size tokens; returns (token starts, lengths).");
@@ -314,7 +322,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("feistel_permute", &feistel_permute, py::arg("x"), py::arg("n"), py::arg("seed"),
         py::arg("lang"), py::arg("epoch"),
         "Position of x under the block permutation of (seed, lang, epoch) on [0, n).");
-  m.def("attention_cpu_supported", &attention_cpu_supported, "Whether this CPU has AVX2 and FMA.");
+  m.def("cpu_kernels_supported", &cpu_kernels_supported,
+        "Whether the AVX2 CPU kernels are compiled in and this CPU has AVX2 and FMA.");
   m.def("attention_forward", &py_attention_forward, py::arg("qkv"), py::arg("key_bias"), py::arg("scale"),
         py::arg("out"), py::arg("probs"), py::arg("threads") = 1,
         "out [B, S, heads*D] = softmax(scale q k^T + key_bias) v from qkv [B, S, heads, 3, D] (float32); "

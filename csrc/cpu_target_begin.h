@@ -1,5 +1,5 @@
 // Opens the region of a CPU kernel file that is compiled for AVX2 + FMA whatever the build's -march
-// (callers check attention_cpu_supported() at run time first); close it with cpu_target_end.h.
+// (callers check cpu_kernels_supported() at run time first); close it with cpu_target_end.h.
 // XLMR_MP_AVX2 is 1 on x86-64 with GCC or clang (unless built with -DXLMR_MP_NO_X86_KERNELS), 0
 // elsewhere, where the file provides stubs instead and the model uses the torch references.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(XLMR_MP_NO_X86_KERNELS)

@@ -83,7 +83,7 @@ def _cpu_extension():
         from xlmr_mp import _C
     except ImportError:
         return None
-    if not hasattr(_C, "attention_forward") or not _C.attention_cpu_supported():
+    if not hasattr(_C, "attention_forward") or not _C.cpu_kernels_supported():
         return None
     return _C
 

@@ -1,0 +1,10 @@
+// What the AVX2 CPU kernels (attention_cpu, bias_gelu_cpu) need from this machine and
+// build: checked by the bindings before every call, and by xlmr_mp/kernels/dispatch.py.
+#pragma once
+
+namespace xlmr_mp {
+
+// True when the kernels were compiled in (x86-64, GCC or clang) and this CPU has AVX2 and FMA.
+bool cpu_kernels_supported();
+
+}  // namespace xlmr_mp
