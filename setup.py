@@ -8,6 +8,7 @@ on GPU machines); otherwise they are skipped cleanly and the torch references ar
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -41,8 +42,11 @@ def cuda_extensions():
 
 
 cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+# OpenMP on Linux: the AVX2 CPU kernels then split their work on torch's own OpenMP pool (the same
+# libgomp.so.1, which torch has already loaded); XLMR_MP_NO_OPENMP=1 builds the std::thread fallback.
+openmp = ["-fopenmp"] if sys.platform.startswith("linux") and os.environ.get("XLMR_MP_NO_OPENMP", "0") != "1" else []
 ext_modules = [Pybind11Extension("xlmr_mp._C", cpp_sources, cxx_std=17, depends=sorted(glob.glob("csrc/*.h")),
-                                 extra_compile_args=["-O3"])] if cpp_sources else []
+                                 extra_compile_args=["-O3"] + openmp, extra_link_args=openmp)] if cpp_sources else []
 cmdclass = {"build_ext": build_ext}
 cuda_exts, cuda_cmd = cuda_extensions()
 ext_modules += cuda_exts

@@ -17,7 +17,7 @@ namespace {
 using namespace cpu;
 
 constexpr int64_t kRowBlock = 64;        // rows per partial bias-gradient sum
-constexpr int64_t kMinParallel = 1 << 20;  // elements below which one thread does it all
+constexpr int64_t kMinParallel = 1 << 15;  // elements below which one thread does it all
 
 // Phi(z) (the normal CDF) and exp(-z^2 / 2) for 8 lanes.
 inline void cdf_and_gauss(__m256 z, __m256& cdf, __m256& gauss) {

@@ -324,6 +324,8 @@ PYBIND11_MODULE(_C, m) {
         "Position of x under the block permutation of (seed, lang, epoch) on [0, n).");
   m.def("cpu_kernels_supported", &cpu_kernels_supported,
         "Whether the AVX2 CPU kernels are compiled in and this CPU has AVX2 and FMA.");
+  m.def("cpu_parallel_backend", &cpu_parallel_backend,
+        "How the CPU kernels use threads: 'openmp' (the process's OpenMP pool, torch's) or 'threads'.");
   m.def("attention_forward", &py_attention_forward, py::arg("qkv"), py::arg("key_bias"), py::arg("scale"),
         py::arg("out"), py::arg("probs"), py::arg("threads") = 1,
         "out [B, S, heads*D] = softmax(scale q k^T + key_bias) v from qkv [B, S, heads, 3, D] (float32); "

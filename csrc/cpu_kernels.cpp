@@ -9,3 +9,11 @@ bool xlmr_mp::cpu_kernels_supported() {
   return false;
 #endif
 }
+
+const char* xlmr_mp::cpu_parallel_backend() {
+#ifdef _OPENMP
+  return "openmp";
+#else
+  return "threads";
+#endif
+}

@@ -2,6 +2,7 @@
 reference, scaled_dot_product_attention: values and gradients, padding, odd shapes, threads, the
 dispatch rule, and the whole model through either path."""
 import math
+import sys
 
 import pytest
 import torch
@@ -70,6 +71,26 @@ def test_same_bits_at_any_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP build is Linux only (setup.py)")
+def test_kernels_run_on_torchs_openmp_pool():
+    """The CPU kernels are built with OpenMP and share torch's runtime (one libgomp in the process):
+    with spawned std::threads instead they competed with torch's spinning OpenMP workers, and the
+    tiny-preset attention at 2 threads was 2.3x slower (bench/attention_cpu.py)."""
+    import glob
+    import os
+    from xlmr_mp import _C
+    assert _C.cpu_parallel_backend() == "openmp", "xlmr_mp._C was built without -fopenmp (see setup.py)"
+    bundled = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*"))
+    if bundled and not any(os.path.basename(b) == "libgomp.so.1" for b in bundled):
+        pytest.skip(f"this torch bundles a renamed OpenMP runtime ({bundled[0]}): xlmr_mp._C links the "
+                    "system libgomp.so.1 beside it")
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    assert len(runtimes) == 1, f"more than one OpenMP runtime in the process: {sorted(runtimes)}"
+    # a team of 3 on a kernel call still gives the single-thread bits (the split is by range, not team)
+    test_same_bits_at_any_thread_count()
 
 
 def test_dispatch_rule(monkeypatch):
