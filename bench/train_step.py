@@ -144,12 +144,12 @@ def kernels_ab(tr, rounds: int) -> str:
             f"max {max(ratios):.3f})")
 
 
-def measure_peer(a, cfg, device) -> dict:
-    """HF XLMRobertaForMaskedLM, same shape / micro-batch / precision, torch AdamW, one device."""
+def peer_step(a, cfg, device):
+    """One optimizer step of the peer as a closure: HF XLMRobertaForMaskedLM of cfg's shape, torch
+    AdamW, micro-batches of a.micro_batch x a.accum at a.precision, clipping at 1.0."""
     import warnings
     warnings.simplefilter("ignore")
     from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
-    from xlmr_mp.metrics import memory_stats
     from xlmr_mp.precision import autocast
     m = cfg.model
     hf = XLMRobertaForMaskedLM(XLMRobertaConfig(
@@ -172,6 +172,13 @@ def measure_peer(a, cfg, device) -> dict:
         opt.step()
         opt.zero_grad()
 
+    return step
+
+
+def measure_peer(a, cfg, device) -> dict:
+    """HF XLMRobertaForMaskedLM, same shape / micro-batch / precision, torch AdamW, one device."""
+    from xlmr_mp.metrics import memory_stats
+    step = peer_step(a, cfg, device)
     for _ in range(a.warmup):
         step()
     if device.type == "cuda":
