@@ -11,6 +11,7 @@ our step at micro 8, which is why fused kernels move that step less than their o
 
     python bench/step_overhead.py                                        # tiny preset, micro 1 2 4 8
     python bench/step_overhead.py --micro 1 4 16 --rounds 5 --out bench/results/step_overhead_cpu.txt
+    python bench/step_overhead.py --plot bench/results/step_overhead_cpu.png     # the points and fitted lines
 
 CPU only (fp32, one process, torch's default threads unless --threads).
 """
@@ -47,6 +48,7 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default="", help="append the result to this file")
+    ap.add_argument("--plot", default="", help="write the measured points and fitted lines to this PNG")
     a = ap.parse_args()
     if len(set(a.micro)) < 2:
         raise SystemExit("--micro: give at least two different micro-batch sizes to fit a line")
@@ -86,13 +88,40 @@ def main():
     for mb in a.micro:
         lines.append(f"{mb:5d}  {med[('ours', mb)]:12.1f}  {med[('hf', mb)]:10.1f}  {med[('hf', mb)] / med[('ours', mb)]:13.2f}")
     big = max(a.micro)
+    fits = {}
     for who, name in (("ours", "ours"), ("hf", "HF")):
-        fixed, per = _fit(a.micro, [med[(who, mb)] for mb in a.micro])
+        fixed, per = fits[who] = _fit(a.micro, [med[(who, mb)] for mb in a.micro])
         lines.append(f"{name}: fixed {fixed:.1f} ms/step + {per:.2f} ms per sample of the micro-batch; "
                      f"fixed share at micro {big}: {100 * fixed / med[(who, big)]:.0f}%")
     if a.note:
         lines.append(f"note: {a.note}")
     bench_log.emit("\n".join(lines), a.out)
+    if a.plot:
+        _plot(a, med, fits, f"{a.preset} (hidden {m.hidden_size}, {m.num_layers} layers, seq {cfg.data.seq_length}), "
+              f"accum {a.accum}, fp32, {torch.get_num_threads()} threads, commit {bench_log.commit()}")
+
+
+def _plot(a, med, fits, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = sorted(set(a.micro))
+    for who, name, color in (("ours", "xlmr_mp", "tab:blue"), ("hf", "HF XLM-R + AdamW", "tab:orange")):
+        fixed, per = fits[who]
+        ax.plot(xs, [med[(who, mb)] for mb in xs], "o", color=color, label=f"{name}: fixed {fixed:.1f} + {per:.2f}/sample")
+        ax.plot([0] + xs, [fixed + per * x for x in [0] + xs], "-", color=color, alpha=0.6)
+    ax.set_xlabel("micro-batch size (sequences)")
+    ax.set_ylabel("ms per optimizer step")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    tmp = a.plot + ".tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, a.plot)
+    print(f"plot: {a.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":
