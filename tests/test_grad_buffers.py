@@ -43,9 +43,14 @@ def test_rebind_after_outside_code_replaced_grads():
     flat = FlatBuffers(list(net.named_parameters()))
     reducer = GradReducer(flat)
     _loss(net, 0).backward()
-    for p in net.parameters():
-        p.grad = None                                   # torch's zero_grad(set_to_none=True)
+    for j, p in enumerate(net.parameters()):
+        # torch's zero_grad(set_to_none=True), and one gradient replaced by another tensor
+        p.grad = torch.ones_like(p) if j == 0 else None
     reducer.start_step(1)
+    first = next(net.parameters())
+    b, i = flat.where[id(first)]
+    assert first.grad is flat.buckets[b].grad_view(i) and bool((first.grad == 1).all())   # copied into the buffer
+    flat.zero_grad()
     _loss(net, 1).backward()
     ref = _net()
     _loss(ref, 1).backward()

@@ -97,10 +97,11 @@ class Bucket:
                 self.data[s:e].copy_(p.data.reshape(-1))
                 p.data = self.data[s:e].view_as(p)
                 p.grad = self.grad[s:e].view_as(p)
+        self._grad_views = [p.grad for p in params]   # made once: rebinding checks identity, not pointers
 
     def grad_view(self, i: int) -> torch.Tensor:
-        s, e = self.offsets[i]
-        return self.grad[s:e].view_as(self.params[i])
+        """Parameter i's gradient: its view into `grad` (the same tensor object every call)."""
+        return self._grad_views[i]
 
     def owner_of(self, element: int, dp_size: int) -> int:
         """DP rank whose range holds bucket element `element`."""
@@ -120,6 +121,7 @@ class FlatBuffers:
         self.group = dp_group
         self.dp_size, self.dp_rank = _dp_size(dp_group), _dp_rank(dp_group)
         self.buckets: List[Bucket] = []
+        self._runs: Dict[Tuple[frozenset, bool], List[torch.Tensor]] = {}   # grad_runs, per (names, owned_only)
         limit = max(1, int(bucket_mb * 2 ** 20))
         cur: List[Tuple[str, torch.nn.Parameter]] = []
         size = 0
@@ -158,6 +160,8 @@ class FlatBuffers:
             for i, p in enumerate(b.params):
                 view = b.grad_view(i)
                 g = p.grad
+                if g is view:               # the usual case: nothing replaced it
+                    continue
                 if g is None:
                     view.zero_()
                 elif g.data_ptr() != view.data_ptr():
@@ -174,7 +178,14 @@ class FlatBuffers:
 
     def grad_runs(self, counted: set, owned_only: bool) -> List[torch.Tensor]:
         """Views of the gradients of the parameters named in `counted` (restricted to this rank's
-        ranges with owned_only), contiguous runs merged into one view each."""
+        ranges with owned_only), contiguous runs merged into one view each (computed once per
+        (counted, owned_only): the buffers never move)."""
+        key = (frozenset(counted), bool(owned_only))
+        if key not in self._runs:
+            self._runs[key] = self._grad_runs(*key)
+        return list(self._runs[key])
+
+    def _grad_runs(self, counted: frozenset, owned_only: bool) -> List[torch.Tensor]:
         out = []
         for b in self.buckets:
             lo, hi = b.shard if owned_only else (0, b.numel)
@@ -224,7 +235,7 @@ class GradReducer:
     def _on_grad(self, p: torch.nn.Parameter) -> None:
         b, i = self.flat.where[id(p)]
         view = self.flat.buckets[b].grad_view(i)
-        if p.grad.data_ptr() != view.data_ptr():      # autograd made a new tensor: keep the buffer
+        if p.grad is not view and p.grad.data_ptr() != view.data_ptr():   # a new tensor: keep the buffer
             with torch.no_grad():
                 view.copy_(p.grad)
             p.grad = view
