@@ -1,7 +1,8 @@
 """Build: `pip install -e .` (install torch first: `pip install torch==2.13.0` on a CPU machine).
 
 The C++ extension `xlmr_mp._C` (csrc/*.cpp, pybind11 + numpy only: the data index builders and the
-AVX2 CPU kernels, compiled for AVX2 by target pragmas and checked at run time) is always built. The CUDA
+AVX2 CPU kernels, compiled for AVX2 by target pragmas and checked at run time; with OpenMP on Linux,
+so the kernels run on torch's own thread pool) is always built. The CUDA
 kernels (`xlmr_mp._cuda`, csrc/cuda/) are built only when torch is importable in the build
 environment as a CUDA build and nvcc is present (use `pip install --no-build-isolation -e .`
 on GPU machines); otherwise they are skipped cleanly and the torch references are used.
