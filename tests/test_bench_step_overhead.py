@@ -18,6 +18,7 @@ def test_fit_recovers_a_line():
     assert fixed == pytest.approx(10.0) and per == pytest.approx(0.0)
 
 
+@pytest.mark.slow          # four trainer + HF steps at two sizes, one process (~15 s)
 def test_runs_and_plots(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
