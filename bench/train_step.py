@@ -4,6 +4,7 @@
     python bench/train_step.py --preset tiny --nproc 4 --tp 2 --pp 2 --accum 4           # CPU, gloo, 4 processes
     torchrun --nproc-per-node 8 bench/train_step.py --preset large --micro-batch 16 --precision bf16 --tp 2
     python bench/train_step.py ... --out bench/results/train_step_cpu.txt                # append the result
+    python bench/train_step.py --preset tiny --micro-batch 8 --accum 2 --paired 10         # + the paired ratio
 
 The step is the real trainer step (xlmr_mp.train.Trainer.train_step: micro-batches, DP all-reduce,
 clipping, AdamW, loss scaler) on random masked-LM batches (no data on disk needed). FLOPs are model
@@ -13,7 +14,9 @@ Peer, measured in the same run on rank 0: Hugging Face `XLMRobertaForMaskedLM` o
 with torch AdamW, same micro-batch, sequence length and precision, one device; the ratio printed is
 our tokens/s per device over the peer's (HF computes the LM head on every position, we on the masked
 15%: part of the ratio is that design choice). Timings are wall clock; the first `--warmup` steps are
-not timed.
+not timed. The two are timed one after the other; `--paired N` also alternates them in N blocks of 5
+steps in the same process and prints the paired ratio, which machine drift between the phases cannot
+bias (one process only).
 """
 from __future__ import annotations
 
@@ -113,6 +116,8 @@ def measure_ours(a, world: int) -> dict:
            "dtype": cfg.precision.dtype, "device": str(device), "cfg": cfg, "opt_bytes": opt_bytes}
     out["mfu"] = out["tflops"] * 1e12 / tr.peak
     out["kernels_ab"] = ab
+    # after our measurement, so that its peak memory does not include the peer's model
+    out["paired_peer"] = paired_peer(tr, a, cfg, device, a.paired) if a.paired and world == 1 else None
     destroy_parallel()
     return out
 
@@ -142,6 +147,33 @@ def kernels_ab(tr, rounds: int) -> str:
             f"{statistics.median(times['reference']) * 1e3:.1f} ms/step, auto {statistics.median(times['auto']) * 1e3:.1f} "
             f"ms/step, paired ratio reference/auto median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
             f"max {max(ratios):.3f})")
+
+
+def paired_peer(tr, a, cfg, device, rounds: int) -> str:
+    """Our step and the peer's in alternating blocks of 5 steps in this one process (one device), so
+    that the machine's drift cancels pair by pair; the sequential figures above can drift between the
+    two phases (on the 2-core CI machine HF's step moved 53-80 ms from run to run)."""
+    import statistics
+    peer = peer_step(a, cfg, device)
+    times = {"ours": [], "peer": []}
+    for _ in range(rounds):
+        for who, step in (("ours", tr.train_step), ("peer", peer)):
+            step()                                        # first step after the switch: not timed
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[who].append((time.perf_counter() - t0) / 5)
+    del peer                                              # free the peer's model before anything else runs
+    import gc
+    gc.collect()
+    ratios = [p / o for o, p in zip(times["ours"], times["peer"])]
+    return (f"paired ours/peer ({rounds} alternating blocks of 5 steps, one process): ours "
+            f"{statistics.median(times['ours']) * 1e3:.1f} ms/step, peer {statistics.median(times['peer']) * 1e3:.1f} "
+            f"ms/step, ratio median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
 def peer_step(a, cfg, device):
@@ -235,6 +267,8 @@ def report(a, world, ours, peer):
         lines.append(f"ratio ours/peer (tokens/s per device): {ours['tokens_per_s'] / world / peer['tokens_per_s']:.3f}")
     if ours.get("kernels_ab"):
         lines.append(ours["kernels_ab"])
+    if ours.get("paired_peer"):
+        lines.append(ours["paired_peer"])
     if a.plan:
         sys.path.insert(0, os.path.join(ROOT, "tools"))
         import plan as planner
@@ -269,6 +303,9 @@ def main():
     ap.add_argument("--ab-kernels", type=int, default=0, metavar="ROUNDS",
                     help="also time our step with XLMR_MP_KERNELS=reference against auto, alternating ROUNDS "
                     "blocks of 5 steps in this process (CPU: the AVX2 attention and bias-GELU kernels)")
+    ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                    help="one process only: also time our step and the peer's in ROUNDS alternating blocks of 5 "
+                    "steps and print the paired ratio (robust to machine drift between the two phases)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default="", help="append the result to this file")
