@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
@@ -68,16 +67,9 @@ def main():
         tr = Trainer(cfg, init_parallel(1, 1), device, ts.RandomBatches(cfg.model.vocab_size, cfg.data.seq_length, mb))
         steps[("ours", mb)] = tr.train_step
         steps[("hf", mb)] = ts.peer_step(args, cfg, device)
-    times = {k: [] for k in steps}
-    for r in range(a.rounds):
-        for k, step in steps.items():
-            step()                                   # warm / settle after the switch: not timed
-            t0 = time.perf_counter()
-            for _ in range(5):
-                step()
-            times[k].append((time.perf_counter() - t0) / 5 * 1e3)
-        print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times = ts.alternating_blocks(steps, a.rounds, on_progress=lambda r: print(
+        f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True))
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}    # ms per step
     m = cfg.model
     lines = [f"# {bench_log.utc_stamp()}  commit {bench_log.commit()}  cpus {os.cpu_count()}  "
              f"threads {torch.get_num_threads()}  torch {torch.__version__}",

@@ -122,58 +122,70 @@ def measure_ours(a, world: int) -> dict:
     return out
 
 
+def alternating_blocks(steps: dict, rounds: int, block: int = 5, sync=None, on_progress=None) -> dict:
+    """Seconds per step of each callable in `steps` ({name: step}), timed in `rounds` rounds that run
+    every step in turn for one untimed step (settling after the switch) and `block` timed ones, so
+    machine drift cancels pair by pair: {name: [seconds per step, one per round]}. `sync` (e.g.
+    torch.cuda.synchronize) runs before each clock read."""
+    times = {k: [] for k in steps}
+    for r in range(rounds):
+        for k, step in steps.items():
+            step()
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            for _ in range(block):
+                step()
+            if sync:
+                sync()
+            times[k].append((time.perf_counter() - t0) / block)
+        if on_progress:
+            on_progress(r)
+    return times
+
+
+def _paired_summary(times: dict, num: str, den: str) -> str:
+    import statistics
+    ratios = [n / d for n, d in zip(times[num], times[den])]
+    return f"median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+
+
 def kernels_ab(tr, rounds: int) -> str:
     """Our step with XLMR_MP_KERNELS=reference and =auto in alternating blocks of 5 steps in this one
     process (the switch is read at every call), so machine drift cancels pair by pair."""
     import statistics
-    times = {"reference": [], "auto": []}
     before = os.environ.get("XLMR_MP_KERNELS")
+
+    def under(mode):
+        def step():
+            os.environ["XLMR_MP_KERNELS"] = mode
+            tr.train_step()
+        return step
+
     try:
-        for _ in range(rounds):
-            for m in times:
-                os.environ["XLMR_MP_KERNELS"] = m
-                tr.train_step()                                  # first step after the switch: not timed
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    tr.train_step()
-                times[m].append((time.perf_counter() - t0) / 5)
+        times = alternating_blocks({"reference": under("reference"), "auto": under("auto")}, rounds)
     finally:
         if before is None:
             os.environ.pop("XLMR_MP_KERNELS", None)
         else:
             os.environ["XLMR_MP_KERNELS"] = before
-    ratios = [r / k for r, k in zip(times["reference"], times["auto"])]
     return (f"kernels A/B ({rounds} alternating blocks of 5 steps, one process): XLMR_MP_KERNELS=reference "
             f"{statistics.median(times['reference']) * 1e3:.1f} ms/step, auto {statistics.median(times['auto']) * 1e3:.1f} "
-            f"ms/step, paired ratio reference/auto median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
-            f"max {max(ratios):.3f})")
+            f"ms/step, paired ratio reference/auto {_paired_summary(times, 'reference', 'auto')}")
 
 
 def paired_peer(tr, a, cfg, device, rounds: int) -> str:
     """Our step and the peer's in alternating blocks of 5 steps in this one process (one device), so
     that the machine's drift cancels pair by pair; the sequential figures above can drift between the
     two phases (on the 2-core CI machine HF's step moved 53-80 ms from run to run)."""
-    import statistics
-    peer = peer_step(a, cfg, device)
-    times = {"ours": [], "peer": []}
-    for _ in range(rounds):
-        for who, step in (("ours", tr.train_step), ("peer", peer)):
-            step()                                        # first step after the switch: not timed
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(5):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[who].append((time.perf_counter() - t0) / 5)
-    del peer                                              # free the peer's model before anything else runs
     import gc
-    gc.collect()
-    ratios = [p / o for o, p in zip(times["ours"], times["peer"])]
+    import statistics
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    times = alternating_blocks({"ours": tr.train_step, "peer": peer_step(a, cfg, device)}, rounds, sync=sync)
+    gc.collect()                                          # the peer's model is garbage now: free it
     return (f"paired ours/peer ({rounds} alternating blocks of 5 steps, one process): ours "
             f"{statistics.median(times['ours']) * 1e3:.1f} ms/step, peer {statistics.median(times['peer']) * 1e3:.1f} "
-            f"ms/step, ratio median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+            f"ms/step, ratio {_paired_summary(times, 'peer', 'ours')}")
 
 
 def peer_step(a, cfg, device):

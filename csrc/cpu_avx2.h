@@ -6,11 +6,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
+#else
+#include <thread>
 #endif
 
 namespace xlmr_mp {

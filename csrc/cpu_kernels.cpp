@@ -2,7 +2,7 @@
 #include "cpu_kernels.h"
 
 bool xlmr_mp::cpu_kernels_supported() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(XLMR_MP_NO_X86_KERNELS)
+#if XLMR_MP_X86_KERNELS
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else

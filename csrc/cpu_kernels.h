@@ -2,6 +2,14 @@
 // build: checked by the bindings before every call, and by xlmr_mp/kernels/dispatch.py.
 #pragma once
 
+// 1 where the kernels are compiled (x86-64 with GCC or clang, unless built with
+// -DXLMR_MP_NO_X86_KERNELS); elsewhere their files provide stubs and the model uses the references.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(XLMR_MP_NO_X86_KERNELS)
+#define XLMR_MP_X86_KERNELS 1
+#else
+#define XLMR_MP_X86_KERNELS 0
+#endif
+
 namespace xlmr_mp {
 
 // True when the kernels were compiled in (x86-64, GCC or clang) and this CPU has AVX2 and FMA.

@@ -2,7 +2,8 @@
 // (callers check cpu_kernels_supported() at run time first); close it with cpu_target_end.h.
 // XLMR_MP_AVX2 is 1 on x86-64 with GCC or clang (unless built with -DXLMR_MP_NO_X86_KERNELS), 0
 // elsewhere, where the file provides stubs instead and the model uses the torch references.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(XLMR_MP_NO_X86_KERNELS)
+#include "cpu_kernels.h"  // XLMR_MP_X86_KERNELS, cpu_kernels_supported()
+#if XLMR_MP_X86_KERNELS
 #define XLMR_MP_AVX2 1
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
