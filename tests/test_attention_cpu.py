@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xlmr_mp.kernels import attention_cpu
+from support.model_case import loss_and_grads, padded_batch, tiny_model
 
 pytestmark = pytest.mark.skipif(attention_cpu._ext() is None, reason="xlmr_mp._C without the CPU attention "
                                 "kernel, or a CPU without AVX2/FMA")
@@ -125,40 +126,19 @@ def test_bad_shapes_are_named():
         _C.attention_forward(qkv.numpy(), torch.zeros(2, 7).numpy(), 1.0, out.numpy(), probs.numpy())
 
 
-def _tiny_model():
-    from xlmr_mp.model.config import ModelConfig
-    from xlmr_mp.model.xlmr import XLMRModel
-    cfg = ModelConfig(vocab_size=200, hidden_size=48, num_layers=2, num_heads=4, ffn_size=96, max_positions=40,
-                      dropout=0.1, attention_dropout=0.0, make_vocab_size_divisible_by=8)
-    return XLMRModel(cfg, init_seed=0)
-
-
 def test_model_equals_the_sdpa_path_and_uses_the_kernel(monkeypatch):
     """The whole model (hidden dropout on, padding in the batch) through the kernel and through SDPA
-    (XLMR_MP_KERNELS=reference): same loss and gradients; the kernel path really ran."""
-    model = _tiny_model()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, 200, (3, 32), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, 20:] = 0
-    ids[0, 20:] = 1
-    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.2, ids, torch.full_like(ids, -100))
-    labels[1, 3] = ids[1, 3]
+    (XLMR_MP_KERNELS=reference): same loss and gradients; the kernel path really ran. The layers
+    take their module path (as at TP > 1): the one-node layer (encoder_layer_cpu) has its own test."""
+    from xlmr_mp.kernels import encoder_layer_cpu
+    monkeypatch.setattr(encoder_layer_cpu, "applies", lambda *a: False)
+    model, batch = tiny_model(), padded_batch()
     calls = []
     real = attention_cpu._Attention.apply
     monkeypatch.setattr(attention_cpu._Attention, "apply", lambda *a: calls.append(1) or real(*a))
-
-    def run(mode):
-        monkeypatch.setenv("XLMR_MP_KERNELS", mode)
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(7)                      # the same hidden-dropout masks both times
-        loss = model(ids, attention_mask=mask, labels=labels)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    loss_k, grads_k = run("auto")
+    loss_k, grads_k = loss_and_grads(model, batch, monkeypatch, "auto")
     assert len(calls) == 2                        # one call per layer
-    loss_r, grads_r = run("reference")
+    loss_r, grads_r = loss_and_grads(model, batch, monkeypatch, "reference")
     assert len(calls) == 2
     torch.testing.assert_close(loss_k, loss_r, rtol=1e-6, atol=1e-6)
     for n in grads_r:

@@ -33,7 +33,8 @@ def _ext():
 
 def applies(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float) -> bool:
     """Whether `attention` (the fused CPU kernel) should run instead of SDPA for this call;
-    dropout_p is the attention dropout in effect (0 in eval)."""
+    dropout_p is the attention dropout in effect (0 in eval). Reads qkv's dtype, device, batch
+    (dim 0) and sequence length (dim 1) only, so any tensor with those may stand in for it."""
     if dropout_p > 0 or dispatch.cpu_kernels(qkv) is None:
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 4 or bias.shape[1] != 1

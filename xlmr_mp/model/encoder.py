@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from xlmr_mp.kernels import attention_cpu, ops
+from xlmr_mp.kernels import attention_cpu, encoder_layer_cpu, ops
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.parallel.layers import check_divisible, column_parallel_linear, mark_sequence_parallel, row_parallel_linear
 from xlmr_mp.parallel.mappings import tp_size_of
@@ -140,6 +140,8 @@ class EncoderLayer(nn.Module):
                                               self.training, self.eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if encoder_layer_cpu.applies(self, x, bias):   # fp32 CPU at TP = 1: the layer as one autograd node
+            return encoder_layer_cpu.layer_forward(self, x, bias)
         a, a_bias = self.attention(x, bias)
         x = self._epilogue(a, a_bias, x, self.attention_layernorm)
         f, f_bias = self.ffn(x)

@@ -1,0 +1,143 @@
+"""The encoder layer as one autograd node on a CPU (kernels/encoder_layer_cpu.py) beside the module
+path it replaces (model/encoder.py with the same kernels) and beside the pure torch reference
+(XLMR_MP_KERNELS=reference: SDPA, F.gelu): values, every gradient, hidden dropout masks, padding,
+full recompute, and the dispatch rule."""
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from xlmr_mp.kernels import attention_cpu, encoder_layer_cpu
+from xlmr_mp.model.config import ModelConfig
+from xlmr_mp.model.encoder import EncoderLayer, attention_bias
+from support.model_case import loss_and_grads, padded_batch, tiny_model
+
+pytestmark = pytest.mark.skipif(attention_cpu._ext() is None, reason="xlmr_mp._C without the CPU kernels, "
+                                "or a CPU without AVX2/FMA")
+
+
+def _layer(hidden=64, heads=4, ffn=128, dropout=0.1, attention_dropout=0.0, seed=0):
+    cfg = ModelConfig(vocab_size=64, hidden_size=hidden, num_layers=1, num_heads=heads, ffn_size=ffn,
+                      max_positions=140, dropout=dropout, attention_dropout=attention_dropout)
+    torch.manual_seed(seed)
+    layer = EncoderLayer(cfg)
+    with torch.no_grad():   # non-trivial LayerNorm affine and biases, so every gradient is tested
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and p.numel() == hidden else 0.0))
+    return layer
+
+
+def _padding(B, S):
+    keep = torch.ones(B, S)
+    keep[0, S // 3:] = 0
+    return attention_bias(keep, torch.float32)
+
+
+def _run(layer, x, bias, grad, seed=7, fused=True, recompute=False):
+    """(output, dx, {name: grad}) with the RNG at `seed`; fused=False forces the module path."""
+    for p in layer.parameters():
+        p.grad = None
+    xi = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    if fused:
+        fn = layer
+    else:
+        orig = encoder_layer_cpu.applies
+        encoder_layer_cpu.applies = lambda *a: False
+    try:
+        if recompute:
+            out = checkpoint(layer, xi, bias, use_reentrant=False)
+        else:
+            out = layer(xi, bias)
+        out.backward(grad)
+    finally:
+        if not fused:
+            encoder_layer_cpu.applies = orig
+    return out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def _close(a, b, **tol):
+    out, dx, grads = a
+    r_out, r_dx, r_grads = b
+    torch.testing.assert_close(out, r_out, **tol)
+    torch.testing.assert_close(dx, r_dx, **tol)
+    assert grads.keys() == r_grads.keys() and len(grads) == 12
+    for n in grads:
+        torch.testing.assert_close(grads[n], r_grads[n], **tol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+SHAPES = [(8, 64, 64, 4, 128), (2, 128, 96, 4, 384), (3, 17, 40, 5, 72)]
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_equals_module_path_with_dropout(shape, pad):
+    B, S, H, heads, ffn = shape
+    layer = _layer(H, heads, ffn, dropout=0.1).train()
+    g = torch.Generator().manual_seed(1)
+    x, grad = torch.randn(B, S, H, generator=g), torch.randn(B, S, H, generator=g)
+    bias = _padding(B, S) if pad else None
+    assert encoder_layer_cpu.applies(layer, x, bias)
+    fused = _run(layer, x, bias, grad)
+    ref = _run(layer, x, bias, grad, fused=False)
+    # the same kernels and dropout masks; only the GEMMs' summation order may differ (dx = dy + dqkv
+    # Wqkv in one addmm, 2-D instead of 3-D operands)
+    _close(fused, ref, rtol=1e-4, atol=5e-5)
+    other_seed = _run(layer, x, bias, grad, seed=8)
+    assert not torch.allclose(other_seed[0], fused[0])   # dropout is on: another seed, other masks
+
+
+def test_equals_torch_reference(monkeypatch):
+    layer = _layer(dropout=0.0).train()
+    g = torch.Generator().manual_seed(2)
+    x, grad = torch.randn(4, 64, 64, generator=g), torch.randn(4, 64, 64, generator=g)
+    bias = _padding(4, 64)
+    fused = _run(layer, x, bias, grad)
+    monkeypatch.setenv("XLMR_MP_KERNELS", "reference")
+    assert not encoder_layer_cpu.applies(layer, x, bias)
+    ref = _run(layer, x, bias, grad)
+    _close(fused, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_as_one_node_and_under_full_recompute():
+    layer = _layer().train()
+    x = torch.randn(2, 32, 64, requires_grad=True)
+    out = layer(x, None)
+    assert type(out.grad_fn).__name__ == "_EncoderLayerBackward"
+    grad = torch.randn(2, 32, 64)
+    plain = _run(layer, x.detach(), None, grad)
+    recomputed = _run(layer, x.detach(), None, grad, recompute=True)
+    _close(recomputed, plain, rtol=0, atol=0)      # the recompute redraws the same dropout masks
+
+
+def test_dispatch_rule():
+    x = torch.randn(2, 16, 64)
+    layer = _layer(attention_dropout=0.1)
+    assert not encoder_layer_cpu.applies(layer.train(), x, None)     # the attention kernel has no dropout
+    assert encoder_layer_cpu.applies(layer.eval(), x, None)
+    layer = _layer().train()
+    assert encoder_layer_cpu.applies(layer, x, None)
+    assert not encoder_layer_cpu.applies(layer, x.double(), None)
+    assert not encoder_layer_cpu.applies(layer, torch.randn(2, attention_cpu.MAX_SEQ + 1, 64), None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not encoder_layer_cpu.applies(layer, x, None)
+    layer.attention.selective_recompute = True
+    assert not encoder_layer_cpu.applies(layer, x, None)
+    layer.attention.selective_recompute = False
+    layer.tp_size = 2
+    assert not encoder_layer_cpu.applies(layer, x, None)
+
+
+def test_whole_model_equals_the_reference_and_runs_the_node(monkeypatch):
+    """XLMRModel (hidden dropout on, padding in the batch) with its layers as one node each and
+    with XLMR_MP_KERNELS=reference: the same loss and gradients, and the node ran once per layer."""
+    model, batch = tiny_model().train(), padded_batch()
+    calls = []
+    real = encoder_layer_cpu._EncoderLayer.apply
+    monkeypatch.setattr(encoder_layer_cpu._EncoderLayer, "apply", lambda *a: calls.append(1) or real(*a))
+    loss_k, grads_k = loss_and_grads(model, batch, monkeypatch, "auto")
+    assert len(calls) == 2
+    loss_r, grads_r = loss_and_grads(model, batch, monkeypatch, "reference")
+    assert len(calls) == 2
+    torch.testing.assert_close(loss_k, loss_r, rtol=1e-5, atol=1e-6)
+    for n in grads_r:
+        torch.testing.assert_close(grads_k[n], grads_r[n], rtol=1e-4, atol=1e-5, msg=n)

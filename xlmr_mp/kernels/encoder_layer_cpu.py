@@ -1,0 +1,144 @@
+"""One post-LN encoder layer as ONE autograd node on a CPU, beside its reference (the module path
+of xlmr_mp/model/encoder.py, which is what runs whenever `applies` is False).
+
+    y1  = x + Dropout(attn(x Wqkv^T + bqkv) Wo^T + bo)        h1  = LN1(y1)
+    y2  = h1 + Dropout(gelu(h1 W1^T + b1) W2^T + b2)          out = LN2(y2)
+
+At the shapes a scaling study runs on a CPU (hidden 64-256, a few hundred tokens per micro-batch)
+a layer's step is a few dozen small kernels, and the autograd graph around them (about 130 nodes,
+views and transposes per layer, each with its saved tensors and engine bookkeeping) costs as much
+again. Here the forward is 10 kernel calls with autograd off and the backward is written out
+(17 calls): the same kernels as the module path (MKL GEMMs, the AVX2 attention and bias-GELU
+kernels of xlmr_mp._C, aten's LayerNorm forward and backward, the same Bernoulli draws for the
+hidden dropout), so outputs and gradients equal the module path's (tests/test_encoder_layer_cpu.py)
+and the dropout masks are the ones the module path would draw. Fused where the reference adds:
+the projection biases enter their GEMM (addmm), and each residual gradient is the input of the
+GEMM that adds the branch's gradient to it.
+
+It runs (`applies`) for fp32 CPU tensors where the CPU kernels may run (`dispatch.cpu_kernels`:
+AVX2/FMA, not under autocast or torch.compile, XLMR_MP_KERNELS not `reference`), at TP = 1 (the
+TP-sharded layers call collectives between these ops), without attention dropout in training (the
+attention kernel has none), at S <= attention_cpu.MAX_SEQ (`fused` lifts it), and not under
+selective recompute (which recomputes the attention core alone). Full recompute wraps this node
+like any other. Timings: bench/results/encoder_layer_cpu.txt (bench/encoder_layer_cpu.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from xlmr_mp.kernels import attention_cpu, dispatch
+
+_ln_backward = torch.ops.aten.native_layer_norm_backward
+
+
+def applies(layer, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `layer_forward` should run the EncoderLayer `layer` on x [B, S, H] (key-padding bias
+    [B, 1, 1, S] | None)."""
+    attn = layer.attention
+    if layer.tp_size != 1 or attn.selective_recompute or x.dim() != 3:
+        return False
+    if layer.training and attn.attention_dropout > 0:
+        return False
+    if any(p.dtype != torch.float32 or p.device != x.device for p in layer.parameters()):
+        return False
+    if attn.qkv.bias is None or attn.out.bias is None or layer.ffn.fc1.bias is None or layer.ffn.fc2.bias is None:
+        return False
+    # the attention kernel's own conditions (fp32 CPU, the switch, key-bias layout, MAX_SEQ), which
+    # read dtype, device, batch and sequence length: x has the same as the layer's qkv
+    return attention_cpu.applies(x, bias, 0.0)
+
+
+def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """The mask F.dropout draws on a CPU (aten's _dropout_impl: bernoulli_(1 - p) then / (1 - p)),
+    from the same generator in the same order, so the masks equal the module path's."""
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
+def _dropout_add_(branch: torch.Tensor, residual: torch.Tensor, p: float):
+    """(residual + Dropout(branch) in branch's storage, the dropout mask or None)."""
+    mask = None
+    if p > 0:
+        mask = _dropout_mask(branch, p)
+        branch.mul_(mask)
+    return branch.add_(residual), mask
+
+
+def _np(t: torch.Tensor):
+    return t.detach().numpy()
+
+
+class _EncoderLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, key_bias, w_qkv, b_qkv, w_o, b_o, g1, beta1, w_1, b_1, w_2, b_2, g2, beta2,
+                heads, eps, p):
+        ext = dispatch._cpu_extension()
+        threads = torch.get_num_threads()
+        B, S, H = x.shape
+        T, D = B * S, H // heads
+        scale = 1.0 / math.sqrt(D)
+        x2 = x.detach().reshape(T, H)
+        qkv = torch.addmm(b_qkv, x2, w_qkv.t())                                  # [T, 3H]
+        ctx_ = x2.new_empty(T, H)
+        probs = x2.new_empty(B, heads, S, S)
+        ext.attention_forward(_np(qkv).reshape(B, S, heads, 3, D), None if key_bias is None else _np(key_bias),
+                              scale, _np(ctx_), _np(probs), threads)
+        y1, m_a = _dropout_add_(torch.addmm(b_o, ctx_, w_o.t()), x2, p)
+        h1, mean1, rstd1 = torch.native_layer_norm(y1, (H,), g1, beta1, eps)
+        f1 = torch.mm(h1, w_1.t())                                               # [T, F], before b_1
+        act = torch.empty_like(f1)
+        ext.bias_gelu_forward(_np(f1), _np(b_1), _np(act), threads)
+        y2, m_f = _dropout_add_(torch.addmm(b_2, act, w_2.t()), h1, p)
+        out, mean2, rstd2 = torch.native_layer_norm(y2, (H,), g2, beta2, eps)
+        ctx.save_for_backward(x2, qkv, probs, ctx_, y1, mean1, rstd1, h1, f1, act, y2, mean2, rstd2,
+                              m_a, m_f, w_qkv, w_o, g1, beta1, w_1, b_1, w_2, g2, beta2)
+        ctx.meta = (B, S, H, heads, scale)
+        return out.view(B, S, H)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x2, qkv, probs, ctx_, y1, mean1, rstd1, h1, f1, act, y2, mean2, rstd2, m_a, m_f,
+         w_qkv, w_o, g1, beta1, w_1, b_1, w_2, g2, beta2) = ctx.saved_tensors
+        B, S, H, heads, scale = ctx.meta
+        T, D = B * S, H // heads
+        ext = dispatch._cpu_extension()
+        threads = torch.get_num_threads()
+        mask3 = [True, True, True]
+        # FFN sublayer: out = LN2(h1 + m_f * (act W2^T + b2))
+        dy2, dg2, dbeta2 = _ln_backward(grad_out.reshape(T, H).contiguous(), y2, (H,), mean2, rstd2, g2, beta2, mask3)
+        df = dy2 if m_f is None else dy2 * m_f
+        db_2 = df.sum(0)
+        dw_2 = df.t().mm(act)
+        dact = df.mm(w_2)
+        df1 = torch.empty_like(f1)
+        db_1 = torch.empty_like(b_1)
+        ext.bias_gelu_backward(_np(dact), _np(f1), _np(b_1), _np(df1), _np(db_1), threads)
+        dw_1 = df1.t().mm(h1)
+        dh1 = torch.addmm(dy2, df1, w_1)                                         # residual + branch
+        # attention sublayer: h1 = LN1(x + m_a * (attn(qkv) Wo^T + bo))
+        dy1, dg1, dbeta1 = _ln_backward(dh1, y1, (H,), mean1, rstd1, g1, beta1, mask3)
+        da = dy1 if m_a is None else dy1 * m_a
+        db_o = da.sum(0)
+        dw_o = da.t().mm(ctx_)
+        dctx = da.mm(w_o)
+        dqkv = torch.empty_like(qkv)
+        ext.attention_backward(_np(qkv).reshape(B, S, heads, 3, D), _np(probs), _np(ctx_), _np(dctx), scale,
+                               _np(dqkv), threads)
+        db_qkv = dqkv.sum(0)
+        dw_qkv = dqkv.t().mm(x2)
+        dx = torch.addmm(dy1, dqkv, w_qkv)
+        return (dx.view(B, S, H), None, dw_qkv, db_qkv, dw_o, db_o, dg1, dbeta1, dw_1, db_1, dw_2, db_2,
+                dg2, dbeta2, None, None, None)
+
+
+@torch.compiler.disable     # opaque C++ kernel calls: a graph break under train.compile
+def layer_forward(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """EncoderLayer `layer` applied to x [B, S, H] as one autograd node (check `applies` first)."""
+    attn, ffn = layer.attention, layer.ffn
+    key_bias = None if bias is None else bias.reshape(bias.shape[0], bias.shape[-1]).contiguous()
+    p = layer.dropout if layer.training else 0.0
+    ln1, ln2 = layer.attention_layernorm, layer.ffn_layernorm
+    return _EncoderLayer.apply(x.contiguous(), key_bias, attn.qkv.weight, attn.qkv.bias, attn.out.weight, attn.out.bias,
+                               ln1.weight, ln1.bias, ffn.fc1.weight, ffn.fc1.bias, ffn.fc2.weight, ffn.fc2.bias,
+                               ln2.weight, ln2.bias, attn.local_heads, layer.eps, p)
