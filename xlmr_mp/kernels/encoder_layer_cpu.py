@@ -33,21 +33,31 @@ from xlmr_mp.kernels import attention_cpu, dispatch
 _ln_backward = torch.ops.aten.native_layer_norm_backward
 
 
+def _params(layer) -> tuple:
+    """The layer's 12 parameters in _EncoderLayer's argument order (biases may be None); read from
+    the modules' dicts, as nn.Module.__getattr__ costs ~2 us an attribute (a call reads 16)."""
+    m = layer._modules
+    attn, ffn = m["attention"]._modules, m["ffn"]._modules
+    qkv, out, fc1, fc2 = (attn["qkv"]._parameters, attn["out"]._parameters, ffn["fc1"]._parameters,
+                          ffn["fc2"]._parameters)
+    ln1, ln2 = m["attention_layernorm"]._parameters, m["ffn_layernorm"]._parameters
+    return (qkv["weight"], qkv["bias"], out["weight"], out["bias"], ln1["weight"], ln1["bias"],
+            fc1["weight"], fc1["bias"], fc2["weight"], fc2["bias"], ln2["weight"], ln2["bias"])
+
+
 def applies(layer, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `layer_forward` should run the EncoderLayer `layer` on x [B, S, H] (key-padding bias
     [B, 1, 1, S] | None)."""
-    attn = layer.attention
+    attn = layer._modules["attention"]
     if layer.tp_size != 1 or attn.selective_recompute or x.dim() != 3:
         return False
     if layer.training and attn.attention_dropout > 0:
         return False
-    if any(p.dtype != torch.float32 or p.device != x.device for p in layer.parameters()):
-        return False
-    if attn.qkv.bias is None or attn.out.bias is None or layer.ffn.fc1.bias is None or layer.ffn.fc2.bias is None:
-        return False
     # the attention kernel's own conditions (fp32 CPU, the switch, key-bias layout, MAX_SEQ), which
     # read dtype, device, batch and sequence length: x has the same as the layer's qkv
-    return attention_cpu.applies(x, bias, 0.0)
+    if not attention_cpu.applies(x, bias, 0.0):
+        return False
+    return all(p is not None and p.dtype == torch.float32 and p.is_cpu for p in _params(layer))
 
 
 def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
@@ -132,13 +142,10 @@ class _EncoderLayer(torch.autograd.Function):
                 dg2, dbeta2, None, None, None)
 
 
-@torch.compiler.disable     # opaque C++ kernel calls: a graph break under train.compile
 def layer_forward(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """EncoderLayer `layer` applied to x [B, S, H] as one autograd node (check `applies` first)."""
-    attn, ffn = layer.attention, layer.ffn
+    """EncoderLayer `layer` applied to x [B, S, H] as one autograd node (check `applies` first: it
+    is False while torch.compile traces, so this opaque call is never traced)."""
     key_bias = None if bias is None else bias.reshape(bias.shape[0], bias.shape[-1]).contiguous()
     p = layer.dropout if layer.training else 0.0
-    ln1, ln2 = layer.attention_layernorm, layer.ffn_layernorm
-    return _EncoderLayer.apply(x.contiguous(), key_bias, attn.qkv.weight, attn.qkv.bias, attn.out.weight, attn.out.bias,
-                               ln1.weight, ln1.bias, ffn.fc1.weight, ffn.fc1.bias, ffn.fc2.weight, ffn.fc2.bias,
-                               ln2.weight, ln2.bias, attn.local_heads, layer.eps, p)
+    return _EncoderLayer.apply(x.contiguous(), key_bias, *_params(layer), layer._modules["attention"].local_heads,
+                               layer.eps, p)
