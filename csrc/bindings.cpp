@@ -11,6 +11,7 @@
 #include "attention_cpu.h"
 #include "bias_gelu_cpu.h"
 #include "blend_index.h"
+#include "xent_cpu.h"
 
 namespace py = pybind11;
 using namespace xlmr_mp;
@@ -265,6 +266,22 @@ void py_attention_backward(FArr qkv, FArr probs, FArr out, FArr grad_out, double
   attention_backward(s, qkv.data(), probs.data(), out.data(), grad_out.data(), static_cast<float>(scale), g, threads);
 }
 
+// logits arrive as a plain array and are checked, not converted: a converted copy would take the
+// in-place result.
+void py_xent_rows(py::array logits, CArr<int64_t> target, FArr loss, int threads) {
+  require_cpu_kernels("xent_rows");
+  if (logits.ndim() != 2 || !logits.dtype().is(py::dtype::of<float>()) || !(logits.flags() & py::array::c_style) ||
+      !logits.writeable())
+    throw std::invalid_argument("xent_rows: logits must be a writeable [M, V] float32 C-contiguous array");
+  const int64_t M = logits.shape(0), V = logits.shape(1);
+  check_len(target, M, "xent_rows", "target ([M] int64)");
+  check_len(loss, M, "xent_rows", "loss ([M] float32)");
+  float* l = static_cast<float*>(logits.mutable_data());
+  float* out = loss.mutable_data();
+  py::gil_scoped_release nogil;
+  xent_rows(l, target.data(), out, M, V, threads);
+}
+
 void py_bias_gelu_forward(FArr x, FArr bias, FArr y, int threads) {
   check_rows(x, bias, "bias_gelu_forward", "x", "bias");
   check_len(y, x.size(), "bias_gelu_forward", "y");
@@ -333,6 +350,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_backward", &py_attention_backward, py::arg("qkv"), py::arg("probs"), py::arg("out"),
         py::arg("grad_out"), py::arg("scale"), py::arg("grad_qkv"), py::arg("threads") = 1,
         "grad_qkv [B, S, heads, 3, D] from grad_out [B, S, heads*D] and the forward's qkv, probs and out.");
+  m.def("xent_rows", &py_xent_rows, py::arg("logits"), py::arg("target"), py::arg("loss"), py::arg("threads") = 1,
+        "Per row of logits [M, V] (float32, in place): loss[i] = logsumexp(row) - row[target[i]] (no target term "
+        "where target[i] is outside [0, V)), and the row becomes softmax(row) - onehot(target[i]).");
   m.def("bias_gelu_forward", &py_bias_gelu_forward, py::arg("x"), py::arg("bias"), py::arg("y"),
         py::arg("threads") = 1, "y = gelu(x + bias) (exact erf GELU; float32; x [..., H], bias [H]).");
   m.def("bias_gelu_backward", &py_bias_gelu_backward, py::arg("grad"), py::arg("x"), py::arg("bias"),

@@ -94,3 +94,28 @@ def test_tp2_equals_materialised_and_single():
         torch.testing.assert_close(gh, single[1], rtol=1e-5, atol=1e-5)     # TP-summed by copy_to_tp
         torch.testing.assert_close(gw, single[2][rank * per:(rank + 1) * per], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gb, single[3][rank * per:(rank + 1) * per], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [5, 1024])
+def test_tp1_cpu_row_kernel_runs_and_equals_the_torch_rows(monkeypatch, chunk):
+    """fp32 on an AVX2 CPU at TP=1 the softmax rows run as one kernel (csrc/xent_cpu.cpp): it ran,
+    and loss and gradients equal the torch sequence (XLMR_MP_KERNELS=reference), ids outside the
+    real vocabulary included (no target term, as local_targets gives)."""
+    from xlmr_mp.kernels import dispatch
+    from xlmr_mp.parallel.vocab import vocab_parallel_masked_lm_loss
+    ext = dispatch._cpu_extension()
+    if ext is None or not hasattr(ext, "xent_rows"):
+        pytest.skip("xlmr_mp._C without the CPU kernels, or a CPU without AVX2/FMA")
+    h, w, b, t = _inputs(1)
+    t[5] = V + 2                       # a vocabulary-padding id: never predicted
+    calls = []
+    real = ext.xent_rows
+    monkeypatch.setattr(ext, "xent_rows", lambda *a: calls.append(1) or real(*a))
+    fn = lambda *a: vocab_parallel_masked_lm_loss(*a, vocab_size=V, chunk_rows=chunk)  # noqa: E731
+    new = _grads(fn, h, w, b, t)
+    assert len(calls) == -(-M // chunk)
+    monkeypatch.setenv("XLMR_MP_KERNELS", "reference")
+    ref = _grads(fn, h, w, b, t)
+    assert len(calls) == -(-M // chunk)
+    for r, n, what in zip(ref, new, ("loss", "d hidden", "d weight", "d bias")):
+        torch.testing.assert_close(n, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")

@@ -152,7 +152,9 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
     """Sum over masked tokens of the vocab-parallel cross-entropy of hidden @ weight^T + bias, in
     chunks of rows; the gradients (for an upstream gradient of 1) are computed chunk by chunk in
     the forward and scaled in the backward, so neither the [M, V/TP] logits nor their softmax are
-    kept, and nothing is recomputed (the fused linear + cross-entropy of Liger / Megatron)."""
+    kept, and nothing is recomputed (the fused linear + cross-entropy of Liger / Megatron). The
+    softmax rows run as one AVX2 kernel at TP = 1 in fp32 on a CPU (csrc/xent_cpu.cpp, where
+    `dispatch.cpu_kernels` allows), as the fused CUDA kernels where dispatched, else as torch ops."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, group, vocab_start, n_real, chunk_rows, need_grad):
@@ -165,7 +167,13 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
             w = weight[:n_real].to(cdt)                     # the real (not padding) rows of this shard
             b = None if bias is None else bias[:n_real].to(cdt)
             h_all = hidden.to(cdt)
-            t_all = local_targets(target, vocab_start, n_real)       # column here, or -1
+            # fp32 on an AVX2 CPU at TP = 1: one kernel for each chunk's softmax rows (csrc/xent_cpu.cpp),
+            # which also drops targets outside [0, n_real) as local_targets does
+            rows_kernel = dispatch.cpu_kernels(hidden) if not fused and tp == 1 and cdt == torch.float32 else None
+            if rows_kernel is not None:
+                t_all = (target.long() - vocab_start).contiguous()
+            else:
+                t_all = local_targets(target, vocab_start, n_real)       # column here, or -1
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             gh = gw = gb = None
             if need_grad:
@@ -176,8 +184,12 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
                 r1 = min(r0 + chunk_rows, hidden.shape[0])
                 h, t = h_all[r0:r1], t_all[r0:r1]
                 logits = F.linear(h, w, b)                  # [m, n_real], compute dtype
-                rows = torch.arange(r1 - r0, device=h.device)
-                if fused:   # one pass over the low-precision logits, no fp32 copy
+                if rows_kernel is not None:
+                    p = logits.detach().contiguous()
+                    loss_rows = torch.empty(r1 - r0, dtype=torch.float32)
+                    rows_kernel.xent_rows(p.numpy(), t.numpy(), loss_rows.numpy(), torch.get_num_threads())
+                    total += loss_rows.sum()
+                elif fused:   # one pass over the low-precision logits, no fp32 copy
                     from xlmr_mp.kernels import fused as fk
                     lse, tl = fk.mlm_xent_stats(logits, t)
                     if tp > 1:
@@ -190,6 +202,7 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
                     if need_grad:
                         p = fk.mlm_xent_grad_(logits, t, lse, torch.ones_like(lse))   # in place, compute dtype
                 else:
+                    rows = torch.arange(r1 - r0, device=h.device)
                     lf = logits.float()
                     del logits
                     m = lf.amax(dim=-1)             # amax: no argmax indices (13x faster on CPU)
@@ -209,7 +222,10 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
                         lf[rows[inside], t[inside]] -= 1.0
                         p = lf if cdt == torch.float32 else lf.to(cdt)
                 if need_grad:
-                    gh[r0:r1] = (p @ w).to(gh.dtype)
+                    if gh.dtype == p.dtype:
+                        torch.mm(p, w, out=gh[r0:r1])
+                    else:
+                        gh[r0:r1] = (p @ w).to(gh.dtype)
                     if gw.dtype == p.dtype:
                         gw[:n_real].addmm_(p.t(), h)
                     else:
