@@ -11,6 +11,7 @@
 #include "attention_cpu.h"
 #include "bias_gelu_cpu.h"
 #include "blend_index.h"
+#include "layernorm_cpu.h"
 #include "xent_cpu.h"
 
 namespace py = pybind11;
@@ -303,11 +304,64 @@ void py_bias_gelu_backward(FArr grad, FArr x, FArr bias, FArr dx, FArr dbias, in
   bias_gelu_backward(grad.data(), x.data(), bias.data(), d, db, rows, cols, threads);
 }
 
+// An optional float32 array of n elements (or None). Checked, not converted: a converted copy of an
+// output would take the result.
+const float* optional_rows(const py::object& o, FArr& keep_alive, int64_t n, const char* who, const char* what) {
+  if (o.is_none()) return nullptr;
+  const py::array a = o.cast<py::array>();
+  if (!a.dtype().is(py::dtype::of<float>()) || !(a.flags() & py::array::c_style) || !a.writeable())
+    throw std::invalid_argument(std::string(who) + ": " + what + " must be a writeable float32 C-contiguous array");
+  keep_alive = o.cast<FArr>();
+  check_len(keep_alive, n, who, what);
+  return keep_alive.data();
+}
+
+void py_bdaln_forward(FArr x, py::object bias, FArr residual, py::object keep, FArr weight, FArr ln_bias, double eps,
+                      FArr out, FArr y, FArr mean, FArr rstd, int threads) {
+  const char* who = "bias_dropout_add_layernorm_forward";
+  check_rows(x, weight, who, "x", "weight");
+  const int64_t cols = weight.size(), rows = cols ? x.size() / cols : 0;
+  FArr b, k;
+  const float* bp = optional_rows(bias, b, cols, who, "bias ([H])");
+  const float* kp = optional_rows(keep, k, x.size(), who, "keep (like x)");
+  check_len(residual, x.size(), who, "residual (like x)");
+  check_len(ln_bias, cols, who, "ln_bias ([H])");
+  check_len(out, x.size(), who, "out (like x)");
+  check_len(y, x.size(), who, "y (like x)");
+  check_len(mean, rows, who, "mean ([rows])");
+  check_len(rstd, rows, who, "rstd ([rows])");
+  float *o = out.mutable_data(), *yp = y.mutable_data(), *m = mean.mutable_data(), *r = rstd.mutable_data();
+  py::gil_scoped_release nogil;
+  bias_dropout_add_layernorm_forward(x.data(), bp, residual.data(), kp, weight.data(), ln_bias.data(),
+                                     static_cast<float>(eps), rows, cols, o, yp, m, r, threads);
+}
+
+void py_bdaln_backward(FArr grad, FArr y, py::object keep, FArr weight, FArr mean, FArr rstd, FArr dresidual,
+                       py::object dx, FArr dweight, FArr dln_bias, py::object dbias, int threads) {
+  const char* who = "bias_dropout_add_layernorm_backward";
+  check_rows(y, weight, who, "y", "weight");
+  const int64_t cols = weight.size(), rows = cols ? y.size() / cols : 0;
+  FArr k, d, db;
+  const float* kp = optional_rows(keep, k, y.size(), who, "keep (like y)");
+  float* dxp = const_cast<float*>(optional_rows(dx, d, y.size(), who, "dx (like y)"));
+  float* dbp = const_cast<float*>(optional_rows(dbias, db, cols, who, "dbias ([H])"));
+  check_len(grad, y.size(), who, "grad (like y)");
+  check_len(mean, rows, who, "mean ([rows])");
+  check_len(rstd, rows, who, "rstd ([rows])");
+  check_len(dresidual, y.size(), who, "dresidual (like y)");
+  check_len(dweight, cols, who, "dweight ([H])");
+  check_len(dln_bias, cols, who, "dln_bias ([H])");
+  float *dr = dresidual.mutable_data(), *dw = dweight.mutable_data(), *dlb = dln_bias.mutable_data();
+  py::gil_scoped_release nogil;
+  bias_dropout_add_layernorm_backward(grad.data(), y.data(), kp, weight.data(), mean.data(), rstd.data(), rows, cols,
+                                      dr, dxp, dw, dlb, dbp, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "xlmr_mp C++ helpers: data index building (packing, blended language index), id flattening, "
-            "the AVX2 CPU kernels (attention, bias-GELU)";
+            "the AVX2 CPU kernels (attention, bias-GELU, bias-dropout-add-LayerNorm, cross-entropy rows)";
   m.def("pack_blocks", &py_pack_blocks, py::arg("sizes"), py::arg("doc_index"), py::arg("block_size"),
         py::arg("break_at_documents"),
         "Pack sentences into blocks of <= block_size tokens; returns (token starts, lengths).");
@@ -358,4 +412,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("bias_gelu_backward", &py_bias_gelu_backward, py::arg("grad"), py::arg("x"), py::arg("bias"),
         py::arg("dx"), py::arg("dbias"), py::arg("threads") = 1,
         "dx = grad * gelu'(x + bias) and dbias = dx summed over rows (float32).");
+  m.def("bias_dropout_add_layernorm_forward", &py_bdaln_forward, py::arg("x"), py::arg("bias"), py::arg("residual"),
+        py::arg("keep"), py::arg("weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("out"), py::arg("y"),
+        py::arg("mean"), py::arg("rstd"), py::arg("threads") = 1,
+        "out = LayerNorm(residual + keep * (x + bias)) over the last dim (float32); y receives the sum, "
+        "mean / rstd its row statistics. bias [H] and keep (like x: 0 or 1/(1-p)) may be None.");
+  m.def("bias_dropout_add_layernorm_backward", &py_bdaln_backward, py::arg("grad"), py::arg("y"), py::arg("keep"),
+        py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("dresidual"), py::arg("dx"), py::arg("dweight"),
+        py::arg("dln_bias"), py::arg("dbias"), py::arg("threads") = 1,
+        "dresidual, dx (= dresidual * keep, or a copy of dresidual without keep; None: not written), dweight, dln_bias and dbias (None: not wanted) "
+        "of the forward above.");
 }

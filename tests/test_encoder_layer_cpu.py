@@ -95,7 +95,7 @@ def test_equals_torch_reference(monkeypatch):
     monkeypatch.setenv("XLMR_MP_KERNELS", "reference")
     assert not encoder_layer_cpu.applies(layer, x, bias)
     ref = _run(layer, x, bias, grad)
-    _close(fused, ref, rtol=1e-4, atol=1e-5)
+    _close(fused, ref, rtol=1e-4, atol=3e-5)   # near-zero entries (the key bias: softmax-invariant)
 
 
 def test_runs_as_one_node_and_under_full_recompute():
