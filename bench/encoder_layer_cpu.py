@@ -3,7 +3,8 @@
 (xlmr_mp/kernels/encoder_layer_cpu.py) against the module path it replaces (the same kernels
 through ~130 autograd nodes), the torch reference (XLMR_MP_KERNELS=reference: SDPA, F.gelu) and
 the peer, Hugging Face's XLMRobertaLayer with the same weights, in alternating rounds of the same
-run. Prints medians, the ratios to the one-node layer and the largest difference of the output
+run, and beside them the layer's 12 GEMMs alone at its shapes (the floor any implementation sits
+on). Prints medians, the ratios to the one-node layer and the largest difference of the output
 and of the input gradient against the module path and against HF.
 
     python bench/encoder_layer_cpu.py
@@ -116,21 +117,24 @@ def bench_shape(B, S, H, heads, F, rounds):
     if hf is not None:
         fns["HF"] = lambda xi: hf(xi)
     results = {k: _fwd_bwd(f, x, grad) for k, f in fns.items()}
+    gemms = _gemms_only(B * S, H, F)
     flops = 3 * 2 * B * S * (4 * H * H + 2 * H * F) + 3 * 4 * B * S * S * H   # GEMMs fwd + 2x bwd
     n = max(3, int(2e8 / flops))                                                # ~20-60 ms a round
-    times = {k: [] for k in fns}
-    for k, f in fns.items():
-        _fwd_bwd(f, x, grad)
+    runs = {k: (lambda f=f: _fwd_bwd(f, x, grad)) for k, f in fns.items()}
+    runs["GEMMs only"] = gemms
+    times = {k: [] for k in runs}
+    for run in runs.values():
+        run()
     for _ in range(rounds):
-        for k, f in fns.items():
+        for k, run in runs.items():
             t0 = time.perf_counter()
             for _ in range(n):
-                _fwd_bwd(f, x, grad)
+                run()
             times[k].append((time.perf_counter() - t0) / n)
     med = {k: statistics.median(v) for k, v in times.items()}
     one = med["one-node"]
     parts = [f"one-node {one * 1e3:.3f} ms ({flops / one / 1e9:.1f} GFLOP/s)"]
-    for k in fns:
+    for k in runs:
         if k != "one-node":
             ratios = [t / o for t, o in zip(times[k], times["one-node"])]
             parts.append(f"{k} {med[k] * 1e3:.3f} ms (x{statistics.median(ratios):.2f} paired, "
@@ -139,6 +143,21 @@ def bench_shape(B, S, H, heads, F, rounds):
     diffs = [f"vs {k}: out {(o - results[k][0]).abs().max().item():.1e} dx {(dx - results[k][1]).abs().max().item():.1e}"
              for k in ("module", "HF") if k in results]
     return f"B={B} S={S} H={H} heads={heads} ffn={F}: " + ", ".join(parts) + "; max |diff| " + ", ".join(diffs)
+
+
+def _gemms_only(T, H, F):
+    """The layer's 12 matrix products at its shapes with nothing around them (forward: QKV, output,
+    fc1, fc2; backward: the input and weight gradient of each): the floor MKL puts under any
+    implementation of the layer, HF's included."""
+    g = torch.Generator().manual_seed(2)
+    x, h, f, q = (torch.randn(T, n, generator=g) for n in (H, H, F, 3 * H))
+    w_qkv, w_o, w_1, w_2 = (torch.randn(*s, generator=g) for s in ((3 * H, H), (H, H), (F, H), (H, F)))
+
+    def run():
+        torch.mm(x, w_qkv.t()), torch.mm(x, w_o.t()), torch.mm(h, w_1.t()), torch.mm(f, w_2.t())
+        torch.mm(q, w_qkv), torch.mm(h, w_o), torch.mm(f, w_1), torch.mm(h, w_2)
+        q.t().mm(x), h.t().mm(x), f.t().mm(h), h.t().mm(f)
+    return run
 
 
 def _run_path(layer, name, xi):

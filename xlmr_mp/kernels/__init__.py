@@ -3,6 +3,8 @@
 ops.py       bias_gelu, bias_dropout_add_layernorm, scaled_masked_softmax (+ *_ref, backward refs)
 attention_cpu.py  fused CPU self-attention (csrc/attention_cpu.cpp) beside SDPA, at short sequences
 bias_gelu_cpu.py  fused CPU bias + exact GELU (csrc/bias_gelu_cpu.cpp) beside ops.bias_gelu_ref
+encoder_layer_cpu.py  a whole post-LN layer as one autograd node on a CPU at TP = 1 (the kernels above,
+             csrc/layernorm_cpu.cpp's bias-dropout-add-LayerNorm, MKL GEMMs) beside the module path
 mlm_xent.py  masked-LM cross-entropy on a vocabulary shard (plain, chunked, fused; TP combine)
 dispatch.py  XLMR_MP_KERNELS=auto|fused|reference and the measured FASTER_ON table
 fused.py     autograd.Functions over the CUDA extension xlmr_mp._cuda (csrc/cuda)
