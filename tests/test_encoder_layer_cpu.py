@@ -38,10 +38,8 @@ def _run(layer, x, bias, grad, seed=7, fused=True, recompute=False):
         p.grad = None
     xi = x.clone().requires_grad_(True)
     torch.manual_seed(seed)
-    if fused:
-        fn = layer
-    else:
-        orig = encoder_layer_cpu.applies
+    orig = encoder_layer_cpu.applies
+    if not fused:
         encoder_layer_cpu.applies = lambda *a: False
     try:
         if recompute:
@@ -50,8 +48,7 @@ def _run(layer, x, bias, grad, seed=7, fused=True, recompute=False):
             out = layer(xi, bias)
         out.backward(grad)
     finally:
-        if not fused:
-            encoder_layer_cpu.applies = orig
+        encoder_layer_cpu.applies = orig
     return out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 

@@ -32,9 +32,10 @@ import torch
 
 from xlmr_mp.kernels import attention_cpu, dispatch
 
+
 def _params(layer) -> tuple:
     """The layer's 12 parameters in _EncoderLayer's argument order (biases may be None); read from
-    the modules' dicts, as nn.Module.__getattr__ costs ~2 us an attribute (a call reads 16)."""
+    the modules' dicts, as nn.Module.__getattr__ costs 1-2 us an attribute (a call reads 16)."""
     m = layer._modules
     attn, ffn = m["attention"]._modules, m["ffn"]._modules
     qkv, out, fc1, fc2 = (attn["qkv"]._parameters, attn["out"]._parameters, ffn["fc1"]._parameters,
