@@ -92,19 +92,10 @@ def main(argv=None) -> int:
     if attention_cpu._ext() is None:
         print("attention_cpu: the kernel is unavailable here (xlmr_mp._C without it, or no AVX2/FMA)", file=sys.stderr)
         return 2
-    lines = [bench_log.header("attention_cpu.py"),
-             f"# command: python bench/attention_cpu.py {' '.join(sys.argv[1:] if argv is None else argv)}",
-             f"# cpus {os.cpu_count()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
-             f"load average {os.getloadavg()[0]:.2f}, fp32 forward + backward, median of {a.rounds} alternating rounds"]
-    for shape in a.shape or SHAPES:
-        for pad in ((False, True) if a.pad else (False,)):
-            line = bench_shape(*shape, a.rounds, pad)
-            print(line, flush=True)
-            lines.append(line)
-    if a.note:
-        lines.append(f"note: {a.note}")
-    if a.out:
-        bench_log.emit("\n".join(lines), a.out)
+    rows = (bench_shape(*shape, a.rounds, pad) for shape in a.shape or SHAPES
+            for pad in ((False, True) if a.pad else (False,)))
+    bench_log.cpu_kernel_run("attention_cpu.py", argv, f"fp32 forward + backward, median of {a.rounds} alternating "
+                             "rounds", rows, a.note, a.out)
     return 0
 
 

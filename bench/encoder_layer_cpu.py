@@ -178,19 +178,10 @@ def main(argv=None) -> int:
         print("encoder_layer_cpu: the CPU kernels are unavailable here (xlmr_mp._C without them, or no AVX2/FMA)",
               file=sys.stderr)
         return 2
-    lines = [bench_log.header("encoder_layer_cpu.py"),
-             f"# command: python bench/encoder_layer_cpu.py {' '.join(sys.argv[1:] if argv is None else argv)}",
-             f"# cpus {os.cpu_count()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
-             f"load average {os.getloadavg()[0]:.2f}, fp32 forward + backward of one layer, median of {a.rounds} "
-             f"alternating rounds; xN = that path's time / the one-node layer's, paired by round"]
-    for shape in a.shape or SHAPES:
-        line = bench_shape(*shape, a.rounds)
-        print(line, flush=True)
-        lines.append(line)
-    if a.note:
-        lines.append(f"note: {a.note}")
-    if a.out:
-        bench_log.emit("\n".join(lines), a.out)
+    rows = (bench_shape(*shape, a.rounds) for shape in a.shape or SHAPES)
+    bench_log.cpu_kernel_run("encoder_layer_cpu.py", argv, f"fp32 forward + backward of one layer, median of "
+                             f"{a.rounds} alternating rounds; xN = that path's time / the one-node layer's, paired "
+                             "by round", rows, a.note, a.out)
     return 0
 
 

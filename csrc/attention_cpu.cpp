@@ -88,24 +88,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ai, int64_t a
 void softmax_rows(float* P, int64_t M, int64_t S) {
   for (int64_t i = 0; i < M; ++i) {
     float* row = P + i * S;
-    int64_t j = 0;
-    __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (; j + W <= S; j += W) vm = _mm256_max_ps(vm, _mm256_loadu_ps(row + j));
-    float m = hmax(vm);
-    for (; j < S; ++j) m = std::max(m, row[j]);
-    const __m256 vmm = _mm256_set1_ps(m);
-    __m256 vs = _mm256_setzero_ps();
-    float s = 0.f;
-    for (j = 0; j + W <= S; j += W) {
-      const __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmm));
-      _mm256_storeu_ps(row + j, e);
-      vs = _mm256_add_ps(vs, e);
-    }
-    for (; j < S; ++j) { row[j] = std::exp(row[j] - m); s += row[j]; }
-    const float inv = 1.f / (s + hsum(vs));
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (j = 0; j + W <= S; j += W) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), vinv));
-    for (; j < S; ++j) row[j] *= inv;
+    scale_row(row, S, 1.f / exp_sub_sum(row, S, row_max(row, S)));
   }
 }
 

@@ -267,13 +267,17 @@ void py_attention_backward(FArr qkv, FArr probs, FArr out, FArr grad_out, double
   attention_backward(s, qkv.data(), probs.data(), out.data(), grad_out.data(), static_cast<float>(scale), g, threads);
 }
 
-// logits arrive as a plain array and are checked, not converted: a converted copy would take the
-// in-place result.
+// An array a kernel writes into, taken as a plain array and checked, not converted: a converted
+// copy would take the result.
+void check_writeable_f32(const py::array& a, const char* who, const char* what) {
+  if (!a.dtype().is(py::dtype::of<float>()) || !(a.flags() & py::array::c_style) || !a.writeable())
+    throw std::invalid_argument(std::string(who) + ": " + what + " must be a writeable float32 C-contiguous array");
+}
+
 void py_xent_rows(py::array logits, CArr<int64_t> target, FArr loss, int threads) {
   require_cpu_kernels("xent_rows");
-  if (logits.ndim() != 2 || !logits.dtype().is(py::dtype::of<float>()) || !(logits.flags() & py::array::c_style) ||
-      !logits.writeable())
-    throw std::invalid_argument("xent_rows: logits must be a writeable [M, V] float32 C-contiguous array");
+  check_writeable_f32(logits, "xent_rows", "logits ([M, V])");
+  if (logits.ndim() != 2) throw std::invalid_argument("xent_rows: logits must be [M, V]");
   const int64_t M = logits.shape(0), V = logits.shape(1);
   check_len(target, M, "xent_rows", "target ([M] int64)");
   check_len(loss, M, "xent_rows", "loss ([M] float32)");
@@ -304,13 +308,10 @@ void py_bias_gelu_backward(FArr grad, FArr x, FArr bias, FArr dx, FArr dbias, in
   bias_gelu_backward(grad.data(), x.data(), bias.data(), d, db, rows, cols, threads);
 }
 
-// An optional float32 array of n elements (or None). Checked, not converted: a converted copy of an
-// output would take the result.
+// An optional float32 array of n elements (or None), checked as check_writeable_f32 does.
 const float* optional_rows(const py::object& o, FArr& keep_alive, int64_t n, const char* who, const char* what) {
   if (o.is_none()) return nullptr;
-  const py::array a = o.cast<py::array>();
-  if (!a.dtype().is(py::dtype::of<float>()) || !(a.flags() & py::array::c_style) || !a.writeable())
-    throw std::invalid_argument(std::string(who) + ": " + what + " must be a writeable float32 C-contiguous array");
+  check_writeable_f32(o.cast<py::array>(), who, what);
   keep_alive = o.cast<FArr>();
   check_len(keep_alive, n, who, what);
   return keep_alive.data();

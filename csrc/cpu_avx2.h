@@ -5,7 +5,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -54,6 +56,38 @@ inline float hmax(__m256 v) {
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// The softmax row passes shared by the attention and cross-entropy kernels: the row's max; the row
+// replaced by exp(row - m), returning the sum; the row scaled by s.
+inline float row_max(const float* row, int64_t n) {
+  __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vm = _mm256_max_ps(vm, _mm256_loadu_ps(row + j));
+  float m = hmax(vm);
+  for (; j < n; ++j) m = std::max(m, row[j]);
+  return m;
+}
+
+inline float exp_sub_sum(float* row, int64_t n, float m) {
+  const __m256 vmm = _mm256_set1_ps(m);
+  __m256 vs = _mm256_setzero_ps();
+  float s = 0.f;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmm));
+    _mm256_storeu_ps(row + j, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  for (; j < n; ++j) { row[j] = std::exp(row[j] - m); s += row[j]; }
+  return s + hsum(vs);
+}
+
+inline void scale_row(float* row, int64_t n, float s) {
+  const __m256 vs = _mm256_set1_ps(s);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), vs));
+  for (; j < n; ++j) row[j] *= s;
 }
 
 // Runs f(lo, hi) over [0, n) split in `threads` contiguous ranges (the calling thread takes one).

@@ -5,7 +5,6 @@
 #include "xent_cpu.h"
 
 #include <cmath>
-#include <limits>
 
 #include "cpu_target_begin.h"
 #if XLMR_MP_AVX2
@@ -19,29 +18,13 @@ void xent_rows(float* logits, const int64_t* target, float* loss, int64_t M, int
   parallel_range(M, threads, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       float* row = logits + i * V;
-      __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-      int64_t j = 0;
-      for (; j + W <= V; j += W) vm = _mm256_max_ps(vm, _mm256_loadu_ps(row + j));
-      float m = hmax(vm);
-      for (; j < V; ++j) m = std::max(m, row[j]);
+      const float m = row_max(row, V);
       const int64_t t = target[i];
       const bool inside = t >= 0 && t < V;
       const float lt = inside ? row[t] - m : 0.f;
-      const __m256 vmm = _mm256_set1_ps(m);
-      __m256 vs = _mm256_setzero_ps();
-      float s = 0.f;
-      for (j = 0; j + W <= V; j += W) {
-        const __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmm));
-        _mm256_storeu_ps(row + j, e);
-        vs = _mm256_add_ps(vs, e);
-      }
-      for (; j < V; ++j) { row[j] = std::exp(row[j] - m); s += row[j]; }
-      s += hsum(vs);
+      const float s = exp_sub_sum(row, V, m);
       loss[i] = std::log(s) - lt;
-      const float inv = 1.f / s;
-      const __m256 vinv = _mm256_set1_ps(inv);
-      for (j = 0; j + W <= V; j += W) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), vinv));
-      for (; j < V; ++j) row[j] *= inv;
+      scale_row(row, V, 1.f / s);
       if (inside) row[t] -= 1.f;
     }
   });
