@@ -9,7 +9,7 @@
 # Steps (each under its own time limit; a failing step is recorded and the suite goes on):
 #   build        the CUDA extension xlmr_mp._cuda when it is missing
 #   kernel_tests tests/test_kernels_gpu.py (fused kernels against float64 references)
-#   kernels      bench/kernels.py bf16 and fp16 (fused vs eager vs torch.compile, % of copy bandwidth,
+#   kernels      bench/kernels_gpu.py bf16 and fp16 (fused vs eager vs torch.compile, % of copy bandwidth,
 #                the FASTER_ON entries for xlmr_mp/kernels/dispatch.py)
 #   train_*      bench/train_step.py at large and base, bf16 and fp16, fused kernels (XLMR_MP_KERNELS=fused)
 #                against the torch references (=reference) and against HF XLMRobertaForMaskedLM in the
@@ -69,7 +69,7 @@ if [ "$DRY" = 1 ]; then
   TINY=(--preset tiny --device cpu --steps 1 --warmup 0 --micro-batch 2 --seq 32)
   step build 60 "$PY" -c "import xlmr_mp._C"
   step kernel_tests 300 "$PY" -m pytest -q --collect-only tests/test_kernels_gpu.py
-  step kernels 60 "$PY" bench/kernels.py --help
+  step kernels 60 "$PY" bench/kernels_gpu.py --help
   step train_large_bf16_fused 300 "$PY" bench/train_step.py "${TINY[@]}" --precision bf16 --plan CPU --out "$OUT/train_step.txt"
   step train_large_bf16_reference 300 "$PY" bench/train_step.py "${TINY[@]}" --precision bf16 --no-peer --out "$OUT/train_step.txt"
   step train_base_fp16_fused 300 "$PY" bench/train_step.py "${TINY[@]}" --precision fp32 --no-peer --plan CPU --out "$OUT/train_step.txt"
@@ -79,8 +79,8 @@ else
     step build 300 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
   fi
   step kernel_tests 120 "$PY" -m pytest -q tests/test_kernels_gpu.py
-  step kernels_bf16 60 "$PY" bench/kernels.py --dtype bf16 --iters 30 --out "$OUT/kernels_bf16.json"
-  step kernels_fp16 60 "$PY" bench/kernels.py --dtype fp16 --iters 30 --no-compile --out "$OUT/kernels_fp16.json"
+  step kernels_bf16 60 "$PY" bench/kernels_gpu.py --dtype bf16 --iters 30 --out "$OUT/kernels_bf16.json"
+  step kernels_fp16 60 "$PY" bench/kernels_gpu.py --dtype fp16 --iters 30 --no-compile --out "$OUT/kernels_fp16.json"
   LARGE=(--preset large --micro-batch 16 --seq 512 --steps 5 --warmup 2 --plan "$(
     "$PY" -c "import torch; n = torch.cuda.get_device_name(); print('H200' if 'H200' in n else 'H100' if 'H100' in n else 'A100-80')")")
   BASE=(--preset base --micro-batch 32 --seq 512 --steps 5 --warmup 2)

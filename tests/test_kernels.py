@@ -316,7 +316,7 @@ def test_policy_on_a_cuda_tensor(monkeypatch):
 
 
 def test_faster_on_table_has_no_unmeasured_entries():
-    # Only a GPU measurement (bench/kernels.py, results under bench/results/) may fill FASTER_ON.
+    # Only a GPU measurement (bench/kernels_gpu.py, results under bench/results/) may fill FASTER_ON.
     assert all(op in dispatch.OPS for op in dispatch.FASTER_ON)
 
 
@@ -343,6 +343,6 @@ def test_kernel_bench_exits_with_a_clear_message_without_gpu():
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, os.path.join(root, "bench", "kernels.py")], capture_output=True,
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "kernels_gpu.py")], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr

@@ -293,3 +293,33 @@ def test_checks_find_what_they_look_for(tmp_path):
 def test_long_file_scan_skips_caches_and_data(tmp_path, ignored):
     _write(tmp_path, f"tests/{ignored}", "x = 1\n" * (MAX_LINES + 1))
     assert long_files(str(tmp_path)) == []
+
+
+# ----------------------------------------------------------------------------- script directories
+
+SCRIPT_DIRS = ("bench", "tools", os.path.join("launch", "tools"))
+
+
+def _shadowing(root: str, installed: set) -> list:
+    """Scripts whose module name is also an importable top-level name (stdlib or an installed
+    distribution): Python puts a script's own directory first on sys.path, so such a file takes
+    that package's place for everything the script imports (transformers 5 imports `kernels`)."""
+    import sys
+    taken = set(sys.stdlib_module_names) | installed
+    out = []
+    for d in SCRIPT_DIRS:
+        path = os.path.join(root, d)
+        if os.path.isdir(path):
+            out += [os.path.join(d, f) for f in sorted(os.listdir(path))
+                    if f.endswith(".py") and f[:-3] in taken]
+    return out
+
+
+def test_scripts_shadow_no_installed_package(tmp_path):
+    import importlib.metadata
+    installed = set(importlib.metadata.packages_distributions())
+    assert _shadowing(ROOT, installed) == [], "rename these scripts: they shadow a package of that name"
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "kernels.py").write_text("")
+    (tmp_path / "bench" / "json.py").write_text("")
+    assert _shadowing(str(tmp_path), {"kernels"}) == ["bench/json.py", "bench/kernels.py"]

@@ -2,7 +2,7 @@
 
 `XLMR_MP_KERNELS` (environment, read at each call so tests can flip it):
   auto       (default) fused only for CUDA tensors, with the `xlmr_mp._cuda` extension built, and
-             only for ops that `FASTER_ON` lists for this GPU (from a bench/kernels.py measurement);
+             only for ops that `FASTER_ON` lists for this GPU (from a bench/kernels_gpu.py measurement);
   fused      always the fused kernel; a CPU tensor or a missing extension is an error;
   reference  always the torch reference.
 The same switch governs the AVX2 CPU kernels in xlmr_mp._C (kernels/attention_cpu.py,
@@ -20,7 +20,7 @@ ENV = "XLMR_MP_KERNELS"
 MODES = ("auto", "fused", "reference")
 OPS = ("bias_gelu", "bias_dropout_add_layernorm", "scaled_masked_softmax", "mlm_xent")
 
-# op -> GPU architectures ("sm_80", ...) where bench/kernels.py measured the fused kernel faster than
+# op -> GPU architectures ("sm_80", ...) where bench/kernels_gpu.py measured the fused kernel faster than
 # the torch path it replaces (forward + backward). Only a GPU measurement may add an entry: none has
 # been made yet (this project's CI machines have no GPU), so `auto` keeps every op on its reference.
 FASTER_ON: dict[str, frozenset[str]] = {}

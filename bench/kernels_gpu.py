@@ -8,7 +8,7 @@ Memory-bound kernels should reach >= 80% of the copy bandwidth. Results go to
 bench/results/kernels_<gpu>.json; the ops faster than both torch paths (forward + backward) are
 printed as FASTER_ON entries for xlmr_mp/kernels/dispatch.py.
 
-    python bench/kernels.py [--dtype bf16|fp16] [--tokens 16384] [--iters 50] [--no-compile]
+    python bench/kernels_gpu.py [--dtype bf16|fp16] [--tokens 16384] [--iters 50] [--no-compile]
 
 Needs a CUDA GPU and the built extension; exits with a message otherwise.
 """
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/kernels_<gpu>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
+        print("bench/kernels_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
               file=sys.stderr)
         return 2
     if dispatch.extension() is None:
