@@ -61,7 +61,7 @@ def _chunked(head, weight, hidden, labels):
     h = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1)
     sel = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    return head.masked_loss_sum(h.index_select(0, sel), weight, flat.index_select(0, sel)) / sel.numel()
+    return head.masked_loss_sum(h, sel, weight, flat.index_select(0, sel)) / sel.numel()
 
 
 def _gathered(head, weight, hidden, labels):

@@ -28,8 +28,13 @@ def test_equals_the_reference_in_value_and_gradients(shape):
     bias = torch.randn(shape[-1], generator=g)
     grad = torch.randn(*shape, generator=g)
     (y, dx, db), (ry, rdx, rdb) = _both(x, bias, grad)
-    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=1e-6)
+    # torch's GELU differs by CPU: its AVX-512 erf is off by up to ~1e-6 in the negative tail, where
+    # 1 + erf cancels (seen on a Zen 4 machine). The kernel is held to the float64 GELU at 1e-6, and
+    # to torch's float32 ops at 2e-6.
+    exact = torch.nn.functional.gelu((x + bias).double())
+    assert (y.double() - exact).abs().max().item() <= 1e-6
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(db, rdb, rtol=1e-5, atol=1e-5)
 
 

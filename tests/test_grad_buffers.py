@@ -55,9 +55,11 @@ def test_rebind_after_outside_code_replaced_grads():
     ref = _net()
     _loss(ref, 1).backward()
     bk = flat.buckets[0]
-    for i, (p, q) in enumerate(zip(bk.params, reversed(list(ref.parameters())))):
+    named = dict(ref.named_parameters())
+    assert sorted(bk.names) == sorted(named)
+    for i, (n, p) in enumerate(zip(bk.names, bk.params)):
         assert p.grad.data_ptr() == bk.grad_view(i).data_ptr()
-        torch.testing.assert_close(p.grad, q.grad)
+        torch.testing.assert_close(p.grad, named[n].grad)
     with pytest.raises(ValueError, match="another FlatBuffers"):
         FlatBuffers(list(net.named_parameters()))
 
@@ -97,3 +99,55 @@ def test_fused_adamw_tracks_single_tensor_adamw():
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="impl"):
         build_adamw([{"params": [torch.nn.Parameter(torch.zeros(1))]}], ocfg, "apex")
+
+
+def _adamw_run(merge: bool, steps: int = 3):
+    from xlmr_mp.parallel.data_parallel import DistributedAdamW, FlatBuffers
+    net = _net()
+    opt = DistributedAdamW(FlatBuffers(list(net.named_parameters())), OptimConfig(lr=1e-2, weight_decay=0.1))
+    if not merge:
+        opt._build(merge=False)
+    for s in range(steps):
+        opt.zero_grad()
+        _loss(net, s).backward()
+        opt.step()
+    return net, opt
+
+
+def test_adamw_updates_merged_runs_with_the_per_parameter_bits():
+    """The decayed weights, then the biases and LayerNorm, sit side by side in the bucket: AdamW
+    runs over two flat tensors and gives the update and the per-name state of one tensor per
+    parameter. The update is elementwise, but an element may fall in the fused kernel's vector
+    body in one layout and in its scalar tail in the other, which round differently (FMA): equal
+    to ~1 ulp, not bit for bit."""
+    merged, m_opt = _adamw_run(True)
+    single, s_opt = _adamw_run(False)
+    assert len(m_opt.runs) == 2 and [r.decay for r in m_opt.runs] == [True, False]
+    assert len(s_opt.runs) == len(s_opt.pieces) == 6
+    for a, b in zip(merged.parameters(), single.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    ms, ss = m_opt.state_by_name(), s_opt.state_by_name()
+    assert ms.keys() == ss.keys() == dict(merged.named_parameters()).keys()
+    for n in ms:
+        assert ms[n]["exp_avg"].shape == dict(merged.named_parameters())[n].shape
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(ms[n][k], ss[n][k], rtol=1e-6, atol=1e-10, msg=f"{n} {k}")
+
+
+def test_adamw_load_with_a_missing_name_keeps_steps_per_parameter():
+    """A run has one step count: a checkpoint whose names disagree (one missing: it starts fresh)
+    splits the runs, so the loaded parameters keep their step and the missing one starts at 0."""
+    _, opt = _adamw_run(True)
+    states = opt.state_by_name()
+    missing = "0.bias"
+    del states[missing]
+    net2, fresh = _adamw_run(True, steps=0)
+    fresh.load_state_by_name(states)
+    assert len(fresh.runs) == len(fresh.pieces)
+    got = fresh.state_by_name()
+    assert missing not in got and all(float(got[n]["step"]) == 3 for n in got)
+    for n in got:
+        assert torch.equal(got[n]["exp_avg"], states[n]["exp_avg"])
+    whole, again = _adamw_run(True, steps=0)
+    again.load_state_by_name(opt.state_by_name())          # every name, one step: the runs stay merged
+    assert len(again.runs) == 2

@@ -35,15 +35,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from xlmr_mp.ids import IGNORE_INDEX
-from xlmr_mp.kernels import ops
+from xlmr_mp.kernels import mlm_head_cpu, ops
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.encoder import EncoderLayer, attention_bias
 from xlmr_mp.model.sharding import partition_dim, shard_tensor
 from xlmr_mp.parallel.layers import check_divisible, mark_sequence_parallel
 from xlmr_mp.parallel.mappings import gather_sequence, tp_rank_of, tp_size_of
 from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
-from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, padded_vocab_size,
-                                    parallel_lm_logits, vocab_parallel_masked_lm_loss, vocab_range)
+from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, mlm_loss_chunk_rows,
+                                    padded_vocab_size, parallel_lm_logits, vocab_parallel_masked_lm_loss,
+                                    vocab_range)
 
 RECOMPUTE_MODES = ("none", "full", "selective")
 
@@ -125,12 +126,18 @@ class MLMHead(nn.Module):
         logits = parallel_lm_logits(self.transform(h), decoder_weight, self.bias, self.tp_group)
         return mask_padded_logits(logits, self.vocab_size, self.vocab_start)
 
-    def masked_loss_sum(self, h: torch.Tensor, decoder_weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Sum of the cross-entropy of the masked tokens' hidden states h [M, H] against their
+    def masked_loss_sum(self, hidden: torch.Tensor, sel: torch.Tensor, decoder_weight: torch.Tensor,
+                        target: torch.Tensor) -> torch.Tensor:
+        """Sum of the cross-entropy of the masked tokens, rows `sel` of hidden [T, H], against their
         global target ids [M], through the chunked vocab-parallel loss (parallel/vocab.py: the
-        [M, V_local] fp32 logits are never held for the whole masked set)."""
-        return vocab_parallel_masked_lm_loss(self.transform(h), decoder_weight, self.bias, target, self.tp_group,
-                                             self.vocab_start, self.vocab_size)
+        [M, V_local] fp32 logits are never held for the whole masked set); fp32 on an AVX2 CPU at
+        TP = 1, the whole head as one node (kernels/mlm_head_cpu.py)."""
+        if sel.numel() and mlm_head_cpu.applies(self, hidden, decoder_weight):   # (no masked row: the torch path)
+            n_real = max(0, min(decoder_weight.shape[0], self.vocab_size - self.vocab_start))
+            return mlm_head_cpu.masked_loss_sum(self, hidden, sel, target - self.vocab_start, decoder_weight, n_real,
+                                                mlm_loss_chunk_rows(n_real))
+        return vocab_parallel_masked_lm_loss(self.transform(hidden.index_select(0, sel)), decoder_weight, self.bias,
+                                             target, self.tp_group, self.vocab_start, self.vocab_size)
 
 
 class XLMRModel(nn.Module):
@@ -295,8 +302,7 @@ class XLMRModel(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1])
         flat = labels.reshape(-1)
         sel = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-        h, target = h.index_select(0, sel), flat.index_select(0, sel)
-        loss_sum = self.lm_head.masked_loss_sum(h, self.decoder_weight(), target)
+        loss_sum = self.lm_head.masked_loss_sum(h, sel, self.decoder_weight(), flat.index_select(0, sel))
         return loss_sum, torch.tensor(float(sel.numel()), device=hidden.device)
 
     def loss_and_count(self, x, attention_mask=None, labels=None):

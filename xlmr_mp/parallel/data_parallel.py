@@ -1,8 +1,9 @@
 """Data parallelism: contiguous parameter / gradient buckets, the overlapped in-place DP reduction,
 and the AdamW step, optionally sharded by element range over the DP group (ZeRO-1).
 
-`FlatBuffers` puts every trainable parameter into contiguous per-bucket tensors (parameters in
-reverse order, as backward produces their gradients): `bucket.data` holds the values and each
+`FlatBuffers` puts every trainable parameter into contiguous per-bucket tensors (buckets filled
+in reverse parameter order, as backward produces their gradients; within a bucket the decayed
+parameters first, then the undecayed, so AdamW updates two flat runs of it): `bucket.data` holds the values and each
 `param.data` is a view into it, `bucket.grad` holds the gradients and each `param.grad` is a view
 into it (Megatron's main_grad), so autograd accumulates in place and a bucket is reduced with one
 collective on its buffer: no pack, no unpack. Each bucket is padded to a multiple of the DP size;
@@ -21,7 +22,8 @@ count of the whole global batch (see train.py). Two modes:
   reduce-scatter  (ZeRO-1 where the backend has it: NCCL, and gloo in recent torch) each rank ends
                   with the summed gradient of its own range only (`bucket.grad[shard]`).
 
-`DistributedAdamW` runs torch's fused (else foreach) AdamW over 1-D views of the flat buffers.
+`DistributedAdamW` runs torch's fused (else foreach) AdamW over 1-D views of the flat buffers:
+maximal runs of adjacent parameters with the same weight decay (`_Run`), not one per parameter.
 With `shard=False` those are whole parameters; with `shard=True` (parallel.distributed_optimizer)
 they are the pieces of this rank's element ranges, so Adam state (exp_avg, exp_avg_sq) exists
 for 1/DP of the elements on each rank; after the update each bucket's parameter values are
@@ -141,6 +143,10 @@ class FlatBuffers:
             p._flat_buffers = self
 
     def _add(self, named: List[Tuple[str, torch.nn.Parameter]]) -> None:
+        # decayed parameters first, then the undecayed ones (stable): AdamW then runs over two
+        # contiguous runs of a bucket, not one tensor per parameter (the order within a bucket
+        # changes nothing else: a bucket is reduced when all of its parameters are ready)
+        named = sorted(named, key=lambda np_: no_decay(*np_))
         self.buckets.append(Bucket(len(self.buckets), [n for n, _ in named], [p for _, p in named],
                                    self.dp_size, self.dp_rank))
 
@@ -284,6 +290,29 @@ class _Piece:
         self.data.grad = bucket.grad[s + a:s + b]
 
 
+class _Run:
+    """Adjacent pieces of one bucket with the same weight decay, updated as one flat tensor:
+    `data` / `data.grad` are views of the bucket's buffers; piece i starts at `starts[i]`."""
+
+    def __init__(self, pc: _Piece, decay: bool):
+        self.bucket, self.decay = pc.bucket, decay
+        self.pieces, self.starts = [pc], [0]
+        self.lo = pc.bucket.offsets[pc.index][0] + pc.a
+        self.hi = self.lo + (pc.b - pc.a)
+
+    def extends(self, pc: _Piece) -> bool:
+        return pc.bucket is self.bucket and pc.bucket.offsets[pc.index][0] + pc.a == self.hi
+
+    def add(self, pc: _Piece) -> None:
+        self.pieces.append(pc)
+        self.starts.append(self.hi - self.lo)
+        self.hi += pc.b - pc.a
+
+    def finish(self) -> None:
+        self.data = self.bucket.data[self.lo:self.hi]
+        self.data.grad = self.bucket.grad[self.lo:self.hi]
+
+
 class DistributedAdamW:
     """AdamW over the flat buffers; with shard=True its state is split by element range across the
     DP group (ZeRO-1, module doc). `buffers`: a FlatBuffers, or named parameters (then built here)."""
@@ -303,13 +332,31 @@ class DistributedAdamW:
             for i, (n, (s, e)) in enumerate(zip(b.names, b.offsets)):
                 if max(s, lo) < min(e, hi):
                     self.pieces.append(_Piece(n, b, i, max(s, lo) - s, min(e, hi) - s))
-        decay = [pc.data for pc in self.pieces if not no_decay(pc.name, pc.bucket.params[pc.index])]
-        skip = [pc.data for pc in self.pieces if no_decay(pc.name, pc.bucket.params[pc.index])]
-        self._groups = [g for g in ({"params": decay, "weight_decay": ocfg.weight_decay},
-                                    {"params": skip, "weight_decay": 0.0}) if g["params"]]
-        self.inner = build_adamw(self._groups, ocfg, impl) if self._groups else None
+        self.ocfg, self.impl = ocfg, impl
+        self._build(merge=True)
         self.owned_names = sorted({pc.name for pc in self.pieces})
         self.lr = ocfg.lr
+
+    def _build(self, merge: bool) -> None:
+        """The torch AdamW over `_Run`s: with merge, each run is a maximal stretch of adjacent pieces
+        of one bucket with the same weight decay (FlatBuffers puts them side by side), so the update
+        touches a few flat tensors instead of one per parameter (same elementwise update, same bits);
+        without, one run per piece."""
+        self.runs: List[_Run] = []
+        for pc in self.pieces:
+            decay = not no_decay(pc.name, pc.bucket.params[pc.index])
+            last = self.runs[-1] if self.runs else None
+            if merge and last is not None and last.decay == decay and last.extends(pc):
+                last.add(pc)
+            else:
+                self.runs.append(_Run(pc, decay))
+        for r in self.runs:
+            r.finish()
+        self.run_of = {id(pc): (r, o) for r in self.runs for pc, o in zip(r.pieces, r.starts)}
+        groups = [g for g in ({"params": [r.data for r in self.runs if r.decay], "weight_decay": self.ocfg.weight_decay},
+                              {"params": [r.data for r in self.runs if not r.decay], "weight_decay": 0.0})
+                  if g["params"]]
+        self.inner = build_adamw(groups, self.ocfg, self.impl) if groups else None
 
     @property
     def param_groups(self) -> List[dict]:
@@ -351,7 +398,15 @@ class DistributedAdamW:
                    if torch.is_tensor(v))
 
     def _piece_state(self, pc: _Piece) -> Optional[dict]:
-        return self.inner.state.get(pc.data) if self.inner is not None else None
+        """The piece's Adam state: views of its run's state tensors (the run's step)."""
+        if self.inner is None:
+            return None
+        run, o = self.run_of[id(pc)]
+        st = self.inner.state.get(run.data)
+        if not st:
+            return None
+        n = pc.b - pc.a
+        return {k: (v[o:o + n] if torch.is_tensor(v) and v.ndim else v) for k, v in st.items()}
 
     def state_by_name(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """{param name: {'exp_avg', 'exp_avg_sq', 'step'}} (full parameter shape) for the parameters
@@ -398,18 +453,27 @@ class DistributedAdamW:
         """Load Adam state from a by-name map of full-shape tensors (missing names start fresh)."""
         if self.inner is None:
             return
-        for pc in self.pieces:
-            st = states.get(pc.name)
-            if not st:
+
+        def step_of(st):
+            return float(st["step"]) if st and "step" in st else None
+
+        # a merged run has one step count: where its pieces disagree (a name missing, another step),
+        # fall back to one run per piece so that each keeps its own
+        if any(len({step_of(states.get(pc.name)) for pc in r.pieces}) > 1 for r in self.runs):
+            self._build(merge=True)
+        for r in self.runs:
+            sts = [states.get(pc.name) for pc in r.pieces]
+            if not sts[0]:
                 continue
             new = {}
-            for k, v in st.items():
+            for k, v in sts[0].items():
                 if torch.is_tensor(v) and v.ndim > 0:
-                    new[k] = v.reshape(-1)[pc.a:pc.b].to(pc.data.device, pc.data.dtype).clone()
+                    new[k] = torch.cat([st[k].reshape(-1)[pc.a:pc.b] for pc, st in zip(r.pieces, sts)]).to(
+                        r.data.device, r.data.dtype)
                 else:
                     new[k] = torch.tensor(float(v), dtype=torch.float32,
-                                          device=pc.data.device if self._fused_step_on_device() else "cpu")
-            self.inner.state[pc.data] = new
+                                          device=r.data.device if self._fused_step_on_device() else "cpu")
+            self.inner.state[r.data] = new
 
     def _fused_step_on_device(self) -> bool:
         d = self.inner.defaults

@@ -1,0 +1,32 @@
+// Row-major GEMM for the C++ layer and head calls (encoder_layer_cpu, mlm_head_cpu) through the
+// Fortran BLAS sgemm_ that torch itself calls on a CPU (MKL's in the x86 wheels): Python finds it in
+// libtorch_cpu once (xlmr_mp/kernels/cpu_blas.py) and hands it over with set_blas_sgemm, so every
+// product has torch.mm's bits and runs on torch's MKL threads. Plus the small row helpers around it.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace xlmr_mp {
+
+// Fortran BLAS sgemm_ (LP64: 32-bit integers), column-major.
+using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                         const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                         const float* beta, float* c, const int* ldc);
+void set_blas_sgemm(SgemmFn fn);
+bool have_blas_sgemm();
+// One small product through it against plain loops (false: no sgemm set, or one with another ABI).
+bool blas_sgemm_selftest();
+// Throws std::runtime_error naming `who` when no sgemm was set.
+void require_blas(const char* who);
+
+// Row-major C [M, N] = op(A) op(B) + beta C, op(A) [M, K], op(B) [K, N] (ta / tb: transposed).
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float beta, float* C, int64_t ldc);
+// Each row of C [rows, cols] set to v [cols] (what addmm's beta = 1 then adds the product to).
+void fill_rows(float* C, const float* v, int64_t rows, int64_t cols);
+// out [cols] (+)= the sum over the rows of X [rows, cols], row by row (a fixed order).
+void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool accumulate);
+// Per-thread scratch of at least n floats; `slot` keeps two users' buffers apart.
+float* scratch(std::size_t n, int slot);
+
+}  // namespace xlmr_mp

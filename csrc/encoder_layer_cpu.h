@@ -1,0 +1,42 @@
+// One post-LN encoder layer, forward and backward, as two C++ calls on a CPU (fp32, AVX2 + FMA):
+// the layer's GEMMs through the BLAS sgemm that torch itself calls (MKL's, handed over once with
+// set_blas_sgemm, blas_cpu.h), between the AVX2 kernels of attention_cpu, bias_gelu_cpu and layernorm_cpu.
+// The torch reference is the module path of xlmr_mp/model/encoder.py; the Python wrapper (the
+// autograd node) is xlmr_mp/kernels/encoder_layer_cpu.py.
+#pragma once
+#include <cstdint>
+
+#include "blas_cpu.h"    // the GEMM (set_blas_sgemm first)
+#include "cpu_kernels.h"  // cpu_kernels_supported(): the kernels below need AVX2 and FMA
+
+namespace xlmr_mp {
+
+struct LayerShape {
+  int64_t batch, seq, hidden, heads, ffn;
+};
+
+// The layer's parameters (biases required), torch's nn.Linear layout ([out, in], row-major).
+struct LayerParams {
+  const float *w_qkv, *b_qkv, *w_o, *b_o, *g1, *beta1, *w_1, *b_1, *w_2, *b_2, *g2, *beta2;
+};
+
+// Floats of the forward's saved activations (the workspace the backward reads):
+//   qkv [T, 3H] | probs [B, heads, S, S] | ctx [T, H] | y1 [T, H] | h1 [T, H] | f1 [T, F] | act [T, F]
+//   | y2 [T, H] | mean1, rstd1, mean2, rstd2 [T]        (T = B * S)
+int64_t layer_workspace_floats(const LayerShape& s);
+
+// out [T, H] = the layer applied to x [T, H]; key_bias [B, S] or null; keep_a / keep_f: the two
+// hidden-dropout multipliers [T, H] (0 or 1 / (1 - p)) or null; ws: layer_workspace_floats floats.
+void encoder_layer_forward(const LayerShape& s, const float* x, const float* key_bias, const LayerParams& p,
+                           const float* keep_a, const float* keep_f, float eps, float* ws, float* out, int threads);
+
+// Gradients of encoder_layer_forward: dx [T, H] and the parameters' gradients (written, not
+// accumulated), from grad_out [T, H], the input x and the forward's workspace.
+struct LayerGrads {
+  float *w_qkv, *b_qkv, *w_o, *b_o, *g1, *beta1, *w_1, *b_1, *w_2, *b_2, *g2, *beta2;
+};
+void encoder_layer_backward(const LayerShape& s, const float* grad_out, const float* x, const LayerParams& p,
+                            const float* keep_a, const float* keep_f, const float* ws, float* dx,
+                            const LayerGrads& g, int threads);
+
+}  // namespace xlmr_mp

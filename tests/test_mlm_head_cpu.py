@@ -1,0 +1,102 @@
+"""The masked-LM head and loss as one autograd node on a CPU (kernels/mlm_head_cpu.py,
+csrc/mlm_head_cpu.cpp) beside the module path it replaces (MLMHead.transform + the chunked
+vocab-parallel loss of parallel/vocab.py): the loss and every gradient (hidden, dense, LayerNorm,
+tied decoder and its bias), several chunks, vocabulary padding rows, eval without gradients, the
+whole model against XLMR_MP_KERNELS=reference, and the dispatch rule."""
+import pytest
+import torch
+
+from xlmr_mp.kernels import dispatch, mlm_head_cpu
+from xlmr_mp.kernels.cpu_blas import blas_sgemm
+from xlmr_mp.model.config import ModelConfig
+from xlmr_mp.model.xlmr import MLMHead
+from xlmr_mp.parallel.vocab import vocab_parallel_masked_lm_loss
+from support.model_case import loss_and_grads, padded_batch, tiny_model
+
+pytestmark = pytest.mark.skipif(dispatch._cpu_extension() is None or not blas_sgemm(),
+                                reason="xlmr_mp._C without the CPU kernels, a CPU without AVX2/FMA, or no sgemm_ "
+                                "in libtorch_cpu")
+
+
+def _case(hidden=48, vocab=203, padded=208, rows=60, masked=23, seed=0):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=1, num_heads=4, ffn_size=96,
+                      max_positions=40)
+    g = torch.Generator().manual_seed(seed)
+    head = MLMHead(cfg, padded)
+    with torch.no_grad():   # non-trivial LayerNorm affine and biases, so every gradient is tested
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 and p.numel() == hidden else 0.0))
+    weight = (torch.randn(padded, hidden, generator=g) * 0.2).requires_grad_(True)
+    hidden_states = torch.randn(rows, hidden, generator=g).requires_grad_(True)
+    sel = torch.randperm(rows, generator=g)[:masked].sort().values
+    target = torch.randint(0, vocab, (masked,), generator=g)
+    target[0] = vocab - 1                                   # the last real row
+    return head, weight, hidden_states, sel, target
+
+
+def _grads(head, weight, hidden_states, fn):
+    for t in (*head.parameters(), weight, hidden_states):
+        t.grad = None
+    loss = fn()
+    (loss * 0.37).backward()                                # a non-trivial upstream gradient
+    return loss.detach(), {"hidden": hidden_states.grad, "decoder": weight.grad,
+                           **{n: p.grad for n, p in head.named_parameters()}}
+
+
+@pytest.mark.parametrize("chunk_rows", [1000, 7], ids=["one_chunk", "chunks_of_7"])
+def test_node_equals_the_module_path_in_loss_and_every_gradient(chunk_rows):
+    head, weight, hs, sel, target = _case()
+    assert mlm_head_cpu.applies(head, hs, weight)
+    n_real = head.vocab_size
+    node = _grads(head, weight, hs, lambda: mlm_head_cpu.masked_loss_sum(head, hs, sel, target, weight, n_real,
+                                                                           chunk_rows))
+    ref = _grads(head, weight, hs, lambda: vocab_parallel_masked_lm_loss(
+        head.transform(hs.index_select(0, sel)), weight, head.bias, target, None, 0, n_real, chunk_rows=chunk_rows))
+    torch.testing.assert_close(node[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert node[1].keys() == ref[1].keys() and len(node[1]) == 7
+    for name in node[1]:
+        torch.testing.assert_close(node[1][name], ref[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    # padding rows of the decoder are never predicted: no gradient there; unselected rows get none
+    assert node[1]["decoder"][n_real:].abs().max() == 0 and node[1]["bias"][n_real:].abs().max() == 0
+    unselected = torch.ones(hs.shape[0], dtype=torch.bool)
+    unselected[sel] = False
+    assert node[1]["hidden"][unselected].abs().max() == 0 and node[1]["hidden"][sel].abs().max() > 0
+
+
+def test_no_gradient_call_gives_the_same_loss():
+    head, weight, hs, sel, target = _case(seed=3)
+    with torch.no_grad():
+        a = mlm_head_cpu.masked_loss_sum(head, hs, sel, target, weight, head.vocab_size, 1000)
+        b = vocab_parallel_masked_lm_loss(head.transform(hs.index_select(0, sel)), weight, head.bias, target, None,
+                                          0, head.vocab_size)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_through_the_node_equals_the_reference(monkeypatch):
+    model, batch = tiny_model(dropout=0.1), padded_batch()
+    calls = []
+    orig = mlm_head_cpu._MaskedHeadLoss.forward
+
+    def counted(ctx, *a):
+        calls.append(1)
+        return orig(ctx, *a)
+
+    monkeypatch.setattr(mlm_head_cpu._MaskedHeadLoss, "forward", staticmethod(counted))
+    fused = loss_and_grads(model, batch, monkeypatch, "auto")
+    assert len(calls) == 1
+    ref = loss_and_grads(model, batch, monkeypatch, "reference")
+    assert len(calls) == 1                                   # the reference never enters the node
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-6)
+    for name in ref[1]:
+        torch.testing.assert_close(fused[1][name], ref[1][name], rtol=1e-4, atol=2e-6, msg=name)
+
+
+def test_dispatch_rule(monkeypatch):
+    head, weight, hs, _, _ = _case()
+    assert mlm_head_cpu.applies(head, hs, weight)
+    assert not mlm_head_cpu.applies(head, hs.double(), weight)
+    assert not mlm_head_cpu.applies(head, hs, weight.t())                      # not contiguous
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not mlm_head_cpu.applies(head, hs, weight)
+    monkeypatch.setenv("XLMR_MP_KERNELS", "reference")
+    assert not mlm_head_cpu.applies(head, hs, weight)
