@@ -11,14 +11,14 @@
 
 #include "attention_cpu.h"
 #include "bias_gelu_cpu.h"
-#include "encoder_layer_cpu.h"
 #include "blend_index.h"
 #include "layernorm_cpu.h"
-#include "mlm_head_cpu.h"
 #include "xent_cpu.h"
 
 namespace py = pybind11;
 using namespace xlmr_mp;
+
+void bind_cpu_fast_path(py::module_& m);  // bindings_fast_path.cpp
 
 namespace {
 
@@ -361,67 +361,6 @@ void py_bdaln_backward(FArr grad, FArr y, py::object keep, FArr weight, FArr mea
                                       dr, dxp, dw, dlb, dbp, threads);
 }
 
-// The encoder layer's entry points take raw addresses (uintptr_t) of float32 C-contiguous tensors
-// that xlmr_mp/kernels/encoder_layer_cpu.py allocated or checked (0: an absent optional one): a
-// layer call passes about 20 of them, and a numpy view costs ~2 us each where an int costs ~0.1 us.
-using Addr = std::uintptr_t;
-template <typename T>
-T* at(Addr a) { return reinterpret_cast<T*>(a); }
-
-LayerShape layer_shape(const std::array<int64_t, 5>& d) {
-  require_cpu_kernels("encoder_layer");
-  for (int64_t v : d)
-    if (v < 1) throw std::invalid_argument("encoder_layer: shape (B, S, H, heads, F) must be positive");
-  return LayerShape{d[0], d[1], d[2], d[3], d[4]};
-}
-
-LayerParams layer_params(const std::array<Addr, 12>& a) {
-  for (Addr v : a)
-    if (!v) throw std::invalid_argument("encoder_layer: a parameter address is 0 (every weight and bias is needed)");
-  return LayerParams{at<const float>(a[0]), at<const float>(a[1]), at<const float>(a[2]), at<const float>(a[3]),
-                     at<const float>(a[4]), at<const float>(a[5]), at<const float>(a[6]), at<const float>(a[7]),
-                     at<const float>(a[8]), at<const float>(a[9]), at<const float>(a[10]), at<const float>(a[11])};
-}
-
-void py_layer_forward(const std::array<int64_t, 5>& shape, Addr x, Addr key_bias, const std::array<Addr, 12>& params,
-                      Addr keep_a, Addr keep_f, double eps, Addr ws, Addr out, int threads) {
-  const LayerShape s = layer_shape(shape);
-  const LayerParams p = layer_params(params);
-  py::gil_scoped_release nogil;
-  encoder_layer_forward(s, at<const float>(x), at<const float>(key_bias), p, at<const float>(keep_a),
-                        at<const float>(keep_f), static_cast<float>(eps), at<float>(ws), at<float>(out), threads);
-}
-
-void py_layer_backward(const std::array<int64_t, 5>& shape, Addr grad_out, Addr x, const std::array<Addr, 12>& params,
-                       Addr keep_a, Addr keep_f, Addr ws, Addr dx, const std::array<Addr, 12>& grads, int threads) {
-  const LayerShape s = layer_shape(shape);
-  const LayerParams p = layer_params(params);
-  const LayerParams gp = layer_params(grads);  // the same twelve, to be written
-  const LayerGrads g{const_cast<float*>(gp.w_qkv), const_cast<float*>(gp.b_qkv), const_cast<float*>(gp.w_o),
-                     const_cast<float*>(gp.b_o), const_cast<float*>(gp.g1), const_cast<float*>(gp.beta1),
-                     const_cast<float*>(gp.w_1), const_cast<float*>(gp.b_1), const_cast<float*>(gp.w_2),
-                     const_cast<float*>(gp.b_2), const_cast<float*>(gp.g2), const_cast<float*>(gp.beta2)};
-  py::gil_scoped_release nogil;
-  encoder_layer_backward(s, at<const float>(grad_out), at<const float>(x), p, at<const float>(keep_a),
-                         at<const float>(keep_f), at<const float>(ws), at<float>(dx), g, threads);
-}
-
-double py_mlm_head_loss(const std::array<int64_t, 4>& shape, Addr h, Addr target, const std::array<Addr, 6>& params,
-                        double eps, const std::array<Addr, 7>& grads, int threads) {
-  require_cpu_kernels("mlm_head_loss");
-  for (int64_t v : shape)
-    if (v < 1) throw std::invalid_argument("mlm_head_loss: shape (M, H, V, chunk) must be positive");
-  for (int i = 0; i < 5; ++i)
-    if (!params[i]) throw std::invalid_argument("mlm_head_loss: a parameter address is 0 (only the decoder bias may be)");
-  const HeadShape s{shape[0], shape[1], shape[2], shape[3]};
-  const HeadParams p{at<const float>(params[0]), at<const float>(params[1]), at<const float>(params[2]),
-                     at<const float>(params[3]), at<const float>(params[4]), at<const float>(params[5])};
-  const HeadGrads g{at<float>(grads[0]), at<float>(grads[1]), at<float>(grads[2]), at<float>(grads[3]),
-                    at<float>(grads[4]), at<float>(grads[5]), at<float>(grads[6])};
-  py::gil_scoped_release nogil;
-  return mlm_head_loss(s, at<const float>(h), at<const int64_t>(target), p, static_cast<float>(eps), g, threads);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -488,25 +427,5 @@ PYBIND11_MODULE(_C, m) {
         "dresidual, dx (= dresidual * keep, or a copy of dresidual without keep; None: not written), dweight, dln_bias and dbias (None: not wanted) "
         "of the forward above.");
 
-  m.def("set_blas_sgemm", [](Addr fn) { set_blas_sgemm(reinterpret_cast<SgemmFn>(fn)); }, py::arg("address"),
-        "The encoder layer's GEMM: the address of the Fortran BLAS sgemm_ (LP64) torch itself calls.");
-  m.def("have_blas_sgemm", &have_blas_sgemm, "Whether set_blas_sgemm was called with a function.");
-  m.def("blas_sgemm_selftest", &blas_sgemm_selftest,
-        "One small product through the sgemm set against plain loops (False: none set, or another ABI).");
-  m.def("layer_workspace_floats", [](const std::array<int64_t, 5>& d) {
-          return layer_workspace_floats(LayerShape{d[0], d[1], d[2], d[3], d[4]}); }, py::arg("shape"),
-        "Floats of encoder_layer_forward's saved activations for shape (B, S, H, heads, F).");
-  m.def("encoder_layer_forward", &py_layer_forward, py::arg("shape"), py::arg("x"), py::arg("key_bias"),
-        py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("eps"), py::arg("ws"), py::arg("out"),
-        py::arg("threads") = 1,
-        "Internal (addresses of float32 C-contiguous tensors): the post-LN encoder layer's forward, out [B*S, H] "
-        "from x, workspace ws (layer_workspace_floats) for the backward. See csrc/encoder_layer_cpu.h.");
-  m.def("encoder_layer_backward", &py_layer_backward, py::arg("shape"), py::arg("grad_out"), py::arg("x"),
-        py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("ws"), py::arg("dx"), py::arg("grads"),
-        py::arg("threads") = 1,
-        "Internal (addresses): dx and the twelve parameter gradients (written) of encoder_layer_forward.");
-  m.def("mlm_head_loss", &py_mlm_head_loss, py::arg("shape"), py::arg("h"), py::arg("target"), py::arg("params"),
-        py::arg("eps"), py::arg("grads"), py::arg("threads") = 1,
-        "Internal (addresses): the masked-LM head and cross-entropy sum over h [M, H], with the gradients for an "
-        "upstream 1 (decoder ones added to) unless grads are all 0. See csrc/mlm_head_cpu.h.");
+  bind_cpu_fast_path(m);  // bindings_fast_path.cpp
 }

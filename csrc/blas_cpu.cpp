@@ -60,8 +60,9 @@ void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool acc
 }
 
 float* scratch(std::size_t n, int slot) {
-  thread_local std::vector<float> buf[2];
-  std::vector<float>& b = buf[slot & 1];
+  thread_local std::vector<float> buf[kScratchSlots];
+  if (slot < 0 || slot >= kScratchSlots) throw std::invalid_argument("scratch: no slot " + std::to_string(slot));
+  std::vector<float>& b = buf[slot];
   if (b.size() < n) b.resize(n);
   return b.data();
 }

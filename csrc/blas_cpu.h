@@ -26,7 +26,9 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int
 void fill_rows(float* C, const float* v, int64_t rows, int64_t cols);
 // out [cols] (+)= the sum over the rows of X [rows, cols], row by row (a fixed order).
 void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool accumulate);
-// Per-thread scratch of at least n floats; `slot` keeps two users' buffers apart.
+// Per-thread scratch of at least n floats, kept for the thread's life (no allocation, no page
+// faults once grown); `slot` keeps the users apart: 0 the encoder layer, 1 the head, 2 the embeddings.
+constexpr int kScratchSlots = 3;
 float* scratch(std::size_t n, int slot);
 
 }  // namespace xlmr_mp

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from xlmr_mp.ids import IGNORE_INDEX
-from xlmr_mp.kernels import mlm_head_cpu, ops
+from xlmr_mp.kernels import embeddings_cpu, mlm_head_cpu, ops
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.encoder import EncoderLayer, attention_bias
 from xlmr_mp.model.sharding import partition_dim, shard_tensor
@@ -79,11 +79,13 @@ class Embeddings(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"the first stage takes input_ids [B, S] int64, got {input_ids.dtype} "
                             f"{tuple(input_ids.shape)}")
-        pos = position_ids(input_ids, self.pad_id)
         if input_ids.shape[1] + self.pad_id >= self.max_positions:
             raise ValueError(f"sequence length {input_ids.shape[1]} needs {input_ids.shape[1] + self.pad_id + 1} "
                              f"position rows but model.max_positions={self.max_positions}; shorten "
                              f"data.seq_length or raise model.max_positions")
+        if embeddings_cpu.applies(self, input_ids):      # fp32 CPU at TP = 1: one autograd node
+            return embeddings_cpu.embeddings_forward(self, input_ids)
+        pos = position_ids(input_ids, self.pad_id)
         if self.sequence_parallel:
             if input_ids.shape[1] % self.tp_size:
                 raise ValueError(f"sequence parallelism needs the sequence length ({input_ids.shape[1]}) divisible "

@@ -1,0 +1,149 @@
+// The address-based entry points of xlmr_mp._C (bound from bindings.cpp's module): the encoder
+// layer, the input embeddings and the masked-LM head as single C++ calls, and the BLAS they use.
+// They take raw addresses (uintptr_t) of float32 / int64 C-contiguous tensors that the Python
+// wrappers (xlmr_mp/kernels/{encoder_layer,embeddings,mlm_head}_cpu.py) allocated or checked, 0 for
+// an absent optional one: a call passes about 20 of them, and a numpy view costs ~2 us each where
+// an int costs ~0.1 us.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "blas_cpu.h"
+#include "embeddings_cpu.h"
+#include "encoder_layer_cpu.h"
+#include "mlm_head_cpu.h"
+
+namespace py = pybind11;
+using namespace xlmr_mp;
+
+namespace {
+
+void require_cpu_kernels(const char* who) {
+  if (!cpu_kernels_supported()) throw std::runtime_error(std::string(who) + ": this CPU has no AVX2/FMA");
+}
+
+using Addr = std::uintptr_t;
+template <typename T>
+T* at(Addr a) { return reinterpret_cast<T*>(a); }
+
+LayerShape layer_shape(const std::array<int64_t, 5>& d) {
+  require_cpu_kernels("encoder_layer");
+  for (int64_t v : d)
+    if (v < 1) throw std::invalid_argument("encoder_layer: shape (B, S, H, heads, F) must be positive");
+  return LayerShape{d[0], d[1], d[2], d[3], d[4]};
+}
+
+LayerParams layer_params(const std::array<Addr, 12>& a) {
+  for (Addr v : a)
+    if (!v) throw std::invalid_argument("encoder_layer: a parameter address is 0 (every weight and bias is needed)");
+  return LayerParams{at<const float>(a[0]), at<const float>(a[1]), at<const float>(a[2]), at<const float>(a[3]),
+                     at<const float>(a[4]), at<const float>(a[5]), at<const float>(a[6]), at<const float>(a[7]),
+                     at<const float>(a[8]), at<const float>(a[9]), at<const float>(a[10]), at<const float>(a[11])};
+}
+
+void py_layer_forward(const std::array<int64_t, 5>& shape, Addr x, Addr key_bias, const std::array<Addr, 12>& params,
+                      Addr keep_a, Addr keep_f, double eps, Addr ws, Addr out, int threads) {
+  const LayerShape s = layer_shape(shape);
+  const LayerParams p = layer_params(params);
+  py::gil_scoped_release nogil;
+  encoder_layer_forward(s, at<const float>(x), at<const float>(key_bias), p, at<const float>(keep_a),
+                        at<const float>(keep_f), static_cast<float>(eps), at<float>(ws), at<float>(out), threads);
+}
+
+void py_layer_backward(const std::array<int64_t, 5>& shape, Addr grad_out, Addr x, const std::array<Addr, 12>& params,
+                       Addr keep_a, Addr keep_f, Addr ws, Addr dx, const std::array<Addr, 12>& grads, int threads) {
+  const LayerShape s = layer_shape(shape);
+  const LayerParams p = layer_params(params);
+  const LayerParams gp = layer_params(grads);  // the same twelve, to be written
+  const LayerGrads g{const_cast<float*>(gp.w_qkv), const_cast<float*>(gp.b_qkv), const_cast<float*>(gp.w_o),
+                     const_cast<float*>(gp.b_o), const_cast<float*>(gp.g1), const_cast<float*>(gp.beta1),
+                     const_cast<float*>(gp.w_1), const_cast<float*>(gp.b_1), const_cast<float*>(gp.w_2),
+                     const_cast<float*>(gp.b_2), const_cast<float*>(gp.g2), const_cast<float*>(gp.beta2)};
+  py::gil_scoped_release nogil;
+  encoder_layer_backward(s, at<const float>(grad_out), at<const float>(x), p, at<const float>(keep_a),
+                         at<const float>(keep_f), at<const float>(ws), at<float>(dx), g, threads);
+}
+
+double py_mlm_head_loss(const std::array<int64_t, 4>& shape, Addr h, Addr target, const std::array<Addr, 6>& params,
+                        double eps, const std::array<Addr, 7>& grads, int threads) {
+  require_cpu_kernels("mlm_head_loss");
+  for (int64_t v : shape)
+    if (v < 1) throw std::invalid_argument("mlm_head_loss: shape (M, H, V, chunk) must be positive");
+  for (int i = 0; i < 5; ++i)
+    if (!params[i]) throw std::invalid_argument("mlm_head_loss: a parameter address is 0 (only the decoder bias may be)");
+  const HeadShape s{shape[0], shape[1], shape[2], shape[3]};
+  const HeadParams p{at<const float>(params[0]), at<const float>(params[1]), at<const float>(params[2]),
+                     at<const float>(params[3]), at<const float>(params[4]), at<const float>(params[5])};
+  const HeadGrads g{at<float>(grads[0]), at<float>(grads[1]), at<float>(grads[2]), at<float>(grads[3]),
+                    at<float>(grads[4]), at<float>(grads[5]), at<float>(grads[6])};
+  py::gil_scoped_release nogil;
+  return mlm_head_loss(s, at<const float>(h), at<const int64_t>(target), p, static_cast<float>(eps), g, threads);
+}
+
+EmbeddingShape embedding_shape(const std::array<int64_t, 6>& d) {
+  require_cpu_kernels("embeddings");
+  for (int i = 0; i < 5; ++i)
+    if (d[i] < 1) throw std::invalid_argument("embeddings: shape (B, S, H, vocab, positions, pad) must be positive");
+  return EmbeddingShape{d[0], d[1], d[2], d[3], d[4], d[5]};
+}
+
+void py_embeddings_forward(const std::array<int64_t, 6>& shape, Addr ids, const std::array<Addr, 5>& params,
+                           Addr keep, double eps, const std::array<Addr, 5>& outputs, int threads) {
+  const EmbeddingShape s = embedding_shape(shape);
+  for (Addr a : params)
+    if (!a) throw std::invalid_argument("embeddings_forward: a parameter address is 0");
+  py::gil_scoped_release nogil;
+  embeddings_forward(s, at<const int64_t>(ids), at<const float>(params[0]), at<const float>(params[1]),
+                     at<const float>(params[2]), at<const float>(params[3]), at<const float>(params[4]),
+                     at<const float>(keep), static_cast<float>(eps), at<int64_t>(outputs[0]), at<float>(outputs[1]),
+                     at<float>(outputs[2]), at<float>(outputs[3]), at<float>(outputs[4]), threads);
+}
+
+void py_embeddings_backward(const std::array<int64_t, 6>& shape, Addr grad, Addr ids, Addr pos, Addr keep,
+                            Addr ln_weight, const std::array<Addr, 3>& saved, const std::array<Addr, 4>& grads,
+                            int threads) {
+  const EmbeddingShape s = embedding_shape(shape);
+  py::gil_scoped_release nogil;
+  embeddings_backward(s, at<const float>(grad), at<const int64_t>(ids), at<const int64_t>(pos), at<const float>(keep),
+                      at<const float>(ln_weight), at<const float>(saved[0]), at<const float>(saved[1]),
+                      at<const float>(saved[2]), at<float>(grads[0]), at<float>(grads[1]), at<float>(grads[2]),
+                      at<float>(grads[3]), threads);
+}
+
+}  // namespace
+
+void bind_cpu_fast_path(py::module_& m) {
+  m.def("set_blas_sgemm", [](Addr fn) { set_blas_sgemm(reinterpret_cast<SgemmFn>(fn)); }, py::arg("address"),
+        "The encoder layer's GEMM: the address of the Fortran BLAS sgemm_ (LP64) torch itself calls.");
+  m.def("have_blas_sgemm", &have_blas_sgemm, "Whether set_blas_sgemm was called with a function.");
+  m.def("blas_sgemm_selftest", &blas_sgemm_selftest,
+        "One small product through the sgemm set against plain loops (False: none set, or another ABI).");
+  m.def("layer_workspace_floats", [](const std::array<int64_t, 5>& d) {
+          return layer_workspace_floats(LayerShape{d[0], d[1], d[2], d[3], d[4]}); }, py::arg("shape"),
+        "Floats of encoder_layer_forward's saved activations for shape (B, S, H, heads, F).");
+  m.def("encoder_layer_forward", &py_layer_forward, py::arg("shape"), py::arg("x"), py::arg("key_bias"),
+        py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("eps"), py::arg("ws"), py::arg("out"),
+        py::arg("threads") = 1,
+        "Internal (addresses of float32 C-contiguous tensors): the post-LN encoder layer's forward, out [B*S, H] "
+        "from x, workspace ws (layer_workspace_floats) for the backward. See csrc/encoder_layer_cpu.h.");
+  m.def("encoder_layer_backward", &py_layer_backward, py::arg("shape"), py::arg("grad_out"), py::arg("x"),
+        py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("ws"), py::arg("dx"), py::arg("grads"),
+        py::arg("threads") = 1,
+        "Internal (addresses): dx and the twelve parameter gradients (written) of encoder_layer_forward.");
+  m.def("embeddings_forward", &py_embeddings_forward, py::arg("shape"), py::arg("ids"), py::arg("params"),
+        py::arg("keep"), py::arg("eps"), py::arg("outputs"), py::arg("threads") = 1,
+        "Internal (addresses): keep * LayerNorm(word[ids] + token_type + position[pos(ids)]); outputs (pos, y, out, "
+        "mean, rstd). See csrc/embeddings_cpu.h.");
+  m.def("embeddings_backward", &py_embeddings_backward, py::arg("shape"), py::arg("grad"), py::arg("ids"),
+        py::arg("pos"), py::arg("keep"), py::arg("ln_weight"), py::arg("saved"), py::arg("grads"),
+        py::arg("threads") = 1,
+        "Internal (addresses): the word and position gradients (added to) and the LayerNorm's (written).");
+  m.def("mlm_head_loss", &py_mlm_head_loss, py::arg("shape"), py::arg("h"), py::arg("target"), py::arg("params"),
+        py::arg("eps"), py::arg("grads"), py::arg("threads") = 1,
+        "Internal (addresses): the masked-LM head and cross-entropy sum over h [M, H], with the gradients for an "
+        "upstream 1 (decoder ones added to) unless grads are all 0. See csrc/mlm_head_cpu.h.");
+}
