@@ -54,8 +54,10 @@ def _env():
 
 
 def _rows(run_dir):
+    """The complete rows of metrics.jsonl: a line without its newline is still being written (the
+    poll in _kill_at reads while the trainer appends) or was cut by a SIGKILL."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 def _losses(run_dir):

@@ -108,7 +108,8 @@ def _losses(run_dir):
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [(r["step"], r["loss"]) for r in (json.loads(line) for line in f if line.strip())]
+        # complete lines only: the polls below read while the job appends
+        return [(r["step"], r["loss"]) for r in (json.loads(line) for line in f if line.endswith("\n") and line.strip())]
 
 
 @pytest.fixture(scope="module")

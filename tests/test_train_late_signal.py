@@ -34,7 +34,8 @@ def test_signal_after_the_last_step_exits_0(data_dir, tmp_path, sig):
     try:
         deadline = time.monotonic() + 300
         while p.poll() is None and time.monotonic() < deadline:
-            if os.path.exists(metrics) and any(json.loads(l)["step"] == STEPS for l in open(metrics) if l.strip()):
+            if os.path.exists(metrics) and any(json.loads(l)["step"] == STEPS for l in open(metrics)
+                                                if l.endswith("\n") and l.strip()):   # (a line being written: skip)
                 break
             time.sleep(0.005)
         while p.poll() is None and time.monotonic() < deadline:

@@ -3,8 +3,13 @@
 ops.py       bias_gelu, bias_dropout_add_layernorm, scaled_masked_softmax (+ *_ref, backward refs)
 attention_cpu.py  fused CPU self-attention (csrc/attention_cpu.cpp) beside SDPA, at short sequences
 bias_gelu_cpu.py  fused CPU bias + exact GELU (csrc/bias_gelu_cpu.cpp) beside ops.bias_gelu_ref
-encoder_layer_cpu.py  a whole post-LN layer as one autograd node on a CPU at TP = 1 (the kernels above,
-             csrc/layernorm_cpu.cpp's bias-dropout-add-LayerNorm, MKL GEMMs) beside the module path
+encoder_layer_cpu.py  a whole post-LN layer as one autograd node on a CPU at TP = 1: one C++ call each
+             way (csrc/encoder_layer_cpu.cpp: the kernels above, csrc/layernorm_cpu.cpp's
+             bias-dropout-add-LayerNorm, torch's own sgemm) beside the module path
+embeddings_cpu.py  the input embeddings (positions, gathers, LayerNorm) as one node, beside the module
+mlm_head_cpu.py  the masked-LM head + chunked loss over the masked rows as one node, beside the module
+             path (MLMHead.transform + parallel/vocab.py's chunked loss)
+cpu_blas.py  finds torch's sgemm_ (MKL in the x86 wheels) for those C++ calls, checked on a small product
 mlm_xent.py  masked-LM cross-entropy on a vocabulary shard (plain, chunked, fused; TP combine)
 dispatch.py  XLMR_MP_KERNELS=auto|fused|reference and the measured FASTER_ON table
 fused.py     autograd.Functions over the CUDA extension xlmr_mp._cuda (csrc/cuda)

@@ -460,7 +460,7 @@ class DistributedAdamW:
         # a merged run has one step count: where its pieces disagree (a name missing, another step),
         # fall back to one run per piece so that each keeps its own
         if any(len({step_of(states.get(pc.name)) for pc in r.pieces}) > 1 for r in self.runs):
-            self._build(merge=True)
+            self._build(merge=False)
         for r in self.runs:
             sts = [states.get(pc.name) for pc in r.pieces]
             if not sts[0]:
