@@ -59,12 +59,17 @@ void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool acc
     for (int64_t c = 0; c < cols; ++c) out[c] += X[r * cols + c];
 }
 
-float* scratch(std::size_t n, int slot) {
-  thread_local std::vector<float> buf[kScratchSlots];
-  if (slot < 0 || slot >= kScratchSlots) throw std::invalid_argument("scratch: no slot " + std::to_string(slot));
-  std::vector<float>& b = buf[slot];
+Scratch::Scratch(std::size_t n, int slot) {
+  thread_local std::vector<float> kept[kScratchSlots];
+  if (slot < 0 || slot >= kScratchSlots) throw std::invalid_argument("Scratch: no slot " + std::to_string(slot));
+  if (n > kScratchKeepFloats) {
+    own_.reset(new float[n]);
+    p_ = own_.get();
+    return;
+  }
+  std::vector<float>& b = kept[slot];
   if (b.size() < n) b.resize(n);
-  return b.data();
+  p_ = b.data();
 }
 
 }  // namespace xlmr_mp

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 namespace xlmr_mp {
 
@@ -26,9 +27,21 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int
 void fill_rows(float* C, const float* v, int64_t rows, int64_t cols);
 // out [cols] (+)= the sum over the rows of X [rows, cols], row by row (a fixed order).
 void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool accumulate);
-// Per-thread scratch of at least n floats, kept for the thread's life (no allocation, no page
-// faults once grown); `slot` keeps the users apart: 0 the encoder layer, 1 the head, 2 the embeddings.
+// Temporary floats for one call: up to kScratchKeepFloats from a per-thread buffer kept for the
+// thread's life (no allocation and no fresh pages, so no page faults, once grown: ~1000 faults a
+// step at the tiny preset with a buffer per call); a larger request gets its own buffer, freed at
+// the end of the call (a [rows, 250k] logits chunk is not worth holding between steps). `slot`
+// keeps users apart: 0 the encoder layer, 1 the head, 2 the embeddings.
 constexpr int kScratchSlots = 3;
-float* scratch(std::size_t n, int slot);
+constexpr std::size_t kScratchKeepFloats = std::size_t(1) << 22;  // 16 MiB
+class Scratch {
+ public:
+  Scratch(std::size_t n, int slot);
+  float* data() const { return p_; }
+
+ private:
+  std::unique_ptr<float[]> own_;  // not zero-filled
+  float* p_;
+};
 
 }  // namespace xlmr_mp

@@ -30,7 +30,8 @@ void embeddings_forward(const EmbeddingShape& s, const int64_t* ids, const float
     }
   }
   // residual = word[id] + token_type (the module's first add); x = position[pos]; LN(residual + x)
-  float* res = scratch(static_cast<std::size_t>(2 * T * H), 2);
+  Scratch res_buf(static_cast<std::size_t>(2 * T * H), 2);
+  float* res = res_buf.data();
   float* x = res + T * H;
   for (int64_t t = 0; t < T; ++t) {
     const float* w = word + ids[t] * H;
@@ -51,7 +52,8 @@ void embeddings_backward(const EmbeddingShape& s, const float* grad, const int64
                          const float* rstd, float* dword, float* dposition, float* dln_weight, float* dln_bias,
                          int threads) {
   const int64_t T = s.batch * s.seq, H = s.hidden;
-  float* dy = scratch(static_cast<std::size_t>((keep ? 2 : 1) * T * H), 2);
+  Scratch dy_buf(static_cast<std::size_t>((keep ? 2 : 1) * T * H), 2);
+  float* dy = dy_buf.data();
   const float* g = grad;
   if (keep) {
     float* gk = dy + T * H;

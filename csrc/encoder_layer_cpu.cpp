@@ -69,7 +69,8 @@ void encoder_layer_forward(const LayerShape& s, const float* x, const float* key
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const AttentionShape as{s.batch, s.seq, s.heads, D};
   Workspace w = carve(s, ws);
-  float* branch = scratch(static_cast<size_t>(T * H), 0);
+  Scratch branch_buf(static_cast<size_t>(T * H), 0);
+  float* branch = branch_buf.data();
   fill_rows(w.qkv, p.b_qkv, T, 3 * H);
   gemm(false, true, T, 3 * H, H, x, H, p.w_qkv, H, 1.0f, w.qkv, 3 * H);
   attention_forward(as, w.qkv, key_bias, scale, w.ctx, w.probs, threads);
@@ -92,7 +93,8 @@ void encoder_layer_backward(const LayerShape& s, const float* grad_out, const fl
   const AttentionShape as{s.batch, s.seq, s.heads, D};
   const Workspace w = carve(s, ws);
   // scratch: d branch [T, H] | d h1 [T, H] | d act [T, F] | d f1 [T, F] | d ctx [T, H] | d qkv [T, 3H]
-  float* dbr = scratch(static_cast<size_t>(T * (6 * H + 2 * F)), 0);
+  Scratch dbr_buf(static_cast<size_t>(T * (6 * H + 2 * F)), 0);
+  float* dbr = dbr_buf.data();
   float* dh1 = dbr + T * H;
   float* dact = dh1 + T * H;
   float* df1 = dact + T * F;

@@ -21,7 +21,8 @@ double mlm_head_loss(const HeadShape& s, const float* h, const int64_t* target, 
   const int64_t M = s.rows, H = s.hidden, V = s.vocab, C = std::max<int64_t>(1, std::min(s.chunk, M));
   const bool grads = g.h != nullptr;
   // scratch: d | a | y | z | zeros | dz | da | dd  [M, H] each, mean | rstd [M], logits [C, V], loss rows [C]
-  float* d = scratch(static_cast<std::size_t>(8 * M * H + 2 * M + C * V + C), 1);
+  Scratch d_buf(static_cast<std::size_t>(8 * M * H + 2 * M + C * V + C), 1);
+  float* d = d_buf.data();
   float *a = d + M * H, *y = a + M * H, *z = y + M * H, *zeros = z + M * H, *dz = zeros + M * H;
   float *da = dz + M * H, *dd = da + M * H, *mean = dd + M * H, *rstd = mean + M, *logits = rstd + M;
   float* loss_rows = logits + C * V;

@@ -100,3 +100,17 @@ def test_dispatch_rule(monkeypatch):
         assert not mlm_head_cpu.applies(head, hs, weight)
     monkeypatch.setenv("XLMR_MP_KERNELS", "reference")
     assert not mlm_head_cpu.applies(head, hs, weight)
+
+
+def test_a_chunk_above_the_kept_scratch_gets_its_own_buffer():
+    """[masked, V] logits over csrc/blas_cpu.h's kScratchKeepFloats (4M floats) come from a buffer of
+    the call's own, not the per-thread one kept between steps; the results are the same."""
+    head, weight, hs, sel, target = _case(hidden=16, vocab=45003, padded=45008, rows=120, masked=100, seed=4)
+    assert sel.numel() * head.vocab_size > 1 << 22
+    node = _grads(head, weight, hs, lambda: mlm_head_cpu.masked_loss_sum(head, hs, sel, target, weight,
+                                                                           head.vocab_size, 1000))
+    ref = _grads(head, weight, hs, lambda: vocab_parallel_masked_lm_loss(
+        head.transform(hs.index_select(0, sel)), weight, head.bias, target, None, 0, head.vocab_size))
+    torch.testing.assert_close(node[0], ref[0], rtol=1e-5, atol=1e-4)
+    for name in node[1]:
+        torch.testing.assert_close(node[1][name], ref[1][name], rtol=1e-4, atol=1e-6, msg=name)
