@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 8 bench/train_step.py --preset large --micro-batch 16 --precision bf16 --tp 2
     python bench/train_step.py ... --out bench/results/train_step_cpu.txt                # append the result
     python bench/train_step.py --preset tiny --micro-batch 8 --accum 2 --paired 10         # + the paired ratio
+    python bench/train_step.py --preset tiny --micro-batch 8 --accum 2 --paired 150 --paired-block 1   # single steps
 
 The step is the real trainer step (xlmr_mp.train.Trainer.train_step: micro-batches, DP all-reduce,
 clipping, AdamW, loss scaler) on random masked-LM batches (no data on disk needed). FLOPs are model
@@ -125,12 +126,15 @@ def measure_ours(a, world: int) -> dict:
 def alternating_blocks(steps: dict, rounds: int, block: int = 5, sync=None, on_progress=None) -> dict:
     """Seconds per step of each callable in `steps` ({name: step}), timed in `rounds` rounds that run
     every step in turn for one untimed step (settling after the switch) and `block` timed ones, so
-    machine drift cancels pair by pair: {name: [seconds per step, one per round]}. `sync` (e.g.
+    machine drift cancels pair by pair: {name: [seconds per step, one per round]}. block=1 times
+    single steps in strict alternation, with no settling step: the finest pairing (on a noisy shared
+    machine the tightest spread), each step timed right after the other's. `sync` (e.g.
     torch.cuda.synchronize) runs before each clock read."""
     times = {k: [] for k in steps}
     for r in range(rounds):
         for k, step in steps.items():
-            step()
+            if block > 1:
+                step()
             if sync:
                 sync()
             t0 = time.perf_counter()
@@ -181,9 +185,11 @@ def paired_peer(tr, a, cfg, device, rounds: int) -> str:
     import gc
     import statistics
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    times = alternating_blocks({"ours": tr.train_step, "peer": peer_step(a, cfg, device)}, rounds, sync=sync)
+    times = alternating_blocks({"ours": tr.train_step, "peer": peer_step(a, cfg, device)}, rounds,
+                               block=a.paired_block, sync=sync)
     gc.collect()                                          # the peer's model is garbage now: free it
-    return (f"paired ours/peer ({rounds} alternating blocks of 5 steps, one process): ours "
+    what = "single steps alternated" if a.paired_block == 1 else f"alternating blocks of {a.paired_block} steps"
+    return (f"paired ours/peer ({rounds} {what}, one process): ours "
             f"{statistics.median(times['ours']) * 1e3:.1f} ms/step, peer {statistics.median(times['peer']) * 1e3:.1f} "
             f"ms/step, ratio {_paired_summary(times, 'peer', 'ours')}")
 
@@ -318,10 +324,15 @@ def main():
     ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                     help="one process only: also time our step and the peer's in ROUNDS alternating blocks of 5 "
                     "steps and print the paired ratio (robust to machine drift between the two phases)")
+    ap.add_argument("--paired-block", type=int, default=5, metavar="K",
+                    help="timed steps per block of --paired (default 5, after one settling step); 1: single "
+                    "steps in strict alternation, the finest pairing")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default="", help="append the result to this file")
     a = ap.parse_args()
+    if a.paired_block < 1:
+        ap.error(f"--paired-block {a.paired_block}: give at least 1 timed step per block")
     if "RANK" in os.environ:           # torchrun / srun with env set
         rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), a, 0)
     elif a.nproc > 1:

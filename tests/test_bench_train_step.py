@@ -23,3 +23,19 @@ def test_paired_ratio_line(tmp_path):
     assert m, r.stdout
     ours, peer, ratio = (float(x) for x in m.groups())
     assert ours > 0 and peer > 0 and ratio == pytest.approx(peer / ours, rel=0.5)
+
+
+def test_alternating_blocks_settles_except_in_single_step_alternation():
+    """Blocks of K > 1 run one untimed settling step after each switch, then K timed ones; K = 1
+    alternates single timed steps with no settling step (the order of calls shows both)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    for block, per_round in ((3, ["a"] * 4 + ["b"] * 4), (1, ["a", "b"])):
+        calls = []
+        times = train_step.alternating_blocks({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                              rounds=2, block=block)
+        assert calls == per_round * 2
+        assert [len(v) for v in times.values()] == [2, 2]
