@@ -3,7 +3,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -225,10 +224,6 @@ AttentionShape attention_shape(const FArr& qkv, const char* who) {
 void check_len(const py::array& a, int64_t n, const char* who, const char* what) {
   if (a.size() != n || !(a.flags() & py::array::c_style))
     throw std::invalid_argument(std::string(who) + ": " + what + " has the wrong size or is not C-contiguous");
-}
-
-void require_cpu_kernels(const char* who) {
-  if (!cpu_kernels_supported()) throw std::runtime_error(std::string(who) + ": this CPU has no AVX2/FMA");
 }
 
 // x [..., H] against a per-column vector v [H] (and the CPU check every kernel binding starts with).

@@ -10,7 +10,6 @@
 #include <array>
 #include <cstdint>
 #include <stdexcept>
-#include <string>
 
 #include "blas_cpu.h"
 #include "embeddings_cpu.h"
@@ -21,10 +20,6 @@ namespace py = pybind11;
 using namespace xlmr_mp;
 
 namespace {
-
-void require_cpu_kernels(const char* who) {
-  if (!cpu_kernels_supported()) throw std::runtime_error(std::string(who) + ": this CPU has no AVX2/FMA");
-}
 
 using Addr = std::uintptr_t;
 template <typename T>
@@ -37,18 +32,19 @@ LayerShape layer_shape(const std::array<int64_t, 5>& d) {
   return LayerShape{d[0], d[1], d[2], d[3], d[4]};
 }
 
-LayerParams layer_params(const std::array<Addr, 12>& a) {
+// The layer's twelve parameters (T = const float) or gradients (T = float) from their addresses.
+template <typename T>
+LayerTensors<T> layer_tensors(const std::array<Addr, 12>& a) {
   for (Addr v : a)
     if (!v) throw std::invalid_argument("encoder_layer: a parameter address is 0 (every weight and bias is needed)");
-  return LayerParams{at<const float>(a[0]), at<const float>(a[1]), at<const float>(a[2]), at<const float>(a[3]),
-                     at<const float>(a[4]), at<const float>(a[5]), at<const float>(a[6]), at<const float>(a[7]),
-                     at<const float>(a[8]), at<const float>(a[9]), at<const float>(a[10]), at<const float>(a[11])};
+  return LayerTensors<T>{at<T>(a[0]), at<T>(a[1]), at<T>(a[2]), at<T>(a[3]), at<T>(a[4]), at<T>(a[5]),
+                         at<T>(a[6]), at<T>(a[7]), at<T>(a[8]), at<T>(a[9]), at<T>(a[10]), at<T>(a[11])};
 }
 
 void py_layer_forward(const std::array<int64_t, 5>& shape, Addr x, Addr key_bias, const std::array<Addr, 12>& params,
                       Addr keep_a, Addr keep_f, double eps, Addr ws, Addr out, int threads) {
   const LayerShape s = layer_shape(shape);
-  const LayerParams p = layer_params(params);
+  const LayerParams p = layer_tensors<const float>(params);
   py::gil_scoped_release nogil;
   encoder_layer_forward(s, at<const float>(x), at<const float>(key_bias), p, at<const float>(keep_a),
                         at<const float>(keep_f), static_cast<float>(eps), at<float>(ws), at<float>(out), threads);
@@ -57,12 +53,8 @@ void py_layer_forward(const std::array<int64_t, 5>& shape, Addr x, Addr key_bias
 void py_layer_backward(const std::array<int64_t, 5>& shape, Addr grad_out, Addr x, const std::array<Addr, 12>& params,
                        Addr keep_a, Addr keep_f, Addr ws, Addr dx, const std::array<Addr, 12>& grads, int threads) {
   const LayerShape s = layer_shape(shape);
-  const LayerParams p = layer_params(params);
-  const LayerParams gp = layer_params(grads);  // the same twelve, to be written
-  const LayerGrads g{const_cast<float*>(gp.w_qkv), const_cast<float*>(gp.b_qkv), const_cast<float*>(gp.w_o),
-                     const_cast<float*>(gp.b_o), const_cast<float*>(gp.g1), const_cast<float*>(gp.beta1),
-                     const_cast<float*>(gp.w_1), const_cast<float*>(gp.b_1), const_cast<float*>(gp.w_2),
-                     const_cast<float*>(gp.b_2), const_cast<float*>(gp.g2), const_cast<float*>(gp.beta2)};
+  const LayerParams p = layer_tensors<const float>(params);
+  const LayerGrads g = layer_tensors<float>(grads);
   py::gil_scoped_release nogil;
   encoder_layer_backward(s, at<const float>(grad_out), at<const float>(x), p, at<const float>(keep_a),
                          at<const float>(keep_f), at<const float>(ws), at<float>(dx), g, threads);
@@ -119,7 +111,6 @@ void py_embeddings_backward(const std::array<int64_t, 6>& shape, Addr grad, Addr
 void bind_cpu_fast_path(py::module_& m) {
   m.def("set_blas_sgemm", [](Addr fn) { set_blas_sgemm(reinterpret_cast<SgemmFn>(fn)); }, py::arg("address"),
         "The encoder layer's GEMM: the address of the Fortran BLAS sgemm_ (LP64) torch itself calls.");
-  m.def("have_blas_sgemm", &have_blas_sgemm, "Whether set_blas_sgemm was called with a function.");
   m.def("blas_sgemm_selftest", &blas_sgemm_selftest,
         "One small product through the sgemm set against plain loops (False: none set, or another ABI).");
   m.def("layer_workspace_floats", [](const std::array<int64_t, 5>& d) {

@@ -12,7 +12,6 @@ SgemmFn g_sgemm = nullptr;
 }  // namespace
 
 void set_blas_sgemm(SgemmFn fn) { g_sgemm = fn; }
-bool have_blas_sgemm() { return g_sgemm != nullptr; }
 
 void require_blas(const char* who) {
   if (!g_sgemm) throw std::runtime_error(std::string(who) + ": no BLAS sgemm was set (set_blas_sgemm)");

@@ -1,6 +1,6 @@
 // Row-major GEMM for the C++ layer and head calls (encoder_layer_cpu, mlm_head_cpu) through the
 // Fortran BLAS sgemm_ that torch itself calls on a CPU (MKL's in the x86 wheels): Python finds it in
-// libtorch_cpu once (xlmr_mp/kernels/cpu_blas.py) and hands it over with set_blas_sgemm, so every
+// libtorch_cpu once (xlmr_mp/kernels/cpu_fast_path.py) and hands it over with set_blas_sgemm, so every
 // product has torch.mm's bits and runs on torch's MKL threads. Plus the small row helpers around it.
 #pragma once
 #include <cstddef>
@@ -14,7 +14,6 @@ using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, c
                          const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                          const float* beta, float* c, const int* ldc);
 void set_blas_sgemm(SgemmFn fn);
-bool have_blas_sgemm();
 // One small product through it against plain loops (false: no sgemm set, or one with another ABI).
 bool blas_sgemm_selftest();
 // Throws std::runtime_error naming `who` when no sgemm was set.

@@ -1,6 +1,9 @@
 // Run-time capability of the AVX2 CPU kernels (see cpu_kernels.h).
 #include "cpu_kernels.h"
 
+#include <stdexcept>
+#include <string>
+
 bool xlmr_mp::cpu_kernels_supported() {
 #if XLMR_MP_X86_KERNELS
   __builtin_cpu_init();
@@ -16,4 +19,8 @@ const char* xlmr_mp::cpu_parallel_backend() {
 #else
   return "threads";
 #endif
+}
+
+void xlmr_mp::require_cpu_kernels(const char* who) {
+  if (!cpu_kernels_supported()) throw std::runtime_error(std::string(who) + ": this CPU has no AVX2/FMA");
 }

@@ -14,6 +14,8 @@ namespace xlmr_mp {
 
 // True when the kernels were compiled in (x86-64, GCC or clang) and this CPU has AVX2 and FMA.
 bool cpu_kernels_supported();
+// Throws std::runtime_error naming `who` when cpu_kernels_supported() is false (every binding's check).
+void require_cpu_kernels(const char* who);
 
 // How the kernels split work over threads: "openmp" (the process's OpenMP team, i.e. torch's intra-op
 // pool; built with -fopenmp on Linux) or "threads" (std::thread per call, the fallback).

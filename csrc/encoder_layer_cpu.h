@@ -15,10 +15,14 @@ struct LayerShape {
   int64_t batch, seq, hidden, heads, ffn;
 };
 
-// The layer's parameters (biases required), torch's nn.Linear layout ([out, in], row-major).
-struct LayerParams {
-  const float *w_qkv, *b_qkv, *w_o, *b_o, *g1, *beta1, *w_1, *b_1, *w_2, *b_2, *g2, *beta2;
+// The layer's twelve tensors in torch's nn.Linear layout ([out, in], row-major): its parameters
+// (LayerParams, biases required) or their gradients (LayerGrads, written by the backward).
+template <typename T>
+struct LayerTensors {
+  T *w_qkv, *b_qkv, *w_o, *b_o, *g1, *beta1, *w_1, *b_1, *w_2, *b_2, *g2, *beta2;
 };
+using LayerParams = LayerTensors<const float>;
+using LayerGrads = LayerTensors<float>;
 
 // Floats of the forward's saved activations (the workspace the backward reads):
 //   qkv [T, 3H] | probs [B, heads, S, S] | ctx [T, H] | y1 [T, H] | h1 [T, H] | f1 [T, F] | act [T, F]
@@ -32,9 +36,6 @@ void encoder_layer_forward(const LayerShape& s, const float* x, const float* key
 
 // Gradients of encoder_layer_forward: dx [T, H] and the parameters' gradients (written, not
 // accumulated), from grad_out [T, H], the input x and the forward's workspace.
-struct LayerGrads {
-  float *w_qkv, *b_qkv, *w_o, *b_o, *g1, *beta1, *w_1, *b_1, *w_2, *b_2, *g2, *beta2;
-};
 void encoder_layer_backward(const LayerShape& s, const float* grad_out, const float* x, const LayerParams& p,
                             const float* keep_a, const float* keep_f, const float* ws, float* dx,
                             const LayerGrads& g, int threads);

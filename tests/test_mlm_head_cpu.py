@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xlmr_mp.kernels import dispatch, mlm_head_cpu
-from xlmr_mp.kernels.cpu_blas import blas_sgemm
+from xlmr_mp.kernels.cpu_fast_path import blas_sgemm
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.xlmr import MLMHead
 from xlmr_mp.parallel.vocab import vocab_parallel_masked_lm_loss

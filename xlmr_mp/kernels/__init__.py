@@ -9,7 +9,8 @@ encoder_layer_cpu.py  a whole post-LN layer as one autograd node on a CPU at TP 
 embeddings_cpu.py  the input embeddings (positions, gathers, LayerNorm) as one node, beside the module
 mlm_head_cpu.py  the masked-LM head + chunked loss over the masked rows as one node, beside the module
              path (MLMHead.transform + parallel/vocab.py's chunked loss)
-cpu_blas.py  finds torch's sgemm_ (MKL in the x86 wheels) for those C++ calls, checked on a small product
+cpu_fast_path.py  what those nodes share: torch's sgemm_ (MKL in the x86 wheels, checked on a small
+             product), tensor addresses, the dropout mask, the fp32/contiguous check
 mlm_xent.py  masked-LM cross-entropy on a vocabulary shard (plain, chunked, fused; TP combine)
 dispatch.py  XLMR_MP_KERNELS=auto|fused|reference and the measured FASTER_ON table
 fused.py     autograd.Functions over the CUDA extension xlmr_mp._cuda (csrc/cuda)

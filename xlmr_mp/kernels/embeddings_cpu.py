@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 
 from xlmr_mp.kernels import dispatch
-from xlmr_mp.kernels.cpu_blas import addr
-from xlmr_mp.kernels.encoder_layer_cpu import _dropout_mask
+from xlmr_mp.kernels.cpu_fast_path import addr, dropout_mask, fp32_cpu_contiguous
 
 
 def _tables(emb) -> tuple:
@@ -37,9 +36,7 @@ def applies(emb, ids: torch.Tensor) -> bool:
     if emb.tp_size != 1 or emb.sequence_parallel or ids.dim() != 2 or ids.dtype != torch.int64 or not ids.is_cpu:
         return False
     tables = _tables(emb)
-    if dispatch.cpu_kernels(tables[0]) is None:
-        return False
-    return all(t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tables)
+    return dispatch.cpu_kernels(tables[0]) is not None and fp32_cpu_contiguous(tables)
 
 
 class _Embeddings(torch.autograd.Function):
@@ -51,7 +48,7 @@ class _Embeddings(torch.autograd.Function):
         shape = (B, S, H, word.shape[0], position.shape[0], pad_id)
         tables = tuple(t.detach() for t in (word, token_type.reshape(-1), position, ln_w, ln_b))
         out = word.new_empty(B, S, H)
-        keep = _dropout_mask(out, p) if p > 0 else None       # F.dropout's draw, after the LayerNorm
+        keep = dropout_mask(out, p) if p > 0 else None       # F.dropout's draw, after the LayerNorm
         pos = ids.new_empty(B * S)
         y = word.new_empty(B * S, H)
         mean, rstd = word.new_empty(B * S), word.new_empty(B * S)

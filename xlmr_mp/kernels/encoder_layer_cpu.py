@@ -9,7 +9,7 @@ a layer's step is a few dozen small kernels, and the autograd graph around them 
 views and transposes per layer, each with its saved tensors and engine bookkeeping) costs as much
 again. Here the forward is ONE C++ call and the backward another (csrc/encoder_layer_cpu.cpp):
 the layer's 12 GEMMs through the BLAS sgemm torch itself calls (MKL's `sgemm_` in libtorch_cpu,
-kernels/cpu_blas.py), so each product has torch.mm's bits, between the AVX2 kernels of xlmr_mp._C for attention (attention_cpu.cpp), bias +
+kernels/cpu_fast_path.py), so each product has torch.mm's bits, between the AVX2 kernels of xlmr_mp._C for attention (attention_cpu.cpp), bias +
 GELU (bias_gelu_cpu.cpp) and each sublayer's bias + dropout + residual add + LayerNorm in one pass
 (layernorm_cpu.cpp, which also gives the bias gradients). Between the kernels there is no Python,
 no tensor allocation (the activations the backward needs live in one workspace tensor) and no
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from xlmr_mp.kernels import attention_cpu, dispatch
-from xlmr_mp.kernels.cpu_blas import addr as _addr, blas_sgemm
+from xlmr_mp.kernels.cpu_fast_path import addr as _addr, blas_sgemm, dropout_mask, fp32_cpu_contiguous
 
 
 def _params(layer) -> tuple:
@@ -58,16 +58,7 @@ def applies(layer, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     # read dtype, device, batch and sequence length: x has the same as the layer's qkv
     if not attention_cpu.applies(x, bias, 0.0):
         return False
-    if not blas_sgemm():
-        return False
-    return all(p is not None and p.dtype == torch.float32 and p.is_cpu and p.is_contiguous()
-               for p in _params(layer))
-
-
-def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """The mask F.dropout draws on a CPU (aten's _dropout_impl: bernoulli_(1 - p) then / (1 - p)),
-    from the same generator in the same order, so the masks equal the module path's."""
-    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+    return blas_sgemm() and fp32_cpu_contiguous(_params(layer))
 
 
 class _EncoderLayer(torch.autograd.Function):
@@ -80,8 +71,8 @@ class _EncoderLayer(torch.autograd.Function):
         shape = (B, S, H, heads, w_1.shape[0])
         x = x.detach()
         # the module path's draws, in its order: attention sublayer's mask, then the FFN's
-        m_a = _dropout_mask(x, p) if p > 0 else None
-        m_f = _dropout_mask(x, p) if p > 0 else None
+        m_a = dropout_mask(x, p) if p > 0 else None
+        m_f = dropout_mask(x, p) if p > 0 else None
         ws = x.new_empty(ext.layer_workspace_floats(shape))
         out = x.new_empty(B, S, H)
         addrs = tuple(t.data_ptr() for t in params)

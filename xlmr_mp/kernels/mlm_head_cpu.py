@@ -7,7 +7,7 @@ cross-entropy, which is what runs whenever `applies` is False).
 over h = hidden[masked rows]. One C++ call (csrc/mlm_head_cpu.cpp) does the forward and, as the
 chunked loss does, the gradients for an upstream gradient of 1 chunk by chunk (the [chunk, V]
 logits become softmax - onehot in place and never outlive their chunk); the backward scales them.
-GEMMs through torch's own sgemm (kernels/cpu_blas.py), the rows through the AVX2 kernels (bias +
+GEMMs through torch's own sgemm (kernels/cpu_fast_path.py), the rows through the AVX2 kernels (bias +
 GELU, LayerNorm, the loss rows of csrc/xent_cpu.cpp). At the tiny shapes of a scaling study the
 module path's ~25 ops and autograd nodes for these few dozen rows cost more than their work.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from xlmr_mp.kernels import dispatch
-from xlmr_mp.kernels.cpu_blas import addr, blas_sgemm
+from xlmr_mp.kernels.cpu_fast_path import addr, blas_sgemm, fp32_cpu_contiguous
 
 
 def _params(head) -> tuple:
@@ -37,10 +37,8 @@ def applies(head, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> bool:
     decoder matrix `decoder_weight` [V_local, H]."""
     if head.tp_group is not None and torch.distributed.get_world_size(head.tp_group) > 1:
         return False
-    if dispatch.cpu_kernels(hidden) is None or not blas_sgemm():
-        return False
-    return all(p is not None and p.dtype == torch.float32 and p.is_cpu and p.is_contiguous()
-               for p in (*_params(head), decoder_weight))
+    return (dispatch.cpu_kernels(hidden) is not None and blas_sgemm()
+            and fp32_cpu_contiguous((*_params(head), decoder_weight)))
 
 
 class _MaskedHeadLoss(torch.autograd.Function):

@@ -43,8 +43,8 @@ from xlmr_mp.parallel.layers import check_divisible, mark_sequence_parallel
 from xlmr_mp.parallel.mappings import gather_sequence, tp_rank_of, tp_size_of
 from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
 from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, mlm_loss_chunk_rows,
-                                    padded_vocab_size, parallel_lm_logits, vocab_parallel_masked_lm_loss,
-                                    vocab_range)
+                                    padded_vocab_size, parallel_lm_logits, real_rows,
+                                    vocab_parallel_masked_lm_loss, vocab_range)
 
 RECOMPUTE_MODES = ("none", "full", "selective")
 
@@ -135,7 +135,7 @@ class MLMHead(nn.Module):
         [M, V_local] fp32 logits are never held for the whole masked set); fp32 on an AVX2 CPU at
         TP = 1, the whole head as one node (kernels/mlm_head_cpu.py)."""
         if sel.numel() and mlm_head_cpu.applies(self, hidden, decoder_weight):   # (no masked row: the torch path)
-            n_real = max(0, min(decoder_weight.shape[0], self.vocab_size - self.vocab_start))
+            n_real = real_rows(decoder_weight.shape[0], self.vocab_size, self.vocab_start)
             return mlm_head_cpu.masked_loss_sum(self, hidden, sel, target - self.vocab_start, decoder_weight, n_real,
                                                 mlm_loss_chunk_rows(n_real))
         return vocab_parallel_masked_lm_loss(self.transform(hidden.index_select(0, sel)), decoder_weight, self.bias,

@@ -280,14 +280,12 @@ class GradReducer:
 
 
 class _Piece:
-    """A 1-D slice [a, b) of parameter `name` (flattened) that this rank updates; `data` / `grad`
-    are views of the flat buffers."""
+    """A 1-D slice [a, b) of parameter `name` (flattened) that this rank updates: elements
+    [lo, lo + b - a) of its bucket."""
 
     def __init__(self, name: str, bucket: Bucket, index: int, a: int, b: int):
-        s, _ = bucket.offsets[index]
         self.name, self.bucket, self.index, self.a, self.b = name, bucket, index, a, b
-        self.data = bucket.data[s + a:s + b]
-        self.data.grad = bucket.grad[s + a:s + b]
+        self.lo = bucket.offsets[index][0] + a
 
 
 class _Run:
@@ -297,11 +295,10 @@ class _Run:
     def __init__(self, pc: _Piece, decay: bool):
         self.bucket, self.decay = pc.bucket, decay
         self.pieces, self.starts = [pc], [0]
-        self.lo = pc.bucket.offsets[pc.index][0] + pc.a
-        self.hi = self.lo + (pc.b - pc.a)
+        self.lo, self.hi = pc.lo, pc.lo + (pc.b - pc.a)
 
     def extends(self, pc: _Piece) -> bool:
-        return pc.bucket is self.bucket and pc.bucket.offsets[pc.index][0] + pc.a == self.hi
+        return pc.bucket is self.bucket and pc.lo == self.hi
 
     def add(self, pc: _Piece) -> None:
         self.pieces.append(pc)

@@ -133,6 +133,12 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_
 MLM_LOSS_CHUNK_BYTES = 256 * 2 ** 20   # fp32 logits of one chunk, [rows, V/TP] x 4 bytes, at most this
 
 
+def real_rows(local_rows: int, vocab_size: int, vocab_start: int) -> int:
+    """How many of a shard's `local_rows` decoder rows (global ids from vocab_start) are real
+    vocabulary, not padding: the rows a masked-LM loss may predict."""
+    return max(0, min(local_rows, vocab_size - vocab_start))
+
+
 def mlm_loss_chunk_rows(local_vocab: int, budget_bytes: int = MLM_LOSS_CHUNK_BYTES) -> int:
     """Masked tokens per chunk of the chunked loss: as many rows of [rows, V/TP] fp32 logits as fit
     in budget_bytes (256 MiB: 268 rows at V=250002 on one TP rank, 536 at TP=2), at least 16. A byte
@@ -266,7 +272,7 @@ def vocab_parallel_masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bi
                          f"got {tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(target.shape)}")
     if chunk_rows is not None and chunk_rows <= 0:
         raise ValueError(f"vocab_parallel_masked_lm_loss: chunk_rows must be positive, got {chunk_rows}")
-    n_real = weight.shape[0] if vocab_size is None else max(0, min(weight.shape[0], vocab_size - vocab_start))
+    n_real = weight.shape[0] if vocab_size is None else real_rows(weight.shape[0], vocab_size, vocab_start)
     if chunk_rows is None:
         chunk_rows = mlm_loss_chunk_rows(n_real)
     hidden = copy_to_tp(hidden, tp_group)          # backward: the TP sum of every shard's partial d hidden
