@@ -111,6 +111,8 @@ void py_embeddings_backward(const std::array<int64_t, 6>& shape, Addr grad, Addr
 void bind_cpu_fast_path(py::module_& m) {
   m.def("set_blas_sgemm", [](Addr fn) { set_blas_sgemm(reinterpret_cast<SgemmFn>(fn)); }, py::arg("address"),
         "The encoder layer's GEMM: the address of the Fortran BLAS sgemm_ (LP64) torch itself calls.");
+  m.def("scratch_kept_floats", &scratch_kept_floats, py::arg("slot"),
+        "Floats the calling thread keeps in scratch slot (0 layer, 1 head, 2 embeddings) between calls.");
   m.def("blas_sgemm_selftest", &blas_sgemm_selftest,
         "One small product through the sgemm set against plain loops (False: none set, or another ABI).");
   m.def("layer_workspace_floats", [](const std::array<int64_t, 5>& d) {

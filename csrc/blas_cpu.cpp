@@ -58,17 +58,25 @@ void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool acc
     for (int64_t c = 0; c < cols; ++c) out[c] += X[r * cols + c];
 }
 
-Scratch::Scratch(std::size_t n, int slot) {
-  thread_local std::vector<float> kept[kScratchSlots];
+namespace {
+std::vector<float>& kept(int slot) {
+  thread_local std::vector<float> buffers[kScratchSlots];
   if (slot < 0 || slot >= kScratchSlots) throw std::invalid_argument("Scratch: no slot " + std::to_string(slot));
+  return buffers[slot];
+}
+}  // namespace
+
+Scratch::Scratch(std::size_t n, int slot) {
+  std::vector<float>& b = kept(slot);
   if (n > kScratchKeepFloats) {
     own_.reset(new float[n]);
     p_ = own_.get();
     return;
   }
-  std::vector<float>& b = kept[slot];
   if (b.size() < n) b.resize(n);
   p_ = b.data();
 }
+
+std::size_t scratch_kept_floats(int slot) { return kept(slot).size(); }
 
 }  // namespace xlmr_mp

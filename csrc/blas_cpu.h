@@ -42,5 +42,7 @@ class Scratch {
   std::unique_ptr<float[]> own_;  // not zero-filled
   float* p_;
 };
+// Floats this thread keeps in `slot` between calls (at most kScratchKeepFloats).
+std::size_t scratch_kept_floats(int slot);
 
 }  // namespace xlmr_mp

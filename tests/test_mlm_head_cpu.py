@@ -107,6 +107,7 @@ def test_a_chunk_above_the_kept_scratch_gets_its_own_buffer():
     the call's own, not the per-thread one kept between steps; the results are the same."""
     head, weight, hs, sel, target = _case(hidden=16, vocab=45003, padded=45008, rows=120, masked=100, seed=4)
     assert sel.numel() * head.vocab_size > 1 << 22
+    ext = dispatch._cpu_extension()
     node = _grads(head, weight, hs, lambda: mlm_head_cpu.masked_loss_sum(head, hs, sel, target, weight,
                                                                            head.vocab_size, 1000))
     ref = _grads(head, weight, hs, lambda: vocab_parallel_masked_lm_loss(
@@ -114,3 +115,4 @@ def test_a_chunk_above_the_kept_scratch_gets_its_own_buffer():
     torch.testing.assert_close(node[0], ref[0], rtol=1e-5, atol=1e-4)
     for name in node[1]:
         torch.testing.assert_close(node[1][name], ref[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert ext.scratch_kept_floats(1) <= 1 << 22                 # the head's slot did not keep the big chunk
