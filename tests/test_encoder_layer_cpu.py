@@ -138,3 +138,46 @@ def test_whole_model_equals_the_reference_and_runs_the_node(monkeypatch):
     torch.testing.assert_close(loss_k, loss_r, rtol=1e-5, atol=1e-6)
     for n in grads_r:
         torch.testing.assert_close(grads_k[n], grads_r[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_workspace_comes_back_to_the_pool_only_when_released():
+    """The layer's saved activations come from cpu_fast_path.WORKSPACES: the next forward of the same
+    shape reuses the buffer a finished backward let go (no fresh pages a step), and never one a
+    retained graph still holds (its second backward equals its first)."""
+    from xlmr_mp.kernels.cpu_fast_path import WORKSPACES
+    layer = _layer(dropout=0.0)
+    x, grad = torch.randn(2, 24, 64), torch.randn(2, 24, 64)
+    WORKSPACES.clear()
+    seen = []
+    orig = WORKSPACES.take
+
+    def take(n):
+        t = orig(n)
+        seen.append(t.data_ptr())
+        return t
+    WORKSPACES.take = take
+    try:
+        layer(x.clone().requires_grad_(True), None).backward(grad)
+        assert WORKSPACES.idle_bytes() > 0
+        layer(x.clone().requires_grad_(True), None).backward(grad)
+        assert seen[1] == seen[0]                       # reused, not reallocated
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi, None)
+        out.backward(grad, retain_graph=True)
+        first = xi.grad.clone()
+        held = seen[-1]
+        for _ in range(2):                              # graph still holds its workspace
+            layer(torch.randn(2, 24, 64).requires_grad_(True), None).backward(grad)
+            assert seen[-1] != held
+        xi.grad = None
+        out.backward(grad)
+        torch.testing.assert_close(xi.grad, first, rtol=0, atol=0)
+    finally:
+        WORKSPACES.take = orig
+    WORKSPACES.max_idle_bytes, cap = 0, WORKSPACES.max_idle_bytes
+    try:
+        WORKSPACES.clear()
+        layer(x.clone().requires_grad_(True), None).backward(grad)
+        assert WORKSPACES.idle_bytes() == 0             # over the cap: freed, not kept
+    finally:
+        WORKSPACES.max_idle_bytes = cap

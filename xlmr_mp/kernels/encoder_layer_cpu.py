@@ -12,8 +12,9 @@ the layer's 12 GEMMs through the BLAS sgemm torch itself calls (MKL's `sgemm_` i
 kernels/cpu_fast_path.py), so each product has torch.mm's bits, between the AVX2 kernels of xlmr_mp._C for attention (attention_cpu.cpp), bias +
 GELU (bias_gelu_cpu.cpp) and each sublayer's bias + dropout + residual add + LayerNorm in one pass
 (layernorm_cpu.cpp, which also gives the bias gradients). Between the kernels there is no Python,
-no tensor allocation (the activations the backward needs live in one workspace tensor) and no
-autograd bookkeeping. The hidden-dropout masks are the Bernoulli draws the module path makes, in
+no tensor allocation (the activations the backward needs live in one workspace tensor, taken
+from cpu_fast_path.WORKSPACES and given back when the backward lets it go, so its pages stay
+mapped between steps) and no autograd bookkeeping. The hidden-dropout masks are the Bernoulli draws the module path makes, in
 its order, so outputs and gradients equal the module path's to rounding
 (tests/test_encoder_layer_cpu.py).
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from xlmr_mp.kernels import attention_cpu, dispatch
-from xlmr_mp.kernels.cpu_fast_path import addr as _addr, blas_sgemm, dropout_mask, fp32_cpu_contiguous
+from xlmr_mp.kernels.cpu_fast_path import WORKSPACES, addr as _addr, blas_sgemm, dropout_mask, fp32_cpu_contiguous
 
 
 def _params(layer) -> tuple:
@@ -73,7 +74,7 @@ class _EncoderLayer(torch.autograd.Function):
         # the module path's draws, in its order: attention sublayer's mask, then the FFN's
         m_a = dropout_mask(x, p) if p > 0 else None
         m_f = dropout_mask(x, p) if p > 0 else None
-        ws = x.new_empty(ext.layer_workspace_floats(shape))
+        ws = WORKSPACES.take(ext.layer_workspace_floats(shape))
         out = x.new_empty(B, S, H)
         addrs = tuple(t.data_ptr() for t in params)
         ext.encoder_layer_forward(shape, x.data_ptr(), _addr(key_bias), addrs, _addr(m_a), _addr(m_f), eps,
