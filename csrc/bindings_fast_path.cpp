@@ -112,12 +112,18 @@ void bind_cpu_fast_path(py::module_& m) {
   m.def("set_blas_sgemm", [](Addr fn) { set_blas_sgemm(reinterpret_cast<SgemmFn>(fn)); }, py::arg("address"),
         "The encoder layer's GEMM: the address of the Fortran BLAS sgemm_ (LP64) torch itself calls.");
   m.def("scratch_kept_floats", &scratch_kept_floats, py::arg("slot"),
-        "Floats the calling thread keeps in scratch slot (0 layer, 1 head, 2 embeddings) between calls.");
+        "Floats the calling thread keeps in scratch slot (0 layer, 1 head, 2 embeddings, 3 layer gradient parts) "
+        "between calls.");
   m.def("blas_sgemm_selftest", &blas_sgemm_selftest,
         "One small product through the sgemm set against plain loops (False: none set, or another ABI).");
   m.def("layer_workspace_floats", [](const std::array<int64_t, 5>& d) {
           return layer_workspace_floats(LayerShape{d[0], d[1], d[2], d[3], d[4]}); }, py::arg("shape"),
         "Floats of encoder_layer_forward's saved activations for shape (B, S, H, heads, F).");
+  m.def("encoder_layer_parts", [](const std::array<int64_t, 5>& d, int threads, bool backward) {
+          return encoder_layer_parts(LayerShape{d[0], d[1], d[2], d[3], d[4]}, threads, backward); },
+        py::arg("shape"), py::arg("threads"), py::arg("backward"),
+        "Parts (ranges of batch rows, one a thread) a layer call of shape (B, S, H, heads, F) is cut into; 1: "
+        "one pass with threaded kernels and GEMMs.");
   m.def("encoder_layer_forward", &py_layer_forward, py::arg("shape"), py::arg("x"), py::arg("key_bias"),
         py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("eps"), py::arg("ws"), py::arg("out"),
         py::arg("threads") = 1,

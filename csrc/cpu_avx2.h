@@ -10,11 +10,7 @@
 #include <limits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-#include <thread>
-#endif
+#include "cpu_parallel.h"  // parallel_range
 
 namespace xlmr_mp {
 namespace cpu {
@@ -88,37 +84,6 @@ inline void scale_row(float* row, int64_t n, float s) {
   int64_t j = 0;
   for (; j + W <= n; j += W) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), vs));
   for (; j < n; ++j) row[j] *= s;
-}
-
-// Runs f(lo, hi) over [0, n) split in `threads` contiguous ranges (the calling thread takes one).
-// Built with OpenMP (setup.py, on Linux) the ranges run on the process's OpenMP team: torch's own
-// intra-op pool (torch loads libgomp.so.1 first and this module resolves to that same runtime), so
-// the kernels share its threads. The std::thread fallback spawns threads per call; those compete
-// with torch's OpenMP workers still spinning after the previous op, which on the 2-core CI machine
-// made the attention kernel at 2 threads 2.3x slower than on the OpenMP team (bench/attention_cpu.py).
-template <typename F>
-void parallel_range(int64_t n, int threads, F f) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
-  if (threads == 1) { f(0, n); return; }
-  const int64_t per = (n + threads - 1) / threads;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-  {
-    // The split is fixed by `threads`; a smaller team (nested, or limited) takes several ranges each.
-    for (int t = omp_get_thread_num(); t < threads; t += omp_get_num_threads()) {
-      const int64_t lo = t * per, hi = std::min(n, lo + per);
-      if (lo < hi) f(lo, hi);
-    }
-  }
-#else
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t lo = t * per, hi = std::min(n, lo + per);
-    if (lo < hi) pool.emplace_back([=] { f(lo, hi); });
-  }
-  f(0, std::min(n, per));
-  for (auto& th : pool) th.join();
-#endif
 }
 
 }  // namespace cpu

@@ -34,6 +34,10 @@ int64_t layer_workspace_floats(const LayerShape& s);
 void encoder_layer_forward(const LayerShape& s, const float* x, const float* key_bias, const LayerParams& p,
                            const float* keep_a, const float* keep_f, float eps, float* ws, float* out, int threads);
 
+// How many parts (one a thread, each a range of batch rows) the forward or the backward cuts a call
+// of this shape into at `threads` threads; 1: one pass with the kernels and GEMMs threaded.
+int encoder_layer_parts(const LayerShape& s, int threads, bool backward);
+
 // Gradients of encoder_layer_forward: dx [T, H] and the parameters' gradients (written, not
 // accumulated), from grad_out [T, H], the input x and the forward's workspace.
 void encoder_layer_backward(const LayerShape& s, const float* grad_out, const float* x, const LayerParams& p,

@@ -181,3 +181,36 @@ def test_workspace_comes_back_to_the_pool_only_when_released():
         assert WORKSPACES.idle_bytes() == 0             # over the cap: freed, not kept
     finally:
         WORKSPACES.max_idle_bytes = cap
+
+
+@pytest.mark.parametrize("threads,B,parts", [(2, 8, 2), (4, 8, 4), (2, 9, 2), (4, 6, 1), (2, 1, 1)])
+def test_batch_parts_equal_module_path(threads, B, parts):
+    """At several threads the call runs as `parts` ranges of batch rows, each on one thread with
+    single-threaded kernels, the parameters' gradients of parts > 0 added at the end: values and
+    every gradient equal the module path's with dropout and padding on (the masks and the key bias
+    cut at each part's rows)."""
+    from xlmr_mp.kernels import dispatch
+    layer = _layer(dropout=0.1).train()
+    g = torch.Generator().manual_seed(3)
+    x, grad = torch.randn(B, 40, 64, generator=g), torch.randn(B, 40, 64, generator=g)
+    bias = _padding(B, 40)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ext = dispatch._cpu_extension()
+        shape = (B, 40, 64, 4, 128)
+        assert ext.encoder_layer_parts(shape, threads, False) == parts
+        assert ext.encoder_layer_parts(shape, threads, True) == parts
+        fused = _run(layer, x, bias, grad)
+        ref = _run(layer, x, bias, grad, fused=False)
+    finally:
+        torch.set_num_threads(before)
+    _close(fused, ref, rtol=1e-4, atol=5e-5)
+
+
+def test_backward_keeps_one_part_when_the_gradient_copies_are_large():
+    from xlmr_mp.kernels import dispatch
+    ext = dispatch._cpu_extension()
+    assert ext.encoder_layer_parts((8, 64, 256, 4, 1024), 2, True) == 2       # ~0.8M floats a copy
+    assert ext.encoder_layer_parts((8, 64, 768, 12, 3072), 2, True) == 1      # ~7M: threaded kernels
+    assert ext.encoder_layer_parts((8, 64, 768, 12, 3072), 2, False) == 2     # the forward has none

@@ -14,7 +14,9 @@ GELU (bias_gelu_cpu.cpp) and each sublayer's bias + dropout + residual add + Lay
 (layernorm_cpu.cpp, which also gives the bias gradients). Between the kernels there is no Python,
 no tensor allocation (the activations the backward needs live in one workspace tensor, taken
 from cpu_fast_path.WORKSPACES and given back when the backward lets it go, so its pages stay
-mapped between steps) and no autograd bookkeeping. The hidden-dropout masks are the Bernoulli draws the module path makes, in
+mapped between steps) and no autograd bookkeeping. With several threads the batch rows are cut
+into one part a thread, each running the whole layer single-threaded (one fork per call, not one
+per kernel and GEMM; `_C.encoder_layer_parts` says how many). The hidden-dropout masks are the Bernoulli draws the module path makes, in
 its order, so outputs and gradients equal the module path's to rounding
 (tests/test_encoder_layer_cpu.py).
 
