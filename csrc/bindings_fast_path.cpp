@@ -10,6 +10,8 @@
 #include <array>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "blas_cpu.h"
 #include "embeddings_cpu.h"
@@ -32,32 +34,60 @@ LayerShape layer_shape(const std::array<int64_t, 5>& d) {
   return LayerShape{d[0], d[1], d[2], d[3], d[4]};
 }
 
-// The layer's twelve parameters (T = const float) or gradients (T = float) from their addresses.
+// Each layer's twelve parameters (T = const float) or gradients (T = float) from their addresses,
+// 12 a layer in LayerTensors order.
 template <typename T>
-LayerTensors<T> layer_tensors(const std::array<Addr, 12>& a) {
+std::vector<LayerTensors<T>> layer_tensors(const std::vector<Addr>& a, int layers) {
+  if (layers < 1) throw std::invalid_argument("encoder: layers must be >= 1, got " + std::to_string(layers));
+  if (static_cast<int64_t>(a.size()) != 12 * int64_t(layers))
+    throw std::invalid_argument("encoder: " + std::to_string(a.size()) + " parameter addresses for " +
+                                std::to_string(layers) + " layers (12 a layer)");
   for (Addr v : a)
-    if (!v) throw std::invalid_argument("encoder_layer: a parameter address is 0 (every weight and bias is needed)");
-  return LayerTensors<T>{at<T>(a[0]), at<T>(a[1]), at<T>(a[2]), at<T>(a[3]), at<T>(a[4]), at<T>(a[5]),
-                         at<T>(a[6]), at<T>(a[7]), at<T>(a[8]), at<T>(a[9]), at<T>(a[10]), at<T>(a[11])};
+    if (!v) throw std::invalid_argument("encoder: a parameter address is 0 (every weight and bias is needed)");
+  std::vector<LayerTensors<T>> out(layers);
+  for (int l = 0; l < layers; ++l) {
+    const Addr* q = a.data() + 12 * l;
+    out[l] = LayerTensors<T>{at<T>(q[0]), at<T>(q[1]), at<T>(q[2]), at<T>(q[3]), at<T>(q[4]),  at<T>(q[5]),
+                             at<T>(q[6]), at<T>(q[7]), at<T>(q[8]), at<T>(q[9]), at<T>(q[10]), at<T>(q[11])};
+  }
+  return out;
 }
 
-void py_layer_forward(const std::array<int64_t, 5>& shape, Addr x, Addr key_bias, const std::array<Addr, 12>& params,
-                      Addr keep_a, Addr keep_f, double eps, Addr ws, Addr out, int threads) {
-  const LayerShape s = layer_shape(shape);
-  const LayerParams p = layer_tensors<const float>(params);
-  py::gil_scoped_release nogil;
-  encoder_layer_forward(s, at<const float>(x), at<const float>(key_bias), p, at<const float>(keep_a),
-                        at<const float>(keep_f), static_cast<float>(eps), at<float>(ws), at<float>(out), threads);
+// Per layer its dropout mask (0: none); all 0: null.
+std::vector<const float*> masks(const std::vector<Addr>& a, int layers) {
+  if (a.empty()) return {};
+  if (static_cast<int64_t>(a.size()) != layers)
+    throw std::invalid_argument("encoder: " + std::to_string(a.size()) + " mask addresses for " +
+                                std::to_string(layers) + " layers (one a layer, 0 for none)");
+  std::vector<const float*> out(layers);
+  for (int l = 0; l < layers; ++l) out[l] = at<const float>(a[l]);
+  return out;
 }
 
-void py_layer_backward(const std::array<int64_t, 5>& shape, Addr grad_out, Addr x, const std::array<Addr, 12>& params,
-                       Addr keep_a, Addr keep_f, Addr ws, Addr dx, const std::array<Addr, 12>& grads, int threads) {
+const float* const* or_null(const std::vector<const float*>& v) { return v.empty() ? nullptr : v.data(); }
+
+void py_encoder_forward(const std::array<int64_t, 5>& shape, int layers, Addr x, Addr key_bias,
+                        const std::vector<Addr>& params, const std::vector<Addr>& keep_a,
+                        const std::vector<Addr>& keep_f, double eps, Addr ws, Addr out, int threads) {
   const LayerShape s = layer_shape(shape);
-  const LayerParams p = layer_tensors<const float>(params);
-  const LayerGrads g = layer_tensors<float>(grads);
+  const auto p = layer_tensors<const float>(params, layers);
+  const auto ka = masks(keep_a, layers), kf = masks(keep_f, layers);
   py::gil_scoped_release nogil;
-  encoder_layer_backward(s, at<const float>(grad_out), at<const float>(x), p, at<const float>(keep_a),
-                         at<const float>(keep_f), at<const float>(ws), at<float>(dx), g, threads);
+  encoder_forward(s, layers, at<const float>(x), at<const float>(key_bias), p.data(), or_null(ka), or_null(kf),
+                  static_cast<float>(eps), at<float>(ws), at<float>(out), threads);
+}
+
+void py_encoder_backward(const std::array<int64_t, 5>& shape, int layers, Addr grad_out, Addr x,
+                         const std::vector<Addr>& params, const std::vector<Addr>& keep_a,
+                         const std::vector<Addr>& keep_f, Addr ws, Addr dx, const std::vector<Addr>& grads,
+                         int threads) {
+  const LayerShape s = layer_shape(shape);
+  const auto p = layer_tensors<const float>(params, layers);
+  const auto g = layer_tensors<float>(grads, layers);
+  const auto ka = masks(keep_a, layers), kf = masks(keep_f, layers);
+  py::gil_scoped_release nogil;
+  encoder_backward(s, layers, at<const float>(grad_out), at<const float>(x), p.data(), or_null(ka), or_null(kf),
+                   at<const float>(ws), at<float>(dx), g.data(), threads);
 }
 
 double py_mlm_head_loss(const std::array<int64_t, 4>& shape, Addr h, Addr target, const std::array<Addr, 6>& params,
@@ -116,23 +146,25 @@ void bind_cpu_fast_path(py::module_& m) {
         "between calls.");
   m.def("blas_sgemm_selftest", &blas_sgemm_selftest,
         "One small product through the sgemm set against plain loops (False: none set, or another ABI).");
-  m.def("layer_workspace_floats", [](const std::array<int64_t, 5>& d) {
-          return layer_workspace_floats(LayerShape{d[0], d[1], d[2], d[3], d[4]}); }, py::arg("shape"),
-        "Floats of encoder_layer_forward's saved activations for shape (B, S, H, heads, F).");
-  m.def("encoder_layer_parts", [](const std::array<int64_t, 5>& d, int threads, bool backward) {
-          return encoder_layer_parts(LayerShape{d[0], d[1], d[2], d[3], d[4]}, threads, backward); },
-        py::arg("shape"), py::arg("threads"), py::arg("backward"),
-        "Parts (ranges of batch rows, one a thread) a layer call of shape (B, S, H, heads, F) is cut into; 1: "
-        "one pass with threaded kernels and GEMMs.");
-  m.def("encoder_layer_forward", &py_layer_forward, py::arg("shape"), py::arg("x"), py::arg("key_bias"),
-        py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("eps"), py::arg("ws"), py::arg("out"),
-        py::arg("threads") = 1,
-        "Internal (addresses of float32 C-contiguous tensors): the post-LN encoder layer's forward, out [B*S, H] "
-        "from x, workspace ws (layer_workspace_floats) for the backward. See csrc/encoder_layer_cpu.h.");
-  m.def("encoder_layer_backward", &py_layer_backward, py::arg("shape"), py::arg("grad_out"), py::arg("x"),
-        py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("ws"), py::arg("dx"), py::arg("grads"),
-        py::arg("threads") = 1,
-        "Internal (addresses): dx and the twelve parameter gradients (written) of encoder_layer_forward.");
+  m.def("encoder_workspace_floats", [](const std::array<int64_t, 5>& d, int layers) {
+          return encoder_workspace_floats(LayerShape{d[0], d[1], d[2], d[3], d[4]}, layers); },
+        py::arg("shape"), py::arg("layers"),
+        "Floats of encoder_forward's saved activations for `layers` layers of shape (B, S, H, heads, F).");
+  m.def("encoder_parts", [](const std::array<int64_t, 5>& d, int layers, int threads, bool backward) {
+          return encoder_parts(LayerShape{d[0], d[1], d[2], d[3], d[4]}, layers, threads, backward); },
+        py::arg("shape"), py::arg("layers"), py::arg("threads"), py::arg("backward"),
+        "Parts (ranges of batch rows, one a thread) a call of `layers` layers of shape (B, S, H, heads, F) is cut "
+        "into; 1: one pass with threaded kernels and GEMMs.");
+  m.def("encoder_forward", &py_encoder_forward, py::arg("shape"), py::arg("layers"), py::arg("x"),
+        py::arg("key_bias"), py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("eps"), py::arg("ws"),
+        py::arg("out"), py::arg("threads") = 1,
+        "Internal (addresses of float32 C-contiguous tensors): `layers` post-LN encoder layers' forward, out [B*S, H] "
+        "from x, params 12 a layer, keep_a / keep_f one mask a layer (0: none) or empty, workspace ws "
+        "(encoder_workspace_floats) for the backward. See csrc/encoder_layer_cpu.h.");
+  m.def("encoder_backward", &py_encoder_backward, py::arg("shape"), py::arg("layers"), py::arg("grad_out"),
+        py::arg("x"), py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("ws"), py::arg("dx"),
+        py::arg("grads"), py::arg("threads") = 1,
+        "Internal (addresses): dx and every layer's twelve parameter gradients (written) of encoder_forward.");
   m.def("embeddings_forward", &py_embeddings_forward, py::arg("shape"), py::arg("ids"), py::arg("params"),
         py::arg("keep"), py::arg("eps"), py::arg("outputs"), py::arg("threads") = 1,
         "Internal (addresses): keep * LayerNorm(word[ids] + token_type + position[pos(ids)]); outputs (pos, y, out, "

@@ -101,24 +101,25 @@ LayerGrads grads_in(const LayerShape& s, float* buf) {
   return g;
 }
 
-// Parts the batch is cut into, one a thread. A part runs the whole layer on its batch rows with
-// single-threaded kernels and GEMMs (MKL runs sequentially inside an OpenMP region), so a call has
-// one fork and join instead of one per kernel and GEMM (about 25), and each GEMM keeps a core's
-// full speed: at the tiny preset's [512, 64] x [64, 192] two threads on one product reach ~85% of
-// twice one thread's rate. Rows must split evenly enough: B a multiple of the threads, or at
-// least 4 rows a thread. The backward's parts write the parameters' gradients of their rows into
-// their own buffers (the first part into the outputs), summed in part order at the end: only
-// while that copy stays small (kMaxPartialFloats each), else one part and threaded kernels.
+// Parts the batch is cut into, one a thread. A part runs every layer of the call on its batch rows
+// with single-threaded kernels and GEMMs (MKL runs sequentially inside an OpenMP region), so a call
+// has one fork and join instead of one per kernel and GEMM (about 25 a layer), and each GEMM keeps
+// a core's full speed: at the tiny preset's [512, 64] x [64, 192] two threads on one product reach
+// ~85% of twice one thread's rate. Rows must split evenly enough: B a multiple of the threads, or
+// at least 4 rows a thread. The backward's parts write the parameters' gradients of their rows into
+// their own copies (the first part into the outputs), added in part order at the end: only while
+// those stay small (copied_layers x the layer's parameters <= kMaxPartialFloats), else one part
+// and threaded kernels.
 constexpr int64_t kMaxPartialFloats = int64_t(1) << 20;
 
-int layer_parts(const LayerShape& s, int threads, bool backward) {
+int layer_parts(const LayerShape& s, int threads, int copied_layers) {
 #ifdef _OPENMP
   const int64_t n = std::min<int64_t>(threads, s.batch);
   if (n < 2 || (s.batch % n && s.batch < 4 * n)) return 1;
-  if (backward && param_floats(s) > kMaxPartialFloats) return 1;
+  if (copied_layers * param_floats(s) > kMaxPartialFloats) return 1;
   return static_cast<int>(n);
 #else
-  (void)s, (void)threads, (void)backward;
+  (void)s, (void)threads, (void)copied_layers;
   return 1;  // without OpenMP a part's GEMM would start MKL's own threads beside the parts
 #endif
 }
@@ -155,6 +156,7 @@ void forward_rows(const LayerShape& s, const float* x, const float* key_bias, co
                                      w.rstd2, threads);
 }
 
+// grad_out is read (by the first LayerNorm backward) before dx is written, so they may be one buffer.
 void backward_rows(const LayerShape& s, const float* grad_out, const float* x, const LayerParams& p,
                    const float* keep_a, const float* keep_f, const Workspace& w, float* dx, const LayerGrads& g,
                    int threads) {
@@ -204,50 +206,92 @@ int64_t layer_workspace_floats(const LayerShape& s) {
   return T * 3 * H + s.batch * s.heads * s.seq * s.seq + 5 * T * H + 2 * T * F + 4 * T;
 }
 
-int encoder_layer_parts(const LayerShape& s, int threads, bool backward) { return layer_parts(s, threads, backward); }
-
-void encoder_layer_forward(const LayerShape& s, const float* x, const float* key_bias, const LayerParams& p,
-                           const float* keep_a, const float* keep_f, float eps, float* ws, float* out, int threads) {
-  check(s);
-  const Workspace w = carve(s, ws);
-  const int n = layer_parts(s, threads, false);
-  if (n == 1) {
-    forward_rows(s, x, key_bias, p, keep_a, keep_f, eps, w, out, threads);
-    return;
-  }
-  for_each_part(s, n, [&](int64_t k, const LayerShape& part, int64_t b0) {
-    const int64_t r = b0 * s.seq * s.hidden;
-    forward_rows(part, x + r, rows_of(key_bias, b0, s.seq), p, rows_of(keep_a, r, 1), rows_of(keep_f, r, 1), eps,
-                 from_row(w, s, b0), out + r, 1);
-  });
+int64_t encoder_workspace_floats(const LayerShape& s, int layers) {
+  return layers * layer_workspace_floats(s) + (layers - 1) * s.batch * s.seq * s.hidden;
 }
 
-void encoder_layer_backward(const LayerShape& s, const float* grad_out, const float* x, const LayerParams& p,
-                            const float* keep_a, const float* keep_f, const float* ws, float* dx,
-                            const LayerGrads& g, int threads) {
+int encoder_parts(const LayerShape& s, int layers, int threads, bool backward) {
+  return layer_parts(s, threads, backward ? layers : 0);
+}
+
+namespace {
+
+// The saved state of an encoder call: layer l's workspace, and the input of layer l > 0 (the output
+// of layer l - 1) after the L workspaces.
+struct Stack {
+  const LayerShape& s;
+  int layers;
+  const float* ws;
+  Workspace layer(int l) const { return carve(s, ws + l * layer_workspace_floats(s)); }
+  float* input(int l, const float* x) const {  // layer l's input [T, H]
+    return l == 0 ? const_cast<float*>(x)
+                  : const_cast<float*>(ws) + layers * layer_workspace_floats(s) + (l - 1) * s.batch * s.seq * s.hidden;
+  }
+};
+
+const float* mask_of(const float* const* keep, int l) { return keep ? keep[l] : nullptr; }
+
+}  // namespace
+
+void encoder_forward(const LayerShape& s, int layers, const float* x, const float* key_bias, const LayerParams* p,
+                     const float* const* keep_a, const float* const* keep_f, float eps, float* ws, float* out,
+                     int threads) {
   check(s);
-  const Workspace w = carve(s, ws);
-  const int n = layer_parts(s, threads, true);
+  const Stack st{s, layers, ws};
+  // rows from batch row b0 (a part, or the whole batch) through every layer
+  auto run = [&](const LayerShape& part, int64_t b0, int kernel_threads) {
+    const int64_t r = b0 * s.seq * s.hidden;
+    for (int l = 0; l < layers; ++l) {
+      float* o = l == layers - 1 ? out : st.input(l + 1, x);
+      forward_rows(part, st.input(l, x) + r, rows_of(key_bias, b0, s.seq), p[l], rows_of(mask_of(keep_a, l), r, 1),
+                   rows_of(mask_of(keep_f, l), r, 1), eps, from_row(st.layer(l), s, b0), o + r, kernel_threads);
+    }
+  };
+  const int n = layer_parts(s, threads, 0);
+  if (n == 1)
+    run(s, 0, threads);
+  else
+    for_each_part(s, n, [&](int64_t, const LayerShape& part, int64_t b0) { run(part, b0, 1); });
+}
+
+void encoder_backward(const LayerShape& s, int layers, const float* grad_out, const float* x, const LayerParams* p,
+                      const float* const* keep_a, const float* const* keep_f, const float* ws, float* dx,
+                      const LayerGrads* g, int threads) {
+  check(s);
+  const Stack st{s, layers, ws};
+  const int n = layer_parts(s, threads, layers);
+  const int64_t TH = s.batch * s.seq * s.hidden, np = param_floats(s);
+  // slot 3: the gradient between layers [T, H] (a layer's dx overwrites its grad_out: backward_rows
+  // reads grad_out before it writes dx) | the parameters' gradients of parts k > 0 (part k - 1's
+  // block of layers x np; part 0 writes the outputs), added in part order at the end
+  const int64_t between = layers > 1 ? TH : 0;
+  Scratch buf(static_cast<size_t>(between + (n - 1) * layers * np), 3);
+  float* partial = buf.data() + between;
+  auto run = [&](int k, const LayerShape& part, int64_t b0, int kernel_threads) {
+    const int64_t r = b0 * s.seq * s.hidden;
+    const float* grad = grad_out;
+    for (int l = layers - 1; l >= 0; --l) {
+      float* d = l == 0 ? dx : buf.data();
+      backward_rows(part, grad + r, st.input(l, x) + r, p[l], rows_of(mask_of(keep_a, l), r, 1),
+                    rows_of(mask_of(keep_f, l), r, 1), from_row(st.layer(l), s, b0), d + r,
+                    k == 0 ? g[l] : grads_in(s, partial + ((k - 1) * layers + l) * np), kernel_threads);
+      grad = d;
+    }
+  };
   if (n == 1) {
-    backward_rows(s, grad_out, x, p, keep_a, keep_f, w, dx, g, threads);
+    run(0, s, 0, threads);
     return;
   }
-  // part 0 writes the outputs, part k > 0 its own copy of the gradients (slot 3), added in order
-  const int64_t np = param_floats(s);
-  Scratch partial_buf(static_cast<size_t>((n - 1) * np), 3);
-  float* partial = partial_buf.data();
-  for_each_part(s, n, [&](int64_t k, const LayerShape& part, int64_t b0) {
-    const int64_t r = b0 * s.seq * s.hidden;
-    backward_rows(part, grad_out + r, x + r, p, rows_of(keep_a, r, 1), rows_of(keep_f, r, 1), from_row(w, s, b0),
-                  dx + r, k == 0 ? g : grads_in(s, partial + (k - 1) * np), 1);
-  });
+  for_each_part(s, n, [&](int64_t k, const LayerShape& part, int64_t b0) { run(static_cast<int>(k), part, b0, 1); });
   const auto sizes = param_sizes(s);
-  cpu::parallel_range(np, threads, [&](int64_t lo, int64_t hi) {
-    int64_t base = 0;
-    for (int i = 0; i < 12; ++i) {
-      const int64_t a = std::max(lo, base), b = std::min(hi, base + sizes[i]);
-      if (a < b) add_parts(g.*kGradMembers[i] + (a - base), partial + a, np, n - 1, b - a);
-      base += sizes[i];
+  cpu::parallel_range(layers * np, threads, [&](int64_t lo, int64_t hi) {
+    for (int l = 0; l < layers; ++l) {
+      int64_t base = l * np;
+      for (int i = 0; i < 12; ++i) {
+        const int64_t a = std::max(lo, base), b = std::min(hi, base + sizes[i]);
+        if (a < b) add_parts(g[l].*kGradMembers[i] + (a - base), partial + a, layers * np, n - 1, b - a);
+        base += sizes[i];
+      }
     }
   });
 }

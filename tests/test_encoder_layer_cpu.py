@@ -99,7 +99,7 @@ def test_runs_as_one_node_and_under_full_recompute():
     layer = _layer().train()
     x = torch.randn(2, 32, 64, requires_grad=True)
     out = layer(x, None)
-    assert type(out.grad_fn).__name__ == "_EncoderLayerBackward"
+    assert type(out.grad_fn).__name__ == "_EncoderBackward"
     grad = torch.randn(2, 32, 64)
     plain = _run(layer, x.detach(), None, grad)
     recomputed = _run(layer, x.detach(), None, grad, recompute=True)
@@ -125,19 +125,64 @@ def test_dispatch_rule():
 
 
 def test_whole_model_equals_the_reference_and_runs_the_node(monkeypatch):
-    """XLMRModel (hidden dropout on, padding in the batch) with its layers as one node each and
-    with XLMR_MP_KERNELS=reference: the same loss and gradients, and the node ran once per layer."""
+    """XLMRModel (hidden dropout on, padding in the batch) with its layers as ONE node and with
+    XLMR_MP_KERNELS=reference: the same loss and gradients, and the node ran once for all layers."""
     model, batch = tiny_model().train(), padded_batch()
+    assert len(model.layers) >= 2
     calls = []
-    real = encoder_layer_cpu._EncoderLayer.apply
-    monkeypatch.setattr(encoder_layer_cpu._EncoderLayer, "apply", lambda *a: calls.append(1) or real(*a))
+    real = encoder_layer_cpu._Encoder.apply
+    monkeypatch.setattr(encoder_layer_cpu._Encoder, "apply", lambda *a: calls.append(len(a) - 5) or real(*a))
     loss_k, grads_k = loss_and_grads(model, batch, monkeypatch, "auto")
-    assert len(calls) == 2
+    assert calls == [12 * len(model.layers)]
     loss_r, grads_r = loss_and_grads(model, batch, monkeypatch, "reference")
-    assert len(calls) == 2
+    assert len(calls) == 1
     torch.testing.assert_close(loss_k, loss_r, rtol=1e-5, atol=1e-6)
     for n in grads_r:
         torch.testing.assert_close(grads_k[n], grads_r[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_layers_as_one_node_equal_one_node_each(threads):
+    """Three layers as one node (the model's path) against three one-layer nodes in turn, with hidden
+    dropout and padding: the same masks in the same order, so the same output and gradients; and
+    a hook on a layer, or a layer with another dropout, keeps one node each."""
+    layers = [_layer(dropout=0.1, seed=s).train() for s in range(3)]
+    g = torch.Generator().manual_seed(4)
+    x, grad = torch.randn(4, 40, 64, generator=g), torch.randn(4, 40, 64, generator=g)
+    bias = _padding(4, 40)
+    assert encoder_layer_cpu.stack_applies(layers, x, bias)
+
+    def run(stacked):
+        for layer in layers:
+            for p in layer.parameters():
+                p.grad = None
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(9)
+        if stacked:
+            out = encoder_layer_cpu.stack_forward(layers, xi, bias)
+            assert type(out.grad_fn).__name__ == "_EncoderBackward"
+        else:
+            out = xi
+            for layer in layers:
+                out = layer(out, bias)
+        out.backward(grad)
+        return out.detach(), xi.grad, [p.grad.clone() for layer in layers for p in layer.parameters()]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one, each = run(True), run(False)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one[0], each[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one[1], each[1], rtol=1e-4, atol=1e-5)
+    for a, b in zip(one[2], each[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    handle = layers[1].register_forward_hook(lambda *a: None)
+    assert not encoder_layer_cpu.stack_applies(layers, x, bias)
+    handle.remove()
+    layers[2].dropout = 0.2
+    assert not encoder_layer_cpu.stack_applies(layers, x, bias)
 
 
 def test_workspace_comes_back_to_the_pool_only_when_released():
@@ -199,8 +244,8 @@ def test_batch_parts_equal_module_path(threads, B, parts):
     try:
         ext = dispatch._cpu_extension()
         shape = (B, 40, 64, 4, 128)
-        assert ext.encoder_layer_parts(shape, threads, False) == parts
-        assert ext.encoder_layer_parts(shape, threads, True) == parts
+        assert ext.encoder_parts(shape, 1, threads, False) == parts
+        assert ext.encoder_parts(shape, 1, threads, True) == parts
         fused = _run(layer, x, bias, grad)
         ref = _run(layer, x, bias, grad, fused=False)
     finally:
@@ -211,6 +256,7 @@ def test_batch_parts_equal_module_path(threads, B, parts):
 def test_backward_keeps_one_part_when_the_gradient_copies_are_large():
     from xlmr_mp.kernels import dispatch
     ext = dispatch._cpu_extension()
-    assert ext.encoder_layer_parts((8, 64, 256, 4, 1024), 2, True) == 2       # ~0.8M floats a copy
-    assert ext.encoder_layer_parts((8, 64, 768, 12, 3072), 2, True) == 1      # ~7M: threaded kernels
-    assert ext.encoder_layer_parts((8, 64, 768, 12, 3072), 2, False) == 2     # the forward has none
+    assert ext.encoder_parts((8, 64, 256, 4, 1024), 1, 2, True) == 2       # ~0.8M floats a copy
+    assert ext.encoder_parts((8, 64, 256, 4, 1024), 4, 2, True) == 1       # 4 layers: ~3.2M
+    assert ext.encoder_parts((8, 64, 768, 12, 3072), 1, 2, True) == 1      # ~7M: threaded kernels
+    assert ext.encoder_parts((8, 64, 768, 12, 3072), 1, 2, False) == 2     # the forward has none

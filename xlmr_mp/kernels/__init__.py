@@ -3,8 +3,8 @@
 ops.py       bias_gelu, bias_dropout_add_layernorm, scaled_masked_softmax (+ *_ref, backward refs)
 attention_cpu.py  fused CPU self-attention (csrc/attention_cpu.cpp) beside SDPA, at short sequences
 bias_gelu_cpu.py  fused CPU bias + exact GELU (csrc/bias_gelu_cpu.cpp) beside ops.bias_gelu_ref
-encoder_layer_cpu.py  a whole post-LN layer as one autograd node on a CPU at TP = 1: one C++ call each
-             way (csrc/encoder_layer_cpu.cpp: the kernels above, csrc/layernorm_cpu.cpp's
+encoder_layer_cpu.py  a model's (or stage's) post-LN layers as one autograd node on a CPU at TP = 1: one
+             C++ call each way (csrc/encoder_layer_cpu.cpp: the kernels above, csrc/layernorm_cpu.cpp's
              bias-dropout-add-LayerNorm, torch's own sgemm) beside the module path
 embeddings_cpu.py  the input embeddings (positions, gathers, LayerNorm) as one node, beside the module
 mlm_head_cpu.py  the masked-LM head + chunked loss over the masked rows as one node, beside the module

@@ -1,4 +1,4 @@
-"""One post-LN encoder layer as ONE autograd node on a CPU, beside its reference (the module path
+"""Post-LN encoder layers as ONE autograd node on a CPU, beside their reference (the module path
 of xlmr_mp/model/encoder.py, which is what runs whenever `applies` is False).
 
     y1  = x + Dropout(attn(x Wqkv^T + bqkv) Wo^T + bo)        h1  = LN1(y1)
@@ -7,26 +7,31 @@ of xlmr_mp/model/encoder.py, which is what runs whenever `applies` is False).
 At the shapes a scaling study runs on a CPU (hidden 64-256, a few hundred tokens per micro-batch)
 a layer's step is a few dozen small kernels, and the autograd graph around them (about 130 nodes,
 views and transposes per layer, each with its saved tensors and engine bookkeeping) costs as much
-again. Here the forward is ONE C++ call and the backward another (csrc/encoder_layer_cpu.cpp):
-the layer's 12 GEMMs through the BLAS sgemm torch itself calls (MKL's `sgemm_` in libtorch_cpu,
-kernels/cpu_fast_path.py), so each product has torch.mm's bits, between the AVX2 kernels of xlmr_mp._C for attention (attention_cpu.cpp), bias +
-GELU (bias_gelu_cpu.cpp) and each sublayer's bias + dropout + residual add + LayerNorm in one pass
-(layernorm_cpu.cpp, which also gives the bias gradients). Between the kernels there is no Python,
-no tensor allocation (the activations the backward needs live in one workspace tensor, taken
-from cpu_fast_path.WORKSPACES and given back when the backward lets it go, so its pages stay
-mapped between steps) and no autograd bookkeeping. With several threads the batch rows are cut
-into one part a thread, each running the whole layer single-threaded (one fork per call, not one
-per kernel and GEMM; `_C.encoder_layer_parts` says how many). The hidden-dropout masks are the Bernoulli draws the module path makes, in
-its order, so outputs and gradients equal the module path's to rounding
-(tests/test_encoder_layer_cpu.py).
+again. Here the forward of a model's (or a pipeline stage's) layers is ONE C++ call and the
+backward another (csrc/encoder_layer_cpu.cpp; `stack_forward`, which XLMRModel.encode uses; one
+layer alone, `layer_forward`, is what EncoderLayer.forward and full recompute use): each layer's
+12 GEMMs through the BLAS sgemm torch itself calls (MKL's `sgemm_` in libtorch_cpu,
+kernels/cpu_fast_path.py), so each product has torch.mm's bits, between the AVX2 kernels of
+xlmr_mp._C for attention (attention_cpu.cpp), bias + GELU (bias_gelu_cpu.cpp) and each sublayer's
+bias + dropout + residual add + LayerNorm in one pass (layernorm_cpu.cpp, which also gives the
+bias gradients). Between the kernels and the layers there is no Python, no tensor allocation (the
+activations the backward needs live in one workspace tensor, taken from cpu_fast_path.WORKSPACES
+and given back when the backward lets it go, so its pages stay mapped between steps) and no
+autograd bookkeeping: per micro-batch the Python, module and engine work of one node instead of
+one per layer (at the tiny preset about 0.1 ms a layer and micro-batch). With several threads the
+batch rows are cut into one part a thread, each running every layer single-threaded (one fork per
+call, not one per kernel and GEMM; `_C.encoder_parts` says how many). The hidden-dropout masks are
+the Bernoulli draws the module path makes, in its order, so outputs and gradients equal the
+module path's to rounding (tests/test_encoder_layer_cpu.py).
 
 It runs (`applies`) for fp32 CPU tensors where the CPU kernels may run (`dispatch.cpu_kernels`:
 AVX2/FMA, not under autocast or torch.compile, XLMR_MP_KERNELS not `reference`) and torch's sgemm
 was found, at TP = 1 (the TP-sharded layers call collectives between these ops), without
 attention dropout in training (the attention kernel has none), at S <= attention_cpu.MAX_SEQ
 (`fused` lifts it), with contiguous parameters, and not under selective recompute (which
-recomputes the attention core alone). Full recompute wraps this node like any other; double
-backward is not supported. Timings: bench/encoder_layer_cpu.py, results in
+recomputes the attention core alone); several layers as one node (`stack_applies`) also need
+no module hooks on a layer and one config. Full recompute wraps each one-layer node like any
+other; double backward is not supported. Timings: bench/encoder_layer_cpu.py, results in
 bench/results/encoder_layer_cpu.txt.
 """
 from __future__ import annotations
@@ -38,7 +43,7 @@ from xlmr_mp.kernels.cpu_fast_path import WORKSPACES, addr as _addr, blas_sgemm,
 
 
 def _params(layer) -> tuple:
-    """The layer's 12 parameters in _EncoderLayer's argument order (biases may be None); read from
+    """The layer's 12 parameters in _Encoder's argument order (biases may be None); read from
     the modules' dicts, as nn.Module.__getattr__ costs 1-2 us an attribute (a call reads 16)."""
     m = layer._modules
     attn, ffn = m["attention"]._modules, m["ffn"]._modules
@@ -64,44 +69,74 @@ def applies(layer, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return blas_sgemm() and fp32_cpu_contiguous(_params(layer))
 
 
-class _EncoderLayer(torch.autograd.Function):
+def _has_hooks(layer) -> bool:
+    """Module hooks on the layer itself: `layer(x, bias)` runs them, one call for several layers would not."""
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                or layer._backward_pre_hooks)
+
+
+def stack_applies(layers, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `stack_forward` should run the EncoderLayers `layers` (consecutive, the same shape)
+    on x as ONE node: each layer `applies`, none has module hooks, and they share heads, FFN size,
+    LayerNorm eps and dropout (one config)."""
+    if not layers:
+        return False
+    first = layers[0]
+    key = (first._modules["attention"].local_heads, first.eps, first.dropout)
+    for layer in layers:
+        if (_has_hooks(layer) or (layer._modules["attention"].local_heads, layer.eps, layer.dropout) != key
+                or not applies(layer, x, bias)):
+            return False
+    return True
+
+
+class _Encoder(torch.autograd.Function):
+    """`layers` consecutive layers (params: 12 a layer, in _params order) as one node."""
+
     @staticmethod
-    def forward(ctx, x, key_bias, w_qkv, b_qkv, w_o, b_o, g1, beta1, w_1, b_1, w_2, b_2, g2, beta2,
-                heads, eps, p):
+    def forward(ctx, x, key_bias, heads, eps, p, *params):
         ext = dispatch._cpu_extension()
-        params = tuple(t.detach() for t in (w_qkv, b_qkv, w_o, b_o, g1, beta1, w_1, b_1, w_2, b_2, g2, beta2))
+        layers = len(params) // 12
         B, S, H = x.shape
-        shape = (B, S, H, heads, w_1.shape[0])
+        shape = (B, S, H, heads, params[6].shape[0])
         x = x.detach()
-        # the module path's draws, in its order: attention sublayer's mask, then the FFN's
-        m_a = dropout_mask(x, p) if p > 0 else None
-        m_f = dropout_mask(x, p) if p > 0 else None
-        ws = WORKSPACES.take(ext.layer_workspace_floats(shape))
+        # the module path's draws, in its order: per layer the attention sublayer's mask, then the FFN's
+        masks = [dropout_mask(x, p) for _ in range(2 * layers)] if p > 0 else []
+        ws = WORKSPACES.take(ext.encoder_workspace_floats(shape, layers))
         out = x.new_empty(B, S, H)
-        addrs = tuple(t.data_ptr() for t in params)
-        ext.encoder_layer_forward(shape, x.data_ptr(), _addr(key_bias), addrs, _addr(m_a), _addr(m_f), eps,
-                                  ws.data_ptr(), out.data_ptr(), torch.get_num_threads())
-        ctx.save_for_backward(x, ws, m_a, m_f, *params)
-        ctx.shape = shape
+        keep_a, keep_f = tuple(m.data_ptr() for m in masks[0::2]), tuple(m.data_ptr() for m in masks[1::2])
+        ext.encoder_forward(shape, layers, x.data_ptr(), _addr(key_bias), tuple(t.data_ptr() for t in params),
+                            keep_a, keep_f, eps, ws.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        ctx.save_for_backward(x, ws, *masks, *params)
+        ctx.shape, ctx.layers = shape, layers
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, ws, m_a, m_f, *params = ctx.saved_tensors
+        saved = ctx.saved_tensors    # (under full recompute: the recomputed ones, at new addresses)
+        x, ws, masks, params = saved[0], saved[1], saved[2:len(saved) - 12 * ctx.layers], saved[len(saved) - 12 * ctx.layers:]
         ext = dispatch._cpu_extension()
         grad = grad_out.detach().contiguous()
         dx = torch.empty_like(x)
         grads = [torch.empty_like(t) for t in params]
-        ext.encoder_layer_backward(ctx.shape, grad.data_ptr(), x.data_ptr(), tuple(t.data_ptr() for t in params),
-                                   _addr(m_a), _addr(m_f), ws.data_ptr(), dx.data_ptr(),
-                                   tuple(g.data_ptr() for g in grads), torch.get_num_threads())
-        return (dx, None, *grads, None, None, None)
+        ext.encoder_backward(ctx.shape, ctx.layers, grad.data_ptr(), x.data_ptr(), tuple(t.data_ptr() for t in params),
+                             tuple(m.data_ptr() for m in masks[0::2]), tuple(m.data_ptr() for m in masks[1::2]),
+                             ws.data_ptr(), dx.data_ptr(), tuple(g.data_ptr() for g in grads),
+                             torch.get_num_threads())
+        return (dx, None, None, None, None, *grads)
+
+
+def stack_forward(layers, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The EncoderLayers `layers` applied in turn to x [B, S, H] as one autograd node (check
+    `stack_applies` first: it is False while torch.compile traces, so this opaque call is never
+    traced)."""
+    key_bias = None if bias is None else bias.reshape(bias.shape[0], bias.shape[-1]).contiguous()
+    first = layers[0]
+    p = first.dropout if first.training else 0.0
+    params = [t for layer in layers for t in _params(layer)]
+    return _Encoder.apply(x.contiguous(), key_bias, first._modules["attention"].local_heads, first.eps, p, *params)
 
 
 def layer_forward(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """EncoderLayer `layer` applied to x [B, S, H] as one autograd node (check `applies` first: it
-    is False while torch.compile traces, so this opaque call is never traced)."""
-    key_bias = None if bias is None else bias.reshape(bias.shape[0], bias.shape[-1]).contiguous()
-    p = layer.dropout if layer.training else 0.0
-    return _EncoderLayer.apply(x.contiguous(), key_bias, *_params(layer), layer._modules["attention"].local_heads,
-                               layer.eps, p)
+    """EncoderLayer `layer` applied to x [B, S, H] as one autograd node (check `applies` first)."""
+    return stack_forward([layer], x, bias)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from xlmr_mp.ids import IGNORE_INDEX
-from xlmr_mp.kernels import embeddings_cpu, mlm_head_cpu, ops
+from xlmr_mp.kernels import embeddings_cpu, encoder_layer_cpu, mlm_head_cpu, ops
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.encoder import EncoderLayer, attention_bias
 from xlmr_mp.model.sharding import partition_dim, shard_tensor
@@ -290,8 +290,12 @@ class XLMRModel(nn.Module):
             raise TypeError(f"a stage without embeddings takes hidden [B, S, H] floats, got {x.dtype} "
                             f"{tuple(x.shape)}")
         bias = attention_bias(attention_mask, x.dtype)
-        for layer in self.layers.values():
-            if self.recompute == "full" and torch.is_grad_enabled():
+        layers = list(self.layers.values())
+        recompute = self.recompute == "full" and torch.is_grad_enabled()
+        if not recompute and encoder_layer_cpu.stack_applies(layers, x, bias):
+            return encoder_layer_cpu.stack_forward(layers, x, bias)   # fp32 CPU: all layers as one node
+        for layer in layers:
+            if recompute:
                 x = checkpoint(layer, x, bias, use_reentrant=False, context_fn=RecomputeRNG())
             else:
                 x = layer(x, bias)
