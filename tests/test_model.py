@@ -145,3 +145,21 @@ def test_no_masked_tokens_and_fully_padded_rows_stay_finite():
     ids[2], mask[2] = cfg.pad_id, 0                           # a row of padding only
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(m.eval()(ids, mask)[..., : cfg.vocab_size]).all()
+
+
+def test_an_unpadded_batch_builds_no_attention_bias(monkeypatch):
+    """A CPU attention mask of all ones means no padding key: encode builds and adds no bias (the
+    same outputs as no mask at all); a padded one still gets its bias."""
+    import xlmr_mp.model.xlmr as xlmr
+    from support.model_case import padded_batch, tiny_model
+    model = tiny_model(dropout=0.0).eval()
+    ids, mask, _ = padded_batch()
+    seen = []
+    real = xlmr.attention_bias
+    monkeypatch.setattr(xlmr, "attention_bias", lambda m, dtype: seen.append(m) or real(m, dtype))
+    with torch.no_grad():
+        full = model.encode(ids, torch.ones_like(mask))
+        none = model.encode(ids, None)
+        model.encode(ids, mask)
+    assert seen[0] is None and seen[1] is None and seen[2] is mask
+    torch.testing.assert_close(full, none, rtol=0, atol=0)

@@ -289,6 +289,8 @@ class XLMRModel(nn.Module):
         elif x.dim() != 3 or not x.is_floating_point():
             raise TypeError(f"a stage without embeddings takes hidden [B, S, H] floats, got {x.dtype} "
                             f"{tuple(x.shape)}")
+        if attention_mask is not None and attention_mask.is_cpu and bool(attention_mask.all()):
+            attention_mask = None      # no padding key: no bias to build and add (HF's SDPA path drops it too)
         bias = attention_bias(attention_mask, x.dtype)
         layers = list(self.layers.values())
         recompute = self.recompute == "full" and torch.is_grad_enabled()
