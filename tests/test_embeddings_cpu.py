@@ -80,3 +80,41 @@ def test_dispatch_rule(monkeypatch):
         assert not embeddings_cpu.applies(emb, ids)
     monkeypatch.setenv("XLMR_MP_KERNELS", "reference")
     assert not embeddings_cpu.applies(emb, ids)
+
+
+def test_adds_to_existing_grads_as_autograd_would(monkeypatch):
+    """With .grad already there (the trainer's flat buffers) the backward adds the word and position
+    rows to them itself (no V x H temporary, no AccumulateGrad pass): the same .grad as autograd's
+    accumulation; not with a hook on the table, nor under autograd.grad (which never touches .grad)."""
+    from xlmr_mp.kernels import cpu_fast_path
+    emb = _emb(dropout=0.0).train()
+    ids = _ids()
+    grad = torch.randn(3, 29, 40, generator=torch.Generator().manual_seed(3))
+    word, pos = emb.word_embeddings.weight, emb.position_embeddings.weight
+    seen = []
+    real = cpu_fast_path.accumulation_targets
+    monkeypatch.setattr(embeddings_cpu, "accumulation_targets", lambda *a: seen.append(real(*a)) or seen[-1])
+
+    def backward_with(start):
+        emb.zero_grad(set_to_none=True)
+        if start is not None:
+            word.grad, pos.grad = start[0].clone(), start[1].clone()
+        embeddings_cpu.embeddings_forward(emb, ids).backward(grad)
+        return word.grad.clone(), pos.grad.clone()
+    fresh = backward_with(None)
+    assert seen[-1] is None                              # no .grad yet: returned as usual
+    start = (torch.randn_like(word), torch.randn_like(pos))
+    added = backward_with(start)
+    assert seen[-1] is not None                          # added in place
+    torch.testing.assert_close(added[0], start[0] + fresh[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(added[1], start[1] + fresh[1], rtol=1e-6, atol=1e-6)
+    calls = []
+    handle = word.register_post_accumulate_grad_hook(lambda p: calls.append(1))
+    backward_with(start)
+    assert seen[-1] is None and calls == [1]              # the hook sees AccumulateGrad run once
+    handle.remove()
+    word.grad, pos.grad = start[0].clone(), start[1].clone()
+    out = embeddings_cpu.embeddings_forward(emb, ids)
+    torch.autograd.grad(out, [emb.layernorm.weight], grad)
+    assert seen[-1] is None
+    assert torch.equal(word.grad, start[0]) and torch.equal(pos.grad, start[1])

@@ -57,6 +57,35 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
 
 
 
+
+def accumulation_targets(ctx, params, inputs) -> list | None:
+    """The .grad of each of `params` (the node's inputs at positions `inputs`) when the backward may
+    add its gradient to them itself, as Megatron's gradient-accumulation fusion adds to main_grad:
+    what AccumulateGrad would do next, without the zero-filled temporary it would add (the word
+    embedding's gradient is V x H) nor its own pass. Only where that is exactly what autograd would
+    do: every .grad already an fp32 contiguous tensor (the trainer's flat-buffer views: AccumulateGrad
+    then adds in place), no hook on a parameter (a tensor hook would see the gradient first; a
+    post-accumulate one, e.g. the DP reducer's, counts AccumulateGrad's runs), not building a graph
+    of the backward (create_graph adds out of place), and the engine about to run each parameter's
+    AccumulateGrad (not autograd.grad, not backward(inputs=...) leaving one out). None: return
+    the gradients as usual."""
+    if torch.is_grad_enabled():
+        return None
+    grads = []
+    for p in params:
+        g = p.grad
+        if (g is None or g.dtype != torch.float32 or not g.is_contiguous() or g.shape != p.shape
+                or g.is_sparse or p._backward_hooks or p._post_accumulate_grad_hooks):
+            return None
+        grads.append(g)
+    nodes = ctx.next_functions
+    try:
+        if not all(torch._C._will_engine_execute_node(nodes[i][0]) for i in inputs):
+            return None
+    except RuntimeError:         # autograd.grad(): it never accumulates into .grad
+        return None
+    return grads
+
 class BufferPool:
     """fp32 buffers that outlive a call (the layer's saved activations, live from its forward to
     its backward) and come back here when the last tensor on them is freed, for the next call of

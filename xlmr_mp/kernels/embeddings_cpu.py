@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from xlmr_mp.kernels import dispatch
-from xlmr_mp.kernels.cpu_fast_path import addr, dropout_mask, fp32_cpu_contiguous
+from xlmr_mp.kernels.cpu_fast_path import accumulation_targets, addr, dropout_mask, fp32_cpu_contiguous
 
 
 def _tables(emb) -> tuple:
@@ -57,6 +57,7 @@ class _Embeddings(torch.autograd.Function):
                                torch.get_num_threads())
         ctx.save_for_backward(ids, pos, keep, tables[3], y, mean, rstd)
         ctx.meta = (shape, word.shape, position.shape)
+        ctx.tables = (word, position)      # the parameters, whose .grad the backward may add to
         return out
 
     @staticmethod
@@ -64,12 +65,15 @@ class _Embeddings(torch.autograd.Function):
         ids, pos, keep, ln_w, y, mean, rstd = ctx.saved_tensors
         shape, word_shape, pos_shape = ctx.meta
         grad = grad.detach().contiguous()
-        dword, dpos = grad.new_zeros(word_shape), grad.new_zeros(pos_shape)
+        fused = accumulation_targets(ctx, ctx.tables, (1, 3))     # the kernel adds its rows to them
+        dword, dpos = fused if fused else (grad.new_zeros(word_shape), grad.new_zeros(pos_shape))
         dln_w, dln_b = torch.empty_like(ln_w), torch.empty_like(ln_w)
         dispatch._cpu_extension().embeddings_backward(
             shape, grad.data_ptr(), ids.data_ptr(), pos.data_ptr(), addr(keep), ln_w.data_ptr(),
             (y.data_ptr(), mean.data_ptr(), rstd.data_ptr()),
             (dword.data_ptr(), dpos.data_ptr(), dln_w.data_ptr(), dln_b.data_ptr()), torch.get_num_threads())
+        if fused:
+            dword = dpos = None
         return None, dword, None, dpos, dln_w, dln_b, None, None, None
 
 
