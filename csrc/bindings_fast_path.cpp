@@ -80,14 +80,14 @@ void py_encoder_forward(const std::array<int64_t, 5>& shape, int layers, Addr x,
 void py_encoder_backward(const std::array<int64_t, 5>& shape, int layers, Addr grad_out, Addr x,
                          const std::vector<Addr>& params, const std::vector<Addr>& keep_a,
                          const std::vector<Addr>& keep_f, Addr ws, Addr dx, const std::vector<Addr>& grads,
-                         int threads) {
+                         int threads, bool accumulate) {
   const LayerShape s = layer_shape(shape);
   const auto p = layer_tensors<const float>(params, layers);
   const auto g = layer_tensors<float>(grads, layers);
   const auto ka = masks(keep_a, layers), kf = masks(keep_f, layers);
   py::gil_scoped_release nogil;
   encoder_backward(s, layers, at<const float>(grad_out), at<const float>(x), p.data(), or_null(ka), or_null(kf),
-                   at<const float>(ws), at<float>(dx), g.data(), threads);
+                   at<const float>(ws), at<float>(dx), g.data(), accumulate, threads);
 }
 
 double py_mlm_head_loss(const std::array<int64_t, 4>& shape, Addr h, Addr target, const std::array<Addr, 6>& params,
@@ -163,8 +163,9 @@ void bind_cpu_fast_path(py::module_& m) {
         "(encoder_workspace_floats) for the backward. See csrc/encoder_layer_cpu.h.");
   m.def("encoder_backward", &py_encoder_backward, py::arg("shape"), py::arg("layers"), py::arg("grad_out"),
         py::arg("x"), py::arg("params"), py::arg("keep_a"), py::arg("keep_f"), py::arg("ws"), py::arg("dx"),
-        py::arg("grads"), py::arg("threads") = 1,
-        "Internal (addresses): dx and every layer's twelve parameter gradients (written) of encoder_forward.");
+        py::arg("grads"), py::arg("threads") = 1, py::arg("accumulate") = false,
+        "Internal (addresses): dx and every layer's twelve parameter gradients (written, or added to with "
+        "accumulate) of encoder_forward.");
   m.def("embeddings_forward", &py_embeddings_forward, py::arg("shape"), py::arg("ids"), py::arg("params"),
         py::arg("keep"), py::arg("eps"), py::arg("outputs"), py::arg("threads") = 1,
         "Internal (addresses): keep * LayerNorm(word[ids] + token_type + position[pos(ids)]); outputs (pos, y, out, "

@@ -190,12 +190,28 @@ void backward_rows(const LayerShape& s, const float* grad_out, const float* x, c
   gemm(false, false, T, H, 3 * H, dqkv, 3 * H, p.w_qkv, H, 1.0f, dx, H);  // dx += dqkv Wqkv
 }
 
-// out[0, len) += copies[0] + copies[1] + ... in that order (copies[k] at copies + k * stride), in
-// blocks, each loop a plain vectorisable pass.
-void add_parts(float* __restrict out, const float* __restrict copies, int64_t stride, int ncopies, int64_t len) {
-  for (int k = 0; k < ncopies; ++k) {
-    const float* c = copies + k * stride;
-    for (int64_t j = 0; j < len; ++j) out[j] += c[j];
+// out[0, len) (+)= copies[0] + copies[1] + ...: with `accumulate` the copies' sum (in order) is added
+// to out, else out (part 0's gradient) is the first term. In blocks, each loop a plain
+// vectorisable pass.
+void add_parts(float* __restrict out, const float* __restrict copies, int64_t stride, int ncopies, int64_t len,
+               bool accumulate) {
+  if (!accumulate) {
+    for (int k = 0; k < ncopies; ++k) {
+      const float* c = copies + k * stride;
+      for (int64_t j = 0; j < len; ++j) out[j] += c[j];
+    }
+    return;
+  }
+  constexpr int64_t kBlock = 256;
+  float sum[kBlock];
+  for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
+    const int64_t m = std::min(kBlock, len - j0);
+    for (int64_t j = 0; j < m; ++j) sum[j] = copies[j0 + j];
+    for (int k = 1; k < ncopies; ++k) {
+      const float* c = copies + k * stride + j0;
+      for (int64_t j = 0; j < m; ++j) sum[j] += c[j];
+    }
+    for (int64_t j = 0; j < m; ++j) out[j0 + j] += sum[j];
   }
 }
 
@@ -256,16 +272,19 @@ void encoder_forward(const LayerShape& s, int layers, const float* x, const floa
 
 void encoder_backward(const LayerShape& s, int layers, const float* grad_out, const float* x, const LayerParams* p,
                       const float* const* keep_a, const float* const* keep_f, const float* ws, float* dx,
-                      const LayerGrads* g, int threads) {
+                      const LayerGrads* g, bool accumulate, int threads) {
   check(s);
   const Stack st{s, layers, ws};
   const int n = layer_parts(s, threads, layers);
   const int64_t TH = s.batch * s.seq * s.hidden, np = param_floats(s);
   // slot 3: the gradient between layers [T, H] (a layer's dx overwrites its grad_out: backward_rows
-  // reads grad_out before it writes dx) | the parameters' gradients of parts k > 0 (part k - 1's
-  // block of layers x np; part 0 writes the outputs), added in part order at the end
+  // reads grad_out before it writes dx) | the parameters' gradients of parts k >= first (part k's
+  // block of layers x np at k - first): part 0 writes the outputs unless they are accumulated to;
+  // the copies are summed in part order at the end, and that sum written or added (once, as
+  // autograd's `grad += new` adds a node's whole gradient)
   const int64_t between = layers > 1 ? TH : 0;
-  Scratch buf(static_cast<size_t>(between + (n - 1) * layers * np), 3);
+  const int first = accumulate ? 0 : 1;
+  Scratch buf(static_cast<size_t>(between + (n - first) * layers * np), 3);
   float* partial = buf.data() + between;
   auto run = [&](int k, const LayerShape& part, int64_t b0, int kernel_threads) {
     const int64_t r = b0 * s.seq * s.hidden;
@@ -274,22 +293,24 @@ void encoder_backward(const LayerShape& s, int layers, const float* grad_out, co
       float* d = l == 0 ? dx : buf.data();
       backward_rows(part, grad + r, st.input(l, x) + r, p[l], rows_of(mask_of(keep_a, l), r, 1),
                     rows_of(mask_of(keep_f, l), r, 1), from_row(st.layer(l), s, b0), d + r,
-                    k == 0 ? g[l] : grads_in(s, partial + ((k - 1) * layers + l) * np), kernel_threads);
+                    k < first ? g[l] : grads_in(s, partial + ((k - first) * layers + l) * np), kernel_threads);
       grad = d;
     }
   };
   if (n == 1) {
     run(0, s, 0, threads);
-    return;
+    if (!accumulate) return;
+  } else {
+    for_each_part(s, n, [&](int64_t k, const LayerShape& part, int64_t b0) { run(static_cast<int>(k), part, b0, 1); });
   }
-  for_each_part(s, n, [&](int64_t k, const LayerShape& part, int64_t b0) { run(static_cast<int>(k), part, b0, 1); });
   const auto sizes = param_sizes(s);
   cpu::parallel_range(layers * np, threads, [&](int64_t lo, int64_t hi) {
     for (int l = 0; l < layers; ++l) {
       int64_t base = l * np;
       for (int i = 0; i < 12; ++i) {
         const int64_t a = std::max(lo, base), b = std::min(hi, base + sizes[i]);
-        if (a < b) add_parts(g[l].*kGradMembers[i] + (a - base), partial + a, layers * np, n - 1, b - a);
+        if (a < b)
+          add_parts(g[l].*kGradMembers[i] + (a - base), partial + a, layers * np, n - first, b - a, accumulate);
         base += sizes[i];
       }
     }

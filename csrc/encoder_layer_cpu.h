@@ -44,10 +44,11 @@ void encoder_forward(const LayerShape& s, int layers, const float* x, const floa
                      const float* const* keep_a, const float* const* keep_f, float eps, float* ws, float* out,
                      int threads);
 
-// Gradients of encoder_forward: dx [T, H] and each layer's parameter gradients g[l] (written, not
-// accumulated), from grad_out [T, H], the input x and the forward's workspace.
+// Gradients of encoder_forward: dx [T, H] (written) and each layer's parameter gradients g[l], from
+// grad_out [T, H], the input x and the forward's workspace: written, or with `accumulate` added to
+// g[l] (g += the call's gradient, one rounding: the bits of AccumulateGrad adding the written one).
 void encoder_backward(const LayerShape& s, int layers, const float* grad_out, const float* x, const LayerParams* p,
                       const float* const* keep_a, const float* const* keep_f, const float* ws, float* dx,
-                      const LayerGrads* g, int threads);
+                      const LayerGrads* g, bool accumulate, int threads);
 
 }  // namespace xlmr_mp

@@ -260,3 +260,45 @@ def test_backward_keeps_one_part_when_the_gradient_copies_are_large():
     assert ext.encoder_parts((8, 64, 256, 4, 1024), 4, 2, True) == 1       # 4 layers: ~3.2M
     assert ext.encoder_parts((8, 64, 768, 12, 3072), 1, 2, True) == 1      # ~7M: threaded kernels
     assert ext.encoder_parts((8, 64, 768, 12, 3072), 1, 2, False) == 2     # the forward has none
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_layers_add_to_existing_grads_as_autograd_would(monkeypatch, threads):
+    """With every .grad already there (the trainer's flat buffers) the node adds its parameters'
+    gradients to them itself: bit for bit autograd's `grad += new`; a post-accumulate hook (the DP
+    reducer's) keeps AccumulateGrad, which then runs it once."""
+    from xlmr_mp.kernels import cpu_fast_path
+    layers = [_layer(dropout=0.1, seed=s).train() for s in range(3)]
+    params = [p for layer in layers for p in layer.parameters()]
+    g = torch.Generator().manual_seed(6)
+    x, grad = torch.randn(4, 24, 64, generator=g), torch.randn(4, 24, 64, generator=g)
+    assert encoder_layer_cpu.stack_applies(layers, x, None)
+    seen = []
+    real = cpu_fast_path.accumulation_targets
+    monkeypatch.setattr(encoder_layer_cpu, "accumulation_targets", lambda *a: seen.append(real(*a)) or seen[-1])
+
+    def backward_with(start):
+        for p, s in zip(params, start or [None] * len(params)):
+            p.grad = None if s is None else s.clone()
+        torch.manual_seed(2)
+        encoder_layer_cpu.stack_forward(layers, x.clone().requires_grad_(True), None).backward(grad)
+        return [p.grad.clone() for p in params]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fresh = backward_with(None)
+        assert seen[-1] is None
+        start = [torch.randn_like(p) for p in params]
+        added = backward_with(start)
+        assert seen[-1] is not None
+        for a, s, f in zip(added, start, fresh):
+            torch.testing.assert_close(a, s + f, rtol=0, atol=0)
+        calls = []
+        handle = params[5].register_post_accumulate_grad_hook(lambda p: calls.append(1))
+        hooked = backward_with(start)
+        handle.remove()
+    finally:
+        torch.set_num_threads(before)
+    assert seen[-1] is None and calls == [1]
+    for a, b in zip(hooked, added):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -59,7 +59,8 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def accumulation_targets(ctx, params, inputs) -> list | None:
-    """The .grad of each of `params` (the node's inputs at positions `inputs`) when the backward may
+    """The .grad of each of `params` (the node's edges `inputs` of ctx.next_functions: one a tensor
+    argument of apply, a None argument has none) when the backward may
     add its gradient to them itself, as Megatron's gradient-accumulation fusion adds to main_grad:
     what AccumulateGrad would do next, without the zero-filled temporary it would add (the word
     embedding's gradient is V x H) nor its own pass. Only where that is exactly what autograd would

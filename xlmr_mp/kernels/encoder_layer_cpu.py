@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from xlmr_mp.kernels import attention_cpu, dispatch
-from xlmr_mp.kernels.cpu_fast_path import WORKSPACES, addr as _addr, blas_sgemm, dropout_mask, fp32_cpu_contiguous
+from xlmr_mp.kernels.cpu_fast_path import WORKSPACES, accumulation_targets, addr as _addr, blas_sgemm, dropout_mask, fp32_cpu_contiguous
 
 
 def _params(layer) -> tuple:
@@ -118,12 +118,16 @@ class _Encoder(torch.autograd.Function):
         ext = dispatch._cpu_extension()
         grad = grad_out.detach().contiguous()
         dx = torch.empty_like(x)
-        grads = [torch.empty_like(t) for t in params]
+        # gradient-accumulation fusion: added straight to the parameters' .grad where that is exactly
+        # what AccumulateGrad would do (cpu_fast_path.accumulation_targets)
+        edges = len(ctx.next_functions)     # one a tensor input (key_bias None has none): params last
+        fused = accumulation_targets(ctx, params, range(edges - len(params), edges))
+        grads = fused if fused else [torch.empty_like(t) for t in params]
         ext.encoder_backward(ctx.shape, ctx.layers, grad.data_ptr(), x.data_ptr(), tuple(t.data_ptr() for t in params),
                              tuple(m.data_ptr() for m in masks[0::2]), tuple(m.data_ptr() for m in masks[1::2]),
                              ws.data_ptr(), dx.data_ptr(), tuple(g.data_ptr() for g in grads),
-                             torch.get_num_threads())
-        return (dx, None, None, None, None, *grads)
+                             torch.get_num_threads(), bool(fused))
+        return (dx, None, None, None, None) + ((None,) * len(params) if fused else tuple(grads))
 
 
 def stack_forward(layers, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
