@@ -106,6 +106,29 @@ double py_mlm_head_loss(const std::array<int64_t, 4>& shape, Addr h, Addr target
   return mlm_head_loss(s, at<const float>(h), at<const int64_t>(target), p, static_cast<float>(eps), g, threads);
 }
 
+py::tuple py_mlm_head_loss_labels(const std::array<int64_t, 4>& shape, Addr h, Addr labels, int64_t ignore,
+                                  int64_t offset, const std::array<Addr, 6>& params, double eps,
+                                  const std::array<Addr, 7>& grads, int threads) {
+  require_cpu_kernels("mlm_head_loss_labels");
+  for (int i = 0; i < 4; ++i)
+    if (shape[i] < 1) throw std::invalid_argument("mlm_head_loss_labels: shape (T, H, V, chunk) must be positive");
+  for (int i = 0; i < 5; ++i)
+    if (!params[i]) throw std::invalid_argument("mlm_head_loss_labels: a parameter address is 0 (only the decoder bias may be)");
+  const HeadShape s{0, shape[1], shape[2], shape[3]};
+  const HeadParams p{at<const float>(params[0]), at<const float>(params[1]), at<const float>(params[2]),
+                     at<const float>(params[3]), at<const float>(params[4]), at<const float>(params[5])};
+  const HeadGrads g{at<float>(grads[0]), at<float>(grads[1]), at<float>(grads[2]), at<float>(grads[3]),
+                    at<float>(grads[4]), at<float>(grads[5]), at<float>(grads[6])};
+  int64_t count = 0;
+  double total;
+  {
+    py::gil_scoped_release nogil;
+    total = mlm_head_loss_labels(s, shape[0], at<const float>(h), at<const int64_t>(labels), ignore, offset, p,
+                                 static_cast<float>(eps), g, threads, &count);
+  }
+  return py::make_tuple(total, count);
+}
+
 EmbeddingShape embedding_shape(const std::array<int64_t, 6>& d) {
   require_cpu_kernels("embeddings");
   for (int i = 0; i < 5; ++i)
@@ -174,6 +197,11 @@ void bind_cpu_fast_path(py::module_& m) {
         py::arg("pos"), py::arg("keep"), py::arg("ln_weight"), py::arg("saved"), py::arg("grads"),
         py::arg("threads") = 1,
         "Internal (addresses): the word and position gradients (added to) and the LayerNorm's (written).");
+  m.def("mlm_head_loss_labels", &py_mlm_head_loss_labels, py::arg("shape"), py::arg("h"), py::arg("labels"),
+        py::arg("ignore"), py::arg("offset"), py::arg("params"), py::arg("eps"), py::arg("grads"),
+        py::arg("threads") = 1,
+        "Internal (addresses): mlm_head_loss over the rows of h [T, H] whose label != ignore (gathered here), "
+        "grads[0] the whole dh [T, H]; returns (loss sum, masked rows). See csrc/mlm_head_cpu.h.");
   m.def("mlm_head_loss", &py_mlm_head_loss, py::arg("shape"), py::arg("h"), py::arg("target"), py::arg("params"),
         py::arg("eps"), py::arg("grads"), py::arg("threads") = 1,
         "Internal (addresses): the masked-LM head and cross-entropy sum over h [M, H], with the gradients for an "

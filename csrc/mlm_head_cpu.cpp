@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "bias_gelu_cpu.h"
 #include "layernorm_cpu.h"
@@ -51,6 +52,35 @@ double mlm_head_loss(const HeadShape& s, const float* h, const int64_t* target, 
   bias_gelu_backward(da, d, p.b_dense, dd, g.b_dense, M, H, threads);
   gemm(true, false, H, H, M, dd, H, h, H, 0.0f, g.w_dense, H);                    // dWd = dd^T h
   gemm(false, false, M, H, H, dd, H, p.w_dense, H, 0.0f, g.h, H);                 // dh = dd Wd
+  return total;
+}
+
+double mlm_head_loss_labels(const HeadShape& s, int64_t T, const float* h, const int64_t* labels, int64_t ignore,
+                            int64_t offset, const HeadParams& p, float eps, const HeadGrads& g, int threads,
+                            int64_t* count) {
+  const int64_t H = s.hidden;
+  std::vector<int64_t> rows, target;
+  for (int64_t t = 0; t < T; ++t)
+    if (labels[t] != ignore) {
+      rows.push_back(t);
+      target.push_back(labels[t] - offset);
+    }
+  const int64_t M = static_cast<int64_t>(rows.size());
+  *count = M;
+  if (g.h) std::memset(g.h, 0, sizeof(float) * static_cast<std::size_t>(T * H));
+  if (M == 0) {
+    if (g.h)
+      for (float* w : {g.w_dense, g.b_dense, g.ln_weight, g.ln_bias})
+        std::memset(w, 0, sizeof(float) * static_cast<std::size_t>(w == g.w_dense ? H * H : H));
+    return 0.0;
+  }
+  std::vector<float> hs(static_cast<std::size_t>(M * H)), dhs(g.h ? static_cast<std::size_t>(M * H) : 0);
+  for (int64_t i = 0; i < M; ++i) std::memcpy(hs.data() + i * H, h + rows[i] * H, sizeof(float) * H);
+  HeadGrads gs = g;
+  if (g.h) gs.h = dhs.data();
+  const double total = mlm_head_loss(HeadShape{M, H, s.vocab, s.chunk}, hs.data(), target.data(), p, eps, gs, threads);
+  if (g.h)
+    for (int64_t i = 0; i < M; ++i) std::memcpy(g.h + rows[i] * H, dhs.data() + i * H, sizeof(float) * H);
   return total;
 }
 

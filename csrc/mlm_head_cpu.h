@@ -31,4 +31,11 @@ struct HeadGrads {
 double mlm_head_loss(const HeadShape& s, const float* h, const int64_t* target, const HeadParams& p, float eps,
                      const HeadGrads& g, int threads);
 
+// The same over the rows of h [T, H] whose label is not `ignore`, against label - offset: the masked
+// rows gathered here (s.rows is ignored), g.h [T, H] written whole (0 at the other rows), and
+// *count set to the number of masked rows. No masked row: loss 0, g.h and the written gradients 0.
+double mlm_head_loss_labels(const HeadShape& s, int64_t T, const float* h, const int64_t* labels, int64_t ignore,
+                            int64_t offset, const HeadParams& p, float eps, const HeadGrads& g, int threads,
+                            int64_t* count);
+
 }  // namespace xlmr_mp

@@ -116,3 +116,35 @@ def test_a_chunk_above_the_kept_scratch_gets_its_own_buffer():
     for name in node[1]:
         torch.testing.assert_close(node[1][name], ref[1][name], rtol=1e-4, atol=1e-6, msg=name)
     assert ext.scratch_kept_floats(1) <= 1 << 22                 # the head's slot did not keep the big chunk
+
+
+def test_labels_entry_finds_the_masked_rows_itself():
+    """The model's entry (MLMHead.masked_loss_sum_labels): labels [T] with IGNORE_INDEX where not
+    masked and an offset subtracted; the C++ call gathers the rows: the same loss, count and every
+    gradient as the module path on the gathered rows (unmasked rows' hidden gradient exactly 0);
+    no masked row at all: loss 0, count 0, zero gradients."""
+    from xlmr_mp.ids import IGNORE_INDEX
+    head, weight, hs, sel, target = _case()
+    labels = torch.full((hs.shape[0],), IGNORE_INDEX, dtype=torch.int64)
+    labels[sel] = target + 5
+    counts = []
+
+    def node():
+        loss, n = mlm_head_cpu.masked_loss_sum_labels(head, hs, labels, 5, weight, head.vocab_size, 1000)
+        counts.append(n)
+        return loss
+    got = _grads(head, weight, hs, node)
+    ref = _grads(head, weight, hs, lambda: vocab_parallel_masked_lm_loss(
+        head.transform(hs.index_select(0, sel)), weight, head.bias, target, None, 0, head.vocab_size))
+    assert counts[0].item() == sel.numel() and not counts[0].requires_grad
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for name in got[1]:
+        torch.testing.assert_close(got[1][name], ref[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    unmasked = torch.ones(hs.shape[0], dtype=torch.bool)
+    unmasked[sel] = False
+    assert got[1]["hidden"][unmasked].abs().max() == 0
+    none = torch.full_like(labels, IGNORE_INDEX)
+    empty = _grads(head, weight, hs, lambda: mlm_head_cpu.masked_loss_sum_labels(
+        head, hs, none, 0, weight, head.vocab_size, 1000)[0])
+    assert empty[0].item() == 0.0
+    assert all(g.abs().max() == 0 for g in empty[1].values())

@@ -4,7 +4,8 @@ cross-entropy, which is what runs whenever `applies` is False).
 
     d = h Wd^T    a = gelu(d + bd)    z = LN(a)    loss = sum_i CE(z_i Wdec^T + bdec, target_i)
 
-over h = hidden[masked rows]. One C++ call (csrc/mlm_head_cpu.cpp) does the forward and, as the
+over h = hidden[masked rows]. One C++ call (csrc/mlm_head_cpu.cpp) finds and gathers the masked
+rows from the labels (the model's entry, `masked_loss_sum_labels`), does the forward and, as the
 chunked loss does, the gradients for an upstream gradient of 1 chunk by chunk (the [chunk, V]
 logits become softmax - onehot in place and never outlive their chunk); the backward scales them.
 GEMMs through torch's own sgemm (kernels/cpu_fast_path.py), the rows through the AVX2 kernels (bias +
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.kernels import dispatch
 from xlmr_mp.kernels.cpu_fast_path import addr, blas_sgemm, fp32_cpu_contiguous
 
@@ -42,34 +44,51 @@ def applies(head, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> bool:
 
 
 class _MaskedHeadLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, sel, target, w_dense, b_dense, ln_w, ln_b, w_dec, b_dec, n_real, eps, chunk_rows,
-                need_grad):
-        ext = dispatch._cpu_extension()
-        params = tuple(t.detach() for t in (w_dense, b_dense, ln_w, ln_b, w_dec, b_dec))
-        hidden = hidden.detach()
-        h = hidden.index_select(0, sel)                          # [M, H], the masked rows
-        target = target.contiguous()
-        M, H = h.shape
-        grads = (None,) * 7
-        if need_grad:
-            grads = (torch.empty_like(h), *(torch.empty_like(t) for t in params[:4]), torch.zeros_like(params[4]),
-                     torch.zeros_like(params[5]))
-        total = ext.mlm_head_loss((M, H, n_real, chunk_rows), h.data_ptr(), target.data_ptr(),
-                                  tuple(addr(t) for t in params), eps, tuple(addr(g) for g in grads),
-                                  torch.get_num_threads())
-        ctx.grads, ctx.sel, ctx.rows = grads, sel, hidden.shape[0]
-        return torch.tensor(total, dtype=torch.float32)
+    """(loss sum, masked-row count) over the rows of hidden [T, H] whose label is not IGNORE_INDEX;
+    the C++ call gathers them, and writes dhidden [T, H] whole."""
 
     @staticmethod
-    def backward(ctx, grad_total):
-        gh, *gp = ctx.grads
+    def forward(ctx, hidden, labels, offset, w_dense, b_dense, ln_w, ln_b, w_dec, b_dec, n_real, eps, chunk_rows,
+                need_grad):
+        ext = dispatch._cpu_extension()
+        params = tuple(None if t is None else t.detach() for t in (w_dense, b_dense, ln_w, ln_b, w_dec, b_dec))
+        hidden = hidden.detach()
+        T, H = hidden.shape
+        labels = labels.contiguous()
+        grads = (None,) * 7
+        if need_grad:
+            grads = (torch.empty_like(hidden), *(torch.empty_like(t) for t in params[:4]), torch.zeros_like(params[4]),
+                     None if params[5] is None else torch.zeros_like(params[5]))
+        total, count = ext.mlm_head_loss_labels((T, H, n_real, chunk_rows), hidden.data_ptr(), labels.data_ptr(),
+                                                IGNORE_INDEX, offset, tuple(addr(t) for t in params), eps,
+                                                tuple(addr(g) for g in grads), torch.get_num_threads())
+        ctx.grads = grads
+        n = torch.tensor(float(count))
+        ctx.mark_non_differentiable(n)
+        return torch.tensor(total, dtype=torch.float32), n
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_count):
+        grads = ctx.grads
         ctx.grads = None
-        if gh is None:
+        if grads[0] is None:
             raise RuntimeError("masked_loss_sum ran without gradients (no input required grad at the call)")
-        torch._foreach_mul_([g for g in (gh, *gp) if g is not None], grad_total)
-        dhidden = gh.new_zeros(ctx.rows, gh.shape[1]).index_copy_(0, ctx.sel, gh)
-        return (dhidden, None, None, *gp, None, None, None, None)
+        torch._foreach_mul_([g for g in grads if g is not None], grad_total)
+        return (grads[0], None, None, *grads[1:], None, None, None, None)
+
+
+def masked_loss_sum_labels(head, hidden: torch.Tensor, labels: torch.Tensor, offset: int,
+                           decoder_weight: torch.Tensor, n_real: int, chunk_rows: int) -> tuple:
+    """(sum of the masked-LM cross-entropy (0-d fp32), number of masked rows (0-d float)) of MLMHead
+    `head` over the rows of hidden [T, H] whose label [T] is not IGNORE_INDEX, against label - offset
+    (decoder row ids; rows >= n_real of the decoder are padding, never predicted). The masked rows are
+    found and gathered in the C++ call (no nonzero / index_select / index_copy around it). Check
+    `applies` first."""
+    params = _params(head)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or decoder_weight.requires_grad
+                                             or any(p.requires_grad for p in params))
+    return _MaskedHeadLoss.apply(hidden.contiguous(), labels, int(offset), *params[:4], decoder_weight, params[4],
+                                 int(n_real), float(head.eps), int(chunk_rows), bool(need_grad))
 
 
 def masked_loss_sum(head, hidden: torch.Tensor, sel: torch.Tensor, target: torch.Tensor,
@@ -77,8 +96,6 @@ def masked_loss_sum(head, hidden: torch.Tensor, sel: torch.Tensor, target: torch
     """Sum of the masked-LM cross-entropy (0-d fp32) of MLMHead `head` over the rows `sel` of
     hidden [T, H] against target [M] (decoder row ids; rows >= n_real of the decoder are padding,
     never predicted). Check `applies` first."""
-    params = _params(head)
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or decoder_weight.requires_grad
-                                             or any(p.requires_grad for p in params))
-    return _MaskedHeadLoss.apply(hidden.contiguous(), sel, target, *params[:4], decoder_weight, params[4], int(n_real),
-                                 float(head.eps), int(chunk_rows), bool(need_grad))
+    labels = torch.full((hidden.shape[0],), IGNORE_INDEX, dtype=torch.int64, device=hidden.device)
+    labels[sel] = target.to(torch.int64)
+    return masked_loss_sum_labels(head, hidden, labels, 0, decoder_weight, n_real, chunk_rows)[0]

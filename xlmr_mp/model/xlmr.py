@@ -141,6 +141,15 @@ class MLMHead(nn.Module):
         return vocab_parallel_masked_lm_loss(self.transform(hidden.index_select(0, sel)), decoder_weight, self.bias,
                                              target, self.tp_group, self.vocab_start, self.vocab_size)
 
+    def masked_loss_sum_labels(self, hidden: torch.Tensor, labels: torch.Tensor, decoder_weight: torch.Tensor):
+        """(loss sum, masked count) over the rows of hidden [T, H] whose label [T] is set, as one C++
+        node that finds the rows itself (kernels/mlm_head_cpu.py), or None where it does not apply."""
+        if not mlm_head_cpu.applies(self, hidden, decoder_weight):
+            return None
+        n_real = real_rows(decoder_weight.shape[0], self.vocab_size, self.vocab_start)
+        return mlm_head_cpu.masked_loss_sum_labels(self, hidden, labels, self.vocab_start, decoder_weight, n_real,
+                                                   mlm_loss_chunk_rows(n_real))
+
 
 class XLMRModel(nn.Module):
     """XLM-R masked LM, whole or one pipeline stage, tensor-parallel over `tp_group` (None = TP 1).
@@ -309,6 +318,9 @@ class XLMRModel(nn.Module):
         hidden = self._full_sequence(hidden)
         h = hidden.reshape(-1, hidden.shape[-1])
         flat = labels.reshape(-1)
+        fast = self.lm_head.masked_loss_sum_labels(h, flat, self.decoder_weight())
+        if fast is not None:                  # fp32 CPU at TP = 1: the masked rows found in C++
+            return fast
         sel = (flat != IGNORE_INDEX).nonzero().squeeze(1)
         loss_sum = self.lm_head.masked_loss_sum(h, sel, self.decoder_weight(), flat.index_select(0, sel))
         return loss_sum, torch.tensor(float(sel.numel()), device=hidden.device)
