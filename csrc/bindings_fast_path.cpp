@@ -90,22 +90,6 @@ void py_encoder_backward(const std::array<int64_t, 5>& shape, int layers, Addr g
                    at<const float>(ws), at<float>(dx), g.data(), accumulate, threads);
 }
 
-double py_mlm_head_loss(const std::array<int64_t, 4>& shape, Addr h, Addr target, const std::array<Addr, 6>& params,
-                        double eps, const std::array<Addr, 7>& grads, int threads) {
-  require_cpu_kernels("mlm_head_loss");
-  for (int64_t v : shape)
-    if (v < 1) throw std::invalid_argument("mlm_head_loss: shape (M, H, V, chunk) must be positive");
-  for (int i = 0; i < 5; ++i)
-    if (!params[i]) throw std::invalid_argument("mlm_head_loss: a parameter address is 0 (only the decoder bias may be)");
-  const HeadShape s{shape[0], shape[1], shape[2], shape[3]};
-  const HeadParams p{at<const float>(params[0]), at<const float>(params[1]), at<const float>(params[2]),
-                     at<const float>(params[3]), at<const float>(params[4]), at<const float>(params[5])};
-  const HeadGrads g{at<float>(grads[0]), at<float>(grads[1]), at<float>(grads[2]), at<float>(grads[3]),
-                    at<float>(grads[4]), at<float>(grads[5]), at<float>(grads[6])};
-  py::gil_scoped_release nogil;
-  return mlm_head_loss(s, at<const float>(h), at<const int64_t>(target), p, static_cast<float>(eps), g, threads);
-}
-
 py::tuple py_mlm_head_loss_labels(const std::array<int64_t, 4>& shape, Addr h, Addr labels, int64_t ignore,
                                   int64_t offset, const std::array<Addr, 6>& params, double eps,
                                   const std::array<Addr, 7>& grads, int threads) {
@@ -202,8 +186,4 @@ void bind_cpu_fast_path(py::module_& m) {
         py::arg("threads") = 1,
         "Internal (addresses): mlm_head_loss over the rows of h [T, H] whose label != ignore (gathered here), "
         "grads[0] the whole dh [T, H]; returns (loss sum, masked rows). See csrc/mlm_head_cpu.h.");
-  m.def("mlm_head_loss", &py_mlm_head_loss, py::arg("shape"), py::arg("h"), py::arg("target"), py::arg("params"),
-        py::arg("eps"), py::arg("grads"), py::arg("threads") = 1,
-        "Internal (addresses): the masked-LM head and cross-entropy sum over h [M, H], with the gradients for an "
-        "upstream 1 (decoder ones added to) unless grads are all 0. See csrc/mlm_head_cpu.h.");
 }

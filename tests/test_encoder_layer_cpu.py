@@ -183,6 +183,9 @@ def test_layers_as_one_node_equal_one_node_each(threads):
     handle.remove()
     layers[2].dropout = 0.2
     assert not encoder_layer_cpu.stack_applies(layers, x, bias)
+    layers[2].dropout = layers[0].dropout
+    assert encoder_layer_cpu.stack_applies(layers, x, bias)
+    assert not encoder_layer_cpu.stack_applies(layers + [_layer(ffn=96)], x, bias)   # another FFN size
 
 
 def test_workspace_comes_back_to_the_pool_only_when_released():

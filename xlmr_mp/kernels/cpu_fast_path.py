@@ -56,8 +56,6 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
 
 
-
-
 def accumulation_targets(ctx, params, inputs) -> list | None:
     """The .grad of each of `params` (the node's edges `inputs` of ctx.next_functions: one a tensor
     argument of apply, a None argument has none) when the backward may
@@ -86,6 +84,7 @@ def accumulation_targets(ctx, params, inputs) -> list | None:
     except RuntimeError:         # autograd.grad(): it never accumulates into .grad
         return None
     return grads
+
 
 class BufferPool:
     """fp32 buffers that outlive a call (the layer's saved activations, live from its forward to

@@ -39,7 +39,8 @@ from __future__ import annotations
 import torch
 
 from xlmr_mp.kernels import attention_cpu, dispatch
-from xlmr_mp.kernels.cpu_fast_path import WORKSPACES, accumulation_targets, addr as _addr, blas_sgemm, dropout_mask, fp32_cpu_contiguous
+from xlmr_mp.kernels.cpu_fast_path import (WORKSPACES, accumulation_targets, addr as _addr, blas_sgemm, dropout_mask,
+                                          fp32_cpu_contiguous)
 
 
 def _params(layer) -> tuple:
@@ -75,19 +76,19 @@ def _has_hooks(layer) -> bool:
                 or layer._backward_pre_hooks)
 
 
+def _call_config(layer) -> tuple:
+    """What one encoder call takes for all its layers: heads, FFN size, LayerNorm eps, dropout."""
+    return (layer._modules["attention"].local_heads, _params(layer)[6].shape[0], layer.eps, layer.dropout)
+
+
 def stack_applies(layers, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `stack_forward` should run the EncoderLayers `layers` (consecutive, the same shape)
     on x as ONE node: each layer `applies`, none has module hooks, and they share heads, FFN size,
     LayerNorm eps and dropout (one config)."""
     if not layers:
         return False
-    first = layers[0]
-    key = (first._modules["attention"].local_heads, first.eps, first.dropout)
-    for layer in layers:
-        if (_has_hooks(layer) or (layer._modules["attention"].local_heads, layer.eps, layer.dropout) != key
-                or not applies(layer, x, bias)):
-            return False
-    return True
+    key = _call_config(layers[0])
+    return all(not _has_hooks(layer) and _call_config(layer) == key and applies(layer, x, bias) for layer in layers)
 
 
 class _Encoder(torch.autograd.Function):
@@ -114,7 +115,8 @@ class _Encoder(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors    # (under full recompute: the recomputed ones, at new addresses)
-        x, ws, masks, params = saved[0], saved[1], saved[2:len(saved) - 12 * ctx.layers], saved[len(saved) - 12 * ctx.layers:]
+        first_param = len(saved) - 12 * ctx.layers
+        x, ws, masks, params = saved[0], saved[1], saved[2:first_param], saved[first_param:]
         ext = dispatch._cpu_extension()
         grad = grad_out.detach().contiguous()
         dx = torch.empty_like(x)

@@ -135,9 +135,9 @@ class MLMHead(nn.Module):
         [M, V_local] fp32 logits are never held for the whole masked set); fp32 on an AVX2 CPU at
         TP = 1, the whole head as one node (kernels/mlm_head_cpu.py)."""
         if sel.numel() and mlm_head_cpu.applies(self, hidden, decoder_weight):   # (no masked row: the torch path)
-            n_real = real_rows(decoder_weight.shape[0], self.vocab_size, self.vocab_start)
-            return mlm_head_cpu.masked_loss_sum(self, hidden, sel, target - self.vocab_start, decoder_weight, n_real,
-                                                mlm_loss_chunk_rows(n_real))
+            labels = torch.full((hidden.shape[0],), IGNORE_INDEX, dtype=torch.int64, device=hidden.device)
+            labels[sel] = target.to(torch.int64)
+            return self.masked_loss_sum_labels(hidden, labels, decoder_weight)[0]
         return vocab_parallel_masked_lm_loss(self.transform(hidden.index_select(0, sel)), decoder_weight, self.bias,
                                              target, self.tp_group, self.vocab_start, self.vocab_size)
 
