@@ -1,9 +1,10 @@
 // Fused multi-head self-attention for CPU (fp32, AVX2 + FMA), forward and backward, over the fused
 // QKV projection's output; the torch reference is scaled_dot_product_attention (the autograd
 // wrapper and the dispatch are xlmr_mp/kernels/attention_cpu.py). Per (batch, head): K^T copied
-// once, query rows in blocks of 24 through scores -> softmax -> P V while they are hot in L1, the
-// probabilities kept for the backward (so it is meant for short sequences: S x S floats a head).
-// The small GEMMs are register-blocked 6 x 16 tiles of FMAs over broadcast A and contiguous B rows.
+// once (8 x 8 register transposes), query rows in blocks of 24 through scores -> softmax -> P V while
+// they are hot in L1, the probabilities kept for the backward (so it is meant for short sequences:
+// S x S floats a head). The small GEMMs are small_gemm_avx2.h's register-blocked 6 x 16 tiles of FMAs
+// over broadcast A and contiguous B rows.
 #include "attention_cpu.h"
 
 #include <algorithm>
@@ -14,74 +15,17 @@
 
 #include "cpu_target_begin.h"
 #if XLMR_MP_AVX2
+#include "small_gemm_avx2.h"
 
 namespace xlmr_mp {
 namespace {
 
 using namespace cpu;
 
-// C(i, n) = alpha * sum_k A(i, k) B(k, n) [+ colbias(n)] for a tile of MR rows x NV*8 columns
-// (with TAIL, the last vector's lanes are `mask`'s: loads and stores past N are masked off);
-// A(i, k) = A[i * ai + k * ak] (broadcast), B(k, :) = B + k * ldb (contiguous).
-template <int MR, int NV, bool TAIL>
-inline void tile(int64_t K, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb,
-                 float* C, int64_t ldc, float alpha, const float* colbias, __m256i mask) {
-  __m256 c[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) c[r][v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 b[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v)
-      b[v] = (TAIL && v == NV - 1) ? _mm256_maskload_ps(B + k * ldb + v * W, mask) : _mm256_loadu_ps(B + k * ldb + v * W);
-    const float* a = A + k * ak;
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a + r * ai);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(x, b[v], c[r][v]);
-    }
-  }
-  const __m256 va = _mm256_set1_ps(alpha);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      const bool last = TAIL && v == NV - 1;
-      __m256 y = _mm256_mul_ps(c[r][v], va);
-      if (colbias) y = _mm256_add_ps(y, last ? _mm256_maskload_ps(colbias + v * W, mask) : _mm256_loadu_ps(colbias + v * W));
-      if (last) _mm256_maskstore_ps(C + r * ldc + v * W, mask, y);
-      else _mm256_storeu_ps(C + r * ldc + v * W, y);
-    }
-}
-
-template <int NV, bool TAIL>
-inline void rows(int64_t M, int64_t K, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb,
-                 float* C, int64_t ldc, float alpha, const float* colbias, __m256i mask) {
-  int64_t i = 0;
-  for (; i + 6 <= M; i += 6) tile<6, NV, TAIL>(K, A + i * ai, ai, ak, B, ldb, C + i * ldc, ldc, alpha, colbias, mask);
-  for (; i + 2 <= M; i += 2) tile<2, NV, TAIL>(K, A + i * ai, ai, ak, B, ldb, C + i * ldc, ldc, alpha, colbias, mask);
-  for (; i < M; ++i) tile<1, NV, TAIL>(K, A + i * ai, ai, ak, B, ldb, C + i * ldc, ldc, alpha, colbias, mask);
-}
-
-// C[M x N] = alpha * A B (+ colbias): N in tiles of 16 columns, then one of 8, then the last N % 8
-// columns through masked loads and stores.
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb,
-          float* C, int64_t ldc, float alpha, const float* colbias) {
-  const __m256i all = _mm256_set1_epi32(-1);
-  int64_t n = 0;
-  for (; n + 2 * W <= N; n += 2 * W)
-    rows<2, false>(M, K, A, ai, ak, B + n, ldb, C + n, ldc, alpha, colbias ? colbias + n : nullptr, all);
-  for (; n + W <= N; n += W)
-    rows<1, false>(M, K, A, ai, ak, B + n, ldb, C + n, ldc, alpha, colbias ? colbias + n : nullptr, all);
-  if (n < N) {
-    alignas(32) int32_t lanes[W];
-    for (int l = 0; l < W; ++l) lanes[l] = n + l < N ? -1 : 0;
-    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-    rows<1, true>(M, K, A, ai, ak, B + n, ldb, C + n, ldc, alpha, colbias ? colbias + n : nullptr, mask);
-  }
+// C [M x N] = alpha * A B (+ colbias): small_gemm_avx2.h's tiles.
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ai, int64_t ak, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, float alpha, const float* colbias) {
+  small_gemm<false>(M, N, K, A, ai, ak, B, ldb, C, ldc, alpha, colbias);
 }
 
 // In-place softmax of each of the M rows of length S (row stride S).
@@ -105,8 +49,7 @@ void attention_forward(const AttentionShape& s, const float* qkv, const float* k
       const float* q = qkv + b * S * ss + h * 3 * D;
       const float* k = q + D;
       const float* v = q + 2 * D;
-      for (int64_t j = 0; j < S; ++j)
-        for (int64_t d = 0; d < D; ++d) kT[d * S + j] = k[j * ss + d];
+      transpose(k, S, D, ss, kT.data(), S);
       float* P = probs + bh * S * S;
       const float* kb = key_bias ? key_bias + b * S : nullptr;
       float* o = out + b * S * so + h * D;
@@ -136,13 +79,8 @@ void attention_backward(const AttentionShape& s, const float* qkv, const float* 
       const float* dO = grad_out + b * S * so + h * D;
       const float* O = out + b * S * so + h * D;
       float* gq = grad_qkv + b * S * ss + h * 3 * D;
-      for (int64_t j = 0; j < S; ++j)
-        for (int64_t d = 0; d < D; ++d) vT[d * S + j] = v[j * ss + d];
-      for (int64_t i = 0; i < S; ++i) {  // delta_i = sum_j P_ij dP_ij = dO_i . O_i
-        float acc = 0.f;
-        for (int64_t d = 0; d < D; ++d) acc += dO[i * so + d] * O[i * so + d];
-        delta[i] = acc;
-      }
+      transpose(v, S, D, ss, vT.data(), S);
+      for (int64_t i = 0; i < S; ++i) delta[i] = dot(dO + i * so, O + i * so, D);  // sum_j P_ij dP_ij = dO_i . O_i
       gemm(S, D, S, P, 1, S, dO, so, gq + 2 * D, ss, 1.f, nullptr);          // dV = P^T dO
       gemm(S, S, D, dO, so, 1, vT.data(), S, ds.data(), S, 1.f, nullptr);    // dP = dO V^T
       for (int64_t i = 0; i < S; ++i) {                                       // dS = scale P (dP - delta)

@@ -17,6 +17,7 @@
 #include "embeddings_cpu.h"
 #include "encoder_layer_cpu.h"
 #include "mlm_head_cpu.h"
+#include "small_gemm_cpu.h"
 
 namespace py = pybind11;
 using namespace xlmr_mp;
@@ -149,7 +150,7 @@ void bind_cpu_fast_path(py::module_& m) {
   m.def("set_blas_sgemm", [](Addr fn) { set_blas_sgemm(reinterpret_cast<SgemmFn>(fn)); }, py::arg("address"),
         "The encoder layer's GEMM: the address of the Fortran BLAS sgemm_ (LP64) torch itself calls.");
   m.def("scratch_kept_floats", &scratch_kept_floats, py::arg("slot"),
-        "Floats the calling thread keeps in scratch slot (0 layer, 1 head, 2 embeddings, 3 layer gradient parts) "
+        "Floats the calling thread keeps in scratch slot (0 layer, 1 head, 2 embeddings, 3 layer gradient parts, 4 transposed weights) "
         "between calls.");
   m.def("blas_sgemm_selftest", &blas_sgemm_selftest,
         "One small product through the sgemm set against plain loops (False: none set, or another ABI).");
@@ -157,6 +158,21 @@ void bind_cpu_fast_path(py::module_& m) {
           return encoder_workspace_floats(LayerShape{d[0], d[1], d[2], d[3], d[4]}, layers); },
         py::arg("shape"), py::arg("layers"),
         "Floats of encoder_forward's saved activations for `layers` layers of shape (B, S, H, heads, F).");
+  m.def("small_gemm", [](bool ta, int64_t M, int64_t N, int64_t K, Addr a, int64_t lda, Addr b, int64_t ldb,
+                         bool accumulate, Addr c, int64_t ldc, Addr bias) {
+          require_cpu_kernels("small_gemm");
+          if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("small_gemm: M, N, K must be >= 0");
+          small_gemm(ta, M, N, K, at<const float>(a), lda, at<const float>(b), ldb, accumulate, at<float>(c), ldc,
+                     at<const float>(bias));
+        }, py::arg("ta"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("a"), py::arg("lda"), py::arg("b"),
+        py::arg("ldb"), py::arg("accumulate"), py::arg("c"), py::arg("ldc"), py::arg("bias"),
+        "Row-major C [M, N] = op(A) B (+ bias) (+ C with accumulate), op(A) = A [M, K] or (ta) A [K, M]^T, "
+        "B [K, N]: the encoder layer's single-threaded register-tiled GEMM (addresses; bias 0 for none).");
+  m.def("encoder_small_products", [](const std::array<int64_t, 5>& d, int layers, int threads, bool backward) {
+          return encoder_small_products(LayerShape{d[0], d[1], d[2], d[3], d[4]}, layers, threads, backward); },
+        py::arg("shape"), py::arg("layers"), py::arg("threads"), py::arg("backward"),
+        "Whether a call of `layers` layers of shape (B, S, H, heads, F) at `threads` threads runs its products "
+        "through small_gemm (else the BLAS sgemm).");
   m.def("encoder_parts", [](const std::array<int64_t, 5>& d, int layers, int threads, bool backward) {
           return encoder_parts(LayerShape{d[0], d[1], d[2], d[3], d[4]}, layers, threads, backward); },
         py::arg("shape"), py::arg("layers"), py::arg("threads"), py::arg("backward"),

@@ -6,10 +6,10 @@
 //   y2  = h1 + keep_f * (act W2^T + b2)          out = LN2(y2)
 //
 // and the backward, written out as xlmr_mp/kernels/encoder_layer_cpu.py's node did it in Python:
-// the same GEMMs (torch's own BLAS sgemm, so each product has torch.mm's bits) and the same AVX2
-// kernels, with no Python, tensor allocation or autograd bookkeeping between them. A residual
-// gradient is the output the branch's input-gradient GEMM accumulates into (beta = 1), as
-// torch.addmm(residual, a, b) computes it.
+// the same GEMMs (torch's own BLAS sgemm, so each product has torch.mm's bits, or for small layers
+// small_gemm's register tiles: see small_products) and the same AVX2 kernels, with no Python, tensor
+// allocation or autograd bookkeeping between them. A residual gradient is the output the branch's
+// input-gradient GEMM accumulates into (beta = 1), as torch.addmm(residual, a, b) computes it.
 //
 // With several threads a call is cut into parts, ranges of batch rows, one a thread (layer_parts):
 // each part runs the whole layer on its rows with single-threaded kernels and GEMMs, so the call
@@ -27,6 +27,7 @@
 #include "blas_cpu.h"
 #include "cpu_parallel.h"
 #include "layernorm_cpu.h"
+#include "small_gemm_cpu.h"
 
 namespace xlmr_mp {
 namespace {
@@ -136,30 +137,90 @@ void for_each_part(const LayerShape& s, int n, Fn f) {
   });
 }
 
-void forward_rows(const LayerShape& s, const float* x, const float* key_bias, const LayerParams& p,
+// Which GEMM a part's products take: small_gemm (small_gemm_cpu.h: register tiles, no packing, the
+// bias in the tile's epilogue) where it beats the BLAS, i.e. single-threaded at hidden <= 64, ffn <= 256
+// and a part of <= 2048 rows (measured per product against MKL on the 2-core Zen 4 CI machine: ~8%
+// faster at the tiny preset's 256 x 64 x {64, 128, 192}, ~3% at ffn 256, slower from hidden 96 on);
+// else the BLAS sgemm (threaded when the call is not cut into parts).
+constexpr int64_t kSmallMaxHidden = 64, kSmallMaxFfn = 256, kSmallMaxRows = 2048;
+
+bool small_products(const LayerShape& s, int parts, int kernel_threads) {
+  const int64_t rows = (s.batch + parts - 1) / parts * s.seq;
+  return kernel_threads == 1 && s.hidden <= kSmallMaxHidden && s.ffn <= kSmallMaxFfn && rows <= kSmallMaxRows &&
+         cpu_kernels_supported();
+}
+
+// A layer's four weights transposed for small_gemm's [K, N] B operand: Wqkv^T [H, 3H] | Wo^T [H, H] |
+// W1^T [H, F] | W2^T [F, H].
+int64_t transposed_floats(const LayerShape& s) { return 4 * s.hidden * s.hidden + 2 * s.hidden * s.ffn; }
+
+// Every layer's transposed weights into wt (layers x transposed_floats), the 4 x layers matrices over
+// `threads`.
+void transpose_weights(const LayerShape& s, int layers, const LayerParams* p, float* wt, int threads) {
+  const int64_t H = s.hidden, F = s.ffn, per = transposed_floats(s);
+  cpu::parallel_range(4 * layers, threads, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const LayerParams& q = p[i / 4];
+      float* t = wt + (i / 4) * per;
+      switch (i % 4) {
+        case 0: transpose_rows(q.w_qkv, 3 * H, H, H, t, 3 * H); break;
+        case 1: transpose_rows(q.w_o, H, H, H, t + 3 * H * H, H); break;
+        case 2: transpose_rows(q.w_1, F, H, H, t + 4 * H * H, F); break;
+        default: transpose_rows(q.w_2, H, F, F, t + 4 * H * H + H * F, H); break;
+      }
+    }
+  });
+}
+
+// C [M, N] = A [M, K] W^T (+ bias [N]), W [N, K] in torch's layout: with Wt (W^T [K, N]) through
+// small_gemm, else the BLAS (the bias first filled into C, as torch.addmm(bias, a, w.t()) adds it).
+void linear(int64_t M, int64_t N, int64_t K, const float* A, const float* W, const float* Wt, const float* bias,
+            float* C) {
+  if (Wt) {
+    small_gemm(false, M, N, K, A, K, Wt, N, false, C, N, bias);
+    return;
+  }
+  if (bias) fill_rows(C, bias, M, N);
+  gemm(false, true, M, N, K, A, K, W, K, bias ? 1.0f : 0.0f, C, N);
+}
+
+// C [M, N] (+)= op(A) B, B [K, N]: small_gemm or the BLAS.
+void product(bool small, bool ta, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  if (small)
+    small_gemm(ta, M, N, K, A, lda, B, ldb, accumulate, C, ldc, nullptr);
+  else
+    gemm(ta, false, M, N, K, A, lda, B, ldb, accumulate ? 1.0f : 0.0f, C, ldc);
+}
+
+// wt: the layer's transposed weights (transpose_weights) to run the products through small_gemm, or null.
+void forward_rows(const LayerShape& s, const float* x, const float* key_bias, const LayerParams& p, const float* wt,
                   const float* keep_a, const float* keep_f, float eps, const Workspace& w, float* out, int threads) {
   const int64_t T = s.batch * s.seq, H = s.hidden, F = s.ffn, D = H / s.heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const AttentionShape as{s.batch, s.seq, s.heads, D};
   Scratch branch_buf(static_cast<size_t>(T * H), 0);
   float* branch = branch_buf.data();
-  fill_rows(w.qkv, p.b_qkv, T, 3 * H);
-  gemm(false, true, T, 3 * H, H, x, H, p.w_qkv, H, 1.0f, w.qkv, 3 * H);
+  const float* wt_o = wt ? wt + 3 * H * H : nullptr;
+  const float* wt_1 = wt ? wt + 4 * H * H : nullptr;
+  const float* wt_2 = wt ? wt + 4 * H * H + H * F : nullptr;
+  linear(T, 3 * H, H, x, p.w_qkv, wt, p.b_qkv, w.qkv);
   attention_forward(as, w.qkv, key_bias, scale, w.ctx, w.probs, threads);
-  gemm(false, true, T, H, H, w.ctx, H, p.w_o, H, 0.0f, branch, H);
+  linear(T, H, H, w.ctx, p.w_o, wt_o, nullptr, branch);
   bias_dropout_add_layernorm_forward(branch, p.b_o, x, keep_a, p.g1, p.beta1, eps, T, H, w.h1, w.y1, w.mean1,
                                      w.rstd1, threads);
-  gemm(false, true, T, F, H, w.h1, H, p.w_1, H, 0.0f, w.f1, F);
+  linear(T, F, H, w.h1, p.w_1, wt_1, nullptr, w.f1);
   bias_gelu_forward(w.f1, p.b_1, w.act, T, F, threads);
-  gemm(false, true, T, H, F, w.act, F, p.w_2, F, 0.0f, branch, H);
+  linear(T, H, F, w.act, p.w_2, wt_2, nullptr, branch);
   bias_dropout_add_layernorm_forward(branch, p.b_2, w.h1, keep_f, p.g2, p.beta2, eps, T, H, out, w.y2, w.mean2,
                                      w.rstd2, threads);
 }
 
 // grad_out is read (by the first LayerNorm backward) before dx is written, so they may be one buffer.
+// small: the products through small_gemm, else the BLAS.
 void backward_rows(const LayerShape& s, const float* grad_out, const float* x, const LayerParams& p,
                    const float* keep_a, const float* keep_f, const Workspace& w, float* dx, const LayerGrads& g,
-                   int threads) {
+                   bool small, int threads) {
   const int64_t T = s.batch * s.seq, H = s.hidden, F = s.ffn, D = H / s.heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const AttentionShape as{s.batch, s.seq, s.heads, D};
@@ -174,20 +235,20 @@ void backward_rows(const LayerShape& s, const float* grad_out, const float* x, c
   // FFN sublayer: out = LN2(h1 + keep_f * (act W2^T + b2)); d h1 starts as the residual's gradient
   bias_dropout_add_layernorm_backward(grad_out, w.y2, keep_f, p.g2, w.mean2, w.rstd2, T, H, dh1, dbr, g.g2,
                                       g.beta2, g.b_2, threads);
-  gemm(true, false, H, F, T, dbr, H, w.act, F, 0.0f, g.w_2, F);        // dW2 = dbr^T act
-  gemm(false, false, T, F, H, dbr, H, p.w_2, F, 0.0f, dact, F);        // d act = dbr W2
+  product(small, true, H, F, T, dbr, H, w.act, F, false, g.w_2, F);      // dW2 = dbr^T act
+  product(small, false, T, F, H, dbr, H, p.w_2, F, false, dact, F);      // d act = dbr W2
   bias_gelu_backward(dact, w.f1, p.b_1, df1, g.b_1, T, F, threads);
-  gemm(true, false, F, H, T, df1, F, w.h1, H, 0.0f, g.w_1, H);         // dW1 = df1^T h1
-  gemm(false, false, T, H, F, df1, F, p.w_1, H, 1.0f, dh1, H);         // d h1 += df1 W1
+  product(small, true, F, H, T, df1, F, w.h1, H, false, g.w_1, H);       // dW1 = df1^T h1
+  product(small, false, T, H, F, df1, F, p.w_1, H, true, dh1, H);        // d h1 += df1 W1
   // attention sublayer: h1 = LN1(x + keep_a * (ctx Wo^T + bo)); dx starts as the residual's gradient
   bias_dropout_add_layernorm_backward(dh1, w.y1, keep_a, p.g1, w.mean1, w.rstd1, T, H, dx, dbr, g.g1, g.beta1,
                                       g.b_o, threads);
-  gemm(true, false, H, H, T, dbr, H, w.ctx, H, 0.0f, g.w_o, H);        // dWo = dbr^T ctx
-  gemm(false, false, T, H, H, dbr, H, p.w_o, H, 0.0f, dctx, H);        // d ctx = dbr Wo
+  product(small, true, H, H, T, dbr, H, w.ctx, H, false, g.w_o, H);      // dWo = dbr^T ctx
+  product(small, false, T, H, H, dbr, H, p.w_o, H, false, dctx, H);      // d ctx = dbr Wo
   attention_backward(as, w.qkv, w.probs, w.ctx, dctx, scale, dqkv, threads);
   column_sum(dqkv, T, 3 * H, g.b_qkv, false);
-  gemm(true, false, 3 * H, H, T, dqkv, 3 * H, x, H, 0.0f, g.w_qkv, H);  // dWqkv = dqkv^T x
-  gemm(false, false, T, H, 3 * H, dqkv, 3 * H, p.w_qkv, H, 1.0f, dx, H);  // dx += dqkv Wqkv
+  product(small, true, 3 * H, H, T, dqkv, 3 * H, x, H, false, g.w_qkv, H);  // dWqkv = dqkv^T x
+  product(small, false, T, H, 3 * H, dqkv, 3 * H, p.w_qkv, H, true, dx, H);  // dx += dqkv Wqkv
 }
 
 // out[0, len) (+)= copies[0] + copies[1] + ...: with `accumulate` the copies' sum (in order) is added
@@ -226,6 +287,11 @@ int64_t encoder_workspace_floats(const LayerShape& s, int layers) {
   return layers * layer_workspace_floats(s) + (layers - 1) * s.batch * s.seq * s.hidden;
 }
 
+bool encoder_small_products(const LayerShape& s, int layers, int threads, bool backward) {
+  const int n = layer_parts(s, threads, backward ? layers : 0);
+  return small_products(s, n, n == 1 ? threads : 1);
+}
+
 int encoder_parts(const LayerShape& s, int layers, int threads, bool backward) {
   return layer_parts(s, threads, backward ? layers : 0);
 }
@@ -254,16 +320,21 @@ void encoder_forward(const LayerShape& s, int layers, const float* x, const floa
                      int threads) {
   check(s);
   const Stack st{s, layers, ws};
+  const int n = layer_parts(s, threads, 0);
+  // small_gemm's products take the weights transposed: done once for the call, read by every part
+  const bool small = small_products(s, n, n == 1 ? threads : 1);
+  Scratch wt(static_cast<size_t>(small ? layers * transposed_floats(s) : 0), 4);
+  if (small) transpose_weights(s, layers, p, wt.data(), threads);
   // rows from batch row b0 (a part, or the whole batch) through every layer
   auto run = [&](const LayerShape& part, int64_t b0, int kernel_threads) {
     const int64_t r = b0 * s.seq * s.hidden;
     for (int l = 0; l < layers; ++l) {
       float* o = l == layers - 1 ? out : st.input(l + 1, x);
-      forward_rows(part, st.input(l, x) + r, rows_of(key_bias, b0, s.seq), p[l], rows_of(mask_of(keep_a, l), r, 1),
+      forward_rows(part, st.input(l, x) + r, rows_of(key_bias, b0, s.seq), p[l],
+                   small ? wt.data() + l * transposed_floats(s) : nullptr, rows_of(mask_of(keep_a, l), r, 1),
                    rows_of(mask_of(keep_f, l), r, 1), eps, from_row(st.layer(l), s, b0), o + r, kernel_threads);
     }
   };
-  const int n = layer_parts(s, threads, 0);
   if (n == 1)
     run(s, 0, threads);
   else
@@ -286,6 +357,7 @@ void encoder_backward(const LayerShape& s, int layers, const float* grad_out, co
   const int first = accumulate ? 0 : 1;
   Scratch buf(static_cast<size_t>(between + (n - first) * layers * np), 3);
   float* partial = buf.data() + between;
+  const bool small = small_products(s, n, n == 1 ? threads : 1);
   auto run = [&](int k, const LayerShape& part, int64_t b0, int kernel_threads) {
     const int64_t r = b0 * s.seq * s.hidden;
     const float* grad = grad_out;
@@ -293,7 +365,8 @@ void encoder_backward(const LayerShape& s, int layers, const float* grad_out, co
       float* d = l == 0 ? dx : buf.data();
       backward_rows(part, grad + r, st.input(l, x) + r, p[l], rows_of(mask_of(keep_a, l), r, 1),
                     rows_of(mask_of(keep_f, l), r, 1), from_row(st.layer(l), s, b0), d + r,
-                    k < first ? g[l] : grads_in(s, partial + ((k - first) * layers + l) * np), kernel_threads);
+                    k < first ? g[l] : grads_in(s, partial + ((k - first) * layers + l) * np), small,
+                    kernel_threads);
       grad = d;
     }
   };

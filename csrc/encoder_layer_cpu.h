@@ -1,6 +1,8 @@
 // Consecutive post-LN encoder layers (one, or all of a model's or a pipeline stage's), forward and
-// backward, as two C++ calls on a CPU (fp32, AVX2 + FMA): the layers' GEMMs through the BLAS sgemm that torch itself calls (MKL's, handed over once with
-// set_blas_sgemm, blas_cpu.h), between the AVX2 kernels of attention_cpu, bias_gelu_cpu and layernorm_cpu.
+// backward, as two C++ calls on a CPU (fp32, AVX2 + FMA): the layers' GEMMs through the BLAS sgemm that
+// torch itself calls (MKL's, handed over once with set_blas_sgemm, blas_cpu.h) or, for small layers cut
+// into single-threaded parts, small_gemm_cpu.h's register tiles, between the AVX2 kernels of
+// attention_cpu, bias_gelu_cpu and layernorm_cpu.
 // The torch reference is the module path of xlmr_mp/model/encoder.py; the Python wrapper (the
 // autograd node) is xlmr_mp/kernels/encoder_layer_cpu.py.
 #pragma once
@@ -36,6 +38,10 @@ int64_t encoder_workspace_floats(const LayerShape& s, int layers);
 // the backward of `layers` layers cuts a call into at `threads` threads; 1: one pass with the
 // kernels and GEMMs threaded.
 int encoder_parts(const LayerShape& s, int layers, int threads, bool backward);
+
+// Whether such a call runs its GEMMs through small_gemm (small_gemm_cpu.h: single-threaded parts of small
+// layers) rather than the BLAS sgemm.
+bool encoder_small_products(const LayerShape& s, int layers, int threads, bool backward);
 
 // out [T, H] = layers[layers - 1](... layers[0](x)), the post-LN layers with parameters p[l]; key_bias
 // [B, S] or null; keep_a / keep_f: null, or per layer its two hidden-dropout multipliers [T, H] (0 or
