@@ -150,7 +150,7 @@ void bind_cpu_fast_path(py::module_& m) {
   m.def("set_blas_sgemm", [](Addr fn) { set_blas_sgemm(reinterpret_cast<SgemmFn>(fn)); }, py::arg("address"),
         "The encoder layer's GEMM: the address of the Fortran BLAS sgemm_ (LP64) torch itself calls.");
   m.def("scratch_kept_floats", &scratch_kept_floats, py::arg("slot"),
-        "Floats the calling thread keeps in scratch slot (0 layer, 1 head, 2 embeddings, 3 layer gradient parts, 4 transposed weights) "
+        "Floats the calling thread keeps in scratch slot (0 layer, 1 head, 2 embeddings, 3 layer gradient parts, 4 transposed weights, 5 head gradient parts) "
         "between calls.");
   m.def("blas_sgemm_selftest", &blas_sgemm_selftest,
         "One small product through the sgemm set against plain loops (False: none set, or another ABI).");
@@ -197,6 +197,8 @@ void bind_cpu_fast_path(py::module_& m) {
         py::arg("pos"), py::arg("keep"), py::arg("ln_weight"), py::arg("saved"), py::arg("grads"),
         py::arg("threads") = 1,
         "Internal (addresses): the word and position gradients (added to) and the LayerNorm's (written).");
+  m.def("mlm_head_parts", &mlm_head_parts, py::arg("rows"), py::arg("hidden"), py::arg("vocab"), py::arg("threads"),
+        "Parts (one a thread) mlm_head_loss_labels cuts `rows` masked rows into, with gradients.");
   m.def("mlm_head_loss_labels", &py_mlm_head_loss_labels, py::arg("shape"), py::arg("h"), py::arg("labels"),
         py::arg("ignore"), py::arg("offset"), py::arg("params"), py::arg("eps"), py::arg("grads"),
         py::arg("threads") = 1,

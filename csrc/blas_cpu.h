@@ -32,8 +32,8 @@ void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool acc
 // the end of the call (a [rows, 250k] logits chunk is not worth holding between steps). `slot`
 // keeps users apart: 0 the encoder layer, 1 the head, 2 the embeddings, 3 the encoder layer's
 // per-part gradient copies (taken by the calling thread beside its slot 0), 4 the encoder's
-// transposed weights (its forward, read by every part).
-constexpr int kScratchSlots = 5;
+// transposed weights (its forward, read by every part), 5 the head's per-part gradient copies.
+constexpr int kScratchSlots = 6;
 constexpr std::size_t kScratchKeepFloats = std::size_t(1) << 22;  // 16 MiB
 class Scratch {
  public:

@@ -34,8 +34,13 @@ double mlm_head_loss(const HeadShape& s, const float* h, const int64_t* target, 
 // The same over the rows of h [T, H] whose label is not `ignore`, against label - offset: the masked
 // rows gathered here (s.rows is ignored), g.h [T, H] written whole (0 at the other rows), and
 // *count set to the number of masked rows. No masked row: loss 0, g.h and the written gradients 0.
+// With gradients and several threads the masked rows may be cut into parts (mlm_head_parts), one a
+// thread, each running mlm_head_loss single-threaded; their parameter gradients are summed in part order.
 double mlm_head_loss_labels(const HeadShape& s, int64_t T, const float* h, const int64_t* labels, int64_t ignore,
                             int64_t offset, const HeadParams& p, float eps, const HeadGrads& g, int threads,
                             int64_t* count);
+
+// Parts mlm_head_loss_labels cuts `rows` masked rows into at `threads` threads (1: one threaded pass).
+int mlm_head_parts(int64_t rows, int64_t hidden, int64_t vocab, int threads);
 
 }  // namespace xlmr_mp

@@ -148,3 +148,30 @@ def test_labels_entry_finds_the_masked_rows_itself():
         head, hs, none, 0, weight, head.vocab_size, 1000)[0])
     assert empty[0].item() == 0.0
     assert all(g.abs().max() == 0 for g in empty[1].values())
+
+
+@pytest.mark.parametrize("chunk_rows", [1000, 7], ids=["one_chunk", "chunks_of_7"])
+def test_masked_rows_in_parts_equal_the_module_path(chunk_rows):
+    """At 2 threads and enough masked rows the C++ call cuts them into one part a thread (each the
+    whole head single-threaded, the decoder's products through small_gemm, the parameter gradients
+    of part 1 summed into part 0's): the same loss and every gradient as the module path."""
+    ext = dispatch._cpu_extension()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        head, weight, hs, sel, target = _case(rows=150, masked=70, seed=3)
+        assert ext.mlm_head_parts(sel.numel(), 48, head.vocab_size, 2) == 2
+        assert ext.mlm_head_parts(sel.numel(), 48, head.vocab_size, 1) == 1
+        assert ext.mlm_head_parts(20, 48, head.vocab_size, 2) == 1              # < 16 rows a part
+        assert ext.mlm_head_parts(sel.numel(), 64, 250002, 2) == 1              # the decoder's copies too large
+        got = _grads(head, weight, hs, lambda: mlm_head_cpu.masked_loss_sum(head, hs, sel, target, weight,
+                                                                              head.vocab_size, chunk_rows))
+        ref = _grads(head, weight, hs, lambda: vocab_parallel_masked_lm_loss(
+            head.transform(hs.index_select(0, sel)), weight, head.bias, target, None, 0, head.vocab_size,
+            chunk_rows=chunk_rows))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for name in got[1]:
+        torch.testing.assert_close(got[1][name], ref[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert got[1]["decoder"][head.vocab_size:].abs().max() == 0
