@@ -1,12 +1,14 @@
 """The encoder layer as one autograd node on a CPU (kernels/encoder_layer_cpu.py) beside the module
 path it replaces (model/encoder.py with the same kernels) and beside the pure torch reference
 (XLMR_MP_KERNELS=reference: SDPA, F.gelu): values, every gradient, hidden dropout masks, padding,
-full recompute, and the dispatch rule."""
+full recompute, the dispatch rule, and gradients added to .grad by the node itself."""
+import contextlib
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from xlmr_mp.kernels import attention_cpu, encoder_layer_cpu
+from xlmr_mp.kernels import attention_cpu, cpu_fast_path, encoder_layer_cpu
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.encoder import EncoderLayer, attention_bias
 from support.model_case import loss_and_grads, padded_batch, tiny_model
@@ -131,7 +133,7 @@ def test_whole_model_equals_the_reference_and_runs_the_node(monkeypatch):
     assert len(model.layers) >= 2
     calls = []
     real = encoder_layer_cpu._Encoder.apply
-    monkeypatch.setattr(encoder_layer_cpu._Encoder, "apply", lambda *a: calls.append(len(a) - 5) or real(*a))
+    monkeypatch.setattr(encoder_layer_cpu._Encoder, "apply", lambda *a: calls.append(len(a) - 6) or real(*a))
     loss_k, grads_k = loss_and_grads(model, batch, monkeypatch, "auto")
     assert calls == [12 * len(model.layers)]
     loss_r, grads_r = loss_and_grads(model, batch, monkeypatch, "reference")
@@ -305,3 +307,77 @@ def test_layers_add_to_existing_grads_as_autograd_would(monkeypatch, threads):
     assert seen[-1] is None and calls == [1]
     for a, b in zip(hooked, added):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gradients_into_grad_leaves_the_parameters_out_of_the_graph():
+    """Inside cpu_fast_path.gradients_into_grad (where the trainer runs its forwards) the node takes
+    its parameters detached, so the engine runs no AccumulateGrad for them, and adds their gradients
+    to .grad itself: the same bits as the edges' path; a hooked parameter or a missing .grad keeps
+    the edges; a .grad replaced between the forward and the backward is an error."""
+    layers = [_layer(dropout=0.1, seed=s).train() for s in range(3)]
+    params = [p for layer in layers for p in layer.parameters()]
+    g = torch.Generator().manual_seed(7)
+    x, grad = torch.randn(4, 24, 64, generator=g), torch.randn(4, 24, 64, generator=g)
+    start = [torch.randn_like(p) for p in params]
+
+    def forward(edge_free, grads=True):
+        for p, s in zip(params, start):
+            p.grad = s.clone() if grads else None
+        torch.manual_seed(3)
+        xi = x.clone().requires_grad_(True)
+        with cpu_fast_path.gradients_into_grad() if edge_free else contextlib.nullcontext():
+            out = encoder_layer_cpu.stack_forward(layers, xi, None)
+        return out, sum(f is not None for f, _ in out.grad_fn.next_functions)
+
+    out, edges = forward(False)
+    assert edges == 1 + len(params)
+    out.backward(grad)
+    with_edges = [p.grad.clone() for p in params]
+    out, edges = forward(True)
+    assert edges == 1                                       # x's alone
+    out.backward(grad)
+    for a, b in zip(params, with_edges):
+        torch.testing.assert_close(a.grad, b, rtol=0, atol=0)
+    assert forward(True, grads=False)[1] == 1 + len(params)   # no .grad to add to: the edges
+    handle = params[3].register_hook(lambda t: t)
+    assert forward(True)[1] == 1 + len(params)                # a tensor hook must see the gradient
+    handle.remove()
+    out, edges = forward(True)
+    params[0].grad = torch.zeros_like(params[0])
+    with pytest.raises(RuntimeError, match="replaced between the forward and the backward"):
+        out.backward(grad)
+
+
+def _trainer_body(rank, world_size, run_dir):
+    import contextlib as cl
+    from support import train_bodies as b
+    from xlmr_mp.parallel import schedule
+    from xlmr_mp.parallel.state import destroy_parallel
+    taken = []
+    real = encoder_layer_cpu.edge_free_targets
+    encoder_layer_cpu.edge_free_targets = lambda params: taken.append(real(params) is not None) or real(params)
+    out = {}
+    for mode in ("edges", "edge_free"):
+        if mode == "edges":
+            schedule.gradients_into_grad = cl.nullcontext
+        cfg = b.tiny_cfg(["train.global_batch=8", "train.micro_batch=4", "model.dropout=0.1",
+                          f"run_dir={run_dir}/{mode}", "logging.jsonl=false"], world_size)
+        tr, _ = b.make_trainer(cfg)
+        taken.clear()
+        ms = [tr.train_step() for _ in range(3)]
+        out[mode] = {"losses": [m["loss"] for m in ms], "grad_norms": [m["grad_norm"] for m in ms],
+                     "params": b.local_params(tr), "taken": list(taken)}
+        destroy_parallel()
+        schedule.gradients_into_grad = cpu_fast_path.gradients_into_grad
+    return out
+
+
+def test_trainer_runs_its_forwards_edge_free_with_the_same_bits(tmp_path):
+    from support.harness import run_distributed
+    r = run_distributed(_trainer_body, 1, args=(str(tmp_path),), timeout=600)[0]
+    assert r["edge_free"]["taken"] and all(r["edge_free"]["taken"])
+    assert r["edges"]["taken"] and not any(r["edges"]["taken"])
+    assert r["edge_free"]["losses"] == r["edges"]["losses"]
+    assert r["edge_free"]["grad_norms"] == r["edges"]["grad_norms"]
+    for n, t in r["edges"]["params"].items():
+        torch.testing.assert_close(r["edge_free"]["params"][n], t, rtol=0, atol=0, msg=n)

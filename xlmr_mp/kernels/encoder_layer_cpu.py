@@ -42,8 +42,8 @@ from __future__ import annotations
 import torch
 
 from xlmr_mp.kernels import attention_cpu, dispatch
-from xlmr_mp.kernels.cpu_fast_path import (WORKSPACES, accumulation_targets, addr as _addr, blas_sgemm, dropout_mask,
-                                          fp32_cpu_contiguous)
+from xlmr_mp.kernels.cpu_fast_path import (WORKSPACES, accumulation_targets, addr as _addr, blas_sgemm,
+                                          check_targets, dropout_mask, edge_free_targets, fp32_cpu_contiguous)
 
 
 def _params(layer) -> tuple:
@@ -95,10 +95,12 @@ def stack_applies(layers, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
 
 
 class _Encoder(torch.autograd.Function):
-    """`layers` consecutive layers (params: 12 a layer, in _params order) as one node."""
+    """`layers` consecutive layers (params: 12 a layer, in _params order) as one node. `into`: None,
+    or (the Parameters, their .grad) when the params are passed detached (no edges) and the
+    backward adds their gradients to those .grad itself (cpu_fast_path.gradients_into_grad)."""
 
     @staticmethod
-    def forward(ctx, x, key_bias, heads, eps, p, *params):
+    def forward(ctx, x, key_bias, heads, eps, p, into, *params):
         ext = dispatch._cpu_extension()
         layers = len(params) // 12
         B, S, H = x.shape
@@ -112,7 +114,7 @@ class _Encoder(torch.autograd.Function):
         ext.encoder_forward(shape, layers, x.data_ptr(), _addr(key_bias), tuple(t.data_ptr() for t in params),
                             keep_a, keep_f, eps, ws.data_ptr(), out.data_ptr(), torch.get_num_threads())
         ctx.save_for_backward(x, ws, *masks, *params)
-        ctx.shape, ctx.layers = shape, layers
+        ctx.shape, ctx.layers, ctx.into = shape, layers, into
         return out
 
     @staticmethod
@@ -125,14 +127,18 @@ class _Encoder(torch.autograd.Function):
         dx = torch.empty_like(x)
         # gradient-accumulation fusion: added straight to the parameters' .grad where that is exactly
         # what AccumulateGrad would do (cpu_fast_path.accumulation_targets)
-        edges = len(ctx.next_functions)     # one a tensor input (key_bias None has none): params last
-        fused = accumulation_targets(ctx, params, range(edges - len(params), edges))
+        if ctx.into is not None:             # no edges to the parameters: add to their .grad here
+            check_targets(*ctx.into, "the encoder's node")
+            fused = ctx.into[1]
+        else:
+            edges = len(ctx.next_functions)  # one a tensor input (key_bias None has none): params last
+            fused = accumulation_targets(ctx, params, range(edges - len(params), edges))
         grads = fused if fused else [torch.empty_like(t) for t in params]
         ext.encoder_backward(ctx.shape, ctx.layers, grad.data_ptr(), x.data_ptr(), tuple(t.data_ptr() for t in params),
                              tuple(m.data_ptr() for m in masks[0::2]), tuple(m.data_ptr() for m in masks[1::2]),
                              ws.data_ptr(), dx.data_ptr(), tuple(g.data_ptr() for g in grads),
                              torch.get_num_threads(), bool(fused))
-        return (dx, None, None, None, None) + ((None,) * len(params) if fused else tuple(grads))
+        return (dx, None, None, None, None, None) + ((None,) * len(params) if fused else tuple(grads))
 
 
 def stack_forward(layers, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -143,7 +149,12 @@ def stack_forward(layers, x: torch.Tensor, bias: torch.Tensor | None) -> torch.T
     first = layers[0]
     p = first.dropout if first.training else 0.0
     params = [t for layer in layers for t in _params(layer)]
-    return _Encoder.apply(x.contiguous(), key_bias, first._modules["attention"].local_heads, first.eps, p, *params)
+    heads = first._modules["attention"].local_heads
+    targets = edge_free_targets(params)
+    if targets is not None:     # inside gradients_into_grad: the parameters detached, their .grad added to
+        return _Encoder.apply(x.contiguous(), key_bias, heads, first.eps, p, (params, targets),
+                              *(t.detach() for t in params))
+    return _Encoder.apply(x.contiguous(), key_bias, heads, first.eps, p, None, *params)
 
 
 def layer_forward(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch import nn
 from xlmr_mp.distributed import all_reduce_floats
 from xlmr_mp.errors import ConfigError
 from xlmr_mp.ids import IGNORE_INDEX
+from xlmr_mp.kernels.cpu_fast_path import gradients_into_grad
 from xlmr_mp.parallel.grads import sequence_parallel_syncs
 from xlmr_mp.parallel.layout import check_micro_batch_count, check_sequence_parallel, schedule_kind
 from xlmr_mp.parallel.state import get_rng_tracker
@@ -247,7 +248,11 @@ class PipelineSchedule:
     def _step_no_pipeline(self, micro_batches) -> float:
         total = 0.0
         for mb in micro_batches:
-            loss = self._loss_sum(mb) / self._global_num_masked
+            # each backward below is Tensor.backward() right after its forward: the CPU fast-path
+            # nodes may add their parameters' gradients to .grad without autograd edges
+            with gradients_into_grad():
+                loss_sum = self._loss_sum(mb)
+            loss = loss_sum / self._global_num_masked
             (loss * self._loss_scale).backward()
             total += loss.item()
         return total
