@@ -131,7 +131,7 @@ def test_model_equals_the_sdpa_path_and_uses_the_kernel(monkeypatch):
     (XLMR_MP_KERNELS=reference): same loss and gradients; the kernel path really ran. The layers
     take their module path (as at TP > 1): the one-node layer (encoder_layer_cpu) has its own test."""
     from xlmr_mp.kernels import encoder_layer_cpu
-    monkeypatch.setattr(encoder_layer_cpu, "applies", lambda *a: False)
+    monkeypatch.setattr(encoder_layer_cpu, "_layer_applies", lambda *a: False)   # what applies and stack_applies ask
     model, batch = tiny_model(), padded_batch()
     calls = []
     real = attention_cpu._Attention.apply

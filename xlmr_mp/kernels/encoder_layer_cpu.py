@@ -58,19 +58,27 @@ def _params(layer) -> tuple:
             fc1["weight"], fc1["bias"], fc2["weight"], fc2["bias"], ln2["weight"], ln2["bias"])
 
 
-def applies(layer, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `layer_forward` should run the EncoderLayer `layer` on x [B, S, H] (key-padding bias
-    [B, 1, 1, S] | None)."""
+def _layer_applies(layer, params) -> bool:
+    """The layer's own conditions (its parameters `params`, in _params order)."""
     attn = layer._modules["attention"]
-    if layer.tp_size != 1 or attn.selective_recompute or x.dim() != 3:
+    if layer.tp_size != 1 or attn.selective_recompute:
         return False
     if layer.training and attn.attention_dropout > 0:
         return False
-    # the attention kernel's own conditions (fp32 CPU, the switch, key-bias layout, MAX_SEQ), which
-    # read dtype, device, batch and sequence length: x has the same as the layer's qkv
-    if not attention_cpu.applies(x, bias, 0.0):
-        return False
-    return blas_sgemm() and fp32_cpu_contiguous(_params(layer))
+    return fp32_cpu_contiguous(params)
+
+
+def _input_applies(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The call's conditions on its input: [B, S, H], the attention kernel's own (fp32 CPU, the
+    switch, key-bias layout, MAX_SEQ: it reads dtype, device, batch and sequence length, which x
+    shares with the layer's qkv), and torch's sgemm found."""
+    return x.dim() == 3 and attention_cpu.applies(x, bias, 0.0) and blas_sgemm()
+
+
+def applies(layer, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `layer_forward` should run the EncoderLayer `layer` on x [B, S, H] (key-padding bias
+    [B, 1, 1, S] | None)."""
+    return _input_applies(x, bias) and _layer_applies(layer, _params(layer))
 
 
 def _has_hooks(layer) -> bool:
@@ -79,19 +87,25 @@ def _has_hooks(layer) -> bool:
                 or layer._backward_pre_hooks)
 
 
-def _call_config(layer) -> tuple:
+def _call_config(layer, params) -> tuple:
     """What one encoder call takes for all its layers: heads, FFN size, LayerNorm eps, dropout."""
-    return (layer._modules["attention"].local_heads, _params(layer)[6].shape[0], layer.eps, layer.dropout)
+    return (layer._modules["attention"].local_heads, params[6].shape[0], layer.eps, layer.dropout)
 
 
 def stack_applies(layers, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `stack_forward` should run the EncoderLayers `layers` (consecutive, the same shape)
     on x as ONE node: each layer `applies`, none has module hooks, and they share heads, FFN size,
     LayerNorm eps and dropout (one config)."""
-    if not layers:
+    if not layers or not _input_applies(x, bias):
         return False
-    key = _call_config(layers[0])
-    return all(not _has_hooks(layer) and _call_config(layer) == key and applies(layer, x, bias) for layer in layers)
+    key = None
+    for layer in layers:
+        params = _params(layer)
+        config = _call_config(layer, params)
+        key = config if key is None else key
+        if _has_hooks(layer) or config != key or not _layer_applies(layer, params):
+            return False
+    return True
 
 
 class _Encoder(torch.autograd.Function):
