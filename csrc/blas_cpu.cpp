@@ -1,6 +1,7 @@
 // The BLAS entry point and row helpers of blas_cpu.h.
 #include "blas_cpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -57,6 +58,29 @@ void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool acc
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) out[c] += X[r * cols + c];
 }
+
+void add_part_copies(float* __restrict out, const float* __restrict copies, int64_t stride, int ncopies, int64_t len,
+                     bool accumulate) {
+  if (!accumulate) {
+    for (int k = 0; k < ncopies; ++k) {
+      const float* c = copies + k * stride;
+      for (int64_t j = 0; j < len; ++j) out[j] += c[j];
+    }
+    return;
+  }
+  constexpr int64_t kBlock = 256;
+  float sum[kBlock];
+  for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
+    const int64_t m = std::min(kBlock, len - j0);
+    for (int64_t j = 0; j < m; ++j) sum[j] = copies[j0 + j];
+    for (int k = 1; k < ncopies; ++k) {
+      const float* c = copies + k * stride + j0;
+      for (int64_t j = 0; j < m; ++j) sum[j] += c[j];
+    }
+    for (int64_t j = 0; j < m; ++j) out[j0 + j] += sum[j];
+  }
+}
+
 
 namespace {
 std::vector<float>& kept(int slot) {

@@ -26,6 +26,11 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int
 void fill_rows(float* C, const float* v, int64_t rows, int64_t cols);
 // out [cols] (+)= the sum over the rows of X [rows, cols], row by row (a fixed order).
 void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool accumulate);
+// out[0, len) (+)= the ncopies copies at copies + k * stride (the per-part parameter-gradient copies of
+// the encoder's and the head's parts): with `accumulate` their sum, taken in order, is added to out once
+// (as autograd's `grad += new`), else out (part 0's gradient) is the first term and each copy is added
+// in turn. In blocks, each loop a plain vectorisable pass.
+void add_part_copies(float* out, const float* copies, int64_t stride, int ncopies, int64_t len, bool accumulate);
 // Temporary floats for one call: up to kScratchKeepFloats from a per-thread buffer kept for the
 // thread's life (no allocation and no fresh pages, so no page faults, once grown: ~1000 faults a
 // step at the tiny preset with a buffer per call); a larger request gets its own buffer, freed at

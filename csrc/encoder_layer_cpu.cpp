@@ -144,9 +144,10 @@ void for_each_part(const LayerShape& s, int n, Fn f) {
 // else the BLAS sgemm (threaded when the call is not cut into parts).
 constexpr int64_t kSmallMaxHidden = 64, kSmallMaxFfn = 256, kSmallMaxRows = 2048;
 
-bool small_products(const LayerShape& s, int parts, int kernel_threads) {
+// parts: layer_parts' count for the call (one part: its kernels run on all `threads`).
+bool small_products(const LayerShape& s, int parts, int threads) {
   const int64_t rows = (s.batch + parts - 1) / parts * s.seq;
-  return kernel_threads == 1 && s.hidden <= kSmallMaxHidden && s.ffn <= kSmallMaxFfn && rows <= kSmallMaxRows &&
+  return (parts > 1 || threads == 1) && s.hidden <= kSmallMaxHidden && s.ffn <= kSmallMaxFfn && rows <= kSmallMaxRows &&
          cpu_kernels_supported();
 }
 
@@ -251,31 +252,6 @@ void backward_rows(const LayerShape& s, const float* grad_out, const float* x, c
   product(small, false, T, H, 3 * H, dqkv, 3 * H, p.w_qkv, H, true, dx, H);  // dx += dqkv Wqkv
 }
 
-// out[0, len) (+)= copies[0] + copies[1] + ...: with `accumulate` the copies' sum (in order) is added
-// to out, else out (part 0's gradient) is the first term. In blocks, each loop a plain
-// vectorisable pass.
-void add_parts(float* __restrict out, const float* __restrict copies, int64_t stride, int ncopies, int64_t len,
-               bool accumulate) {
-  if (!accumulate) {
-    for (int k = 0; k < ncopies; ++k) {
-      const float* c = copies + k * stride;
-      for (int64_t j = 0; j < len; ++j) out[j] += c[j];
-    }
-    return;
-  }
-  constexpr int64_t kBlock = 256;
-  float sum[kBlock];
-  for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
-    const int64_t m = std::min(kBlock, len - j0);
-    for (int64_t j = 0; j < m; ++j) sum[j] = copies[j0 + j];
-    for (int k = 1; k < ncopies; ++k) {
-      const float* c = copies + k * stride + j0;
-      for (int64_t j = 0; j < m; ++j) sum[j] += c[j];
-    }
-    for (int64_t j = 0; j < m; ++j) out[j0 + j] += sum[j];
-  }
-}
-
 }  // namespace
 
 int64_t layer_workspace_floats(const LayerShape& s) {
@@ -289,7 +265,7 @@ int64_t encoder_workspace_floats(const LayerShape& s, int layers) {
 
 bool encoder_small_products(const LayerShape& s, int layers, int threads, bool backward) {
   const int n = layer_parts(s, threads, backward ? layers : 0);
-  return small_products(s, n, n == 1 ? threads : 1);
+  return small_products(s, n, threads);
 }
 
 int encoder_parts(const LayerShape& s, int layers, int threads, bool backward) {
@@ -322,7 +298,7 @@ void encoder_forward(const LayerShape& s, int layers, const float* x, const floa
   const Stack st{s, layers, ws};
   const int n = layer_parts(s, threads, 0);
   // small_gemm's products take the weights transposed: done once for the call, read by every part
-  const bool small = small_products(s, n, n == 1 ? threads : 1);
+  const bool small = small_products(s, n, threads);
   Scratch wt(static_cast<size_t>(small ? layers * transposed_floats(s) : 0), 4);
   if (small) transpose_weights(s, layers, p, wt.data(), threads);
   // rows from batch row b0 (a part, or the whole batch) through every layer
@@ -357,7 +333,7 @@ void encoder_backward(const LayerShape& s, int layers, const float* grad_out, co
   const int first = accumulate ? 0 : 1;
   Scratch buf(static_cast<size_t>(between + (n - first) * layers * np), 3);
   float* partial = buf.data() + between;
-  const bool small = small_products(s, n, n == 1 ? threads : 1);
+  const bool small = small_products(s, n, threads);
   auto run = [&](int k, const LayerShape& part, int64_t b0, int kernel_threads) {
     const int64_t r = b0 * s.seq * s.hidden;
     const float* grad = grad_out;
@@ -383,7 +359,8 @@ void encoder_backward(const LayerShape& s, int layers, const float* grad_out, co
       for (int i = 0; i < 12; ++i) {
         const int64_t a = std::max(lo, base), b = std::min(hi, base + sizes[i]);
         if (a < b)
-          add_parts(g[l].*kGradMembers[i] + (a - base), partial + a, layers * np, n - first, b - a, accumulate);
+          add_part_copies(g[l].*kGradMembers[i] + (a - base), partial + a, layers * np, n - first, b - a,
+                          accumulate);
         base += sizes[i];
       }
     }

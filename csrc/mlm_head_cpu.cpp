@@ -178,10 +178,7 @@ double mlm_head_loss_labels(const HeadShape& s, int64_t T, const float* h, const
         if (!o) continue;
         const int64_t len = o == out.w_dense ? H * H : o == out.w_dec ? V * H : o == out.b_dec ? V : H;
         const int64_t a = std::max(lo, base), b = std::min(hi, base + len);
-        for (int k = 1; k < n; ++k) {
-          const float* c = copies.data() + (k - 1) * np;
-          for (int64_t j = a; j < b; ++j) o[j - base] += c[j];
-        }
+        if (a < b) add_part_copies(o + (a - base), copies.data() + a, np, n - 1, b - a, false);
         base += len;
       }
     });

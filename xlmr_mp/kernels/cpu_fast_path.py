@@ -60,6 +60,21 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
 
 
+def _addable_grads(params) -> list | None:
+    """Each parameter's .grad when a node may add its gradient to it in place as AccumulateGrad would:
+    an fp32 contiguous dense tensor of the parameter's shape, and no hook on the parameter (a tensor
+    hook would see the gradient first; a post-accumulate one, e.g. the DP reducer's, counts
+    AccumulateGrad's runs). None otherwise."""
+    grads = []
+    for p in params:
+        g = p.grad
+        if (g is None or g.dtype != torch.float32 or not g.is_contiguous() or g.shape != p.shape
+                or g.is_sparse or p._backward_hooks or p._post_accumulate_grad_hooks):
+            return None
+        grads.append(g)
+    return grads
+
+
 def accumulation_targets(ctx, params, inputs) -> list | None:
     """The .grad of each of `params` (the node's edges `inputs` of ctx.next_functions: one a tensor
     argument of apply, a None argument has none) when the backward may
@@ -74,13 +89,9 @@ def accumulation_targets(ctx, params, inputs) -> list | None:
     the gradients as usual."""
     if torch.is_grad_enabled():
         return None
-    grads = []
-    for p in params:
-        g = p.grad
-        if (g is None or g.dtype != torch.float32 or not g.is_contiguous() or g.shape != p.shape
-                or g.is_sparse or p._backward_hooks or p._post_accumulate_grad_hooks):
-            return None
-        grads.append(g)
+    grads = _addable_grads(params)
+    if grads is None:
+        return None
     nodes = ctx.next_functions
     try:
         if not all(torch._C._will_engine_execute_node(nodes[i][0]) for i in inputs):
@@ -119,14 +130,9 @@ def edge_free_targets(params) -> list | None:
     AccumulateGrad's runs). None: keep the edges (and `accumulation_targets` at the backward)."""
     if not getattr(_EDGE_FREE, "on", False) or not torch.is_grad_enabled():
         return None
-    grads = []
-    for p in params:
-        g = p.grad
-        if (not p.requires_grad or not p.is_leaf or g is None or g.dtype != torch.float32 or not g.is_contiguous()
-                or g.shape != p.shape or g.is_sparse or p._backward_hooks or p._post_accumulate_grad_hooks):
-            return None
-        grads.append(g)
-    return grads
+    if not all(p.requires_grad and p.is_leaf for p in params):
+        return None
+    return _addable_grads(params)
 
 
 def check_targets(params, grads, who: str) -> None:
