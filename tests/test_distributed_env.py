@@ -13,6 +13,8 @@ def test_slurm():
                       "SLURM_JOB_NODELIST": "gpu[012-015,020]", "SLURM_JOB_ID": "4242"})
     assert (e.rank, e.world_size, e.local_rank, e.source) == (5, 16, 1, "slurm")
     assert e.master_addr == "gpu012" and e.master_port == 20000 + 4242
+    e = discover_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "19999"})
+    assert 20000 <= e.master_port < 32768       # below Linux's ephemeral ports, which outgoing connections take
 
 
 def test_slurm_hostlist_forms():

@@ -127,6 +127,8 @@ def test_master_port_from_job_id():
                                   cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     ports = {port(j, 0) for j in range(1000, 1100)}
     assert len(ports) == 100 and all(10000 <= p < 60000 for p in ports)
+    # never in Linux's default ephemeral range, where an outgoing connection may hold the port
+    assert all(port(j, r) < 32768 for j in (0, 3283, 4999, 123456, 2 ** 31 - 1) for r in (0, 9))
     assert port(123456, 0) == port(123456, 0) != port(123456, 1)   # same on every node; new after requeue
 
 

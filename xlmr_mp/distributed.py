@@ -63,7 +63,8 @@ def discover_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
         if addr is None:
             addr = _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
         if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
-            port = 20000 + _int(env, "SLURM_JOB_ID") % 20000
+            # 20000-31999: below Linux's ephemeral ports (32768-60999), which outgoing connections take
+            port = 20000 + _int(env, "SLURM_JOB_ID") % 12000
         return DistEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
                        _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0, "slurm", addr, port)
     if "OMPI_COMM_WORLD_RANK" in env:

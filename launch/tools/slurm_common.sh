@@ -26,9 +26,12 @@ xlmr_die() { echo "[launch] ERROR: $*" >&2; exit 2; }
 
 # Port for the rendezvous: the same job id on every node, distinct across concurrent jobs, and a
 # different one after a requeue (the previous incarnation's sockets may still be in TIME_WAIT).
+# 10000-31999: below Linux's ephemeral range (32768-60999 by default), from which every outgoing TCP
+# connection on the node (gloo's, NCCL's bootstrap, anybody's) takes its local port, so a rendezvous
+# port there can be taken already (EADDRINUSE at the TCPStore; seen in CI with 42830).
 xlmr_master_port() {
   local job="$1" restart="${2:-0}"
-  echo $(( 10000 + (job * 10 + restart % 10) % 50000 ))
+  echo $(( 10000 + (job * 10 + restart % 10) % 22000 ))
 }
 
 # One field of this job's record in slurmctld (`scontrol show job`), e.g. JobState or Restarts;
