@@ -63,7 +63,8 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately unpinned: install the right build first (CPU: torch==2.13.0).
     install_requires=["torch", "megatron-core>=0.16", "sentencepiece", "numpy", "pybind11",
-                      "pyyaml", "tqdm", "safetensors"],
+                      "pyyaml", "tqdm", "safetensors",
+                      "pyarrow", "zstandard"],  # Parquet (FineWeb-2, CulturaX) and .zst (HPLT) corpora
     extras_require={"mpi": ["mpi4py"], "hf": ["transformers", "protobuf"], "tb": ["tensorboard"], "bench": ["matplotlib"],
                     "test": ["pytest", "pytest-timeout", "transformers", "protobuf", "mpi4py", "matplotlib",
                              "seqeval"]},

@@ -5,7 +5,10 @@
     mpirun -np K python tools/preprocess_data.py --input DIR --tokenizer P.model --output-dir OUT
 
 Input: DIR/<lang>.txt (one sentence per line, a blank line between documents) or DIR/<lang>.jsonl
-(one document per line, sentences = lines of its text field), either optionally .gz / .xz.
+(one document per line, sentences = lines of its text field --text-key), either optionally .gz / .xz /
+.zst (DIR/<lang>.zst: JSONL); DIR/<lang>.parquet (one row per document, column --text-key); a folder
+DIR/<lang>/ of such files (shards); or with --lang-key COL, Parquet files under DIR whose column COL
+gives each row's language. See xlmr_mp.data.corpus_io.
 Output: one sequence per sentence, each ending in </s> (id 2), ids of tokenizer P.model with the
 XLM-R dictionary (xlmr_mp.tokenizer), one document-index entry per document; uint16 tokens when
 the vocabulary has < 65500 ids, else int32.
@@ -47,9 +50,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from xlmr_mp.atomic import atomic_write  # noqa: E402
-from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, CorpusError, RawChunk, align_range_start,  # noqa: E402
+from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, CorpusError, RawChunk, corpus_ranges,  # noqa: E402
                                     count_lines_before, find_language_files, is_seekable,
-                                    iter_raw_chunks, parse_chunk, split_ext)
+                                    iter_raw_chunks, parse_chunk, source_format)
 from xlmr_mp.data.indexed import IndexedWriter, token_dtype  # noqa: E402
 from merge_datasets import merge_datasets  # noqa: E402  (tools/merge_datasets.py)
 
@@ -232,11 +235,12 @@ def process_units(args, pool, units, dtype, progress, on_done):
     try:
         for u, (lang, path, start, end, first_line, prefixes) in enumerate(units):
             reading = u
-            _, fmt, _ = split_ext(path)
+            fmt = source_format(path)
             extra = (path, fmt, args.max_line_bytes, args.on_bad_line, args.json_key, args.seed, cumulative, dtype)
             sinks[u] = _Sink(prefixes, dtype)
             for raw in iter_raw_chunks(path, args.chunk_bytes, args.max_line_bytes, args.on_bad_line,
-                                       start=start, end=end, first_line=first_line):
+                                       start=start, end=end, first_line=first_line, text_key=args.json_key,
+                                       lang_key=args.lang_key, lang=lang):
                 busy = sum(1 for k, _, o in inflight if k == "chunk" and not o.ready())   # _Done is always ready
                 if pool is not None and busy < pool_limit:
                     work = pool.apply_async(encode_chunk, (raw.by_reference(),) + extra)
@@ -376,30 +380,21 @@ def run_single(args, files):
     return stats, time.perf_counter() - t0
 
 
-def plan_units(files, range_bytes):
-    """[(lang, path, start, end)] in canonical order: plain files cut at document starts."""
-    units = []
-    for lang, path in files.items():
-        if not is_seekable(path):
-            units.append((lang, path, 0, None))
-            continue
-        size = os.path.getsize(path)
-        _, fmt, _ = split_ext(path)
-        cuts = sorted({align_range_start(path, o, fmt) for o in range(0, size, max(1, range_bytes))} | {size})
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            if b > a:
-                units.append((lang, path, a, b))
-    return units
+def plan_units(files, range_bytes, text_key="text", lang_key=None):
+    """[(lang, path, start, end)] in canonical order: plain files cut at document starts, other sources
+    into runs of whole pieces (row groups, files): corpus_io.corpus_ranges."""
+    return [(lang, path, a, b) for lang, path in files.items()
+            for a, b in corpus_ranges(path, range_bytes, text_key, lang_key)]
 
 
 def run_mpi(args, files, comm):
     """Ranks encode disjoint ranges into shards, then merge languages in canonical range order."""
     rank, size = comm.Get_rank(), comm.Get_size()
     dtype = _dtype_for(args.tokenizer)
-    units = plan_units(files, args.range_bytes)
+    units = plan_units(files, args.range_bytes, args.json_key, args.lang_key)
     shard_root = os.path.join(args.output_dir, ".shards")
     mine = [u for i, u in enumerate(units) if i % size == rank]
-    total = sum((u[3] or 0) - u[2] for u in mine) if all(u[3] is not None for u in mine) else None
+    total = sum(u[3] - u[2] for u in mine) if all(is_seekable(u[1]) for u in mine) else None
     progress = _Progress(total, f"rank {rank}", args.quiet or rank != 0)
     t0 = time.perf_counter()
     error = None
@@ -409,7 +404,7 @@ def run_mpi(args, files, comm):
         work = []
         for i, (lang, path, start, end) in enumerate(units):
             if i % size == rank:
-                first_line = 1 + (count_lines_before(path, start) if start else 0)
+                first_line = 1 + (count_lines_before(path, start) if start and is_seekable(path) else 0)
                 work.append((lang, path, start, end, first_line,
                              [os.path.join(shard_root, lang, f"u{i:06d}.{s}") for s in SPLITS]))
         ids = [i for i in range(len(units)) if i % size == rank]
@@ -467,7 +462,8 @@ def run_mpi(args, files, comm):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="directory of <lang>.txt / <lang>.jsonl [.gz|.xz]")
+    p.add_argument("--input", required=True, help="directory of <lang>.txt / <lang>.jsonl [.gz|.xz|.zst] / "
+                   "<lang>.zst / <lang>.parquet / <lang>/ folders of those")
     p.add_argument("--tokenizer", required=True, help="SentencePiece model P.model (P.dict.txt beside it is used)")
     p.add_argument("--output-dir", required=True, help="writes OUT/<lang>/{train,valid,test}.{bin,idx}")
     p.add_argument("--languages", default=None, help="comma list (default: every language file in --input)")
@@ -478,7 +474,11 @@ def build_parser():
                    help="invalid UTF-8 / over-long / bad JSON lines: stop with file:line, or skip and count")
     p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longer lines are bad (default 1 MiB)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per work item (default 1 MiB)")
-    p.add_argument("--json-key", default="text", help="text field of JSONL input (default text)")
+    p.add_argument("--text-key", "--json-key", dest="json_key", default="text",
+                   help="text field of JSONL input / text column of Parquet input (default text)")
+    p.add_argument("--lang-key", default=None,
+                   help="Parquet column holding each row's language: read every .parquet under --input and "
+                        "route rows by it (default: language from the file or folder name)")
     p.add_argument("--mpi", choices=("auto", "on", "off"), default="auto",
                    help="auto: MPI mode when launched by mpirun with more than one rank")
     p.add_argument("--range-bytes", type=int, default=256 << 20,
@@ -519,7 +519,7 @@ def main(argv=None):
     try:
         _check_args(args)
         langs = [l for l in args.languages.split(",") if l] if args.languages else None
-        files = find_language_files(args.input, langs)
+        files = find_language_files(args.input, langs, args.json_key, args.lang_key)
     except CorpusError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -3,7 +3,8 @@
 
     python tools/train_spm.py --input DIR --output-prefix P --vocab-size 250000 --alpha 0.3
 
-Input: DIR/<lang>.txt | .jsonl, optionally .gz / .xz (see xlmr_mp.data.corpus_io).
+Input: DIR/<lang>.txt | .jsonl, optionally .gz / .xz / .zst, DIR/<lang>.zst (JSONL), DIR/<lang>.parquet
+(column --text-key), folders DIR/<lang>/ of those, or Parquet with --lang-key (see xlmr_mp.data.corpus_io).
 Sampling (XLM-R / XLM): p_i = language i's share of sentences (or bytes, --share-unit),
 q_i = p_i^alpha / sum_j p_j^alpha, and language i contributes n_i = q_i * --sample-size
 sentences (at most all it has, minus its held-out lines), drawn uniformly without replacement in
@@ -56,12 +57,17 @@ def plan_sample(n_sentences, shares, alpha, sample_size, heldout):
     return q, plan
 
 
+def _read_options(args, lang):
+    return dict(max_line_bytes=args.max_line_bytes, on_bad_line=args.on_bad_line, json_key=args.text_key,
+                lang_key=args.lang_key, lang=lang)
+
+
 def _count_pass(files, args):
     from tqdm import tqdm
     counts, sizes = [], []
     for lang, path in tqdm(files.items(), desc="counting", unit="lang", disable=args.quiet, mininterval=1.0):
         n = b = 0
-        for s in iter_sentences(path, max_line_bytes=args.max_line_bytes, on_bad_line=args.on_bad_line):
+        for s in iter_sentences(path, **_read_options(args, lang)):
             n += 1
             b += len(s.encode("utf-8"))
         if n == 0:
@@ -81,7 +87,7 @@ def _select_pass(files, counts, plan, args):
         chosen = rng.choice(n, size=h + k, replace=False) if h + k < n else rng.permutation(n)[:h + k]
         role = {int(i): (r < h) for r, i in enumerate(chosen)}
         train, held = [], []
-        for i, s in enumerate(iter_sentences(path, max_line_bytes=args.max_line_bytes, on_bad_line=args.on_bad_line)):
+        for i, s in enumerate(iter_sentences(path, **_read_options(args, lang))):
             r = role.get(i)
             if r is None:
                 continue
@@ -137,7 +143,7 @@ def train(args) -> int:
     from xlmr_mp.tokenizer.spm import write_fairseq_dict
 
     langs = [l for l in args.languages.split(",") if l] if args.languages else None
-    files = find_language_files(args.input, langs)
+    files = find_language_files(args.input, langs, args.text_key, args.lang_key)
     t0 = time.perf_counter()
     counts, sizes = _count_pass(files, args)
     shares = counts if args.share_unit == "sentences" else sizes
@@ -208,7 +214,13 @@ def train(args) -> int:
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="directory of <lang>.txt / <lang>.jsonl [.gz|.xz]")
+    p.add_argument("--input", required=True, help="directory of <lang>.txt / <lang>.jsonl [.gz|.xz|.zst] / "
+                   "<lang>.zst / <lang>.parquet / <lang>/ folders of those")
+    p.add_argument("--text-key", "--json-key", dest="text_key", default="text",
+                   help="text field of JSONL input / text column of Parquet input (default text)")
+    p.add_argument("--lang-key", default=None,
+                   help="Parquet column holding each row's language: read every .parquet under --input "
+                        "(default: language from the file or folder name)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab, PREFIX.dict.txt")
     p.add_argument("--vocab-size", type=int, default=250000, help="SentencePiece pieces (default 250000 -> 250002 ids)")
     p.add_argument("--alpha", type=float, default=0.3, help="sampling exponent, q_i ~ p_i^alpha (default 0.3)")

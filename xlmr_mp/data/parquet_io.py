@@ -1,0 +1,226 @@
+"""Streaming reader of Parquet corpora (FineWeb-2, CulturaX): one row = one document.
+
+A row's text column (`--text-key`, default "text") holds the document, one sentence per non-empty
+line, exactly as a JSONL line's text field: so a Parquet file gives the same documents, and the
+tools the same bytes, as the same text written as plain lines with a blank line between documents.
+With `--lang-key`, a column names each row's language and a reader for language L keeps the rows
+whose value is L.
+
+Memory: the reading process decodes one record batch of about `chunk_bytes` of text at a time
+(`ParquetFile.iter_batches` over one row group, only the needed columns, pyarrow's own threads
+off so encoder processes keep the cores). Batches travel to encoder processes as Arrow arrays
+(buffers, no per-row Python objects); `parse_documents` turns one into sentences with C-level
+string operations (one join and split per batch, not a Python loop per row).
+
+Sharding: a file is a list of row groups; MPI ranks and ranges take whole row groups.
+Bad input: a file that is not Parquet, a missing or non-string column (the error lists the
+columns present and names --text-key / --lang-key), and a row group that cannot be decoded (file,
+row group, its rows) raise `CorpusError`; a null text is a bad row (file and row: an error, or
+skipped and counted with --on-bad-line skip).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from xlmr_mp.data.corpus_io import CorpusError, ParsedChunk, RawChunk
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: str
+    index: int          # row group number in the file
+    first_row: int      # 0-based row number of its first row in the file
+    num_rows: int
+    text_bytes: int     # uncompressed size of its text column (a weight for planning ranges)
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError("reading Parquet needs pyarrow: pip install pyarrow") from None
+    return pa, pq
+
+
+def open_parquet(path: str):
+    """pq.ParquetFile of path, or CorpusError naming the file."""
+    pa, pq = _pyarrow()
+    try:
+        return pq.ParquetFile(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+        raise CorpusError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}); "
+                          f"the file is damaged or not Parquet: download it again or remove it") from None
+
+
+def _is_text_type(t) -> bool:
+    pa, _ = _pyarrow()
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+
+
+def check_columns(path: str, text_key: str, lang_key: Optional[str] = None, pf=None) -> None:
+    """The text column (and the language column) exist and hold strings; else CorpusError with the fix."""
+    pf = pf or open_parquet(path)
+    schema = pf.schema_arrow
+    names = schema.names
+    present = ", ".join(f"{n} ({schema.field(n).type})" for n in names) or "none"
+    for key, option in ((text_key, "--text-key"), (lang_key, "--lang-key")):
+        if key is None:
+            continue
+        if key not in names:
+            strings = [n for n in names if _is_text_type(schema.field(n).type)]
+            hint = f"; pass {option} {strings[0]}" if strings else f"; pass {option} COLUMN"
+            raise CorpusError(f"{path}: no column {key!r} ({option} {key}); columns present: {present}{hint} "
+                              f"(the column holding the {'text' if option == '--text-key' else 'language code'})")
+        if not _is_text_type(schema.field(key).type):
+            raise CorpusError(f"{path}: column {key!r} ({option}) is {schema.field(key).type}, not a string "
+                              f"column; columns present: {present}")
+
+
+def row_groups(path: str, text_key: str) -> List[RowGroup]:
+    """The row groups of one Parquet file, with their row numbers and text sizes (metadata only)."""
+    pf = open_parquet(path)
+    check_columns(path, text_key, pf=pf)
+    md = pf.metadata
+    col = pf.schema_arrow.names.index(text_key)
+    # a nested schema would shift leaf columns; fall back to the whole row group's size then
+    leaf = col if md.num_columns == len(pf.schema_arrow.names) else None
+    out, first = [], 0
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        size = rg.column(leaf).total_uncompressed_size if leaf is not None else rg.total_byte_size
+        out.append(RowGroup(path, i, first, rg.num_rows, int(size)))
+        first += rg.num_rows
+    return out
+
+
+def languages_in(path: str, lang_key: str, text_key: str) -> List[str]:
+    """Distinct values of the language column of one file, read one row group at a time."""
+    pa, _ = _pyarrow()
+    import pyarrow.compute as pc
+    pf = open_parquet(path)
+    check_columns(path, text_key, lang_key, pf=pf)
+    found = set()
+    for i in range(pf.metadata.num_row_groups):
+        col = _read(pf, path, i, lambda: pf.read_row_group(i, columns=[lang_key], use_threads=False).column(0))
+        found.update(v for v in pc.unique(col).to_pylist() if v is not None)
+    return sorted(found)
+
+
+def _read(pf, path, group, fn):
+    """fn() (a pyarrow read of row group `group`); a decoding failure becomes CorpusError with the place."""
+    pa, _ = _pyarrow()
+    try:
+        return fn()
+    except (OSError, pa.ArrowException) as e:
+        md = pf.metadata
+        first = sum(md.row_group(i).num_rows for i in range(group))
+        n = md.row_group(group).num_rows
+        raise CorpusError(f"{path}: row group {group} (rows {first + 1}-{first + n}) cannot be read "
+                          f"({type(e).__name__}: {str(e)[:200]}); the file is damaged: download it again or "
+                          f"remove it") from None
+
+
+def _as_strings(arr):
+    """A (large_)string Array of a column chunk: chunks combined, dictionaries decoded."""
+    pa, _ = _pyarrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = arr.cast(pa.large_string())
+    return arr
+
+
+def iter_row_group_chunks(groups: Sequence[RowGroup], chunk_bytes: int, text_key: str,
+                          lang_key: Optional[str] = None, lang: Optional[str] = None,
+                          fmt_tag: bool = False) -> Iterator[RawChunk]:
+    """RawChunks of documents (Arrow arrays of about chunk_bytes of text) of the given row groups, in order.
+
+    first_line is the 1-based row number of the chunk's first row in its file; with a language
+    filter the chunk carries the row numbers of the rows it kept."""
+    import pyarrow.compute as pc
+    pf, pf_path = None, None
+    for g in groups:
+        if pf_path != g.file:
+            pf, pf_path = open_parquet(g.file), g.file
+            check_columns(g.file, text_key, lang_key, pf=pf)
+        keep = None
+        if lang_key is not None:
+            langs = _read(pf, g.file, g.index, lambda: pf.read_row_group(g.index, columns=[lang_key],
+                                                                           use_threads=False).column(0))
+            keep = pc.fill_null(pc.equal(langs, lang), False).combine_chunks() if lang is not None else None
+            if keep is not None and not pc.any(keep).as_py():
+                continue
+        rows = max(1, int(chunk_bytes * max(g.num_rows, 1) // max(g.text_bytes, 1)))
+        batches = iter(_read(pf, g.file, g.index, lambda: pf.iter_batches(
+            batch_size=rows, row_groups=[g.index], columns=[text_key], use_threads=False)))
+        done = 0
+        while True:
+            batch = _read(pf, g.file, g.index, lambda: next(batches, None))
+            if batch is None:
+                break
+            arr = _as_strings(batch.column(0))
+            n = len(arr)
+            first = g.first_row + done
+            row_numbers = None
+            if keep is not None:
+                mask = keep.slice(done, n)
+                arr = arr.filter(mask)
+                row_numbers = first + np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+            done += n
+            if len(arr) == 0:
+                continue
+            nbytes = int(pc.sum(pc.binary_length(arr)).as_py() or 0)
+            yield RawChunk(b"", first + 1, [], -1, nbytes, docs=arr, file=g.file if fmt_tag else "",
+                           fmt="parquet", group=g.index, rows=row_numbers)
+
+
+def parse_documents(chunk: RawChunk, path: str, max_line_bytes: int = 1 << 20,
+                    on_bad_line: str = "error", text_key: str = "text") -> ParsedChunk:
+    """Sentences of a chunk of documents: the stripped non-empty lines of each row's text; every row
+    starts a document (JSONL's rule), so a document's blank lines do not split it."""
+    import pyarrow.compute as pc
+    arr = chunk.docs
+    skipped = list(chunk.skipped)
+    rows = chunk.rows if chunk.rows is not None else np.arange(len(arr)) + (chunk.first_line - 1)
+
+    def bad(k, reason):
+        where = f"{path}: row {int(rows[k]) + 1} (row group {chunk.group})"
+        if on_bad_line == "error":
+            raise CorpusError(f"{where}: {reason}; fix the file or pass --on-bad-line skip "
+                              f"(or raise --max-line-bytes)")
+        skipped.append((int(rows[k]) + 1, reason))
+
+    if arr.null_count:
+        valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+        for k in np.flatnonzero(~valid).tolist():
+            bad(k, f"no text (null in column {text_key!r})")
+        arr, rows = arr.filter(pc.is_valid(arr)), rows[valid]
+    texts = arr.to_pylist()
+    if not texts:
+        return ParsedChunk([], np.zeros(0, dtype=bool), True, 0, skipped)
+    lines = "\n".join(texts).split("\n")
+    per_row = np.fromiter(map(str.count, texts, itertools.repeat("\n")), dtype=np.int64, count=len(texts)) + 1
+    char_limit = max_line_bytes // 4
+    if max(map(len, lines)) > char_limit:           # rare: look at the long lines one by one
+        row_end = np.cumsum(per_row)
+        for j, line in enumerate(lines):
+            if len(line) > char_limit and len(line.encode("utf-8")) > max_line_bytes:
+                k = int(np.searchsorted(row_end, j, side="right"))
+                bad(k, f"a line of the text longer than --max-line-bytes {max_line_bytes} "
+                       f"({len(line.encode('utf-8'))} bytes)")
+                lines[j] = ""                         # dropped, as the plain-text reader drops the line
+    stripped = list(map(str.strip, lines))
+    where = np.flatnonzero(np.fromiter(map(bool, stripped), dtype=bool, count=len(stripped)))
+    sentences = list(itertools.compress(stripped, stripped))
+    row_of = np.repeat(np.arange(len(texts)), per_row)[where]
+    doc_start = np.diff(row_of, prepend=-1) != 0
+    return ParsedChunk(sentences, doc_start, True, len(texts), skipped)
