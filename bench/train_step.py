@@ -26,9 +26,9 @@ import os
 import tempfile
 import sys
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import bench_log  # noqa: E402  (bench/, beside this script)
@@ -61,7 +61,6 @@ class RandomBatches:
 
 def build_config(a, world: int):
     from xlmr_mp.config import load_config
-    preset = os.path.join(ROOT, "launch", "configs", f"{a.preset}.yaml")
     dp = world // (a.tp * a.pp)
     ov = [f"train.micro_batch={a.micro_batch}", f"train.global_batch={a.micro_batch * a.accum * dp}",
           f"precision.dtype={a.precision}", f"parallel.tensor={a.tp}", f"parallel.pipeline={a.pp}",
@@ -78,7 +77,7 @@ def build_config(a, world: int):
         ov.append("parallel.distributed_optimizer=true")
     if a.compile:
         ov.append("train.compile=true")
-    cfg = load_config(preset, ov + list(a.set), world_size=world)
+    cfg = load_config(None, ov + list(a.set), world_size=world, preset=a.preset)
     if cfg.data.seq_length > cfg.model.max_positions - 2:
         raise SystemExit(f"--seq {cfg.data.seq_length} > model.max_positions - 2 = {cfg.model.max_positions - 2}")
     return cfg
@@ -103,24 +102,39 @@ def measure_ours(a, world: int) -> dict:
     ms = [tr.train_step() for _ in range(a.steps)]
     secs = sum(m["step_time_s"] for m in ms)
     tokens = sum(cfg.train.global_batch * cfg.data.seq_length for _ in ms)
-    mem = torch.tensor([ms[-1]["mem_gib"]])
+    mem = max_over_ranks(ms[-1]["mem_gib"], device)
     opt_bytes = [float(tr.optimizer.state_bytes())]
     if dist.is_initialized():
-        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, opt_bytes[0])
         opt_bytes = gathered
     out = {"tokens_per_s": tokens / secs, "tflops": tokens / secs * tr.fpt / world / 1e12,
-           "step_s": secs / len(ms), "mem_gib": mem.item(), "peak_tflops": tr.peak / 1e12,
+           "step_s": secs / len(ms), "mem_gib": mem, "peak_tflops": None if tr.peak is None else tr.peak / 1e12,
            "loss": ms[-1]["loss"], "params_rank0": sum(p.numel() for p in tr.params),
            "global_batch": cfg.train.global_batch, "seq": cfg.data.seq_length, "fpt": tr.fpt,
            "dtype": cfg.precision.dtype, "device": str(device), "cfg": cfg, "opt_bytes": opt_bytes}
-    out["mfu"] = out["tflops"] * 1e12 / tr.peak
+    out["mfu"] = None if tr.peak is None else out["tflops"] * 1e12 / tr.peak
     out["kernels_ab"] = ab
     # after our measurement, so that its peak memory does not include the peer's model
     out["paired_peer"] = paired_peer(tr, a, cfg, device, a.paired) if a.paired and world == 1 else None
     destroy_parallel()
     return out
+
+
+def reduction_device(backend: Optional[str], device: torch.device) -> torch.device:
+    """Where a tensor handed to a collective must live: this rank's GPU under nccl (NCCL is
+    registered for CUDA tensors only), the CPU under gloo / mpi or without torch.distributed."""
+    return torch.device(device) if backend == "nccl" else torch.device("cpu")
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """`value`'s maximum over every rank (itself without torch.distributed)."""
+    import torch.distributed as dist
+    backend = dist.get_backend() if dist.is_initialized() else None
+    t = torch.tensor([float(value)], dtype=torch.float64, device=reduction_device(backend, device))
+    if backend is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def alternating_blocks(steps: dict, rounds: int, block: int = 5, sync=None, on_progress=None) -> dict:
@@ -263,6 +277,12 @@ def rank_main(rank, world, a, port):
         report(a, world, ours, peer)
 
 
+def _mfu_text(ours) -> str:
+    if ours["mfu"] is None:
+        return "MFU n/a (no peak for this device in xlmr_mp/metrics.py GPU_MODELS)"
+    return f"MFU {100 * ours['mfu']:.2f}% (peak {ours['peak_tflops']:.3f} TFLOP/s/device)"
+
+
 def report(a, world, ours, peer):
     lines = [
         f"# {bench_log.utc_stamp()}  commit {bench_log.commit()}  "
@@ -273,8 +293,8 @@ def report(a, world, ours, peer):
         f"dtype={ours['dtype']} recompute={a.recompute} zero={a.zero} device={ours['device']} "
         f"params(rank0)={ours['params_rank0']:,}",
         f"ours: {ours['tokens_per_s']:.1f} tokens/s total, {ours['tokens_per_s'] / world:.1f} tokens/s/device, "
-        f"{ours['step_s'] * 1e3:.1f} ms/step, {ours['tflops']:.4f} TFLOP/s/device, MFU {100 * ours['mfu']:.2f}% "
-        f"(peak {ours['peak_tflops']:.3f} TFLOP/s/device), peak mem {ours['mem_gib']:.2f} GiB, loss {ours['loss']:.3f}",
+        f"{ours['step_s'] * 1e3:.1f} ms/step, {ours['tflops']:.4f} TFLOP/s/device, {_mfu_text(ours)}, "
+        f"peak mem {ours['mem_gib']:.2f} GiB, loss {ours['loss']:.3f}",
         f"optimizer-state bytes per rank: max {max(ours['opt_bytes']) / 2 ** 20:.1f} MiB, min "
         f"{min(ours['opt_bytes']) / 2 ** 20:.1f} MiB, max/min {max(ours['opt_bytes']) / max(min(ours['opt_bytes']), 1):.3f}",
     ]
@@ -288,10 +308,9 @@ def report(a, world, ours, peer):
     if ours.get("paired_peer"):
         lines.append(ours["paired_peer"])
     if a.plan:
-        sys.path.insert(0, os.path.join(ROOT, "tools"))
-        import plan as planner
+        from xlmr_mp.cli import plan as planner
         pr = planner.plan(ours["cfg"], planner.GPUS[a.plan], nodes=1, gpus_per_node=world)
-        lines.append(f"planner (tools/plan.py --gpu {a.plan}): predicted peak {pr['memory']['total'] / 2 ** 30:.2f} GiB/rank, "
+        lines.append(f"planner (xlmr-plan --gpu {a.plan}): predicted peak {pr['memory']['total'] / 2 ** 30:.2f} GiB/rank, "
                      f"measured {ours['mem_gib']:.2f} GiB, predicted/measured {pr['memory']['total'] / 2 ** 30 / ours['mem_gib']:.3f}")
     if a.note:
         lines.append(f"note: {a.note}")
@@ -300,11 +319,12 @@ def report(a, world, ours, peer):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny", help="launch/configs/<preset>.yaml")
+    ap.add_argument("--preset", default="tiny", help="a shipped preset (xlmr_mp/presets/<preset>.yaml)")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per step and DP rank")
     ap.add_argument("--seq", type=int, default=0, help="sequence length (default: the preset's)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="auto: bf16 on sm_80+, fp16 on V100, fp32 on CPU (xlmr_mp.precision.resolve_dtype)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--virtual-stages", type=int, default=1)

@@ -17,35 +17,81 @@ import torch
 
 from xlmr_mp.atomic import atomic_write
 
-# Dense peak FLOP/s per device, by precision (vendor datasheets; SXM parts; no sparsity).
+# Dense peak FLOP/s per device model, by precision (vendor datasheets, no sparsity; fp16/bf16 are
+# the tensor-core peaks, fp32 the CUDA-core one). The form factor matters: an H100 PCIe card has
+# 114 SMs at a lower clock (756 TFLOP/s bf16), the NVL card 835, the SXM module 989.
 PEAK_FLOPS = {
-    "V100": {"fp32": 15.7e12, "fp16": 125e12, "bf16": 15.7e12},   # V100 has no bf16 tensor cores
-    "A100": {"fp32": 19.5e12, "fp16": 312e12, "bf16": 312e12},
-    "H100": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12},
-    "H200": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12},
+    "V100-SXM": {"fp32": 15.7e12, "fp16": 125e12, "bf16": 15.7e12},   # V100 has no bf16 tensor cores
+    "V100-PCIe": {"fp32": 14e12, "fp16": 112e12, "bf16": 14e12},
+    "V100S-PCIe": {"fp32": 16.4e12, "fp16": 130e12, "bf16": 16.4e12},
+    "A100-SXM": {"fp32": 19.5e12, "fp16": 312e12, "bf16": 312e12},     # 40 and 80 GB alike
+    "A100-PCIe": {"fp32": 19.5e12, "fp16": 312e12, "bf16": 312e12},
+    "H100-SXM": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12},
+    "H100-PCIe": {"fp32": 51e12, "fp16": 756e12, "bf16": 756e12},
+    "H100-NVL": {"fp32": 60e12, "fp16": 835e12, "bf16": 835e12},
+    "H200-SXM": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12},
+    "H200-NVL": {"fp32": 60e12, "fp16": 835e12, "bf16": 835e12},
+    "GH200": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12},
     # Nominal CPU peak for one process: cores it may use x 2.5 GHz x 32 fp32 FLOP/cycle (AVX2, 2 FMA units).
     "CPU": {"fp32": 2.5e9 * 32, "fp16": 2.5e9 * 32, "bf16": 2.5e9 * 32},
 }
 
+# torch.cuda.get_device_name() -> PEAK_FLOPS key: the first entry whose words all occur in the
+# upper-cased name. Names as the driver reports them: "NVIDIA H100 80GB HBM3" (SXM5), "NVIDIA H100
+# PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA GH200 480GB",
+# "NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe", "Tesla V100-SXM2-32GB",
+# "Tesla V100-PCIE-16GB", "Tesla V100S-PCIE-32GB". A name no entry matches (an H800, an L40S, a
+# bare "H100" whose form factor it does not say) has no peak: MFU is not reported rather than wrong.
+GPU_MODELS = (
+    (("GH200",), "GH200"),               # before H200: "GH200" contains it
+    (("H200", "NVL"), "H200-NVL"),
+    (("H200",), "H200-SXM"),
+    (("H100", "NVL"), "H100-NVL"),
+    (("H100", "PCIE"), "H100-PCIe"),
+    (("H100", "HBM3"), "H100-SXM"),      # the SXM5 module reports its memory: "H100 80GB HBM3"
+    (("H100", "SXM"), "H100-SXM"),
+    (("A100", "SXM"), "A100-SXM"),
+    (("A100", "PCIE"), "A100-PCIe"),
+    (("V100S",), "V100S-PCIe"),
+    (("V100", "SXM"), "V100-SXM"),
+    (("V100", "PCIE"), "V100-PCIe"),
+)
 
-def device_kind(device: torch.device) -> str:
-    """'V100' | 'A100' | 'H100' | 'H200' | 'CPU' (unknown GPUs are treated as A100)."""
+
+def gpu_model(name: str) -> Optional[str]:
+    """The PEAK_FLOPS key of a GPU from its device name (torch.cuda.get_device_name), None when unknown."""
+    upper = name.upper()
+    for words, model in GPU_MODELS:
+        if all(w in upper for w in words):
+            return model
+    return None
+
+
+def device_kind(device: torch.device) -> Optional[str]:
+    """'CPU', the GPU's PEAK_FLOPS key (e.g. 'H100-SXM'), or None for a GPU not in GPU_MODELS."""
     if device.type != "cuda":
         return "CPU"
-    name = torch.cuda.get_device_name(device).upper()
-    for k in ("H200", "H100", "A100", "V100"):
-        if k in name:
-            return k
-    return "A100"
+    return gpu_model(torch.cuda.get_device_name(device))
 
 
-def peak_flops(device: torch.device, dtype: str) -> float:
-    """Peak FLOP/s of one device (CPU: per process, times the torch threads it runs)."""
+def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
+    """Peak FLOP/s of one device (CPU: per process, times the torch threads it runs); None for a
+    GPU whose model is not known (then MFU is not reported)."""
     kind = device_kind(device)
+    if kind is None:
+        return None
     peak = PEAK_FLOPS[kind][dtype]
     if kind == "CPU":
         peak *= torch.get_num_threads()
     return peak
+
+
+def sync_for_timing(device: torch.device) -> None:
+    """Wait until `device` has run the work queued so far, before a clock read that ends a timing.
+    CUDA kernels run asynchronously: without this a step's time stops when the host has queued the
+    optimizer's kernels, not when they have run. A no-op on the CPU (its work is done on return)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def flops_per_token(mcfg, seq_length: int, mask_prob: float = 0.15) -> float:
@@ -114,8 +160,8 @@ class Timer:
         self._t0 = None
 
     def _sync(self):
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device is not None:
+            sync_for_timing(self.device)
 
     def start(self) -> "Timer":
         self._sync()
@@ -128,11 +174,12 @@ class Timer:
         return self.elapsed
 
 
-def throughput(tokens: int, seconds: float, n_devices: int, fpt: float, peak: float) -> Dict[str, float]:
-    """tokens/s (all devices), model TFLOP/s per device and MFU."""
+def throughput(tokens: int, seconds: float, n_devices: int, fpt: float,
+               peak: Optional[float]) -> Dict[str, Optional[float]]:
+    """tokens/s (all devices), model TFLOP/s per device and MFU (None without a known peak)."""
     tps = tokens / max(seconds, 1e-12)
     tflops = tps * fpt / n_devices / 1e12
-    return {"tokens_per_s": tps, "tflops": tflops, "mfu": tflops * 1e12 / peak}
+    return {"tokens_per_s": tps, "tflops": tflops, "mfu": None if peak is None else tflops * 1e12 / peak}
 
 
 class MetricsLogger:

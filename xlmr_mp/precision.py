@@ -16,6 +16,28 @@ import torch
 import torch.distributed as dist
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHOICES = ("auto", *DTYPES)         # precision.dtype: auto resolves per device (resolve_dtype)
+
+
+def resolve_dtype(requested: str, device_type: str, capability: Optional[tuple] = None) -> str:
+    """The compute dtype precision.dtype=`requested` means on a device: itself unless "auto"; "auto"
+    is bf16 on a GPU of compute capability >= 8.0 (A100, H100, H200: bf16 tensor cores), fp16 on an
+    older one (V100, sm_70: no bf16 tensor cores; fp16 with the dynamic loss scaler), fp32 on the CPU
+    (a pure function, so the GPU branches run in CPU tests)."""
+    if requested != "auto":
+        return requested
+    if device_type != "cuda":
+        return "fp32"
+    if capability is None:
+        raise ValueError("precision.dtype=auto on cuda needs the device's compute capability")
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
+def device_dtype(requested: str, device: torch.device) -> str:
+    """`resolve_dtype` for the device a run trains on (reads a GPU's compute capability)."""
+    device = torch.device(device)
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return resolve_dtype(requested, device.type, cap)
 
 
 class LossScaleAtMinimum(RuntimeError):
@@ -23,7 +45,8 @@ class LossScaleAtMinimum(RuntimeError):
 
 
 def autocast(dtype: str, device: torch.device):
-    """Autocast context for `dtype` ('fp32' gives a no-op context)."""
+    """Autocast context for `dtype` ('fp32' gives a no-op context; 'auto' is resolved for `device`)."""
+    dtype = device_dtype(dtype, device)
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])

@@ -8,8 +8,8 @@ sharded checkpoints of checkpoint/sharded.py, at any TP / PP / DP layout.
 
 The state saved is: the parameters (by global name), the optimizer's Adam state by name, and per
 rank the step, the loss scaler, the data-loader position and the RNG states (Python, numpy, torch,
-CUDA and the tensor-parallel tracker). RNG streams do not map across layouts: a load at another
-layout reseeds them from (train.seed + step).
+the generator of this rank's CUDA device and the tensor-parallel tracker). RNG streams do not map
+across layouts: a load at another layout reseeds them from (train.seed + step).
 """
 from __future__ import annotations
 
@@ -30,19 +30,46 @@ from xlmr_mp.parallel.state import get_rng_tracker, seed_parallel_rng
 
 
 def rng_state() -> dict:
-    """Every random generator's state on this rank (torch, CUDA, Python, numpy, the TP tracker)."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python": random.getstate(), "numpy": np.random.get_state(), "tracker": get_rng_tracker().get_states()}
+    """Every random generator's state on this rank (torch, this rank's CUDA device, Python, numpy,
+    the TP tracker)."""
+    return {"torch": torch.get_rng_state(), "cuda": cuda_rng_state(), "python": random.getstate(),
+            "numpy": np.random.get_state(), "tracker": get_rng_tracker().get_states()}
 
 
 def set_rng_state(st: dict) -> None:
     """Restore what `rng_state()` returned."""
     torch.set_rng_state(st["torch"])
-    if st.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    set_cuda_rng_state(st.get("cuda"))
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     get_rng_tracker().set_states(st["tracker"])
+
+
+def cuda_rng_state(cuda=torch.cuda) -> Optional[torch.Tensor]:
+    """The generator state of this rank's own (current) CUDA device, None without CUDA. One rank
+    draws from its one device: not `get_rng_state_all()`, whose list is indexed by the devices the
+    saving process saw (8 under torchrun, 1 a task under SLURM's binding). `cuda`: torch.cuda (a
+    stand-in in tests)."""
+    if not cuda.is_available():
+        return None
+    return cuda.get_rng_state(cuda.current_device())
+
+
+def set_cuda_rng_state(saved, cuda=torch.cuda) -> None:
+    """Put `saved` (what `cuda_rng_state` returned) into this rank's current CUDA device, whatever
+    the number of devices this process sees. A checkpoint written before this format holds
+    `get_rng_state_all()`'s list: its entry at the current device's index is used when there is
+    one (the same device binding as the saver), else the generator is left as seeded."""
+    if saved is None or not cuda.is_available():
+        return
+    index = cuda.current_device()
+    if isinstance(saved, (list, tuple)):
+        if index >= len(saved):
+            _log0(f"checkpoint holds CUDA generator states for {len(saved)} devices, this rank runs on "
+                  f"device {index}: its CUDA generator is not restored")
+            return
+        saved = saved[index]
+    cuda.set_rng_state(saved, index)
 
 
 def _log0(msg: str) -> None:

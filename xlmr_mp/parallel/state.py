@@ -8,9 +8,11 @@ under tensor parallelism needs.
     ...
     destroy_parallel()
 
-Rank order is Megatron's (megatron-core `parallel_state.initialize_model_parallel` builds the
-groups; we read them back): TP fastest, then DP, then PP. With world 8, TP 2, PP 2: TP groups
-[0,1] [2,3] [4,5] [6,7]; DP groups [0,2] [1,3] [4,6] [5,7]; PP groups [0,4] [1,5] [2,6] [3,7].
+Rank order is Megatron's: TP fastest, then DP, then PP (`grid_ranks`). Where megatron-core's TP / PP
+layers run (TP > 1 or PP > 1) its `parallel_state.initialize_model_parallel` builds the groups and
+we read them back; at TP = PP = 1 they are built here and megatron-core is never imported.
+With world 8, TP 2, PP 2: TP groups [0,1] [2,3] [4,5] [6,7]; DP groups [0,2] [1,3] [4,6] [5,7];
+PP groups [0,4] [1,5] [2,6] [3,7].
 
 RNG: megatron-core's `CudaRNGStatesTracker` only knows CUDA generators, so `RNGStatesTracker`
 here keeps named (CPU, and CUDA when present) states and forks the default generators into them.
@@ -22,6 +24,7 @@ differently per TP rank.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,6 +64,23 @@ class ParallelGroups:
 _GROUPS: Optional[ParallelGroups] = None
 
 
+def grid_ranks(world: int, tp: int, pp: int) -> dict:
+    """The global ranks of every TP, DP and PP group of a world x tp x pp grid, in Megatron's order
+    (TP fastest, then DP, then PP): {"tp": [[...], ...], "dp": [...], "pp": [...]} (a pure function)."""
+    dp = data_parallel_size(world, tp, pp, 0)
+    at = lambda t, d, p: t + tp * d + tp * dp * p          # noqa: E731 - rank of (tp, dp, pp) coordinates
+    return {"tp": [[at(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+            "dp": [[at(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+            "pp": [[at(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]}
+
+
+def uses_megatron(tp: int, pp: int) -> bool:
+    """Whether `init_parallel` builds the groups through megatron-core: only where its TP / PP layers
+    run (TP > 1 or PP > 1). At TP = PP = 1 the groups are built here, so a machine without
+    megatron-core (a stock GPU image) trains data-parallel."""
+    return tp > 1 or pp > 1
+
+
 def init_parallel(tp: int, pp: int = 1, dp: Optional[int] = None, backend: Optional[str] = None,
                   seed: Optional[int] = None) -> ParallelGroups:
     """Build the TP/PP/DP groups after `torch.distributed` is initialised and return them.
@@ -73,15 +93,41 @@ def init_parallel(tp: int, pp: int = 1, dp: Optional[int] = None, backend: Optio
     if not dist.is_initialized():
         raise RuntimeError("init_parallel: call torch.distributed.init_process_group first")
     data_parallel_size(dist.get_world_size(), tp, pp, dp or 0)
+    _GROUPS = _megatron_groups(tp, pp) if uses_megatron(tp, pp) else _local_groups(tp, pp)
+    if seed is not None:
+        seed_parallel_rng(seed, _GROUPS)
+    return _GROUPS
+
+
+def _local_groups(tp: int, pp: int) -> ParallelGroups:
+    """The groups of `grid_ranks`, made with `dist.new_group` by every rank in the same order (no
+    megatron-core); at PP = 1 the embedding group is the one-rank pipeline group, as Megatron's."""
+    rank = dist.get_rank()
+    mine = {}
+    for kind, lists in grid_ranks(dist.get_world_size(), tp, pp).items():
+        for ranks in lists:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine[kind] = (group, ranks)
+    (tpg, tpr), (dpg, dpr), (ppg, ppr) = mine["tp"], mine["dp"], mine["pp"]
+    return ParallelGroups(tp_group=tpg, pp_group=ppg, dp_group=dpg, embedding_group=ppg,
+                          tp_rank=tpr.index(rank), tp_size=tp, pp_rank=ppr.index(rank), pp_size=pp,
+                          dp_rank=dpr.index(rank), dp_size=len(dpr), pp_ranks=tuple(ppr), embedding_ranks=tuple(ppr))
+
+
+def _megatron_groups(tp: int, pp: int) -> ParallelGroups:
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core import parallel_state as ps
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # gloo side groups only on a real backend: torch's fake backend (the dry run, xlmr_mp/dry_run.py)
+    # cannot build gloo groups, and nothing here uses them
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 create_gloo_process_groups=dist.get_backend() != "fake")
     eg = ps.get_embedding_group(check_initialized=False)
-    _GROUPS = ParallelGroups(
+    return ParallelGroups(
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
@@ -92,9 +138,6 @@ def init_parallel(tp: int, pp: int = 1, dp: Optional[int] = None, backend: Optio
         pp_ranks=tuple(dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())),
         embedding_ranks=tuple(dist.get_process_group_ranks(eg)) if eg is not None else (),
     )
-    if seed is not None:
-        seed_parallel_rng(seed, _GROUPS)
-    return _GROUPS
 
 
 def get_parallel_groups() -> Optional[ParallelGroups]:
@@ -103,12 +146,13 @@ def get_parallel_groups() -> Optional[ParallelGroups]:
 
 
 def destroy_parallel() -> None:
-    """Tear down the groups built by `init_parallel` and forget the RNG streams."""
+    """Tear down the groups built by `init_parallel` and forget the RNG streams (megatron-core's
+    state only where it was imported: a TP = PP = 1 run never needs it)."""
     global _GROUPS
     _GROUPS = None
     _TRACKER.reset()
-    from megatron.core import parallel_state as ps
-    if ps.model_parallel_is_initialized():
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
 
 
