@@ -38,9 +38,9 @@ def test_flops_per_token_formula():
 
 
 def test_peak_table_and_mfu():
-    for kind in ("V100", "A100", "H100", "H200", "CPU"):
+    for kind in PEAK_FLOPS:
         assert set(PEAK_FLOPS[kind]) == {"fp32", "fp16", "bf16"}
-    assert PEAK_FLOPS["H100"]["bf16"] == 989e12 and PEAK_FLOPS["V100"]["fp16"] == 125e12
+    assert PEAK_FLOPS["H100-SXM"]["bf16"] == 989e12 and PEAK_FLOPS["V100-SXM"]["fp16"] == 125e12
     assert peak_flops(torch.device("cpu"), "fp32") == PEAK_FLOPS["CPU"]["fp32"] * torch.get_num_threads()
     t = throughput(tokens=1000, seconds=2.0, n_devices=4, fpt=1e9, peak=1e12)
     assert t["tokens_per_s"] == 500 and t["tflops"] == pytest.approx(500 * 1e9 / 4 / 1e12)
