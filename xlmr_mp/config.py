@@ -58,15 +58,16 @@ class OptimConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "fp32"             # fp32 | bf16 | fp16
+    dtype: str = "fp32"             # fp32 | bf16 | fp16 | auto (bf16 on sm_80+, fp16 on V100, fp32 on CPU)
     initial_loss_scale: float = 2.0 ** 16
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000   # steps without overflow before doubling the scale
     hysteresis: int = 1
 
     def validate(self) -> None:
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision.dtype={self.dtype!r}: choose fp32, bf16 or fp16")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision.dtype={self.dtype!r}: choose auto (the device's best: bf16 on "
+                              f"A100/H100, fp16 on V100, fp32 on CPU), fp32, bf16 or fp16")
         if self.min_loss_scale <= 0 or self.initial_loss_scale < self.min_loss_scale:
             raise ConfigError("precision.initial_loss_scale must be >= precision.min_loss_scale > 0")
 

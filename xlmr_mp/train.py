@@ -40,7 +40,7 @@ from xlmr_mp.data import loader as L
 from xlmr_mp.distributed import (all_reduce_floats, destroy_distributed, exit_with_launcher, init_distributed,
                                  pick_device)
 from xlmr_mp.ids import IGNORE_INDEX
-from xlmr_mp.metrics import MetricsLogger, flops_per_token, memory_stats, peak_flops, throughput
+from xlmr_mp.metrics import MetricsLogger, flops_per_token, memory_stats, peak_flops, sync_for_timing, throughput
 from xlmr_mp.model.sharding import partition_dim
 from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
 from xlmr_mp.optim import LRSchedule, clip_grads, global_grad_norm, norm_counted
@@ -48,7 +48,8 @@ from xlmr_mp.parallel.data_parallel import DistributedAdamW, FlatBuffers, GradRe
 from xlmr_mp.parallel.grads import finalize_grads, sync_tied_embedding_weight
 from xlmr_mp.parallel.schedule import PipelineSchedule, step_loss
 from xlmr_mp.parallel.state import destroy_parallel, init_parallel, seed_parallel_rng
-from xlmr_mp.precision import LossScaleAtMinimum, autocast, build_scaler, grads_have_inf, unscale_grads
+from xlmr_mp.precision import (LossScaleAtMinimum, autocast, build_scaler, device_dtype, grads_have_inf,
+                                unscale_grads)
 from xlmr_mp.run_lock import RunDirLocked, lock_run_dir
 
 EXIT_REQUEUE = 75          # SIGTERM / SIGUSR1: checkpoint written, requeue me
@@ -138,6 +139,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, groups, device: torch.device, loader=None, valid=None):
         self.cfg, self.groups, self.device = cfg, groups, device
+        cfg.precision.dtype = device_dtype(cfg.precision.dtype, device)     # "auto" -> this device's dtype
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.n_accum = grad_accumulation_steps(cfg)
@@ -211,6 +213,7 @@ class Trainer:
             opt.step()
         self.optimizer.zero_grad()
         self.step += 1
+        sync_for_timing(self.device)    # the step ends when the device has run the optimizer's kernels
         dt = time.perf_counter() - t0
         out = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "loss_scale": scale,
                "skipped": int(skipped), "step_time_s": dt, "tokens": global_tokens}
@@ -267,7 +270,7 @@ def _write_schedules(schedules, path: str) -> None:
 def _format(m: dict) -> str:
     return (f"step {m['step']:>6d} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | gnorm {m['grad_norm']:.3f} | "
             f"scale {m['loss_scale']:g} | {m['tokens_per_s']:.0f} tok/s | {m['tflops']:.3f} TFLOP/s/dev | "
-            f"MFU {100 * m['mfu']:.2f}% | mem {m['mem_gib']:.2f} GiB")
+            f"MFU {'n/a' if m['mfu'] is None else format(100 * m['mfu'], '.2f') + '%'} | mem {m['mem_gib']:.2f} GiB")
 
 
 def train(cfg: RunConfig) -> List[float]:
@@ -280,7 +283,10 @@ def train(cfg: RunConfig) -> List[float]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(env.world_size, 1)))
     run_lock = _lock_run_dir(cfg.run_dir, env.rank)
     groups = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data or None)
-    if env.rank == 0:
+    requested, cfg.precision.dtype = cfg.precision.dtype, device_dtype(cfg.precision.dtype, device)
+    log0(f"precision.dtype={requested} -> {cfg.precision.dtype} on {_device_name(device)}"
+         if requested != cfg.precision.dtype else f"precision.dtype={requested} on {_device_name(device)}")
+    if env.rank == 0:           # the resolved config: precision.dtype as run, never "auto"
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     loader, valid = build_loaders(cfg, groups)
     tr = Trainer(cfg, groups, device, loader, valid)
@@ -331,6 +337,12 @@ def train(cfg: RunConfig) -> List[float]:
             run_lock.release()
     destroy_parallel()
     return losses
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)}, sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})"
 
 
 def _lock_run_dir(run_dir: str, rank: int):
