@@ -381,12 +381,14 @@ def bits_per_char(total_nll_nats: float, total_chars: int) -> float:
     return float(total_nll_nats) / math.log(2) / max(int(total_chars), 1)
 
 
-def build_train_loader(run_cfg, dp_rank: int, dp_size: int, path: Optional[str] = None) -> MLMLoader:
-    """MLMLoader from a RunConfig (data.*, train.micro_batch/global_batch, model.vocab_size)."""
-    cfg = _with_path(run_cfg.data, path)
+def build_train_loader(run_cfg, dp_rank: int, dp_size: int, path: Optional[str] = None,
+                       corpus=None) -> MLMLoader:
+    """MLMLoader from a RunConfig (data.*, train.micro_batch/global_batch, model.vocab_size); `corpus`:
+    an opened corpus instead of data.path (the dry run's xlmr_mp.dry_run.SyntheticCorpus)."""
+    cfg = run_cfg.data if corpus is not None else _with_path(run_cfg.data, path)
     vocab = _checked_vocab(run_cfg)
     return MLMLoader(cfg, dp_rank, dp_size, run_cfg.train.micro_batch, run_cfg.train.global_batch, vocab,
-                     batch_warmup=run_cfg.train.batch_warmup)
+                     corpus=corpus, batch_warmup=run_cfg.train.batch_warmup)
 
 
 def build_validation_loader(run_cfg, dp_rank: int, dp_size: int, batch_size: Optional[int] = None,
