@@ -19,9 +19,9 @@ import numpy as np
 import bench_log  # bench/, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from xlmr_mp.atomic import atomic_write_text, save_figure  # noqa: E402
+from xlmr_mp.atomic import atomic_write_text
+from xlmr_mp.plotting import pyplot, save_figure
 
 
 def main() -> None:
@@ -66,12 +66,8 @@ def main() -> None:
     atomic_write_text(args.out + ".txt", "\n".join(out) + "\n")
     print("\n".join(out[:6]))
     print(f"wrote {args.out}.txt")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     order = np.argsort(-pb)
     fig, ax = plt.subplots(figsize=(22, 6))

@@ -20,7 +20,6 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import bench_log  # noqa: E402  (bench/, beside this script)

@@ -36,7 +36,6 @@ import numpy as np
 import bench_log  # noqa: E402  (bench/, beside this script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from xlmr_mp.atomic import atomic_write_text  # noqa: E402
 

@@ -25,8 +25,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 import bench_log  # noqa: E402  (bench/, beside this script)
@@ -37,7 +35,7 @@ FLORES_LINES = 1012
 
 def model_overrides(shape: str) -> list:
     if shape == "tiny":
-        return []                                   # launch/configs/tiny.yaml's model
+        return []                                   # the tiny preset's model
     return ["model.preset=base", "model.vocab_size=250002", "model.hidden_size=768", "model.num_layers=12",
             "model.num_heads=12", "model.ffn_size=3072", "model.max_positions=514", "model.dropout=0.0",
             "model.attention_dropout=0.0", "model.make_vocab_size_divisible_by=128"]
@@ -45,7 +43,7 @@ def model_overrides(shape: str) -> list:
 
 def run_config(shape: str, extra=()):
     from xlmr_mp.config import load_config
-    return load_config(os.path.join(ROOT, "launch", "configs", "tiny.yaml"),
+    return load_config("preset:tiny",
                        model_overrides(shape) + ["logging.jsonl=false", "logging.tensorboard=false",
                                                  "checkpoint.interval=0"] + list(extra))
 

@@ -20,9 +20,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from xlmr_mp.atomic import save_figure  # noqa: E402
+from xlmr_mp.plotting import pyplot, save_figure
 
 EVAL = os.path.normpath(os.path.join(ROOT, "..", "shared", "corpus", "eval"))
 DATA = {"mbpc": "flores200_devtest", "retrieval": "flores200_devtest", "sib200": "sib200", "udpos": "ud"}
@@ -95,9 +94,9 @@ def summarise(reports: dict, commands: dict, note: str, out_dir: str) -> None:
 
 
 def plot(reports: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     tasks = list(reports)
     fig, axes = plt.subplots(len(tasks), 1, figsize=(10, 2.6 * len(tasks)), squeeze=False)
     for ax, task in zip(axes[:, 0], tasks):

@@ -25,7 +25,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xlmr_mp.atomic import atomic_write  # noqa: E402
 from xlmr_mp.kernels import dispatch, fused, mlm_xent, ops  # noqa: E402

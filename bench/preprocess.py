@@ -34,7 +34,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 SHARED = os.path.join(ROOT, "..", "shared", "corpus")
 BENCH_LANGS = ["en", "ru", "zh", "hi", "ar", "ja", "sw", "el", "th", "fr", "de", "ko"]
 
@@ -106,10 +105,10 @@ def run_tool(corpus, model, out, workers, tool=None, env=None):
 
 def plot(rows, nbytes, desc, args):
     """Grouped bars: MB/s of raw, raw np, the tool (and the list-path / --compare tool) per process count."""
-    from xlmr_mp.atomic import save_figure
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from xlmr_mp.plotting import pyplot, save_figure
+    plt = pyplot()
+    if plt is None:
+        return
     series = [("raw SentencePiece (list output)", "raw_s"), ("raw SentencePiece (numpy output)", "raw_np_s"),
               ("preprocess_data.py", "tool_s")]
     if args.list_path or args.compare:

@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import bench_log  # noqa: E402
@@ -94,9 +93,10 @@ def main():
 
 
 def _plot(a, med, fits, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from xlmr_mp.plotting import pyplot, save_figure
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     xs = sorted(set(a.micro))
     for who, name, color in (("ours", "xlmr_mp", "tab:blue"), ("hf", "HF XLM-R + AdamW", "tab:orange")):
@@ -110,9 +110,7 @@ def _plot(a, med, fits, title):
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    tmp = a.plot + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, a.plot)
+    save_figure(fig, a.plot, dpi=120)
     print(f"plot: {a.plot}", file=sys.stderr)
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Train on one machine with torchrun: one process per GPU (or NPROC CPU processes).
 #
-#   bash launch/local.sh --config launch/configs/tiny.yaml                     # 1 process
-#   NPROC=4 bash launch/local.sh --config launch/configs/tiny.yaml parallel.tensor=2 data.path=...
-#   NPROC=8 bash launch/local.sh --config launch/configs/base.yaml train.micro_batch=16
+#   bash launch/local.sh --preset tiny                                  # 1 process
+#   NPROC=4 bash launch/local.sh --preset tiny parallel.tensor=2 data.path=...
+#   NPROC=8 bash launch/local.sh --preset base train.micro_batch=16
+#   bash launch/local.sh --config my.yaml          # a YAML file of your own (`preset: base` as its first key)
 #
 # NPROC defaults to the number of visible GPUs (1 without GPUs). The layout is checked before
 # torchrun starts anything (launch/tools/check_layout.py: exit 2 with a message naming the options);
@@ -20,11 +21,13 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --config) [ $# -ge 2 ] || { echo "local.sh: --config needs a path" >&2; exit 2; }; config="$2"; shift 2 ;;
     --config=*) config="${1#--config=}"; shift ;;
+    --preset) [ $# -ge 2 ] || { echo "local.sh: --preset needs a name" >&2; exit 2; }; config="preset:$2"; shift 2 ;;
+    --preset=*) config="preset:${1#--preset=}"; shift ;;
     *=*) overrides+=("$1"); shift ;;
-    *) echo "local.sh: unexpected argument '$1': give options as key.sub=value or --config PRESET.yaml" >&2; exit 2 ;;
+    *) echo "local.sh: unexpected argument '$1': give options as key.sub=value, --preset NAME or --config FILE.yaml" >&2; exit 2 ;;
   esac
 done
-[ -n "$config" ] || { echo "local.sh: no preset: pass --config launch/configs/<preset>.yaml (or set CONFIG)" >&2; exit 2; }
+[ -n "$config" ] || { echo "local.sh: no preset: pass --preset NAME (tiny, base, large, xl, xxl, mmbert_like) or --config FILE.yaml (or set CONFIG)" >&2; exit 2; }
 if [ -z "${NPROC:-}" ]; then
   NPROC=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 fi

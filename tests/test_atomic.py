@@ -68,28 +68,3 @@ def test_temporary_names_are_hidden_and_per_process(tmp_path):
     p = temp_path(str(tmp_path / "x.yaml"), ".png")
     assert os.path.dirname(p) == str(tmp_path)
     assert os.path.basename(p) == f".x.yaml.tmp-{os.getpid()}.png"
-
-
-def test_save_figure_writes_a_png_closes_the_figure_and_keeps_the_old_one_on_failure(tmp_path):
-    pytest.importorskip("matplotlib")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from xlmr_mp.atomic import save_figure
-    target = tmp_path / "figs" / "plot.png"
-    fig, ax = plt.subplots()
-    ax.plot([0, 1], [1, 0])
-    assert save_figure(fig, str(target)) == str(target)
-    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not plt.fignum_exists(fig.number)            # closed: a study's many plots do not pile up
-    assert _entries(target.parent) == ["plot.png"]
-    old = target.read_bytes()
-    fig, _ = plt.subplots()
-
-    def half_written(f, **kw):                            # a renderer dying halfway through the file
-        f.write(b"\x89PNG partial")
-        raise RuntimeError("renderer failed")
-    fig.savefig = half_written
-    with pytest.raises(RuntimeError, match="renderer failed"):
-        save_figure(fig, str(target))
-    assert target.read_bytes() == old and _entries(target.parent) == ["plot.png"]

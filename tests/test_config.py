@@ -6,7 +6,7 @@ import yaml
 from xlmr_mp.config import ConfigError, dump_config, grad_accumulation_steps, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "launch", "configs", "tiny.yaml")
+TINY = os.path.join(ROOT, "xlmr_mp", "presets", "tiny.yaml")
 
 
 def test_tiny_preset_loads_and_overrides():
@@ -61,7 +61,7 @@ def test_yaml_files_missing_or_invalid_name_the_file(tmp_path):
     from xlmr_mp.study.spec import SpecError, load_spec
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"config file .*missing\.yaml does not exist \(presets live in launch/configs/\)"):
+    with pytest.raises(ConfigError, match=r"config file .*missing\.yaml does not exist \(a preset is --preset NAME or --config preset:NAME, NAME one of base, large, mmbert_like, tiny, xl, xxl\)"):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
         load_config(str(bad))

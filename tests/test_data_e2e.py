@@ -25,7 +25,7 @@ def prepared(tmp_path_factory):
 
 def _run_config(prepared, *extra):
     from xlmr_mp.config import load_config
-    return load_config("launch/configs/tiny.yaml", [f"data.path={prepared['out']}", f"data.tokenizer={prepared['model']}",
+    return load_config("preset:tiny", [f"data.path={prepared['out']}", f"data.tokenizer={prepared['model']}",
                                                     f"model.vocab_size={prepared['vocab']}", *extra])
 
 

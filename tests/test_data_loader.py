@@ -127,7 +127,7 @@ def test_validation_batches_and_bpc(corpus_dir):
 
 def test_build_from_run_config_and_errors(corpus_dir):
     from xlmr_mp.config import load_config
-    cfg = load_config("launch/configs/tiny.yaml", [f"data.path={corpus_dir}", "model.vocab_size=1000"])
+    cfg = load_config("preset:tiny", [f"data.path={corpus_dir}", "model.vocab_size=1000"])
     loader = build_train_loader(cfg, 0, 1)
     assert next(loader)["input_ids"].shape == (cfg.train.micro_batch, cfg.data.seq_length)
     with pytest.raises(ValueError, match="global_batch"):

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import compile_kernels as ck  # noqa: E402
+from xlmr_mp.cli import compile_kernels as ck
 
 
 def _need(fn):

@@ -28,7 +28,7 @@ def _sbatch_opts(path):
 def _preset(path):
     """The preset a launcher uses by default (CONFIG="${CONFIG:-...}")."""
     m = re.search(r'CONFIG="\$\{CONFIG:-([^}]+)\}"', open(os.path.join(ROOT, path)).read())
-    return os.path.join(ROOT, m.group(1))
+    return m.group(1)
 
 
 def _defaults(path):
@@ -92,18 +92,18 @@ def test_large_header_arithmetic_matches_the_model():
     (["data.seq_length=65", "--world-size", "1"], ["data.seq_length=65", "model.max_positions=66", "data.seq_length=64"]),
 ])
 def test_check_layout_names_the_options(bad, names):
-    p = subprocess.run([sys.executable, "launch/tools/check_layout.py", "--config", "launch/configs/tiny.yaml",
+    p = subprocess.run([sys.executable, "launch/tools/check_layout.py", "--preset", "tiny",
                         "--world-size", "8", *bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     first = p.stderr.splitlines()[0]
-    assert first.startswith("layout error (config launch/configs/tiny.yaml):")
+    assert first.startswith("layout error (preset tiny):")
     for n in names:
         assert n in first, p.stderr
     assert "Traceback" not in p.stderr
 
 
 def test_check_layout_ok_prints_layout_and_records(tmp_path):
-    p = subprocess.run([sys.executable, "launch/tools/check_layout.py", "--config", "launch/configs/tiny.yaml",
+    p = subprocess.run([sys.executable, "launch/tools/check_layout.py", "--preset", "tiny",
                         "--world-size", "4", "--tasks-per-node", "2", "--record", "job-7-r0", "parallel.tensor=2",
                         f"run_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -115,7 +115,7 @@ def test_check_layout_ok_prints_layout_and_records(tmp_path):
     assert load_config(str(rec / "config.yaml")).parallel.tensor == 2
     assert re.search(r"commit: [0-9a-f]{40}", (rec / "commit.txt").read_text())
     # TP spanning nodes is legal but slow: warned, not refused
-    p = subprocess.run([sys.executable, "launch/tools/check_layout.py", "--config", "launch/configs/tiny.yaml",
+    p = subprocess.run([sys.executable, "launch/tools/check_layout.py", "--preset", "tiny",
                         "--world-size", "4", "--tasks-per-node", "1", "parallel.tensor=2", f"run_dir={tmp_path}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "does not fit within one node" in p.stderr
@@ -134,7 +134,7 @@ def test_master_port_from_job_id():
 
 def test_batch_script_outside_slurm_and_bad_argument_fail_clearly(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    p = subprocess.run(["bash", "launch/xlmr_base.slurm", "--config", "launch/configs/tiny.yaml"], cwd=ROOT,
+    p = subprocess.run(["bash", "launch/xlmr_base.slurm", "--preset", "tiny"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "not inside a SLURM job" in p.stderr
     p = subprocess.run(["bash", "launch/xlmr_base.slurm", "train.micro_batch"], cwd=ROOT, env=env,
@@ -146,7 +146,7 @@ def test_batch_script_outside_slurm_and_bad_argument_fail_clearly(tmp_path):
 
 
 def test_local_sh_bad_layout_fails_before_torchrun(tmp_path):
-    p = subprocess.run(["bash", "launch/local.sh", "--config", "launch/configs/tiny.yaml", "parallel.tensor=2",
+    p = subprocess.run(["bash", "launch/local.sh", "--preset", "tiny", "parallel.tensor=2",
                         f"run_dir={tmp_path}"], cwd=ROOT, env=dict(os.environ, NPROC="3"), capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2

@@ -11,7 +11,7 @@ import pytest
 from xlmr_mp.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CITED = {"launch/configs/large.yaml": (4e-4, 30000), "launch/configs/base.yaml": (6e-4, 24000)}
+CITED = {"preset:large": (4e-4, 30000), "preset:base": (6e-4, 24000)}
 
 
 def _sbatch(path, key):
@@ -48,12 +48,12 @@ def _resolved(tmp_path, script, args=()):
                                     "launch/scaling_study.slurm"])
 def test_launcher_defaults_keep_the_presets_recipe(tmp_path, script):
     preset, cfg = _resolved(tmp_path, script)
-    ref = load_config(os.path.join(ROOT, preset))
+    ref = load_config(preset)
     assert (cfg.optim.lr, cfg.optim.warmup_steps) == (ref.optim.lr, ref.optim.warmup_steps) == CITED[preset]
     assert (cfg.optim.decay, cfg.optim.betas, cfg.optim.weight_decay, cfg.model.dropout) == \
         (ref.optim.decay, ref.optim.betas, ref.optim.weight_decay, ref.model.dropout)
     assert cfg.model.hidden_size == ref.model.hidden_size and cfg.model.num_layers == ref.model.num_layers
-    assert cfg.precision.dtype == "fp16"    # what the launcher is for: V100 has no bf16
+    assert cfg.precision.dtype == "auto"    # fp16 on the paper's V100s, bf16 where the GPU has it
 
 
 def test_user_override_wins_over_the_preset(tmp_path):

@@ -11,8 +11,7 @@ import pytest
 from support.harness import run_distributed
 from support import plan_bodies as pb
 from support import train_bodies as b
-sys.path.insert(0, os.path.join(b.ROOT, "tools"))
-import plan as P  # noqa: E402
+from xlmr_mp.cli import plan as P
 
 KEYS = {"memory", "fits", "gpu", "layout", "step_time_s", "tokens_per_s", "mfu", "days_for_steps"}
 MEMORY = {"params", "grads", "optimizer", "autocast", "activations", "logits", "buffers", "total"}
@@ -32,8 +31,8 @@ def _plan(overrides, world, gpu="CPU"):
 
 
 def test_json_keys_and_directions():
-    out = subprocess.run([sys.executable, os.path.join(b.ROOT, "tools", "plan.py"), "--config",
-                          os.path.join(b.ROOT, "launch", "configs", "large.yaml"), "--gpu", "V100-32", "--nodes", "64",
+    out = subprocess.run([sys.executable, os.path.join(b.ROOT, "tools", "plan.py"), "--preset",
+                          "large", "--gpu", "V100-32", "--nodes", "64",
                           "--json", "train.global_batch=8192", "precision.dtype=fp16"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -51,7 +50,7 @@ def test_json_keys_and_directions():
                       "model.vocab_size=250002", "train.global_batch=64", "train.micro_batch=8"], 8)
     assert not P.plan(big, P.GPUS["V100-16"], 1, 8)["fits"]
     bad = subprocess.run([sys.executable, os.path.join(b.ROOT, "tools", "plan.py"), "--config",
-                          os.path.join(b.ROOT, "launch", "configs", "large.yaml"), "parallel.tensor=3"],
+                          "preset:large", "parallel.tensor=3"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "parallel.tensor" in bad.stderr
 
@@ -80,11 +79,11 @@ def test_loss_chunk_rows_mirror_the_model_path():
 
 def test_check_layout_warns_when_the_plan_does_not_fit():
     def run(gpu, *ov):
-        return subprocess.run([sys.executable, "launch/tools/check_layout.py", "--config", "launch/configs/large.yaml",
+        return subprocess.run([sys.executable, "launch/tools/check_layout.py", "--preset", "large",
                                "--world-size", "512", "--tasks-per-node", "8", "--gpu", gpu, "train.micro_batch=16",
                                "train.global_batch=8192", "precision.dtype=fp16", *ov],
                               cwd=b.ROOT, capture_output=True, text=True, timeout=120)
     small = run("V100-16", "train.recompute=none")
-    assert small.returncode == 0 and "warning: tools/plan.py predicts" in small.stderr and "train.recompute" in small.stderr
+    assert small.returncode == 0 and "warning: xlmr-plan predicts" in small.stderr and "train.recompute" in small.stderr
     big = run("H100", "train.recompute=none")
     assert big.returncode == 0 and "# plan:" in big.stdout and "warning" not in big.stderr

@@ -272,7 +272,7 @@ def test_chunking_does_not_change_documents(tmp_path):
 def test_indexed_writer_matches_megatron_builder_and_merges(tmp_path):
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from merge_datasets import merge_datasets
+    from xlmr_mp.cli.merge_datasets import merge_datasets
     rng = np.random.default_rng(0)
     docs = [[rng.integers(3, 70000, size=rng.integers(1, 9)) for _ in range(rng.integers(1, 5))] for _ in range(30)]
     b = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.int32)

@@ -26,7 +26,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
-TINY = ["--config", "launch/configs/tiny.yaml", "parallel.tensor=2", f"train.train_steps={STEPS}",
+TINY = ["--preset", "tiny", "parallel.tensor=2", f"train.train_steps={STEPS}",
         "train.eval_interval=0", "checkpoint.interval=0", "model.preset=", "train.global_batch=8",
         "train.micro_batch=4", "data.seq_length=64", "optim.lr=1e-3", "optim.warmup_steps=5",
         "precision.dtype=fp32", "checkpoint.keep_last=2"]

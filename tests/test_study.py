@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "launch", "configs", "tiny.yaml")
+TINY = os.path.join(ROOT, "xlmr_mp", "presets", "tiny.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "launch", "configs", "tiny.yaml")
+TINY = os.path.join(ROOT, "xlmr_mp", "presets", "tiny.yaml")
 STUDY = [sys.executable, os.path.join(ROOT, "tools", "study.py")]
 HAS_EVAL = os.path.exists(os.path.join(ROOT, "tools", "evaluate.py"))
 CWD = __import__("tempfile").gettempdir()    # nothing may depend on the current directory

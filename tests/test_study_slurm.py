@@ -14,7 +14,7 @@ import yaml
 from test_slurm import slurm  # noqa: F401  (the session fixture that starts the local cluster)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "launch", "configs", "tiny.yaml")
+TINY = os.path.join(ROOT, "xlmr_mp", "presets", "tiny.yaml")
 
 
 @pytest.mark.slow

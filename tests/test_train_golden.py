@@ -14,7 +14,7 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_losses.json")
 def test_tiny_golden_curve(tmp_path):
     data = b.make_indexed_data(str(tmp_path / "data"), seed=0)
     run = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "xlmr_mp.train", "--config", os.path.join(b.ROOT, "launch/configs/tiny.yaml"),
+    cmd = [sys.executable, "-m", "xlmr_mp.train", "--preset", "tiny",
            f"data.path={data}", f"run_dir={run}", "train.train_steps=20", "checkpoint.interval=0",
            "train.eval_interval=0"]
     p = subprocess.run(cmd, cwd=b.ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
@@ -25,7 +25,7 @@ def test_tiny_golden_curve(tmp_path):
     assert len(losses) == 20
     if os.environ.get("XLMR_UPDATE_GOLDEN") == "1":
         with open(GOLDEN, "w") as f:
-            json.dump({"preset": "launch/configs/tiny.yaml", "steps": 20, "data": "tests/_train_bodies.py:make_indexed_data(seed=0)",
+            json.dump({"preset": "tiny", "steps": 20, "data": "tests/_train_bodies.py:make_indexed_data(seed=0)",
                        "losses": losses}, f, indent=1)
     golden = json.load(open(GOLDEN))["losses"]
     assert losses[-1] < losses[0] - 0.5          # it learns

@@ -20,7 +20,7 @@ def data_dir(tmp_path_factory):
 
 
 def _cmd(data_dir, run_dir, extra=()):
-    return [sys.executable, "-m", "xlmr_mp.train", "--config", os.path.join(ROOT, "launch/configs/tiny.yaml"),
+    return [sys.executable, "-m", "xlmr_mp.train", "--preset", "tiny",
             f"data.path={data_dir}", f"run_dir={run_dir}", f"train.train_steps={STEPS}", "checkpoint.interval=4",
             "train.eval_interval=0", *b.compile_overrides(), *extra]
 

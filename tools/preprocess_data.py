@@ -54,7 +54,7 @@ from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, CorpusError, RawChunk, co
                                     count_lines_before, find_language_files, is_seekable,
                                     iter_raw_chunks, parse_chunk, source_format)
 from xlmr_mp.data.indexed import IndexedWriter, token_dtype  # noqa: E402
-from merge_datasets import merge_datasets  # noqa: E402  (tools/merge_datasets.py)
+from xlmr_mp.cli.merge_datasets import merge_datasets  # noqa: E402
 
 from xlmr_mp.data.split import SPLITS, document_split, parse_split  # noqa: E402,F401 (re-exported for tests)
 

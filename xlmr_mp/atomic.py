@@ -1,6 +1,6 @@
 """Outputs that never exist half-written: write under a temporary name beside the target (same
-filesystem), rename onto the target only when complete. Standard library only (save_figure
-imports matplotlib when called), so every layer and tool may use it.
+filesystem), rename onto the target only when complete. Standard library only, so every layer
+and tool may use it (figures: plotting.save_figure).
 
     with atomic_write("run/config.yaml") as f:        # a file ("w", "wb", ...)
         yaml.safe_dump(cfg, f)
@@ -8,7 +8,6 @@ imports matplotlib when called), so every layer and tool may use it.
     with atomic_dir("ckpt/step_00000100") as tmp:     # a directory filled in `tmp`
         torch.save(sd, os.path.join(tmp, "model_tp00_pp00.pt"))
     tmp = temp_path(prefix + ".bin")                  # several files renamed together by the caller
-    save_figure(fig, "results/plot.png")              # a matplotlib figure (PNG), then closed
 
 An exception inside the block removes the temporary and leaves an existing target untouched.
 A directory that already exists is replaced only once the new one is complete (the old one is
@@ -53,16 +52,6 @@ def atomic_write_text(path: str, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_write(path) as f:
         f.write(text)
-
-
-def save_figure(fig, path: str, dpi: int = 110) -> str:
-    """A matplotlib figure laid out (tight_layout), written to `path` as PNG atomically, and closed."""
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=dpi)
-    plt.close(fig)
-    return path
 
 
 def replace_dir(tmp: str, path: str) -> None:

@@ -1,6 +1,7 @@
 """Run configuration: small per-component dataclasses composed into one `RunConfig`.
 
-Precedence: dataclass defaults, then a YAML preset, then `key.sub=value` overrides.
+Precedence: dataclass defaults, then a preset (xlmr_mp/presets/), then a YAML file, then `key.sub=value`
+overrides.
 `load_config()` validates everything before anything is allocated; errors name the option.
 `dump_config()` writes the resolved config (YAML) into the run directory.
 """
@@ -20,6 +21,7 @@ from xlmr_mp.errors import ConfigError
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.parallel.config import ParallelConfig
 from xlmr_mp.parallel.layout import micro_batches_per_step, validate_layout
+from xlmr_mp.presets import preset_names, preset_path, resolve_config
 
 __all__ = ["ConfigError", "ParallelConfig", "RunConfig", "load_config", "dump_config", "apply_overrides",
            "config_to_dict", "grad_accumulation_steps", "validate_layout"]
@@ -234,16 +236,30 @@ def read_yaml(path: str, error: type, what: str, hint: str) -> Any:
             raise error(f"{path}: invalid YAML: {e}") from None
 
 
+def _apply_file(cfg: RunConfig, path: str, nested: bool = False) -> None:
+    """The YAML config at `path` onto cfg; a top-level `preset: NAME` in it applies that preset first."""
+    data = read_yaml(path, ConfigError, "config file",
+                     f"a preset is --preset NAME or --config preset:NAME, NAME one of {', '.join(preset_names())}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("preset", None)
+    if base is not None:
+        if nested or not isinstance(base, str):
+            raise ConfigError(f"{path}: preset: {base!r} must name a shipped preset ({', '.join(preset_names())})")
+        _apply_file(cfg, preset_path(base), nested=True)
+    for k, v in data.items():
+        _apply(cfg, [k], v, k)
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
-                world_size: Optional[int] = None, validate: bool = True) -> RunConfig:
-    """Defaults, then the YAML preset at `path`, then overrides; validated unless told not to."""
+                world_size: Optional[int] = None, validate: bool = True, preset: Optional[str] = None) -> RunConfig:
+    """Defaults, then the shipped `preset` (xlmr_mp/presets/), then the YAML file at `path` (or
+    `preset:NAME`), then overrides; validated unless told not to."""
     cfg = RunConfig()
+    if preset:
+        _apply_file(cfg, preset_path(preset))
     if path:
-        data = read_yaml(path, ConfigError, "config file", "presets live in launch/configs/")
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        for k, v in data.items():
-            _apply(cfg, [k], v, k)
+        _apply_file(cfg, resolve_config(path))
     apply_overrides(cfg, overrides or [])
     infer_vocab_size(cfg, given=any(o.split("=", 1)[0].strip() == "model.vocab_size" for o in overrides or []))
     if validate:

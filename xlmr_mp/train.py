@@ -1,4 +1,4 @@
-"""Train XLM-R at any TP x PP x DP layout: `python -m xlmr_mp.train --config PRESET.yaml key=value ...`.
+"""Train XLM-R at any TP x PP x DP layout: `xlmr-train --preset NAME [--config FILE] key=value ...`.
 
 Works under torchrun, srun and mpirun (see xlmr_mp/distributed.py) and as a single process.
 One optimizer step:
@@ -36,6 +36,7 @@ from xlmr_mp.atomic import atomic_write
 from xlmr_mp.checkpoint.format import resolve_checkpoint_dir
 from xlmr_mp.checkpoint.manager import CheckpointManager, rng_state, set_rng_state  # noqa: F401 (re-exported)
 from xlmr_mp.config import ConfigError, RunConfig, dump_config, grad_accumulation_steps, load_config
+from xlmr_mp.presets import preset_names
 from xlmr_mp.data import loader as L
 from xlmr_mp.distributed import (all_reduce_floats, destroy_distributed, exit_with_launcher, init_distributed,
                                  pick_device)
@@ -367,12 +368,14 @@ def _lock_run_dir(run_dir: str, rank: int):
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML preset (launch/configs/*.yaml)")
+    ap.add_argument("--preset", default=None, choices=preset_names(),
+                    help="a shipped preset (xlmr_mp/presets/NAME.yaml); --config and key=value apply on top")
+    ap.add_argument("--config", default=None, help="a YAML config file (or preset:NAME); may start with `preset: NAME`")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.micro_batch=8")
     args = ap.parse_args(argv)
     exit_with_launcher()               # under torchrun: die with the launcher, not train on alone
     try:
-        cfg = load_config(args.config, args.overrides, validate=False)
+        cfg = load_config(args.config, args.overrides, validate=False, preset=args.preset)
         cfg.validate(None)
         train(cfg)
     except ConfigError as e:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Validate a run's config and parallel layout before any training process starts; record the run.
 
-    python launch/tools/check_layout.py --config launch/configs/base.yaml --world-size 16 \
+    python launch/tools/check_layout.py --preset base --world-size 16 \
         [--tasks-per-node 8] [--record JOB_TAG] key=value ...
 
 Runs once, on the first node of the allocation, before `srun`/`torchrun` start the training
@@ -25,12 +25,11 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from xlmr_mp.atomic import atomic_dir
+from xlmr_mp.config import ConfigError, dump_config, grad_accumulation_steps, load_config
+from xlmr_mp.presets import preset_names
 
-from xlmr_mp.atomic import atomic_dir  # noqa: E402
-from xlmr_mp.config import ConfigError, dump_config, grad_accumulation_steps, load_config  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _git(*args: str) -> str:
@@ -67,31 +66,31 @@ def _record_into(tmp: str, cfg, argv: list) -> None:
 
 
 def plan_memory_check(cfg, gpu: str, world: int, per_node: int) -> None:
-    """Print the planner's memory per rank (tools/plan.py, memory only: no torch); a warning on
+    """Print the planner's memory per rank (xlmr-plan, memory only: no torch); a warning on
     stderr when it does not fit the GPU."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import plan as planner
+    from xlmr_mp.cli import plan as planner
     if gpu not in planner.GPUS:
         print(f"warning: --gpu {gpu!r} is not one of {', '.join(sorted(planner.GPUS))}; no memory plan", file=sys.stderr)
         return
     res = planner.plan(cfg, planner.GPUS[gpu], max(1, world // per_node), min(per_node, world), step_time=False)
     need, have = res["memory"]["total"] / planner.GiB, res["usable_bytes"] / planner.GiB
-    print(f"# plan: {need:.1f} GiB per rank of {have:.1f} GiB usable on {gpu} (tools/plan.py)")
+    print(f"# plan: {need:.1f} GiB per rank of {have:.1f} GiB usable on {gpu} (xlmr-plan)")
     if not res["fits"]:
-        print(f"warning: tools/plan.py predicts {need:.1f} GiB per rank but a {gpu} has {have:.1f} GiB usable: "
+        print(f"warning: xlmr-plan predicts {need:.1f} GiB per rank but a {gpu} has {have:.1f} GiB usable: "
               f"the run will likely run out of memory; lower train.micro_batch, set train.recompute=full or "
               f"parallel.distributed_optimizer=true, or raise parallel.tensor / parallel.pipeline "
-              f"(details: python tools/plan.py --gpu {gpu} ...)", file=sys.stderr)
+              f"(details: xlmr-plan --gpu {gpu} ...)", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=None, help="YAML preset (launch/configs/*.yaml)")
+    ap.add_argument("--preset", default=None, choices=preset_names(), help="a shipped preset (xlmr_mp/presets/)")
+    ap.add_argument("--config", default=None, help="a YAML config file (or preset:NAME), applied over --preset")
     ap.add_argument("--world-size", type=int, required=True, help="number of training processes (SLURM_NTASKS)")
     ap.add_argument("--tasks-per-node", type=int, default=0, help="processes per node (warns when TP spans nodes)")
     ap.add_argument("--record", default="", metavar="TAG", help="write config/commit/command into RUN_DIR/launch/TAG")
     ap.add_argument("--gpu", default=os.environ.get("XLMR_GPU_TYPE", ""),
-                    help="GPU type for the memory plan (tools/plan.py: V100-16, V100-32, A100-40, A100-80, H100, "
+                    help="GPU type for the memory plan (xlmr-plan: V100-16, V100-32, A100-40, A100-80, H100, "
                          "H200; default $XLMR_GPU_TYPE); warns when the plan does not fit")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = ap.parse_args(argv)
@@ -99,9 +98,9 @@ def main(argv=None) -> int:
         print(f"layout error: --world-size {args.world_size} must be >= 1 (is SLURM_NTASKS set?)", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config, args.overrides, world_size=args.world_size)   # parallel/layout.py
+        cfg = load_config(args.config, args.overrides, world_size=args.world_size, preset=args.preset)  # layout.py
     except ConfigError as e:
-        src = f" (config {args.config})" if args.config else ""
+        src = "".join(f" ({k} {v})" for k, v in (("preset", args.preset), ("config", args.config)) if v)
         print(f"layout error{src}: {e}", file=sys.stderr)
         print(f"  world size {args.world_size} = nodes x tasks per node; every option can be changed with "
               f"key=value after the script name, e.g. `sbatch launch/xlmr_base.slurm parallel.tensor=2`",

@@ -1,7 +1,7 @@
 # Shared body of the training launchers (launch/xlmr_base.slurm, launch/xlmr_large.slurm,
 # launch/scaling_study.slurm); sourced from the repository root inside the batch script.
 #
-# xlmr_slurm_train [--config PRESET.yaml] [key=value ...]
+# xlmr_slurm_train [--preset NAME | --config FILE.yaml] [key=value ...]   (CONFIG=preset:NAME works too)
 #   1. checks it runs inside a SLURM allocation and names the job, restart count and nodes;
 #   2. sources launch/nccl.env (NCCL settings in one place);
 #   3. MASTER_ADDR = first node of the allocation, MASTER_PORT = 10000 + f(job id, restart);
@@ -46,12 +46,14 @@ xlmr_slurm_train() {
     case "$1" in
       --config) [ $# -ge 2 ] || xlmr_die "--config needs a path"; config="$2"; shift 2 ;;
       --config=*) config="${1#--config=}"; shift ;;
+      --preset) [ $# -ge 2 ] || xlmr_die "--preset needs a name"; config="preset:$2"; shift 2 ;;
+      --preset=*) config="preset:${1#--preset=}"; shift ;;
       *=*) user+=("$1"); shift ;;
-      *) xlmr_die "unexpected argument '$1': give options as key.sub=value (e.g. train.micro_batch=8) or --config PRESET.yaml" ;;
+      *) xlmr_die "unexpected argument '$1': give options as key.sub=value (e.g. train.micro_batch=8), --preset NAME or --config FILE.yaml" ;;
     esac
   done
   [ -n "${SLURM_JOB_ID:-}" ] || xlmr_die "not inside a SLURM job: submit with sbatch (or use launch/local.sh on one machine)"
-  [ -n "$config" ] || xlmr_die "no preset: set CONFIG or pass --config launch/configs/<preset>.yaml"
+  [ -n "$config" ] || xlmr_die "no preset: pass --preset NAME (tiny, base, large, xl, xxl, mmbert_like) or --config FILE.yaml, or set CONFIG"
   local overrides=("${DEFAULTS[@]}" "${user[@]}")
   local restart="${SLURM_RESTART_COUNT:-0}"
   local py="${PYTHON:-python}"

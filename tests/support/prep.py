@@ -25,20 +25,13 @@ def run_tool(name, *args, check=True, env=None, timeout=300, prefix=()):
 
 
 def load_tool(name):
-    """tools/<name>.py as a fresh module (registered in sys.modules while loading: dataclasses need it)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.modules.pop(name, None)
-    return mod
+    """The module behind tools/<name>.py and its installed command: xlmr_mp/cli/<name>.py."""
+    import importlib
+    return importlib.import_module(f"xlmr_mp.cli.{name}")
 
 
 def run_tool_main(name, *args):
-    """tools/<name>.py's main(args) in this process with stdout/stderr captured: (rc, stdout, stderr).
+    """xlmr_mp/cli/<name>.py's main(args) in this process with stdout/stderr captured: (rc, stdout, stderr).
     Cheaper than run_tool's subprocess; each CLI is still run once as a subprocess by its own tests."""
     import contextlib
     import io

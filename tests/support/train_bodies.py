@@ -59,7 +59,7 @@ def dp_rank_body(rank, world_size, steps, zero, reduce_scatter=False):
 
 ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.dirname(
     __import__("os").path.abspath(__file__))))
-TINY = __import__("os").path.join(ROOT, "launch", "configs", "tiny.yaml")
+TINY = __import__("os").path.join(ROOT, "xlmr_mp", "presets", "tiny.yaml")
 
 
 class SyntheticBatches:

@@ -14,7 +14,8 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-from xlmr_mp.atomic import atomic_write, save_figure
+from xlmr_mp.atomic import atomic_write
+from xlmr_mp.plotting import pyplot, save_figure
 from xlmr_mp.eval.api import EvalModel, EvalOptions, TaskResult
 
 GROUPS = {"High": ("en", "fr"), "Low": ("sw", "ur"), "All": ("en", "fr", "de", "ru", "zh", "sw", "ur")}
@@ -101,11 +102,12 @@ def plot_path_for(json_path: str) -> str:
     return base + ".png"
 
 
-def write_plot(path: str, report: dict) -> None:
-    """Bar per language (error bars: std over seeds), a marker per baseline; PNG, atomic."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_plot(path: str, report: dict) -> Optional[str]:
+    """Bar per language (error bars: std over seeds), a marker per baseline; PNG, atomic. Returns
+    the path, or None when matplotlib is missing (plotting.pyplot notes it once)."""
+    plt = pyplot()
+    if plt is None:
+        return None
     langs = list(report["languages"])
     vals = [report["languages"][l] for l in langs]
     std = [report.get("std", {}).get(l, 0.0) for l in langs]
@@ -121,4 +123,4 @@ def write_plot(path: str, report: dict) -> None:
     step = f" step {report['step']}" if report.get("step") is not None else ""
     ax.set_title(f"{report['task']}: {os.path.basename(str(report['model']['source']).rstrip('/'))}{step}", fontsize=10)
     ax.legend(fontsize=8, loc="best")
-    save_figure(fig, path)
+    return save_figure(fig, path)

@@ -12,17 +12,14 @@ import json
 import os
 from typing import Dict, List
 
-from xlmr_mp.atomic import save_figure
+from xlmr_mp.plotting import pyplot, save_figure
 from xlmr_mp.study.spec import Study
 
 LINES = ("High", "Low", "All")
 
 
 def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    return pyplot()
 
 
 def _axis_numeric(study: Study, grid: str, axis: str, value: str):
@@ -148,7 +145,9 @@ def heatmap(grid: str, metric: str, agg: Dict[tuple, dict], out_path: str) -> st
 
 
 def grid_figures(study: Study, grid: str, metric: str, agg: Dict[tuple, dict], fig_dir: str) -> List[str]:
-    """Every figure of one grid and metric that its varying axes allow."""
+    """Every figure of one grid and metric that its varying axes allow (none without matplotlib)."""
+    if _plt() is None:
+        return []
     var = _varying(agg)
     out = []
     names = {"languages": ("curse", "Curse of multilinguality (Fig. 2/4)"), "alpha": ("alpha", "Sampling alpha (Fig. 5)"),
@@ -169,6 +168,8 @@ def grid_figures(study: Study, grid: str, metric: str, agg: Dict[tuple, dict], f
 def learning_curves(study: Study, out: str, grid: str, recs: List[dict], fig_dir: str) -> List[str]:
     """valid bits per character per language against step, one line per cell (mean over seeds)."""
     plt = _plt()
+    if plt is None:
+        return []
     curves: Dict[str, Dict[str, Dict[int, List[float]]]] = {}
     avs = [next((av for g, av in [(r["grid"], r["axis_values"])] + [tuple(x) for x in r.get("aliases", [])]
                  if g == grid), r["axis_values"]) for r in recs]

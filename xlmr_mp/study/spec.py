@@ -1,6 +1,6 @@
 """Study spec (YAML): the grid of cells a scaling study trains and evaluates.
 
-    name, corpus, eval_data, base_config, overrides, axes, exclude, budget, tokenizer,
+    name, corpus, eval_data, base_config (or preset), overrides, axes, exclude, budget, tokenizer,
     fixed_params, cap_lines, evaluate            (the contract; see launch/studies/*.yaml)
     grids, spm, eval_languages, eval_settings, description     (extensions)
 
@@ -25,7 +25,7 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TOP_KEYS = ("name", "description", "corpus", "eval_data", "base_config", "overrides", "axes", "exclude",
+TOP_KEYS = ("name", "description", "corpus", "eval_data", "base_config", "preset", "overrides", "axes", "exclude",
             "budget", "tokenizer", "fixed_params", "cap_lines", "evaluate", "grids", "spm",
             "eval_languages", "eval_settings")
 GRID_KEYS = ("name", "axes", "exclude", "overrides", "budget", "tokenizer", "fixed_params", "cap_lines")
@@ -175,18 +175,33 @@ def _axis_values(name: str, raw: Any, spec_path: str) -> Dict[str, Dict[str, Any
     return out
 
 
+def base_config_path(raw: dict, path: str) -> str:
+    """The run config a spec's runs start from, as a file: `preset: NAME` (a shipped preset,
+    xlmr_mp/presets/) or `base_config: FILE` (or `base_config: preset:NAME`); exactly one of them."""
+    from xlmr_mp.presets import PREFIX, preset_path
+    if ("preset" in raw) == ("base_config" in raw):
+        raise SpecError(f"{path}: give exactly one of preset: NAME (e.g. preset: tiny) and base_config: FILE")
+    ref = f"{PREFIX}{raw['preset']}" if "preset" in raw else raw["base_config"]
+    if isinstance(ref, str) and ref.startswith(PREFIX):
+        try:
+            return preset_path(ref[len(PREFIX):])
+        except ValueError as e:
+            raise SpecError(f"{path}: {'preset' if 'preset' in raw else 'base_config'}: {e}") from None
+    return _resolve_path(ref, path, "base_config")
+
+
 def load_spec(path: str, check_corpus: bool = True) -> Study:
     """Read and validate a study spec; expand its grids into cells (duplicates merged)."""
     from xlmr_mp.config import ConfigError, load_config, read_yaml
     raw = read_yaml(path, SpecError, "study spec", "shipped studies: launch/studies/*.yaml")
     check_keys(raw, TOP_KEYS, "top level", path)
-    for req in ("name", "corpus", "base_config"):
+    for req in ("name", "corpus"):
         if req not in raw:
             raise SpecError(f"{path}: missing key {req!r}")
     if not raw.get("axes") and not raw.get("grids"):
         raise SpecError(f"{path}: give axes (or grids, each with its axes)")
     corpus = _resolve_path(raw["corpus"], path, "corpus")
-    base_config = _resolve_path(raw["base_config"], path, "base_config")
+    base_config = base_config_path(raw, path)
     evaluate = raw.get("evaluate") or []
     if not isinstance(evaluate, list) or any(t not in EVAL_TASKS for t in evaluate):
         raise SpecError(f"{path}: evaluate must be a list of tasks from {', '.join(EVAL_TASKS)} (got {evaluate!r})")
