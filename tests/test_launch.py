@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from xlmr_mp.config import grad_accumulation_steps, load_config
+from xlmr_mp.precision import resolve_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/xlmr_base.slurm", "launch/xlmr_large.slurm", "launch/preprocess.slurm",
@@ -68,7 +69,9 @@ def test_paper_defaults_are_a_valid_layout(path, nodes, micro, accum):
     if path != "launch/scaling_study.slurm":
         assert cfg.train.global_batch == 8192 and cfg.train.train_steps == 1_500_000
         assert cfg.parallel.data == world   # TP = PP = 1, see the memory arithmetic in the header
-    assert cfg.precision.dtype == "fp16"    # V100: no bf16
+    assert cfg.precision.dtype == "auto"    # the device's: fp16 on V100 (no bf16), bf16 on A100 / H100
+    assert resolve_dtype(cfg.precision.dtype, "cuda", (7, 0)) == "fp16"
+    assert resolve_dtype(cfg.precision.dtype, "cuda", (9, 0)) == "bf16"
 
 
 def test_large_header_arithmetic_matches_the_model():
