@@ -42,6 +42,26 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+# The installed commands: one module per command in xlmr_mp/cli/ (main(argv=None) -> exit code);
+# tools/<module>.py are thin wrappers of the same mains.
+CONSOLE_SCRIPTS = [
+    "xlmr-train = xlmr_mp.train:main",
+    "xlmr-preprocess = xlmr_mp.cli.preprocess_data:main",
+    "xlmr-train-spm = xlmr_mp.cli.train_spm:main",
+    "xlmr-merge = xlmr_mp.cli.merge_datasets:main",
+    "xlmr-evaluate = xlmr_mp.cli.evaluate:main",
+    "xlmr-study = xlmr_mp.cli.study:main",
+    "xlmr-schedule-study = xlmr_mp.cli.schedule_study:main",
+    "xlmr-convert = xlmr_mp.cli.convert_checkpoint:main",
+    "xlmr-plan = xlmr_mp.cli.plan:main",
+    "xlmr-compile-kernels = xlmr_mp.cli.compile_kernels:main",
+    "xlmr-download-cc100 = xlmr_mp.cli.download_cc100:main",
+]
+# megatron-core: CI's fast lane runs on the lowest version of this range and on the newest that
+# installs (.ci/megatron_lanes.sh); every call we make is checked against 0.19 in
+# docs/megatron_core_compat.md.
+MEGATRON_CORE = "megatron-core>=0.16,<0.20"
+
 cpp_sources = sorted(glob.glob("csrc/*.cpp"))
 # OpenMP on Linux: the AVX2 CPU kernels then split their work on torch's own OpenMP pool (the same
 # libgomp.so.1, which torch has already loaded); XLMR_MP_NO_OPENMP=1 builds the std::thread fallback.
@@ -62,11 +82,14 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.10",
     # torch is deliberately unpinned: install the right build first (CPU: torch==2.13.0).
-    install_requires=["torch", "megatron-core>=0.16", "sentencepiece", "numpy", "pybind11",
-                      "pyyaml", "tqdm", "safetensors",
+    # Everything the installed commands need: matplotlib for the evaluation and study plots (without
+    # it they print one line and still write their numbers); megatron-core in the tested range.
+    install_requires=["torch", MEGATRON_CORE, "sentencepiece", "numpy", "pybind11",
+                      "pyyaml", "tqdm", "safetensors", "matplotlib",
                       "pyarrow", "zstandard"],  # Parquet (FineWeb-2, CulturaX) and .zst (HPLT) corpora
-    extras_require={"mpi": ["mpi4py"], "hf": ["transformers", "protobuf"], "tb": ["tensorboard"], "bench": ["matplotlib"],
-                    "test": ["pytest", "pytest-timeout", "transformers", "protobuf", "mpi4py", "matplotlib",
-                             "seqeval"]},
+    extras_require={"mpi": ["mpi4py"], "hf": ["transformers", "protobuf"], "tb": ["tensorboard"],
+                    "test": ["pytest", "pytest-timeout", "transformers", "protobuf", "mpi4py", "seqeval"]},
+    package_data={"xlmr_mp.presets": ["*.yaml"]},      # the run presets (--preset NAME)
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     zip_safe=False,
 )
