@@ -20,6 +20,11 @@ It prints MB/s (input bytes), tokens/s, tool/raw ratios and the N-vs-1 scaling o
 seconds: raw = encoding loops; tool = its main process (which encodes too) + its helper processes'
 chunk work (start-up excluded from both). On a shared, oversubscribed machine the CPU ratio is the steadier
 measure of the tool's overhead; wall-clock ratios there mostly measure other people's load.
+
+--formats txt,parquet,zst also measures the tool on the same documents written as Parquet (a `text`
+column, snappy, row groups of about 1 MB of text) and as zstd JSONL (one frame per MB), interleaved
+with the plain-text runs: throughput on each format / on plain text (wall and CPU), both in MB/s of
+the plain text. --out FILE appends that comparison (command, commit, date, load) to FILE.
 """
 from __future__ import annotations
 
@@ -103,6 +108,52 @@ def run_tool(corpus, model, out, workers, tool=None, env=None):
     return timing["seconds"], wall, tokens, cpu
 
 
+def write_formats(corpus, langs, work, formats):
+    """The corpus's documents as Parquet and/or zstd JSONL beside it; {format: input directory}."""
+    from xlmr_mp.data.corpus_io import iter_documents
+    dirs = {"txt": corpus}
+    for fmt in formats:
+        if fmt not in ("txt", "parquet", "zst"):
+            raise SystemExit(f"--formats {fmt}: choose from txt, parquet, zst")
+        if fmt != "txt":
+            dirs[fmt] = os.path.join(work, f"corpus_{fmt}")
+            os.makedirs(dirs[fmt], exist_ok=True)
+    for lang in langs:
+        texts = ["\n".join(doc) for doc in iter_documents(os.path.join(corpus, f"{lang}.txt"))]
+        if "parquet" in dirs:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            per_row = max(1, sum(map(len, texts)) // max(len(texts), 1))
+            pq.write_table(pa.table({"text": texts}), os.path.join(dirs["parquet"], f"{lang}.parquet"),
+                           row_group_size=max(1, (1 << 20) // per_row))
+        if "zst" in dirs:
+            import zstandard
+            data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+            c = zstandard.ZstdCompressor(level=3)
+            with open(os.path.join(dirs["zst"], f"{lang}.jsonl.zst"), "wb") as f:
+                for i in range(0, len(data), 1 << 20):
+                    f.write(c.compress(data[i:i + (1 << 20)]))
+    return dirs
+
+
+def format_report(rows, nbytes, formats, args):
+    """Lines comparing the tool on each format with the tool on plain text, in the same run."""
+    lines = [f"# command: python bench/preprocess.py {' '.join(sys.argv[1:])}",
+             f"# cpus {os.cpu_count()}, load average at start {args.load_at_start:.2f}, at end "
+             f"{os.getloadavg()[0]:.2f}; {nbytes / 1e6:.1f} MB of plain text, best of {args.repeats}",
+             f"{'procs':>5} {'format':>8} {'MB/s':>8} {'txt MB/s':>9} {'fmt/txt':>8} {'CPU s':>7} {'txt CPU s':>10} "
+             f"{'CPU txt/fmt':>12}"]
+    for n, r in rows.items():
+        for fmt in formats:
+            if fmt == "txt":
+                continue
+            f_s, f_cpu, f_tokens = r["formats"][fmt]
+            assert f_tokens == r["tool_tokens"], f"{fmt} and plain text must encode the same text"
+            lines.append(f"{n:>5} {fmt:>8} {nbytes / 1e6 / f_s:>8.2f} {nbytes / 1e6 / r['tool_s']:>9.2f} "
+                         f"{r['tool_s'] / f_s:>8.3f} {f_cpu:>7.2f} {r['tool_cpu']:>10.2f} {r['tool_cpu'] / f_cpu:>12.3f}")
+    return lines
+
+
 def plot(rows, nbytes, desc, args):
     """Grouped bars: MB/s of raw, raw np, the tool (and the list-path / --compare tool) per process count."""
     from xlmr_mp.plotting import pyplot, save_figure
@@ -141,6 +192,9 @@ def main():
     ap.add_argument("--list-path", action="store_true",
                     help="also measure the tool with XLMR_MP_SPM_BUFFERS=0 (SentencePiece's list output)")
     ap.add_argument("--plot", default=None, help="write a PNG of MB/s per process count (needs matplotlib)")
+    ap.add_argument("--formats", default="txt",
+                    help="input formats the tool is measured on, e.g. txt,parquet,zst (default txt)")
+    ap.add_argument("--out", default=None, help="append the --formats comparison to this file")
     args = ap.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="bench_prep_")
     corpus = os.path.join(work, "corpus")
@@ -165,9 +219,13 @@ def main():
     except (ValueError, TypeError):
         has_numpy_out = False
         print(f"sentencepiece {spm.__version__} has no out_type='numpy': the 'raw np' column is empty")
+    formats = [f for f in args.formats.split(",") if f]
+    args.load_at_start = os.getloadavg()[0]
+    dirs = write_formats(corpus, langs, work, formats)
     rows = {}
     for n in counts:
         raws, raws_np, tools, others = [], [], [], []
+        by_format = {f: [] for f in dirs if f != "txt"}
         for _ in range(args.repeats):          # interleaved, so all see the same machine load
             raws.append(raw_encode(model, lines, n))
             if has_numpy_out:
@@ -175,6 +233,9 @@ def main():
             out = os.path.join(work, f"out_w{n}")
             tools.append(run_tool(corpus, model, out, n))
             shutil.rmtree(out)
+            for fmt, runs in by_format.items():
+                runs.append(run_tool(dirs[fmt], model, out, n))
+                shutil.rmtree(out)
             if args.compare or args.list_path:
                 others.append(run_tool(corpus, model, out, n, args.compare,
                                        {"XLMR_MP_SPM_BUFFERS": "0"} if args.list_path else None))
@@ -188,7 +249,8 @@ def main():
             print(f"{what.strip()}, {n} worker(s): {nbytes / 1e6 / o[0]:.2f} MB/s, "
                   f"tool/raw {raw[0] / o[0]:.3f} (this tree: {nbytes / 1e6 / tool[0]:.2f} MB/s, "
                   f"tool/raw {raw[0] / tool[0]:.3f})")
-        rows[n] = dict(raw_s=raw[0], raw_tokens=raw[1], raw_cpu=min(r[2] for r in raws), tool_s=tool[0],
+        rows[n] = dict(formats={f: (min(r[0] for r in v), min(r[3] for r in v), v[0][2]) for f, v in by_format.items()},
+                       raw_s=raw[0], raw_tokens=raw[1], raw_cpu=min(r[2] for r in raws), tool_s=tool[0],
                        other_s=min(others)[0] if others else float("nan"),
                        raw_np_s=raw_np[0] if raw_np else float("nan"),
                        tool_wall=tool[1], tool_tokens=tool[2], tool_cpu=min(t[3] for t in tools))
@@ -234,6 +296,10 @@ def main():
             print(f"scaling {base}->{n} processes: raw x{rows[base]['raw_s'] / rows[n]['raw_s']:.2f}, "
                   f"raw np x{rows[base]['raw_np_s'] / rows[n]['raw_np_s']:.2f}, "
                   f"tool x{rows[base]['tool_s'] / rows[n]['tool_s']:.2f} (ideal x{n / base:.0f})")
+    if len(formats) > 1:
+        import bench_log  # bench/, beside this script
+        bench_log.emit("\n".join([bench_log.header("preprocess.py")] + format_report(rows, nbytes, formats, args)),
+                       args.out)
     if args.plot:
         plot(rows, nbytes, desc, args)
     if not args.keep:

@@ -54,11 +54,12 @@ class RawChunk:
     skipped: List[Tuple[int, str]] = field(default_factory=list)  # (line, reason) dropped right after data
     offset: int = -1            # byte offset of data in a plain (uncompressed) file; -1 otherwise
     length: int = 0             # len(data), also when data was left out by by_reference()
-    docs: object = None         # columnar input: an Arrow string array of documents (then data is b"")
+    docs: object = None         # columnar input: int64 offsets [rows + 1] of each row's text in data (then
+                                # data is the rows' UTF-8 texts back to back)
     file: str = ""              # the file read, when it is not the source path (a folder's shard)
     fmt: str = ""               # its format, when it is not the source's
     group: int = -1             # Parquet: the row group the documents come from
-    rows: object = None         # Parquet with a language filter: 0-based row numbers of docs
+    rows: object = None         # Parquet rows filtered (language, null text): 0-based row numbers of docs
 
     def __post_init__(self):
         if self.data and not self.length:
@@ -74,7 +75,7 @@ class RawChunk:
 
     def loaded(self, path: str) -> "RawChunk":
         """This chunk with its bytes: itself, or for a by_reference() chunk, its bytes re-read from path."""
-        if self.data or self.length == 0 or self.docs is not None:
+        if self.data or self.length == 0:
             return self
         path = self.file or path
         with open(path, "rb") as f:
@@ -331,7 +332,7 @@ def iter_raw_chunks(path: str, chunk_bytes: int = 1 << 20, max_line_bytes: int =
     pieces = source_pieces(path, text_key, lang_key)[start:end]
     for is_group, run in itertools.groupby(pieces, key=lambda p: not isinstance(p, str)):
         if is_group:
-            yield from iter_row_group_chunks(list(run), chunk_bytes, text_key, lang_key, lang,
+            yield from iter_row_group_chunks(list(run), chunk_bytes, text_key, lang_key, lang, on_bad_line,
                                              fmt_tag=os.path.isdir(path))
             continue
         for f in run:
@@ -431,7 +432,7 @@ def parse_chunk(chunk: RawChunk, path: str, fmt: str = "txt", max_line_bytes: in
     fmt = chunk.fmt or fmt
     if chunk.docs is not None:
         from xlmr_mp.data.parquet_io import parse_documents
-        return parse_documents(chunk, path, max_line_bytes, on_bad_line, json_key)
+        return parse_documents(chunk, path, max_line_bytes, on_bad_line)
     skipped = list(chunk.skipped)
     lines = _decode_lines(chunk.data, chunk.first_line, path, on_bad_line, skipped)
     char_limit = max_line_bytes // 4
@@ -478,7 +479,7 @@ def parse_chunk(chunk: RawChunk, path: str, fmt: str = "txt", max_line_bytes: in
                           f"({type(e).__name__}: {str(e)[:80]})")
                 if on_bad_line == "error":
                     raise CorpusError(f"{path}:{chunk.first_line + k}: {reason}; fix the line, pass "
-                                      f"--json-key, or --on-bad-line skip") from None
+                                      f"--text-key, or --on-bad-line skip") from None
                 skipped.append((chunk.first_line + k, reason))
                 continue
             first = True

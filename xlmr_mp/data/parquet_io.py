@@ -8,15 +8,16 @@ whose value is L.
 
 Memory: the reading process decodes one record batch of about `chunk_bytes` of text at a time
 (`ParquetFile.iter_batches` over one row group, only the needed columns, pyarrow's own threads
-off so encoder processes keep the cores). Batches travel to encoder processes as Arrow arrays
-(buffers, no per-row Python objects); `parse_documents` turns one into sentences with C-level
-string operations (one join and split per batch, not a Python loop per row).
+off so encoder processes keep the cores). A batch travels to an encoder process as the column's
+own buffers: its UTF-8 bytes back to back and the rows' offsets (numpy), so encoder processes never
+import pyarrow and the reading process makes no per-row Python object; `parse_documents` turns one
+into sentences with C-level string operations (one join and split per batch).
 
 Sharding: a file is a list of row groups; MPI ranks and ranges take whole row groups.
 Bad input: a file that is not Parquet, a missing or non-string column (the error lists the
 columns present and names --text-key / --lang-key), and a row group that cannot be decoded (file,
-row group, its rows) raise `CorpusError`; a null text is a bad row (file and row: an error, or
-skipped and counted with --on-bad-line skip).
+row group, its rows) raise `CorpusError`; a null text, invalid UTF-8 or an over-long line is a bad
+row (file and row: an error, or skipped and counted with --on-bad-line skip).
 """
 from __future__ import annotations
 
@@ -139,14 +140,31 @@ def _as_strings(arr):
     return arr
 
 
+def _buffers(arr):
+    """(UTF-8 bytes of the rows' texts back to back, int64 offsets [n + 1] into them, null mask or None)."""
+    pa, _ = _pyarrow()
+    validity, offsets_buf, data_buf = arr.buffers()
+    n, first = len(arr), arr.offset
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=width, count=n + 1, offset=first * np.dtype(width).itemsize)
+    offsets = offsets.astype(np.int64)
+    a, b = int(offsets[0]), int(offsets[-1])
+    data = bytes(memoryview(data_buf)[a:b]) if data_buf is not None and b > a else b""
+    nulls = None
+    if arr.null_count:
+        bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+        nulls = ~bits[first:first + n].astype(bool)
+    return data, offsets - a, nulls
+
+
 def iter_row_group_chunks(groups: Sequence[RowGroup], chunk_bytes: int, text_key: str,
                           lang_key: Optional[str] = None, lang: Optional[str] = None,
-                          fmt_tag: bool = False) -> Iterator[RawChunk]:
-    """RawChunks of documents (Arrow arrays of about chunk_bytes of text) of the given row groups, in order.
+                          on_bad_line: str = "error", fmt_tag: bool = False) -> Iterator[RawChunk]:
+    """RawChunks of the documents of the given row groups, in order, about chunk_bytes of text each.
 
-    first_line is the 1-based row number of the chunk's first row in its file; with a language
-    filter the chunk carries the row numbers of the rows it kept."""
-    import pyarrow.compute as pc
+    first_line is the 1-based row number of the chunk's first row in its file; when rows were left
+    out (another language, a null text skipped) the chunk carries the row numbers of those it kept.
+    A null text is an error here (on_bad_line "error") or skipped and counted."""
     pf, pf_path = None, None
     for g in groups:
         if pf_path != g.file:
@@ -154,10 +172,11 @@ def iter_row_group_chunks(groups: Sequence[RowGroup], chunk_bytes: int, text_key
             check_columns(g.file, text_key, lang_key, pf=pf)
         keep = None
         if lang_key is not None:
+            import pyarrow.compute as pc
             langs = _read(pf, g.file, g.index, lambda: pf.read_row_group(g.index, columns=[lang_key],
                                                                            use_threads=False).column(0))
-            keep = pc.fill_null(pc.equal(langs, lang), False).combine_chunks() if lang is not None else None
-            if keep is not None and not pc.any(keep).as_py():
+            keep = pc.fill_null(pc.equal(langs, lang), False).combine_chunks().to_numpy(zero_copy_only=False)
+            if not keep.any():
                 continue
         rows = max(1, int(chunk_bytes * max(g.num_rows, 1) // max(g.text_bytes, 1)))
         batches = iter(_read(pf, g.file, g.index, lambda: pf.iter_batches(
@@ -170,45 +189,64 @@ def iter_row_group_chunks(groups: Sequence[RowGroup], chunk_bytes: int, text_key
             arr = _as_strings(batch.column(0))
             n = len(arr)
             first = g.first_row + done
-            row_numbers = None
-            if keep is not None:
-                mask = keep.slice(done, n)
-                arr = arr.filter(mask)
-                row_numbers = first + np.flatnonzero(mask.to_numpy(zero_copy_only=False))
             done += n
-            if len(arr) == 0:
-                continue
-            nbytes = int(pc.sum(pc.binary_length(arr)).as_py() or 0)
-            yield RawChunk(b"", first + 1, [], -1, nbytes, docs=arr, file=g.file if fmt_tag else "",
+            data, offsets, nulls = _buffers(arr)
+            mask = keep[done - n:done] if keep is not None else np.ones(n, dtype=bool)
+            skipped = []
+            if nulls is not None:
+                for k in np.flatnonzero(nulls & mask).tolist():
+                    reason = f"no text (null in column {text_key!r})"
+                    if on_bad_line == "error":
+                        raise CorpusError(f"{g.file}: row {first + k + 1} (row group {g.index}): {reason}; "
+                                          f"fix the file or pass --on-bad-line skip")
+                    skipped.append((first + k + 1, reason))
+                mask = mask & ~nulls
+            row_numbers = None
+            if not mask.all():
+                kept = np.flatnonzero(mask)
+                if kept.size == 0:
+                    if skipped:
+                        yield RawChunk(b"", first + 1, skipped, -1, 0, docs=np.zeros(1, np.int64),
+                                       file=g.file if fmt_tag else "", fmt="parquet", group=g.index)
+                    continue
+                lengths = np.diff(offsets)[kept]
+                parts = [data[a:b] for a, b in zip(offsets[kept].tolist(), offsets[kept + 1].tolist())]
+                data, offsets = b"".join(parts), np.concatenate([[0], np.cumsum(lengths)])
+                row_numbers = first + kept
+            yield RawChunk(data, first + 1, skipped, -1, len(data), docs=offsets, file=g.file if fmt_tag else "",
                            fmt="parquet", group=g.index, rows=row_numbers)
 
 
 def parse_documents(chunk: RawChunk, path: str, max_line_bytes: int = 1 << 20,
-                    on_bad_line: str = "error", text_key: str = "text") -> ParsedChunk:
+                    on_bad_line: str = "error") -> ParsedChunk:
     """Sentences of a chunk of documents: the stripped non-empty lines of each row's text; every row
     starts a document (JSONL's rule), so a document's blank lines do not split it."""
-    import pyarrow.compute as pc
-    arr = chunk.docs
+    data, offsets = chunk.data, chunk.docs
     skipped = list(chunk.skipped)
-    rows = chunk.rows if chunk.rows is not None else np.arange(len(arr)) + (chunk.first_line - 1)
+    n = len(offsets) - 1
+    rows = chunk.rows if chunk.rows is not None else np.arange(n) + (chunk.first_line - 1)
+    if n == 0:
+        return ParsedChunk([], np.zeros(0, dtype=bool), True, 0, skipped)
 
     def bad(k, reason):
-        where = f"{path}: row {int(rows[k]) + 1} (row group {chunk.group})"
         if on_bad_line == "error":
-            raise CorpusError(f"{where}: {reason}; fix the file or pass --on-bad-line skip "
-                              f"(or raise --max-line-bytes)")
+            raise CorpusError(f"{path}: row {int(rows[k]) + 1} (row group {chunk.group}): {reason}; fix the file "
+                              f"or pass --on-bad-line skip (or raise --max-line-bytes)")
         skipped.append((int(rows[k]) + 1, reason))
 
-    if arr.null_count:
-        valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
-        for k in np.flatnonzero(~valid).tolist():
-            bad(k, f"no text (null in column {text_key!r})")
-        arr, rows = arr.filter(pc.is_valid(arr)), rows[valid]
-    texts = arr.to_pylist()
-    if not texts:
-        return ParsedChunk([], np.zeros(0, dtype=bool), True, 0, skipped)
+    bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+    try:
+        texts = [data[a:b].decode("utf-8") for a, b in bounds]
+    except UnicodeDecodeError:
+        texts = []
+        for k, (a, b) in enumerate(bounds):
+            try:
+                texts.append(data[a:b].decode("utf-8"))
+            except UnicodeDecodeError as e:
+                bad(k, f"invalid UTF-8 at byte {e.start} of the text")
+                texts.append("")
     lines = "\n".join(texts).split("\n")
-    per_row = np.fromiter(map(str.count, texts, itertools.repeat("\n")), dtype=np.int64, count=len(texts)) + 1
+    per_row = np.fromiter(map(str.count, texts, itertools.repeat("\n")), dtype=np.int64, count=n) + 1
     char_limit = max_line_bytes // 4
     if max(map(len, lines)) > char_limit:           # rare: look at the long lines one by one
         row_end = np.cumsum(per_row)
@@ -221,6 +259,6 @@ def parse_documents(chunk: RawChunk, path: str, max_line_bytes: int = 1 << 20,
     stripped = list(map(str.strip, lines))
     where = np.flatnonzero(np.fromiter(map(bool, stripped), dtype=bool, count=len(stripped)))
     sentences = list(itertools.compress(stripped, stripped))
-    row_of = np.repeat(np.arange(len(texts)), per_row)[where]
+    row_of = np.repeat(np.arange(n), per_row)[where]
     doc_start = np.diff(row_of, prepend=-1) != 0
-    return ParsedChunk(sentences, doc_start, True, len(texts), skipped)
+    return ParsedChunk(sentences, doc_start, True, n, skipped)
