@@ -372,7 +372,19 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="a shipped preset (xlmr_mp/presets/NAME.yaml); --config and key=value apply on top")
     ap.add_argument("--config", default=None, help="a YAML config file (or preset:NAME); may start with `preset: NAME`")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.micro_batch=8")
+    dry = ap.add_argument_group("dry run (xlmr_mp/dry_run.py): build ranks of a full-size layout on the CPU, "
+                                "fake process groups, meta-device model; nothing trains")
+    dry.add_argument("--dry-run", action="store_true", help="one JSON line per rank of --ranks, then a summary")
+    dry.add_argument("--world-size", type=int, default=None, help="the job's task count (nodes x tasks per node)")
+    dry.add_argument("--ranks", default="0", help="R[,R...] (-1 = the last) or all (default 0)")
+    dry.add_argument("--gpu", default="", help="GPU type of the memory plan (xlmr-plan --gpu; default "
+                                                "$XLMR_GPU_TYPE, else A100-80)")
+    dry.add_argument("--tasks-per-node", type=int, default=8, help="tasks per node (the plan's node count)")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        from xlmr_mp import dry_run
+        sys.exit(dry_run.main(args.config, args.overrides, args.world_size, args.ranks, args.gpu,
+                              args.tasks_per_node, preset=args.preset))
     exit_with_launcher()               # under torchrun: die with the launcher, not train on alone
     try:
         cfg = load_config(args.config, args.overrides, validate=False, preset=args.preset)

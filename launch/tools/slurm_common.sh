@@ -7,7 +7,8 @@
 #   3. MASTER_ADDR = first node of the allocation, MASTER_PORT = 10000 + f(job id, restart);
 #   4. validates the layout with launch/tools/check_layout.py on this node, before srun starts
 #      anything (a bad layout exits 2 here), and records the resolved config, the code commit and
-#      the command in RUN_DIR/launch/job-<id>-r<restart>/;
+#      the command in RUN_DIR/launch/job-<id>-r<restart>/; then builds the job's rank 0 at the full
+#      world size on this node's CPU (`python -m xlmr_mp.train --dry-run`, xlmr_mp/dry_run.py);
 #   5. srun: one task per GPU (--ntasks-per-node of the allocation), rank/local rank/world size
 #      read by the trainer from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS;
 #   6. exit code 75 from the trainer (it caught SIGUSR1/SIGTERM and saved a checkpoint) ->
@@ -19,7 +20,8 @@
 # Environment knobs: CONFIG (preset), PYTHON (interpreter), KILL_ON_BAD_EXIT (default 0: with 1, the first rank to exit 75 would get
 # its peers killed mid-exit and the job could not tell a save-and-requeue from a crash),
 # XLMR_MP_ROOT (repository, default the submit directory), XLMR_MP_DRY_RUN (1: stop after step 4, having
-# validated the layout and written the resolved config, without starting srun).
+# validated the layout and written the resolved config, without starting srun), XLMR_MP_DRY_RUN_RANKS
+# (the ranks step 4 builds, default 0: R,R,... or all), XLMR_GPU_TYPE (the memory plan's GPU).
 
 xlmr_log() { echo "[launch $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*"; }
 xlmr_die() { echo "[launch] ERROR: $*" >&2; exit 2; }
@@ -80,6 +82,12 @@ xlmr_slurm_train() {
   local RUN_DIR CKPT_DIR TP PP DP ACCUM
   eval "$(echo "$layout" | grep -v '^#')"
   xlmr_log "run dir ${RUN_DIR}; checkpoints ${CKPT_DIR}$( [ -f "$CKPT_DIR/latest" ] && echo "; resuming from $(cat "$CKPT_DIR/latest")")"
+  # the job's rank 0 built at the job's world size on this node's CPU (fake process groups, model on
+  # the meta device, its first samples, its memory plan; xlmr_mp/dry_run.py): one JSON line + summary
+  local dry_ranks="${XLMR_MP_DRY_RUN_RANKS:-0}"
+  "$py" -m xlmr_mp.train --config "$config" --dry-run --world-size "$ntasks" --tasks-per-node "$tpn" \
+      --ranks "$dry_ranks" "${overrides[@]}" \
+    || xlmr_die "dry run of rank(s) ${dry_ranks} at world size ${ntasks} failed (message above); nothing was started."
   if [ "${XLMR_MP_DRY_RUN:-0}" = 1 ]; then
     xlmr_log "dry run (XLMR_MP_DRY_RUN=1): the layout is valid; resolved config in ${RUN_DIR}/launch/job-${SLURM_JOB_ID}-r${restart}/config.yaml; srun not started"
     return 0
