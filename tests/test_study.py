@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
-import yaml
+
+from support.study_cells import TINY, write_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "xlmr_mp", "presets", "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -19,20 +19,7 @@ def corpus(tmp_path_factory):
 
 
 def _spec(tmp_path, corpus, **kw):
-    spec = {"name": "t", "corpus": corpus, "base_config": TINY,
-            "overrides": ["train.global_batch=8", "train.micro_batch=8", "data.seq_length=32",
-                          "model.max_positions=34"],
-            "axes": {"languages": {"L2": ["en", "sw"], "L3": ["en", "sw", "fr"]}, "vocab": {"V500": 500},
-                     "seed": [1, 2]},
-            "budget": {"mode": "fixed_total", "tokens": 5120}, "spm": {"sample_size": 5000}}
-    for k, v in kw.items():
-        if v is None:
-            spec.pop(k, None)
-        else:
-            spec[k] = v
-    p = tmp_path / "spec.yaml"
-    p.write_text(yaml.safe_dump(spec))
-    return str(p)
+    return write_spec(tmp_path / "spec.yaml", corpus, **kw)
 
 
 def _load(tmp_path, corpus, **kw):

@@ -14,6 +14,8 @@ import time
 import pytest
 import yaml
 
+from support.study_cells import study_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "xlmr_mp", "presets", "tiny.yaml")
 STUDY = [sys.executable, os.path.join(ROOT, "tools", "study.py")]
@@ -22,9 +24,7 @@ CWD = __import__("tempfile").gettempdir()    # nothing may depend on the current
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return env
+    return study_env()
 
 
 def _cli(*args, timeout=900):

@@ -207,3 +207,37 @@ def learning_curves(study: Study, out: str, grid: str, recs: List[dict], fig_dir
     axs[0][0].legend(fontsize=6)
     fig.suptitle(f"{grid}: learning curves (mean over seeds)", fontsize=10)
     return [save_figure(fig, os.path.join(fig_dir, f"{grid}_learning_curves.png"), dpi=100)]
+
+
+def metric_curves(grid: str, metric: str, points: Dict[tuple, Dict[str, list]], fig_dir: str) -> List[str]:
+    """Learning curves of an evaluated metric (evaluate_at): per language, the metric against tokens
+    seen, one line per cell (colour: the cell's axis values, line style: its seed); [] without points."""
+    plt = _plt() if points else None
+    if plt is None:
+        return []
+    keys = sorted({k for k, _ in points})
+    var = _varying({k: None for k in keys})
+    seeds = sorted({sd for _, sd in points}, key=str)
+    styles = ["-", "--", ":", "-."]
+    colours = {k: f"C{i % 10}" for i, k in enumerate(keys)}
+    langs = sorted({l for d in points.values() for l in d})
+    cols = min(4, len(langs))
+    rows = (len(langs) + cols - 1) // cols
+    fig, axs = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, l in zip(axs.flat, langs):
+        for (k, sd), by_lang in sorted(points.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            if l not in by_lang:
+                continue
+            xs, ys = zip(*by_lang[l])
+            ax.plot(xs, ys, marker="o", ms=3, lw=1, color=colours[k], ls=styles[seeds.index(sd) % len(styles)],
+                    label=f"{_label(k, var)} s{sd}" if len(seeds) > 1 else _label(k, var))
+        ax.set_title(l, fontsize=9)
+        ax.set_xlabel("tokens seen", fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axs.flat)[len(langs):]:
+        ax.axis("off")
+    axs[0][0].legend(fontsize=6)
+    fig.suptitle(f"{grid}: {metric} against tokens seen (evaluate_at checkpoints), one line per cell\n"
+                 f"(corpus: much of it translated news)", fontsize=10)
+    return [save_figure(fig, os.path.join(fig_dir, f"{grid}_curve_{metric}.png"), dpi=100)]

@@ -9,6 +9,9 @@ is turned into tokens by the cell's dataset's characters per token. Steps = ceil
 batch x sequence length)), rounded up to a multiple of 10 from 50 steps on, so that the learning
 curve (train.eval_interval = steps / 10) ends at the last step.
 Sizes and epochs are exact once the cell's dataset is prepared, estimated (characters / 3) before.
+With `evaluate_at` (fractions of the steps) the checkpoint interval is the fractions' common
+divisor times the steps (rounded; curve_points), every checkpoint is kept, and each fraction's
+point is the saved step nearest to it (its exact step and tokens are what results.csv records).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class CellPlan:
     epochs: Dict[str, float]
     est_seconds: Optional[float] = None
     warnings: List[str] = field(default_factory=list)
+    curve: List[tuple] = field(default_factory=list)     # (fraction, step) of evaluate_at, ascending
 
     @property
     def params(self) -> int:
@@ -85,6 +89,24 @@ def solve_width(m, target: float) -> tuple:
     f = max(1, f + int(round((target - p) / per_ffn)))
     object.__setattr__(trial, "ffn_size", f)
     return h, f, sum(count_params(trial))
+
+
+def curve_points(fractions: List[float], steps: int) -> tuple:
+    """(checkpoint interval, [(fraction, step)]) of evaluate_at: the interval is g x steps rounded
+    half up, g the largest fraction dividing every one of them (0.25 for quarters), and fraction f
+    is step (f / g) x interval, capped at `steps` (f = 1 is always the last step)."""
+    from fractions import Fraction
+    fr = [Fraction(str(f)).limit_denominator(1000) for f in fractions]
+    den = 1
+    for x in fr:
+        den = den * x.denominator // math.gcd(den, x.denominator)
+    num = 0
+    for x in fr:
+        num = math.gcd(num, int(x * den))
+    g = Fraction(num, den)
+    interval = max(1, int(math.floor(g * steps + Fraction(1, 2))))
+    points = [(f, steps if x == 1 else min(steps, int(x / g) * interval)) for f, x in zip(fractions, fr)]
+    return interval, sorted(points, key=lambda p: p[1])
 
 
 def _round_steps(steps: int) -> int:
@@ -148,9 +170,21 @@ def plan_cell(study: Study, prep: Preparation, cell: Cell, out_dir: str) -> Cell
         defaults.append(f"optim.warmup_steps={max(1, int(round(0.05 * steps)))}")
     if "train.eval_interval" not in user_keys:
         defaults.append(f"train.eval_interval={max(1, steps // 10)}")
-    if "checkpoint.interval" not in user_keys:
+    curve = []
+    if cell.evaluate_at:
+        if "checkpoint.interval" in user_keys or "checkpoint.keep_last" in user_keys:
+            raise SpecError(f"{study.path}: cell {cell.name}: evaluate_at sets checkpoint.interval and "
+                            f"checkpoint.keep_last itself; remove them from the overrides")
+        interval, curve = curve_points(cell.evaluate_at, steps)
+        if steps // interval > 40:
+            warnings.append(f"evaluate_at keeps {steps // interval} checkpoints (interval {interval})")
+        # every interval save kept (and a few saves on a signal); the runner deletes the others after training
+        defaults += [f"checkpoint.interval={interval}", f"checkpoint.keep_last={steps // interval + 5}"]
+    elif "checkpoint.interval" not in user_keys:
         defaults.append(f"checkpoint.interval={max(1, int(math.ceil(steps / 5)))}")
-    defaults += ["logging.tensorboard=false", "train.device=cpu", "checkpoint.keep_last=1"]
+    defaults += ["logging.tensorboard=false", "train.device=cpu"]
+    if not cell.evaluate_at:
+        defaults.append("checkpoint.keep_last=1")
     derived = shape_ov + [f"data.path={prep.dataset_dir(ds)}", f"data.tokenizer={prep.tokenizer_dir(tok)}/spm.model",
                           "data.languages=[" + ",".join(cell.languages) + "]", f"data.alpha={cell.alpha}",
                           f"train.seed={cell.seed}", f"data.seed={cell.seed}", f"train.train_steps={steps}",
@@ -162,7 +196,7 @@ def plan_cell(study: Study, prep: Preparation, cell: Cell, out_dir: str) -> Cell
              "micro_batch": cfg.train.micro_batch}
     return CellPlan(cell=cell, tokenizer=tok, dataset=ds, overrides=overrides, shape=shape, params_embedding=emb,
                     params_rest=rest, tokens=tokens, steps=steps, exact=exact_sizes is not None, sizes=sizes,
-                    q=qd, epochs=epochs, warnings=warnings)
+                    q=qd, epochs=epochs, warnings=warnings, curve=curve)
 
 
 def plan_study(study: Study, prep: Preparation, out_dir: str) -> List[CellPlan]:
@@ -256,6 +290,8 @@ def format_plan(study: Study, plans: List[CellPlan], prep: Preparation, jobs: in
                      f"{p.tokenizer.vocab} pieces{', cap ' + json.dumps(p.tokenizer.cap_lines) if p.tokenizer.cap_lines else ''}); "
                      f"dataset data-{p.dataset.key}{'' if p.exact else ' (not built: sizes estimated)'}")
         lines.append("  " + "  ".join(f"{l}: q {p.q[l]:.3f} ep {p.epochs[l]:.2f}" for l in c.languages))
+        if p.curve:
+            lines.append("  evaluate_at (mbpc, retrieval): " + ", ".join(f"{f:g} -> step {s}" for f, s in p.curve))
         for w in p.warnings:
             lines.append(f"  WARNING: {w}")
     toks = {p.tokenizer.key for p in plans}

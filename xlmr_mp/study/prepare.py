@@ -185,9 +185,12 @@ class Preparation:
         return int(cap)
 
     # ------------------------------------------------------------------ builders
-    def _record(self, kind: str, key: str, seconds: float) -> None:
+    def _record(self, kind: str, key: str, seconds: float, built: Optional[List[dict]] = None) -> None:
+        rec = {"kind": kind, "key": key, "seconds": round(seconds, 3)}
+        if built is not None:
+            built.append(rec)
         with open(os.path.join(self.root, "builds.jsonl"), "a") as f:
-            f.write(json.dumps({"kind": kind, "key": key, "seconds": round(seconds, 3), "pid": os.getpid()}) + "\n")
+            f.write(json.dumps(dict(rec, pid=os.getpid())) + "\n")
 
     def ensure_text(self, tok: TokenizerSpec) -> str:
         """The tokenizer's text: symlinks to the corpus files, a first-N-lines copy where capped."""
@@ -218,8 +221,9 @@ class Preparation:
             os.replace(tmp, d)
         return d
 
-    def ensure_tokenizer(self, tok: TokenizerSpec) -> str:
-        """Train the SentencePiece model (tools/train_spm.py, one thread: deterministic) once."""
+    def ensure_tokenizer(self, tok: TokenizerSpec, built: Optional[List[dict]] = None) -> str:
+        """Train the SentencePiece model (tools/train_spm.py, one thread: deterministic) once;
+        `built` gets {kind, key, seconds} when this call built it."""
         d = self.tokenizer_dir(tok)
         model = os.path.join(d, "spm.model")
         with FileLock(d + ".lock"):
@@ -241,16 +245,17 @@ class Preparation:
             _atomic_json(os.path.join(tmp, "key.json"), {"languages": tok.languages, "vocab": tok.vocab,
                                                         "cap_lines": tok.cap_lines, "spm": spm})
             os.replace(tmp, d)
-            self._record("tokenizer", tok.key, time.time() - t0)
+            self._record("tokenizer", tok.key, time.time() - t0, built)
         return model
 
-    def ensure_dataset(self, ds: DatasetSpec) -> str:
-        """Preprocess the tokenizer's text with it (tools/preprocess_data.py) once."""
+    def ensure_dataset(self, ds: DatasetSpec, built: Optional[List[dict]] = None) -> str:
+        """Preprocess the tokenizer's text with it (tools/preprocess_data.py) once; `built` gets
+        {kind, key, seconds} of each artefact this call built (the tokenizer too)."""
         d = self.dataset_dir(ds)
         with FileLock(d + ".lock"):
             if os.path.exists(os.path.join(d, "preprocess_summary.json")):
                 return d
-            model = self.ensure_tokenizer(ds.tokenizer)
+            model = self.ensure_tokenizer(ds.tokenizer, built)
             text = self.ensure_text(ds.tokenizer)
             t0 = time.time()
             tmp = f"{d}.tmp-{os.getpid()}"
@@ -263,7 +268,7 @@ class Preparation:
             self.log(f"[prep] dataset of {len(ds.tokenizer.languages)} languages with tok-{ds.tokenizer.key} -> {d}")
             self._run(cmd, os.path.join(self.root, f"data-{ds.key}.log"), "preprocessing")
             os.replace(tmp, d)
-            self._record("dataset", ds.key, time.time() - t0)
+            self._record("dataset", ds.key, time.time() - t0, built)
         return d
 
     def _run(self, cmd: List[str], log_path: str, what: str) -> None:

@@ -5,8 +5,10 @@ axis value as a column and the seed; values printed with repr, so a cell trained
 scratch gives the same bytes. Metrics: `valid_bpc` (the trainer's held-out bits per character of
 the masked pieces at the last step; its validation split is the same documents for every
 tokenizer) and each evaluated task's headline metric (tools/evaluate.py --out JSON).
+Each row has the step and tokens seen of its checkpoint: with evaluate_at, mbpc and retrieval rows
+of the earlier checkpoints too (learning curves); tables and group figures use each cell's last step.
 Groups (../shared/STUDY.md): High = en fr, Low = sw ur, All = en fr de ru zh sw ur; mean and 95%
-confidence interval (Student t) over seeds.
+confidence interval (Student t) over seeds. The time split per cell (timing.py) is in report.md only.
 """
 from __future__ import annotations
 
@@ -72,16 +74,21 @@ def cell_metrics(out: str, rec: dict) -> List[tuple]:
         for l in rec["languages"]:
             if f"bpc_{l}" in last:
                 rows.append((l, "valid_bpc", float(last[f"bpc_{l}"]), int(last["step"])))
-    ev = os.path.join(d, "eval")
-    for name in sorted(os.listdir(ev)) if os.path.isdir(ev) else []:
-        if not name.endswith(".json") or ".partial" in name:
-            continue
-        j = read_json(os.path.join(ev, name)) or {}
-        metric = j.get("metric") or j.get("task") or name[:-5]
-        for l, v in sorted((j.get("languages") or {}).items()):
-            if isinstance(v, (int, float)) and v == v:
-                rows.append((l, j.get("task", name[:-5]), float(v), int(j.get("step") or rec["steps"])))
+    for ev in (os.path.join(d, "eval", "curve"), os.path.join(d, "eval")):     # curve points, then the last
+        for name in sorted(os.listdir(ev)) if os.path.isdir(ev) else []:
+            if not name.endswith(".json") or ".partial" in name:
+                continue
+            j = read_json(os.path.join(ev, name)) or {}
+            task = j.get("task") or name[:-5].split("-step")[0]
+            for l, v in sorted((j.get("languages") or {}).items()):
+                if isinstance(v, (int, float)) and v == v:
+                    rows.append((l, task, float(v), int(j.get("step") or rec["steps"])))
     return rows
+
+
+def tokens_at(rec: dict, step: int) -> int:
+    """Tokens seen by a cell at `step` (global batch x sequence length per step)."""
+    return int(step) * int(rec["shape"]["global_batch"]) * int(rec["shape"]["seq_length"])
 
 
 def collect(study: Study, out: str) -> tuple:
@@ -102,14 +109,14 @@ def collect(study: Study, out: str) -> tuple:
                 r = {"study": study.name, "grid": grid, "cell": rec["name"]}
                 r.update({a: av.get(a, "") for a in axes})
                 r.update({"seed": rec["seed"], "n_languages": len(rec["languages"]), "language": lang,
-                          "metric": metric, "value": repr(value), "step": step})
+                          "metric": metric, "value": repr(value), "step": step, "tokens": tokens_at(rec, step)})
                 rows.append(r)
     return rows, recs, states
 
 
 def write_csv(rows: List[dict], path: str, axes: List[str]) -> None:
     cols = ["study", "grid", "cell"] + [a for a in axes if a != "seed"] + ["seed", "n_languages", "language",
-                                                                           "metric", "value", "step"]
+                                                                           "metric", "value", "step", "tokens"]
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
@@ -132,11 +139,15 @@ def aggregate(rows: List[dict], grid: str, metric: str) -> Dict[tuple, Dict[str,
     """seed-less cell key -> {language or group: (mean, ci, n)} over seeds."""
     per: Dict[tuple, Dict[int, Dict[str, float]]] = {}
     keys: Dict[tuple, dict] = {}
+    rows = [r for r in rows if r["grid"] == grid and r["metric"] == metric]
+    last: Dict[str, int] = {}
     for r in rows:
-        if r["grid"] != grid or r["metric"] != metric:
+        last[r["cell"]] = max(last.get(r["cell"], 0), int(r["step"]))
+    for r in rows:
+        if int(r["step"]) != last[r["cell"]]:          # an evaluate_at point: learning curves only
             continue
         av = {k: r[k] for k in r if k not in ("study", "grid", "cell", "seed", "n_languages", "language",
-                                              "metric", "value", "step") and r[k] != ""}
+                                              "metric", "value", "step", "tokens") and r[k] != ""}
         k = seedless(av)
         keys[k] = av
         per.setdefault(k, {}).setdefault(r["seed"], {})[r["language"]] = float(r["value"])
@@ -192,6 +203,7 @@ def write_report(study: Study, out: str) -> List[str]:
                 continue
             figs = F.grid_figures(study, grid, metric, agg, fig_dir)
             lc = F.learning_curves(study, out, grid, g_recs, fig_dir) if metric == metrics[0] else []
+            lc += F.metric_curves(grid, metric, curve_points(rows, grid, metric, g_recs), fig_dir)
             for p in figs + lc:
                 paths.append(p)
                 md += [f"![{os.path.basename(p)}](figures/{os.path.basename(p)})", ""]
@@ -205,12 +217,52 @@ def write_report(study: Study, out: str) -> List[str]:
                 md.append(f"| {' '.join(v for _, v in k)} | {_fmt_ci(d.get('High'))} | {_fmt_ci(d.get('Low'))} | "
                           f"{_fmt_ci(d.get('All'))} | " + " | ".join(_fmt_ci(d.get(l)) for l in langs) + " |")
             md.append("")
+    md += time_split(study, out)
     md_path = os.path.join(out, "report.md")
     with open(md_path + ".tmp", "w") as f:
         f.write("\n".join(md) + "\n")
     os.replace(md_path + ".tmp", md_path)
     paths.append(md_path)
     return paths
+
+
+def curve_points(rows: List[dict], grid: str, metric: str, recs: List[dict]) -> Dict[tuple, Dict[str, list]]:
+    """(seed-less cell key, seed) -> {language: [(tokens, value)] by tokens}, for the cells of `grid`
+    with more than one step of `metric` (evaluate_at); {} when none has."""
+    by_cell: Dict[str, Dict[str, list]] = {}
+    keys: Dict[str, tuple] = {}
+    for r in rows:
+        if r["grid"] != grid or r["metric"] != metric:
+            continue
+        by_cell.setdefault(r["cell"], {}).setdefault(r["language"], []).append((int(r["tokens"]), float(r["value"])))
+        keys[r["cell"]] = (tuple((a, r[a]) for a in r if a not in ("study", "grid", "cell", "seed", "n_languages",
+                                                               "language", "metric", "value", "step", "tokens")
+                                 and r[a] != ""), r["seed"])
+    out = {}
+    for cell, langs in by_cell.items():
+        if any(len(v) > 1 for v in langs.values()):
+            out[keys[cell]] = {l: sorted(v) for l, v in langs.items()}
+    return out
+
+
+def time_split(study: Study, out: str) -> List[str]:
+    """report.md section: seconds and share of each phase per cell (from the runner's timing.json)."""
+    from xlmr_mp.study.plan import _fmt_time
+    from xlmr_mp.study.timing import phases, read_timing, timing_table
+    names = [c.name for c in study.cells if cell_state(out, c) == "done"]
+    recs = [read_timing(cell_dir(out, n)) for n in names]
+    if not any(recs):
+        return []
+    cols = phases(study.evaluate, any(c.evaluate_at for c in study.cells))
+    lines = ["## Where a cell's time goes", "",
+             "Wall seconds per phase and share of the cell's total, every sitting added (the runner's "
+             "`cells/<name>/timing.json`). prepare = tokenizer and dataset: (built) by this cell, or (shared): "
+             "made by another cell and waited for or reused; train = the trainer's process; one column per "
+             "evaluation task on the last checkpoint" + ("; curve = mbpc and retrieval on the evaluate_at "
+                                                         "checkpoints" if "curve" in cols else "") + ". "
+             "Cells run two at a time on a shared machine: absolute times depend on its load, shares less so.", ""]
+    lines += timing_table(names, recs, cols, _fmt_time)
+    return lines + [""]
 
 
 def _count(states: Dict[str, str]) -> Dict[str, int]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,17 +25,42 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from xlmr_mp.checkpoint.format import STEP_DIR_PATTERN
 from xlmr_mp.run_lock import DirLock, RunDirLocked, is_locked
 from xlmr_mp.study.plan import CellPlan, _fmt_time, plan_cell
 from xlmr_mp.study.prepare import Preparation, _atomic_json, _digest
 from xlmr_mp.study.spec import REPO, Cell, Study
+from xlmr_mp.study.timing import CellTiming, phases, read_timing
+from xlmr_mp.study.timing import total as timing_total
 
+CURVE_TASKS = ("mbpc", "retrieval")     # evaluated on each evaluate_at checkpoint
+STEP_DIR = re.compile("^" + STEP_DIR_PATTERN + "$")
 EXIT_REQUEUE = 75
 EXIT_LOCKED = 4
 CELL_LOCK = ".cell.lock"
 # --data of tools/evaluate.py per task, under the spec's eval_data
 EVAL_SUBDIR = {"mbpc": "flores200_devtest", "retrieval": "flores200_devtest", "sib200": "sib200",
                "udpos": "ud", "xnli": "xnli", "ner": "ner"}
+
+
+def task_languages(task: str, data: str) -> Optional[List[str]]:
+    """The languages an evaluation task has test data for under `data` (None: not known here);
+    e.g. UD has no Swahili treebank, so udpos runs on a cell's other languages."""
+    try:
+        if task in ("mbpc", "retrieval"):
+            from xlmr_mp.eval.mbpc import available_languages
+            return sorted(available_languages(data))
+        if task == "sib200":
+            return sorted(d for d in os.listdir(data) if os.path.isfile(os.path.join(data, d, "test.tsv")))
+        if task == "udpos":
+            import contextlib
+            import io
+            from xlmr_mp.eval.udpos import DEFAULTS, choose_files
+            with contextlib.redirect_stderr(io.StringIO()):       # its note on the training files
+                return sorted(choose_files(data, "en", dict(DEFAULTS))["test"])
+    except Exception:       # noqa: BLE001  the task itself reports bad data, naming the file
+        return None
+    return None
 
 
 def cell_dir(out: str, name: str) -> str:
@@ -159,9 +186,12 @@ class Runner:
             t0 = time.time()
             self.started[cell.name] = t0
             self._set(cell.name, "running")
+            timing = CellTiming(d)
             ds = self.prep.dataset_for(cell)
-            self.prep.ensure_dataset(ds)
+            built: List[dict] = []
+            self.prep.ensure_dataset(ds, built)
             plan = plan_cell(self.study, self.prep, cell, self.out)
+            timing.prepared(time.time() - t0, built)
             _atomic_json(os.path.join(d, "cell.json"), dict(cell_record(cell, plan), threads=self.threads))
             if self.stopping.is_set():
                 return "interrupted"
@@ -174,7 +204,9 @@ class Runner:
                     return "interrupted"
                 self.trained.append(cell.name)
                 cmd = [self.python, "-m", "xlmr_mp.train", "--config", self.study.base_config] + plan.overrides
+                t_train = time.time()
                 rc = self._spawn(cell.name, cmd, os.path.join(d, "train.log"))
+                timing.add("train", time.time() - t_train)
                 if rc == EXIT_REQUEUE or self.stopping.is_set():
                     return "interrupted"
                 if rc == EXIT_LOCKED:
@@ -184,12 +216,15 @@ class Runner:
             train_s = time.time() - t0
             t1 = time.time()
             for task in self.study.evaluate:
-                res = self.evaluate(cell, task)
+                res = self.evaluate(cell, task, timing=timing)
                 if res != "ok":
                     return res
+            res = self.evaluate_curve(cell, plan, timing)
+            if res != "ok":
+                return res
             done = {"hash": cell_hash(cell), "step": plan.steps, "train_seconds": round(train_s, 1),
-                    "eval_seconds": round(time.time() - t1, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                          time.gmtime())}
+                    "eval_seconds": round(time.time() - t1, 1), "timing": timing.data["seconds"],
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             _atomic_json(os.path.join(d, "done.json"), done)
             self.durations[cell.name] = time.time() - t0
             return "done"
@@ -198,23 +233,66 @@ class Runner:
         finally:
             lock.release()
 
-    def evaluate(self, cell: Cell, task: str) -> str:
+    def evaluate_curve(self, cell: Cell, plan: CellPlan, timing: CellTiming) -> str:
+        """mbpc and retrieval on each evaluate_at checkpoint before the last step (the last step's
+        are the final evaluation's), into eval/curve/<task>-step<N>.json; then the checkpoints
+        that are no curve point and not the latest are deleted."""
+        from xlmr_mp.checkpoint.format import step_dir_name
+        steps = sorted({s for _, s in plan.curve if s < plan.steps})
+        ck = os.path.join(cell_dir(self.out, cell.name), "run", "checkpoints")
+        for step in steps:
+            model = os.path.join(ck, step_dir_name(step))
+            for task in CURVE_TASKS:
+                if os.path.exists(os.path.join(cell_dir(self.out, cell.name), "eval", "curve", f"{task}-step{step}.json")):
+                    continue
+                if not os.path.isdir(model):
+                    return self._fail(cell, f"evaluate {task}", -1,
+                                      f"the checkpoint of step {step} (evaluate_at) was not kept: {model} is missing "
+                                      f"(a cell trained before evaluate_at was set); delete {os.path.dirname(ck)} to "
+                                      f"retrain it, or remove evaluate_at")
+                res = self.evaluate(cell, task, model=model, name=f"curve/{task}-step{step}", timing=timing,
+                                    phase="curve")
+                if res != "ok":
+                    return res
+        if plan.curve:
+            keep = {step_dir_name(s) for s in steps}
+            latest = os.path.basename(open(os.path.join(ck, "latest")).read().strip()) \
+                if os.path.exists(os.path.join(ck, "latest")) else None
+            for n in os.listdir(ck) if os.path.isdir(ck) else []:
+                if STEP_DIR.match(n) and n not in keep and n != latest:
+                    shutil.rmtree(os.path.join(ck, n), ignore_errors=True)
+        return "ok"
+
+    def evaluate(self, cell: Cell, task: str, model: Optional[str] = None, name: Optional[str] = None,
+                 timing: Optional[CellTiming] = None, phase: Optional[str] = None) -> str:
+        """tools/evaluate.py TASK on the cell's latest checkpoint (or `model`) into eval/<name>.json."""
         d = cell_dir(self.out, cell.name)
-        out = os.path.join(d, "eval", f"{task}.json")
+        name = name or task
+        out = os.path.join(d, "eval", f"{name}.json")
         if os.path.exists(out):
             return "ok"
         os.makedirs(os.path.dirname(out), exist_ok=True)
         langs = [l for l in cell.languages if self.study.eval_languages is None or l in self.study.eval_languages]
-        if not langs:
-            return "ok"
-        tmp = os.path.join(os.path.dirname(out), f"{task}.partial.json")
         data = os.path.join(self.study.eval_data, EVAL_SUBDIR[task])
         if not os.path.exists(data):
             data = self.study.eval_data
-        cmd = [self.python, os.path.join(REPO, "tools", "evaluate.py"), task, "--model",
-               os.path.join(d, "run", "checkpoints"), "--data", data, "--languages", ",".join(langs),
+        have = task_languages(task, data)
+        if have is not None and [l for l in langs if l not in have]:
+            self.log(f"[study] {cell.name}: {task} has no data for {', '.join(l for l in langs if l not in have)} "
+                     f"under {data}: evaluated without them")
+            langs = [l for l in langs if l in have]
+        if not langs:
+            return "ok"
+        tmp = out[:-len(".json")] + ".partial.json"
+        cmd = [self.python, "-m", "xlmr_mp.cli.evaluate", task, "--model",
+               model or os.path.join(d, "run", "checkpoints"), "--data", data, "--languages", ",".join(langs),
                "--out", tmp, "--threads", str(self.threads), "--no-progress"] + list(self.study.eval_settings)
+        t0 = time.time()
         rc = self._spawn(cell.name, cmd, os.path.join(d, f"eval-{task}.log"))
+        if timing is not None:
+            timing.add(phase or task, time.time() - t0)
+            if phase:
+                timing.add(f"{phase}/{task}", time.time() - t0)
         if self.stopping.is_set() and rc != 0:
             return "interrupted"
         if rc != 0 or not os.path.exists(tmp):
@@ -314,7 +392,8 @@ def cell_record(cell: Cell, plan: CellPlan) -> dict:
             "params_embedding": plan.params_embedding, "params_rest": plan.params_rest, "tokens": plan.tokens,
             "steps": plan.steps, "sizes": plan.sizes, "q": plan.q, "epochs": plan.epochs,
             "tokenizer": plan.tokenizer.key, "tokenizer_languages": plan.tokenizer.languages,
-            "dataset": plan.dataset.key, "overrides": plan.overrides, "warnings": plan.warnings}
+            "dataset": plan.dataset.key, "overrides": plan.overrides, "warnings": plan.warnings,
+            "evaluate_at": cell.evaluate_at, "curve": [list(p) for p in plan.curve]}
 
 
 # ----------------------------------------------------------------------------- status
@@ -325,27 +404,46 @@ def status_rows(study: Study, out: str) -> List[dict]:
         d = cell_dir(out, c.name)
         st = cell_state(out, c)
         m = last_jsonl(os.path.join(d, "run", "metrics.jsonl")) or {}
-        done = read_json(os.path.join(d, "done.json")) or {}
         rec = read_json(os.path.join(d, "cell.json")) or {}
-        t = done.get("train_seconds", 0) + done.get("eval_seconds", 0) if done else None
+        tm = read_timing(d)
+        done = read_json(os.path.join(d, "done.json")) or {}
+        t = timing_total(tm) if tm else (done.get("train_seconds", 0) + done.get("eval_seconds", 0) if done else None)
         rows.append({"cell": c.name, "state": st, "step": m.get("step", trained_step(os.path.join(d, "run"))),
-                     "steps": rec.get("steps"), "loss": m.get("loss"), "seconds": t})
+                     "steps": rec.get("steps"), "loss": m.get("loss"), "seconds": t, "timing": tm})
     return rows
 
 
+def status_phases(study: Study) -> List[str]:
+    return phases(study.evaluate, any(c.evaluate_at for c in study.cells))
+
+
 def format_status(study: Study, out: str) -> str:
+    """One line per cell: state, step, loss, then the seconds of each phase (timing.py) and the total."""
     rows = status_rows(study, out)
+    cols = status_phases(study)
+    short = {"prepare": "prep", "retrieval": "retr"}
     w = max(len(r["cell"]) for r in rows)
-    lines = [f"{'cell':<{w}}  {'state':<11} {'step':>11} {'loss':>8} {'time':>8}"]
+    lines = [f"{'cell':<{w}}  {'state':<11} {'step':>11} {'loss':>8} "
+             + " ".join(f"{short.get(c, c):>9}" for c in cols) + f" {'time':>8}"]
     for r in rows:
         step = f"{r['step'] or 0}/{r['steps'] if r['steps'] is not None else '?'}"
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
-        lines.append(f"{r['cell']:<{w}}  {r['state']:<11} {step:>11} {loss:>8} "
-                     f"{_fmt_time(r['seconds']) if r['seconds'] is not None else '-':>8}")
+        sec = (r["timing"] or {}).get("seconds", {})
+        phase = []
+        for c in cols:
+            v = _fmt_time(sec[c]) if c in sec else "-"
+            if c == "prepare" and c in sec:
+                v += " b" if r["timing"].get("built") else " s"
+            phase.append(f"{v:>9}")
+        lines.append(f"{r['cell']:<{w}}  {r['state']:<11} {step:>11} {loss:>8} " + " ".join(phase)
+                     + f" {_fmt_time(r['seconds']) if r['seconds'] is not None else '-':>8}")
     counts = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if any(r["timing"] for r in rows):
+        lines.append("time per phase (wall, every sitting added); prep b = built its tokenizer/dataset, "
+                     "s = shared (made by another cell or an earlier run)")
     return "\n".join(lines)
 
 

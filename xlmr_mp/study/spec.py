@@ -2,7 +2,7 @@
 
     name, corpus, eval_data, base_config (or preset), overrides, axes, exclude, budget, tokenizer,
     fixed_params, cap_lines, evaluate            (the contract; see launch/studies/*.yaml)
-    grids, spm, eval_languages, eval_settings, description     (extensions)
+    grids, spm, eval_languages, eval_settings, description, evaluate_at     (extensions)
 
 The grid is the product of the axes; each axis value is named (a list names values by their text).
 An axis is a study key (`languages`, `vocab`, `alpha`, `seed`, `tokenizer`, `cap_lines`,
@@ -10,6 +10,8 @@ An axis is a study key (`languages`, `vocab`, `alpha`, `seed`, `tokenizer`, `cap
 (`optim.lr`); an axis whose values are mappings (`width: {H64: {model.hidden_size: 64, ...}}`) sets
 several keys per value. `grids` is a list of sub-studies (name, axes, exclude and any cell-level key
 of their own) whose cells share preparation; cells equal in every setting are trained once.
+`evaluate_at` (top level or per grid): fractions of a cell's steps, e.g. [0.25, 0.5, 0.75, 1.0], whose
+checkpoints are kept and evaluated with mbpc and retrieval (learning curves; plan.curve_points).
 Unknown keys, empty language sets and languages missing from the corpus fail here, naming the key.
 """
 from __future__ import annotations
@@ -27,8 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 TOP_KEYS = ("name", "description", "corpus", "eval_data", "base_config", "preset", "overrides", "axes", "exclude",
             "budget", "tokenizer", "fixed_params", "cap_lines", "evaluate", "grids", "spm",
-            "eval_languages", "eval_settings")
-GRID_KEYS = ("name", "axes", "exclude", "overrides", "budget", "tokenizer", "fixed_params", "cap_lines")
+            "eval_languages", "eval_settings", "evaluate_at")
+GRID_KEYS = ("name", "axes", "exclude", "overrides", "budget", "tokenizer", "fixed_params", "cap_lines",
+             "evaluate_at")
 CELL_KEYS = ("languages", "vocab", "alpha", "seed", "tokenizer", "cap_lines", "fixed_params", "budget",
              "budget.mode", "budget.tokens", "budget.characters", "budget.base_languages")
 BUDGET_KEYS = ("mode", "tokens", "characters", "base_languages")
@@ -59,6 +62,7 @@ class Cell:
     budget: Dict[str, Any]
     run_overrides: List[str]               # key=value from overrides and run-config axes, in order
     aliases: List[tuple] = field(default_factory=list)   # (grid, axis_values) of identical cells
+    evaluate_at: List[float] = field(default_factory=list)   # fractions of the steps (learning curves)
 
     def key(self) -> dict:
         """Every setting that determines the cell's training (not its names)."""
@@ -206,9 +210,11 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
     if not isinstance(evaluate, list) or any(t not in EVAL_TASKS for t in evaluate):
         raise SpecError(f"{path}: evaluate must be a list of tasks from {', '.join(EVAL_TASKS)} (got {evaluate!r})")
     eval_data = ""
-    if evaluate:
+    curves = raw.get("evaluate_at") or any(isinstance(g, dict) and g.get("evaluate_at") for g in raw.get("grids") or [])
+    if evaluate or curves:
         if "eval_data" not in raw:
-            raise SpecError(f"{path}: evaluate lists tasks but eval_data is not set (e.g. ../shared/corpus/eval)")
+            raise SpecError(f"{path}: {'evaluate lists tasks' if evaluate else 'evaluate_at is set'} but eval_data "
+                            f"is not set (e.g. ../shared/corpus/eval)")
         eval_data = _resolve_path(raw["eval_data"], path, "eval_data")
     spm = {"sample_size": 300000, "alpha": 0.3, "character_coverage": 0.9995, "seed": 1234}
     if raw.get("spm") is not None:
@@ -249,6 +255,7 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
             lst.extend(v for v in vs if v not in lst)
         defaults = {k: copy.deepcopy(g.get(k, raw.get(k))) for k in ("budget", "tokenizer", "fixed_params", "cap_lines")}
         g_over = list(ov) + list(g.get("overrides") or [])
+        ev_at = _evaluate_at(g.get("evaluate_at", raw.get("evaluate_at")), path, f"grid {gname}", bool(eval_data))
         names = list(axes)
         for combo in itertools.product(*[list(axes[a].items()) for a in names]):
             av = {a: vn for a, (vn, _) in zip(names, combo)}
@@ -271,9 +278,11 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
             named = {vn: vals["languages"] for vn, vals in axes.get("languages", {}).items() if "languages" in vals}
             varying = [a for a in names if len(axes[a]) > 1]
             cell = _make_cell(gname, av, settings, run_ov, corpus_langs, corpus, path, where, named, varying)
+            cell.evaluate_at = list(ev_at)
             key = repr(sorted(cell.key().items()))
-            if key in by_key:
+            if key in by_key:        # trained once; its learning curve has every grid's points
                 by_key[key].aliases.append((gname, av))
+                by_key[key].evaluate_at = sorted(set(by_key[key].evaluate_at) | set(ev_at))
                 continue
             if cell.name in cells:
                 raise SpecError(f"{path}: two different cells are both named {cell.name!r}; give the axis values "
@@ -291,6 +300,20 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
                  base_config=base_config, evaluate=list(evaluate), cells=list(cells.values()), axes=all_axes,
                  grids=grid_names, spm=spm, eval_languages=ev_langs, eval_settings=[str(x) for x in es],
                  description=str(raw.get("description", "")), corpus_languages=corpus_langs)
+
+
+def _evaluate_at(raw: Any, path: str, where: str, has_eval_data: bool) -> List[float]:
+    """The sorted fractions of evaluate_at (each in (0, 1]); SpecError naming the key otherwise."""
+    if raw is None:
+        return []
+    vals = [_num(v) for v in raw] if isinstance(raw, list) else None
+    if not vals or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in vals):
+        raise SpecError(f"{path}: {where}: evaluate_at={raw!r}: give a list of fractions of the cell's steps in "
+                        f"(0, 1], e.g. [0.25, 0.5, 0.75, 1.0]")
+    if not has_eval_data:
+        raise SpecError(f"{path}: {where}: evaluate_at needs eval_data (mbpc and retrieval run on each point; "
+                        f"e.g. eval_data: ../shared/corpus/eval)")
+    return sorted({float(v) for v in vals})
 
 
 def _override_text(v: Any) -> str:
