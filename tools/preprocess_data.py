@@ -474,9 +474,9 @@ def build_parser():
                    help="invalid UTF-8 / over-long / bad JSON lines: stop with file:line, or skip and count")
     p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longer lines are bad (default 1 MiB)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per work item (default 1 MiB)")
-    p.add_argument("--text-key", "--json-key", dest="json_key", default="text",
+    p.add_argument("--text-key", "--json-key", dest="json_key", default="text", metavar="KEY",
                    help="text field of JSONL input / text column of Parquet input (default text)")
-    p.add_argument("--lang-key", default=None,
+    p.add_argument("--lang-key", default=None, metavar="COLUMN",
                    help="Parquet column holding each row's language: read every .parquet under --input and "
                         "route rows by it (default: language from the file or folder name)")
     p.add_argument("--mpi", choices=("auto", "on", "off"), default="auto",

@@ -216,9 +216,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="directory of <lang>.txt / <lang>.jsonl [.gz|.xz|.zst] / "
                    "<lang>.zst / <lang>.parquet / <lang>/ folders of those")
-    p.add_argument("--text-key", "--json-key", dest="text_key", default="text",
+    p.add_argument("--text-key", "--json-key", dest="text_key", default="text", metavar="KEY",
                    help="text field of JSONL input / text column of Parquet input (default text)")
-    p.add_argument("--lang-key", default=None,
+    p.add_argument("--lang-key", default=None, metavar="COLUMN",
                    help="Parquet column holding each row's language: read every .parquet under --input "
                         "(default: language from the file or folder name)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab, PREFIX.dict.txt")

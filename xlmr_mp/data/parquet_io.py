@@ -4,7 +4,8 @@ A row's text column (`--text-key`, default "text") holds the document, one sente
 line, exactly as a JSONL line's text field: so a Parquet file gives the same documents, and the
 tools the same bytes, as the same text written as plain lines with a blank line between documents.
 With `--lang-key`, a column names each row's language and a reader for language L keeps the rows
-whose value is L.
+whose value is L: it reads the (small) language column of every row group and decodes the text only
+of row groups holding L, so files whose row groups each hold few languages read fastest.
 
 Memory: the reading process decodes one record batch of about `chunk_bytes` of text at a time
 (`ParquetFile.iter_batches` over one row group, only the needed columns, pyarrow's own threads
