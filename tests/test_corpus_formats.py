@@ -276,3 +276,24 @@ def test_streaming_memory_is_bounded(tmp_path):
     tracemalloc.stop()
     assert n == 2 * 8 * len(texts)
     assert peak < 3 << 20, f"peak {peak / 1e6:.1f} MB while streaming {len(data) / 1e6:.1f} MB"
+
+
+def test_bench_measures_each_format_against_plain_text(base, tmp_path):
+    """bench/preprocess.py --formats: the same documents as Parquet and zstd JSONL, measured in the run of
+    the plain text (the tool must encode the same tokens from each), the comparison appended to --out."""
+    import re
+    import subprocess
+    import sys
+    from support.prep import ROOT
+    out = tmp_path / "results.txt"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "preprocess.py"), "--mb", "0.2", "--repeats", "1",
+                        "--workers", "1", "--tokenizer", base["model"], "--formats", "txt,parquet,zst", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert re.match(r"# bench/preprocess.py  \d{4}-\d\d-\d\d \d\d:\d\d UTC  commit \S+\n# command: python bench/"
+                    r"preprocess.py --mb 0.2 .*--formats txt,parquet,zst", text)
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s+1\s+(parquet|zst)\s+[\d.]+\s+[\d.]+\s+([\d.]+)",
+                                                                 text, re.M)}
+    assert set(rows) == {"parquet", "zst"} and all(v > 0 for v in rows.values()), text
