@@ -8,7 +8,10 @@ Memory-bound kernels should reach >= 80% of the copy bandwidth. Results go to
 bench/results/kernels_<gpu>.json; the ops faster than both torch paths (forward + backward) are
 printed as FASTER_ON entries for xlmr_mp/kernels/dispatch.py.
 
-    python bench/kernels_gpu.py [--dtype bf16|fp16] [--tokens 16384] [--iters 50] [--no-compile]
+    python bench/kernels_gpu.py [--dtype bf16|fp16] [--tokens 16384] [--iters 50] [--no-compile] [--budget-s S]
+
+The JSON is rewritten after every measurement (`complete: false` until the end), fused and eager
+for every op first and the torch.compile peers last, so a time limit loses only what it cut.
 
 Needs a CUDA GPU and the built extension; exits with a message otherwise.
 """
@@ -23,7 +26,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 
 from xlmr_mp.atomic import atomic_write  # noqa: E402
@@ -80,38 +82,99 @@ def _fwd_bwd(fn, inputs, grad):
     return fwd, bwd
 
 
-def bench_op(name, impls, inputs, grad, bytes_fwd, bytes_bwd, iters, copy_bw, rows):
-    """Time forward and forward+backward of each impl; record rows."""
-    res = {}
-    for impl_name, fn in impls.items():
-        if fn is None:
-            continue
-        try:
-            fwd, bwd = _fwd_bwd(fn, inputs, grad)
+class Results:
+    """The benchmark's rows, written to `path` (atomically) after every measurement, so a run cut
+    short (a time limit, a crash in a later op) keeps every figure measured before it: the JSON's
+    `complete` is false until `finish()`, and `skipped` names what the time budget left out."""
+
+    def __init__(self, path: str, meta: dict, copy_bw: float):
+        self.path, self.meta, self.copy_bw = path, dict(meta), copy_bw
+        self.t0 = time.time()
+        self.times: dict = {}          # op -> impl -> (fwd s, bwd s)
+        self.bytes: dict = {}          # op -> (bytes fwd, bytes bwd) the fused design must move
+        self.order: list = []
+        self.skipped: list = []
+        self.complete = False
+
+    def record(self, op: str, impl: str, fwd_s: float, bwd_s: float, bytes_fwd: float, bytes_bwd: float) -> dict:
+        if op not in self.times:
+            self.times[op] = {}
+            self.order.append(op)
+        self.times[op][impl] = (fwd_s, max(bwd_s, 1e-9))
+        self.bytes[op] = (bytes_fwd, bytes_bwd)
+        self.write()
+        return self.row(op, impl)
+
+    def skip(self, what: str) -> None:
+        self.skipped.append(what)
+        self.write()
+
+    def row(self, op: str, impl: str) -> dict:
+        tf, tb = self.times[op][impl]
+        row = dict(op=op, impl=impl, fwd_ms=tf * 1e3, bwd_ms=tb * 1e3, fwd_bwd_ms=(tf + tb) * 1e3)
+        if impl == "fused":
+            bf, bb = self.bytes[op]
+            row.update(fwd_GBps=bf / tf / 1e9, bwd_GBps=bb / tb / 1e9,
+                       fwd_of_copy=bf / tf / self.copy_bw, bwd_of_copy=bb / tb / self.copy_bw)
+            for peer, (pf, pb) in self.times[op].items():
+                if peer != "fused":
+                    row[f"speedup_vs_{peer}_fwd"] = pf / tf
+                    row[f"speedup_vs_{peer}_fwd_bwd"] = (pf + pb) / (tf + tb)
+        return row
+
+    def rows(self) -> list:
+        return [self.row(op, impl) for op in self.order for impl in self.times[op]]
+
+    def faster(self) -> list:
+        """Ops whose fused kernel beat every torch peer measured for it (forward + backward)."""
+        return sorted(op for op in self.order if "fused" in self.times[op] and len(self.times[op]) > 1
+                      and all(v > 1.0 for k, v in self.row(op, "fused").items() if k.endswith("_fwd_bwd")))
+
+    def write(self) -> None:
+        payload = dict(self.meta, copy_GBps=self.copy_bw / 1e9, complete=self.complete, skipped=self.skipped,
+                       faster_on=self.faster(), rows=self.rows(), seconds=time.time() - self.t0)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with atomic_write(self.path) as f:
+            json.dump(payload, f, indent=1)
+
+    def finish(self) -> None:
+        self.complete = True
+        self.write()
+
+
+def print_row(row: dict) -> None:
+    extra = ""
+    if row["impl"] == "fused":
+        extra = (f"  fwd {row['fwd_GBps']:7.1f} GB/s ({100 * row['fwd_of_copy']:5.1f}% of copy)"
+                 f"  bwd {row['bwd_GBps']:7.1f} GB/s ({100 * row['bwd_of_copy']:5.1f}% of copy)")
+        for peer in ("eager", "compile"):
+            if f"speedup_vs_{peer}_fwd_bwd" in row:
+                extra += f"  x{row[f'speedup_vs_{peer}_fwd_bwd']:.2f} vs {peer}"
+    print(f"  {row['op']:32s} {row['impl']:8s} fwd {row['fwd_ms']:8.3f} ms  bwd {row['bwd_ms']:8.3f} ms{extra}",
+          flush=True)
+
+
+def measure(results: Results, case: dict, impl: str, iters: int) -> None:
+    """Time one implementation of one op (forward; forward + backward, or the backward closure)."""
+    fn = case["impls"][impl]
+    if impl == "compile":
+        fn = _compile(fn) if not case.get("pair") else tuple(_compile(f) for f in fn)
+    if fn is None or (isinstance(fn, tuple) and None in fn):
+        return
+    try:
+        if case.get("pair"):                    # (forward, backward) closures timed apart
+            f, g = fn
+            tf = time_cuda(f, iters)
+            tb = time_cuda(g, iters) - (case["copy_s"]() if impl == "fused" else 0.0)
+        else:
+            fwd, bwd = _fwd_bwd(fn, case["inputs"], case["grad"])
             tf = time_cuda(fwd, iters)
-            tfb = time_cuda(bwd, iters)
-            res[impl_name] = (tf, max(tfb - tf, 1e-9), tfb)
-        except Exception as e:  # noqa: BLE001 - e.g. a torch.compile failure: report, keep going
-            print(f"  {name} [{impl_name}] failed: {type(e).__name__}: {e}", flush=True)
-    for impl_name, (tf, tb, tfb) in res.items():
-        row = dict(op=name, impl=impl_name, fwd_ms=tf * 1e3, bwd_ms=tb * 1e3, fwd_bwd_ms=tfb * 1e3)
-        if impl_name == "fused":
-            row.update(fwd_GBps=bytes_fwd / tf / 1e9, bwd_GBps=bytes_bwd / tb / 1e9,
-                       fwd_of_copy=bytes_fwd / tf / copy_bw, bwd_of_copy=bytes_bwd / tb / copy_bw)
-            for peer in ("eager", "compile"):
-                if peer in res:
-                    row[f"speedup_vs_{peer}_fwd"] = res[peer][0] / tf
-                    row[f"speedup_vs_{peer}_fwd_bwd"] = res[peer][2] / tfb
-        rows.append(row)
-        extra = ""
-        if impl_name == "fused":
-            extra = (f"  fwd {row['fwd_GBps']:7.1f} GB/s ({100 * row['fwd_of_copy']:5.1f}% of copy)"
-                     f"  bwd {row['bwd_GBps']:7.1f} GB/s ({100 * row['bwd_of_copy']:5.1f}% of copy)")
-            for peer in ("eager", "compile"):
-                if f"speedup_vs_{peer}_fwd_bwd" in row:
-                    extra += f"  x{row[f'speedup_vs_{peer}_fwd_bwd']:.2f} vs {peer}"
-        print(f"  {name:32s} {impl_name:8s} fwd {tf * 1e3:8.3f} ms  fwd+bwd {tfb * 1e3:8.3f} ms{extra}",
-              flush=True)
+            tb = time_cuda(bwd, iters) - tf
+    except Exception as e:  # noqa: BLE001 - e.g. a torch.compile failure: report, keep going
+        print(f"  {case['op']} [{impl}] failed: {type(e).__name__}: {e}", flush=True)
+        results.skip(f"{case['op']}/{impl}: {type(e).__name__}")
+        return
+    print_row(results.record(case["op"], impl, tf, tb, case["bytes"][0], case["bytes"][1]))
 
 
 def main(argv=None) -> int:
@@ -124,6 +187,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-shard", type=int, default=250002, help="V / TP columns of the LM head")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no measurement after this many seconds (0: no limit); what is left out is "
+                    "listed under 'skipped' in the JSON (torch.compile peers come last)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/kernels_<gpu>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -134,6 +200,7 @@ def main(argv=None) -> int:
         print("xlmr_mp._cuda is not built: pip install --no-build-isolation -e . with a CUDA torch and nvcc",
               file=sys.stderr)
         return 2
+    t_start = time.time()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     s = torch.finfo(dtype).bits // 8
     dev = torch.cuda.get_device_name()
@@ -141,113 +208,98 @@ def main(argv=None) -> int:
     print(f"device: {dev} ({arch}), torch {torch.__version__}, dtype {args.dtype}", flush=True)
     copy_bw = copy_bandwidth(args.iters)
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s (device-to-device copy_, read + write)", flush=True)
-    rows: list[dict] = []
-    t0 = time.time()
     N, H, I = args.tokens, args.hidden, 4 * args.hidden
-
-    def peers(ref):
-        return {"fused": None, "eager": ref, "compile": None if args.no_compile else _compile(ref)}
+    B, S = max(1, N // args.seq), args.seq
+    M, V = max(1, int(0.15 * N)), args.vocab_shard
+    out = args.out or os.path.join(RESULTS, f"kernels_{arch}_{args.dtype}.json")
+    results = Results(out, dict(device=dev, arch=arch, torch=torch.__version__, dtype=args.dtype,
+                                shapes=dict(tokens=N, hidden=H, ffn=I, heads=args.heads, seq=S, masked=M,
+                                            vocab_shard=V)), copy_bw)
+    results.write()
 
     def leaf(*shape, scale=1.0):
         return (torch.randn(*shape, device="cuda") * scale).to(dtype).requires_grad_(True)
 
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda").to(dtype)
+
+    cases = []
     # 1. bias + GELU on the FFN intermediate [N, 4H]
     x, b = leaf(N, I), leaf(I)
-    impls = peers(ops.bias_gelu_ref)
-    impls["fused"] = fused.BiasGelu.apply
-    bench_op("bias_gelu", impls, (x, b), torch.randn(N, I, device="cuda").to(dtype),
-             2 * N * I * s, 3 * N * I * s, args.iters, copy_bw, rows)
+    cases.append(dict(op="bias_gelu", impls={"fused": fused.BiasGelu.apply, "eager": ops.bias_gelu_ref,
+                                             "compile": ops.bias_gelu_ref},
+                      inputs=(x, b), grad=rand(N, I), bytes=(2 * N * I * s, 3 * N * I * s)))
 
     # 2. bias + dropout + add + LayerNorm on [N, H], training (p = 0.1)
-    x, b, r, w, lb = leaf(N, H), leaf(H), leaf(N, H), leaf(H), leaf(H)
-    impls = peers(lambda *a: ops.bias_dropout_add_layernorm_ref(*a, 0.1, True, 1e-5))
-    impls["fused"] = lambda *a: fused.BiasDropoutAddLayerNorm.apply(*a, 0.1, True, 1e-5)
     # fwd: read x, residual; write out, y, keep mask. bwd: rows kernel reads dout, y, mask, writes
     # dresidual, dx; column kernel reads dout, y, dx.
-    bench_op("bias_dropout_add_layernorm", impls, (x, b, r, w, lb), torch.randn(N, H, device="cuda").to(dtype),
-             (4 * s + 1) * N * H, (8 * s + 1) * N * H, args.iters, copy_bw, rows)
+    ref = lambda *a: ops.bias_dropout_add_layernorm_ref(*a, 0.1, True, 1e-5)        # noqa: E731
+    cases.append(dict(op="bias_dropout_add_layernorm",
+                      impls={"fused": lambda *a: fused.BiasDropoutAddLayerNorm.apply(*a, 0.1, True, 1e-5),
+                             "eager": ref, "compile": ref},
+                      inputs=(leaf(N, H), leaf(H), leaf(N, H), leaf(H), leaf(H)), grad=rand(N, H),
+                      bytes=((4 * s + 1) * N * H, (8 * s + 1) * N * H)))
 
     # 3. scaled masked softmax on [B, heads, S, S] with a padding mask
-    B, S = max(1, N // args.seq), args.seq
     sc = leaf(B, args.heads, S, S)
     lengths = torch.randint(S // 2, S + 1, (B,), device="cuda")
     mask = (torch.arange(S, device="cuda")[None, :] >= lengths[:, None]).view(B, 1, 1, S)
     scale = 1 / math.sqrt(H // args.heads)
-    impls = peers(lambda t: ops.scaled_masked_softmax_ref(t, mask, scale))
-    impls["fused"] = lambda t: fused.ScaledMaskedSoftmax.apply(t, mask, scale)
+    ref_sm = lambda t: ops.scaled_masked_softmax_ref(t, mask, scale)                   # noqa: E731
     n = B * args.heads * S * S
-    bench_op("scaled_masked_softmax", impls, (sc,), torch.randn(sc.shape, device="cuda").to(dtype),
-             2 * n * s, 3 * n * s, args.iters, copy_bw, rows)
+    cases.append(dict(op="scaled_masked_softmax",
+                      impls={"fused": lambda t: fused.ScaledMaskedSoftmax.apply(t, mask, scale),
+                             "eager": ref_sm, "compile": ref_sm},
+                      inputs=(sc,), grad=torch.randn(sc.shape, device="cuda").to(dtype),
+                      bytes=(2 * n * s, 3 * n * s)))
 
     # 4. MLM shard cross-entropy: logits-only part (stats pass + in-place gradient) on [M, V/TP]
-    M, V = max(1, int(0.15 * N)), args.vocab_shard
     logits = (torch.randn(M, V, device="cuda") * 2).to(dtype)
     tgt = torch.randint(0, V, (M,), device="cuda")
     gs = torch.ones(M, device="cuda")
-
-    def xent_fused_fwd():
-        return fused.mlm_xent_stats(logits, tgt)
+    lse = fused.mlm_xent_stats(logits, tgt)[0]
+    work = logits.clone()
 
     def xent_eager_fwd():
         lf = logits.float()
         return torch.logsumexp(lf, -1), lf.gather(1, tgt[:, None])
 
-    lse = xent_fused_fwd()[0]
-    work = logits.clone()
-
     def xent_fused_bwd():
         work.copy_(logits)  # the kernel overwrites its input; the copy is timed and subtracted
         fused.mlm_xent_grad_(work, tgt, lse, gs)
 
-    def xent_copy():
-        work.copy_(logits)
-
     def xent_eager_bwd():
         return mlm_xent.shard_xent_grad_ref(logits, tgt, lse, gs)
 
-    comp_fwd = None if args.no_compile else _compile(xent_eager_fwd)
-    comp_bwd = None if args.no_compile else _compile(xent_eager_bwd)
-    tcopy = time_cuda(xent_copy, args.iters)
-    res = {}
-    for impl_name, (f, g) in {"fused": (xent_fused_fwd, xent_fused_bwd), "eager": (xent_eager_fwd, xent_eager_bwd),
-                              "compile": (comp_fwd, comp_bwd)}.items():
-        if f is None:
-            continue
-        try:
-            tf = time_cuda(f, args.iters)
-            tb = time_cuda(g, args.iters) - (tcopy if impl_name == "fused" else 0.0)
-            res[impl_name] = (tf, max(tb, 1e-9))
-        except Exception as e:  # noqa: BLE001
-            print(f"  mlm_xent [{impl_name}] failed: {type(e).__name__}: {e}", flush=True)
-    for impl_name, (tf, tb) in res.items():
-        row = dict(op="mlm_xent", impl=impl_name, fwd_ms=tf * 1e3, bwd_ms=tb * 1e3, fwd_bwd_ms=(tf + tb) * 1e3)
-        line = f"  {'mlm_xent (stats / grad_)':32s} {impl_name:8s} fwd {tf * 1e3:8.3f} ms  bwd {tb * 1e3:8.3f} ms"
-        if impl_name == "fused":
-            row.update(fwd_GBps=M * V * s / tf / 1e9, bwd_GBps=2 * M * V * s / tb / 1e9,
-                       fwd_of_copy=M * V * s / tf / copy_bw, bwd_of_copy=2 * M * V * s / tb / copy_bw)
-            line += (f"  fwd {row['fwd_GBps']:7.1f} GB/s ({100 * row['fwd_of_copy']:5.1f}% of copy)"
-                     f"  bwd {row['bwd_GBps']:7.1f} GB/s ({100 * row['bwd_of_copy']:5.1f}% of copy)")
-            for peer in ("eager", "compile"):
-                if peer in res:
-                    row[f"speedup_vs_{peer}_fwd_bwd"] = sum(res[peer]) / (tf + tb)
-                    line += f"  x{row[f'speedup_vs_{peer}_fwd_bwd']:.2f} vs {peer}"
-        rows.append(row)
-        print(line, flush=True)
+    copy_s = []
 
-    faster = sorted({r["op"] for r in rows if r["impl"] == "fused"
-                     and all(r.get(f"speedup_vs_{p}_fwd_bwd", 0.0) > 1.0 for p in ("eager", "compile")
-                             if any(q["op"] == r["op"] and q["impl"] == p for q in rows))})
+    def xent_copy_s():
+        if not copy_s:
+            copy_s.append(time_cuda(lambda: work.copy_(logits), args.iters))
+        return copy_s[0]
+
+    cases.append(dict(op="mlm_xent", pair=True, copy_s=xent_copy_s,
+                      impls={"fused": (lambda: fused.mlm_xent_stats(logits, tgt), xent_fused_bwd),
+                             "eager": (xent_eager_fwd, xent_eager_bwd), "compile": (xent_eager_fwd, xent_eager_bwd)},
+                      bytes=(M * V * s, 2 * M * V * s)))
+
+    # fused and eager for every op first, the torch.compile peers (slow to compile) last
+    plan = [(c, impl) for impl in ("fused", "eager") for c in cases]
+    if not args.no_compile:
+        plan += [(c, "compile") for c in cases]
+    for c, impl in plan:
+        if args.budget_s and time.time() - t_start > args.budget_s:
+            print(f"  {c['op']} [{impl}] skipped: --budget-s {args.budget_s:g} spent", flush=True)
+            results.skip(f"{c['op']}/{impl}: budget")
+            continue
+        measure(results, c, impl, args.iters)
+
+    results.finish()
+    faster = results.faster()
     print(f"ops faster than every torch peer on {arch}: {faster}")
     print("FASTER_ON entries for xlmr_mp/kernels/dispatch.py: "
           + ", ".join(f'"{op}": frozenset({{"{arch}"}})' for op in faster))
-    out = args.out or os.path.join(RESULTS, f"kernels_{arch}_{args.dtype}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    payload = dict(device=dev, arch=arch, torch=torch.__version__, dtype=args.dtype, copy_GBps=copy_bw / 1e9,
-                   shapes=dict(tokens=N, hidden=H, ffn=I, heads=args.heads, seq=S, masked=M, vocab_shard=V),
-                   faster_on=faster, rows=rows, seconds=time.time() - t0)
-    with atomic_write(out) as f:
-        json.dump(payload, f, indent=1)
-    print(f"wrote {out} ({time.time() - t0:.0f}s)")
+    print(f"wrote {out} ({time.time() - t_start:.0f}s)")
     return 0
 
 
