@@ -9,7 +9,9 @@ of row groups holding L, so files whose row groups each hold few languages read 
 
 Memory: the reading process decodes one record batch of about `chunk_bytes` of text at a time
 (`ParquetFile.iter_batches` over one row group, only the needed columns, pyarrow's own threads
-off so encoder processes keep the cores). A batch travels to an encoder process as the column's
+off so encoder processes keep the cores); pyarrow holds the row group's compressed text column
+while it is read, so memory is bounded by the largest row group's compressed text plus one batch,
+not by the file. A batch travels to an encoder process as the column's
 own buffers: its UTF-8 bytes back to back and the rows' offsets (numpy), so encoder processes never
 import pyarrow and the reading process makes no per-row Python object; `parse_documents` turns one
 into sentences with C-level string operations (one join and split per batch).

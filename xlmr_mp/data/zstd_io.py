@@ -32,7 +32,7 @@ class ZstdFrames(io.RawIOBase):
         self._frame = 0             # number of the frame being decoded (0-based)
         self._frame_start = 0       # its byte offset in the file
         self._obj = None            # its decompression object; None between frames
-        self._out = b""
+        self._out = memoryview(b"")
         self._out_pos = 0
 
     def readable(self):
@@ -82,7 +82,7 @@ class ZstdFrames(io.RawIOBase):
             self._pos += len(data)
             out = self._feed(data, start)
             if out:
-                self._out, self._out_pos = out, 0
+                self._out, self._out_pos = memoryview(out), 0
                 return True
 
     def readinto(self, b) -> int:
