@@ -9,9 +9,9 @@ of row groups holding L, so files whose row groups each hold few languages read 
 
 Memory: the reading process decodes one record batch of about `chunk_bytes` of text at a time
 (`ParquetFile.iter_batches` over one row group, only the needed columns, pyarrow's own threads
-off so encoder processes keep the cores); pyarrow holds the row group's compressed text column
-while it is read, so memory is bounded by the largest row group's compressed text plus one batch,
-not by the file. A batch travels to an encoder process as the column's
+off so encoder processes keep the cores); pages are streamed through a 1 MiB read buffer (no
+pre-buffering of the row group's column chunk), so memory is one batch, one page and the column's
+dictionary page, whatever the size of the row group or the file. A batch travels to an encoder process as the column's
 own buffers: its UTF-8 bytes back to back and the rows' offsets (numpy), so encoder processes never
 import pyarrow and the reading process makes no per-row Python object; `parse_documents` turns one
 into sentences with C-level string operations (one join and split per batch).
@@ -55,7 +55,8 @@ def open_parquet(path: str):
     """pq.ParquetFile of path, or CorpusError naming the file."""
     pa, pq = _pyarrow()
     try:
-        return pq.ParquetFile(path, page_checksum_verification=True)
+        # pages streamed through a 1 MiB buffer rather than the row group's column chunk read whole
+        return pq.ParquetFile(path, page_checksum_verification=True, pre_buffer=False, buffer_size=1 << 20)
     except (OSError, pa.ArrowException) as e:
         raise CorpusError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}); "
                           f"the file is damaged or not Parquet: download it again or remove it") from None
