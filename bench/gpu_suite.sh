@@ -123,7 +123,7 @@ summary() {
   grep -h "^device:" "$WORK/env.txt"
   grep -h "^\[plan\] total" "$WORK/plan.txt"
   sed 's/^/step /' "$WORK/commands.txt"
-  grep -h -E "^(ours|peer|ratio|optimizer-state|planner|chunked|gathered|full|preset=)" "$WORK/train_step.txt" "$WORK/mlm_head.txt" 2>/dev/null
+  grep -h -E "^(note|preset=|ours|peer|ratio|optimizer-state|planner|chunked|gathered|full)" "$WORK/train_step.txt" "$WORK/mlm_head.txt" 2>/dev/null
   grep -h -E "FASTER_ON|copy bandwidth" "$WORK"/kernels*.log 2>/dev/null
   grep -h -E "^(megatron-core|missing)" "$WORK/install.log" 2>/dev/null
   echo "steps failed: $FAILED, skipped: $SKIPPED, wall $((SECONDS - T0)) s"
@@ -231,10 +231,10 @@ else
   GPU_PLAN="$("$PY" -c "import torch; n = torch.cuda.get_device_name(); print('H200' if 'H200' in n else 'H100' if 'H100' in n else 'A100-80')")"
   LARGE=(--preset large --micro-batch 16 --seq 512 --steps 4 --warmup 2 --plan "$GPU_PLAN")
   BASE=(--preset base --micro-batch 32 --seq 512 --steps 4 --warmup 2)
-  XLMR_MP_KERNELS=fused gpu_step train_large_bf16_fused "$PY" bench/train_step.py "${LARGE[@]}" --precision auto --out "$WORK/train_step.txt"
-  XLMR_MP_KERNELS=reference gpu_step train_large_bf16_reference "$PY" bench/train_step.py "${LARGE[@]}" --precision bf16 --no-peer --out "$WORK/train_step.txt"
-  XLMR_MP_KERNELS=fused gpu_step train_base_bf16_fused "$PY" bench/train_step.py "${BASE[@]}" --precision bf16 --out "$WORK/train_step.txt"
-  XLMR_MP_KERNELS=fused gpu_step train_base_fp16_fused "$PY" bench/train_step.py "${BASE[@]}" --precision fp16 --no-peer --out "$WORK/train_step.txt"
+  XLMR_MP_KERNELS=fused gpu_step train_large_bf16_fused "$PY" bench/train_step.py "${LARGE[@]}" --precision auto --note "train_large_bf16_fused: XLMR_MP_KERNELS=fused" --out "$WORK/train_step.txt"
+  XLMR_MP_KERNELS=reference gpu_step train_large_bf16_reference "$PY" bench/train_step.py "${LARGE[@]}" --precision bf16 --no-peer --note "train_large_bf16_reference: XLMR_MP_KERNELS=reference" --out "$WORK/train_step.txt"
+  XLMR_MP_KERNELS=fused gpu_step train_base_bf16_fused "$PY" bench/train_step.py "${BASE[@]}" --precision bf16 --note "train_base_bf16_fused: XLMR_MP_KERNELS=fused" --out "$WORK/train_step.txt"
+  XLMR_MP_KERNELS=fused gpu_step train_base_fp16_fused "$PY" bench/train_step.py "${BASE[@]}" --precision fp16 --no-peer --note "train_base_fp16_fused: XLMR_MP_KERNELS=fused" --out "$WORK/train_step.txt"
   gpu_step mlm_head "$PY" bench/mlm_head.py --dtype bfloat16 --iters 3 --out "$WORK/mlm_head.txt"
 fi
 

@@ -116,6 +116,15 @@ def test_auto_dtype_by_device(device_type, capability, want):
     assert resolve_dtype("auto", device_type, capability) == want
 
 
+def test_auto_dtype_reads_the_gpus_capability(monkeypatch):
+    from xlmr_mp.precision import device_dtype
+    for cap, want in (((7, 0), "fp16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert device_dtype("auto", torch.device("cuda", 0)) == want
+        assert device_dtype("fp32", torch.device("cuda", 0)) == "fp32"
+    assert device_dtype("auto", torch.device("cpu")) == "fp32"
+
+
 def test_explicit_dtype_is_kept():
     for d in ("fp32", "bf16", "fp16"):
         assert resolve_dtype(d, "cuda", (7, 0)) == d and resolve_dtype(d, "cpu", None) == d

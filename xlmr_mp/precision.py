@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHOICES = ("auto", *DTYPES)         # precision.dtype: auto resolves per device (resolve_dtype)
 
 
 def resolve_dtype(requested: str, device_type: str, capability: Optional[tuple] = None) -> str:
@@ -35,6 +34,8 @@ def resolve_dtype(requested: str, device_type: str, capability: Optional[tuple] 
 
 def device_dtype(requested: str, device: torch.device) -> str:
     """`resolve_dtype` for the device a run trains on (reads a GPU's compute capability)."""
+    if requested != "auto":
+        return requested
     device = torch.device(device)
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     return resolve_dtype(requested, device.type, cap)
