@@ -42,6 +42,14 @@ def write_zst(path, data: bytes, frame_bytes=700):
     return starts
 
 
+def write_mixed(path, docs):
+    """One Parquet file of every language's documents, interleaved at random (each language's in order),
+    with a `lang` column."""
+    langs = list(np.random.default_rng(0).permutation([lang for lang in LANGS for _ in docs[lang]]))
+    it = {lang: iter(docs[lang]) for lang in LANGS}
+    write_parquet(path, None, row_group_size=6, text=[next(it[lang]) for lang in langs], lang=langs)
+
+
 def jsonl(texts):
     return "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
 
@@ -113,11 +121,7 @@ def test_folders_of_shards_and_a_language_column(base, tmp_path):
         (shards / lang / "train").mkdir(parents=True)
         write_parquet(shards / lang / "train" / "000_00000.parquet", docs[:k], row_group_size=4)
         write_zst(shards / lang / "train" / "000_00001.jsonl.zst", jsonl(docs[k:]))
-    # languages interleaved at random, each language's documents in their order
-    langs = list(np.random.default_rng(0).permutation([lang for lang in LANGS for _ in base["docs"][lang]]))
-    docs = {lang: iter(base["docs"][lang]) for lang in LANGS}
-    write_parquet(mixed / "data.parquet", None, row_group_size=6, text=[next(docs[lang]) for lang in langs],
-                  lang=langs)
+    write_mixed(mixed / "data.parquet", base["docs"])
     assert find_language_files(str(mixed), lang_key="lang") == {lang: str(mixed) for lang in LANGS}
     prep(shards, base["model"], tmp_path / "out_shards")
     assert_same_output(base["txt_out"], tmp_path / "out_shards")
@@ -172,11 +176,15 @@ def test_vocabulary_from_parquet_is_the_plain_text_vocabulary(base, tmp_path):
     pqd.mkdir()
     for lang in LANGS:
         write_parquet(pqd / f"{lang}.parquet", None, row_group_size=5, content=base["docs"][lang])
+    (tmp_path / "mixed").mkdir()
+    write_mixed(tmp_path / "mixed" / "data.parquet", base["docs"])
     a = train_tiny_spm(base["dir"] / "txt", tmp_path / "again", vocab_size=500)
     b = train_tiny_spm(pqd, tmp_path / "from_pq", vocab_size=500, extra=("--text-key", "content"))
+    c = train_tiny_spm(tmp_path / "mixed", tmp_path / "from_mixed", vocab_size=500, extra=("--lang-key", "lang"))
     for ext in (".vocab", ".dict.txt"):
         assert filecmp.cmp(base["model"][:-6] + ext, a[:-6] + ext, shallow=False), "training is not deterministic"
         assert filecmp.cmp(base["model"][:-6] + ext, b[:-6] + ext, shallow=False), ext
+        assert filecmp.cmp(base["model"][:-6] + ext, c[:-6] + ext, shallow=False), ext
 
 
 def test_missing_column_names_file_columns_and_the_option(base, tmp_path):
