@@ -188,6 +188,19 @@ def test_launcher_full_size_ranks(tmp_path, script):
 
 
 @pytest.mark.slow
+def test_base_launcher_every_rank_covers_each_global_batch_once(tmp_path):
+    """Every one of Base's 256 ranks (--ranks all through XLMR_MP_DRY_RUN_RANKS): the DP ranks'
+    samples cover each of the first two global batches of 8192 exactly once."""
+    p, world, run_dir = _launch(tmp_path, "launch/xlmr_base.slurm", "all")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs, summary = _parse(p.stdout)
+    cfg = _recorded_config(run_dir)
+    assert [r["rank"] for r in recs] == list(range(world)) and world == 256
+    check_all(recs, summary, cfg)
+    assert check_samples(recs, cfg) == cfg.parallel.data == 256
+
+
+@pytest.mark.slow
 def test_large_launcher_pipeline_layout_one_rank_per_tp_pp(tmp_path):
     """Large at 512 ranks with TP 2 x PP 4 x 2 virtual stages (DP 64) given on the launcher's command
     line: one rank per (tp, pp) of DP rank 0, a middle pipeline stage of a middle DP rank, the last."""
@@ -226,6 +239,7 @@ def test_all_ranks_tp_pp_dp_interleaved():
     assert summary["max_rank_seconds"] < 10, summary
 
 
+@pytest.mark.slow
 def test_samples_are_the_blocks_the_real_loader_reads(tmp_path):
     """With data.path the indices come from that corpus, and they are the blocks whose tokens the
     trainer's loader yields for that DP rank (unmasked positions of its real batches)."""
@@ -261,19 +275,29 @@ def _rows(batch):
 
 # ----------------------------------------------------------------------------- impossible layouts
 
-@pytest.mark.parametrize("args, names", [
-    (["--world-size", 12, "parallel.tensor=2", "parallel.pipeline=4"],
-     ["world size 12 is not divisible by parallel.tensor x parallel.pipeline = 2 x 4"]),
-    (["--world-size", 64, "parallel.pipeline=4", "parallel.virtual_stages=4"],
-     ["model.num_layers=12 < 16 pipeline stages", "parallel.pipeline x parallel.virtual_stages"]),
-    (["--world-size", 64, "parallel.pipeline=2", "parallel.stage_layers=[5,5]"],
-     ["parallel.stage_layers=[5, 5] sums to 10 but model.num_layers=12"]),
-    (["--world-size", 256, "--ranks", "256"], ["--ranks '256': rank 256 is outside the world of --world-size 256"]),
-])
-def test_impossible_layout_exits_2_naming_the_options(args, names):
-    rc, recs, summary, err = _dry("--preset", "base", *args, timeout=120)
+def test_layout_not_dividing_the_world_exits_2_before_building_anything():
+    rc, recs, summary, err = _dry("--preset", "base", "--world-size", 12, "parallel.tensor=2", "parallel.pipeline=4",
+                                  timeout=120)
     assert rc == 2, err
     assert recs == [] and summary is None, "nothing may be built for an impossible layout"
+    assert err.startswith("dry run: layout error (config preset:base): world size 12 is not divisible by "
+                          "parallel.tensor x parallel.pipeline = 2 x 4"), err
+
+
+@pytest.mark.parametrize("args, names", [
+    ([64, "0", "parallel.pipeline=4", "parallel.virtual_stages=4"],
+     ["model.num_layers=12 < 16 pipeline stages", "parallel.pipeline x parallel.virtual_stages"]),
+    ([64, "0", "parallel.pipeline=2", "parallel.stage_layers=[5,5]"],
+     ["parallel.stage_layers=[5, 5] sums to 10 but model.num_layers=12"]),
+    ([256, "256"], ["--ranks '256': rank 256 is outside the world of --world-size 256"]),
+    ([None, "0"], ["--dry-run needs --world-size N"]),
+])
+def test_impossible_layout_exits_2_naming_the_options(capsys, args, names):
+    from xlmr_mp import dry_run
+    world, ranks, *overrides = args
+    assert dry_run.main(None, overrides, world, ranks, preset="base") == 2
+    out, err = capsys.readouterr()
+    assert out == "", "nothing may be built for an impossible layout"
     assert err.startswith("dry run: layout error") and all(n in err for n in names), err
 
 

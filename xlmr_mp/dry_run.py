@@ -111,6 +111,18 @@ class _IndexRecorder:
 
 # ----------------------------------------------------------------------------- one rank
 
+def _meta_model_cls():
+    """XLMRModel without its parameter initialisation: on the meta device there is nothing to draw,
+    and torch's meta `normal_` costs ~0.7 s a rank (most of a rank's build)."""
+    from xlmr_mp.model.xlmr import XLMRModel
+
+    class MetaXLMRModel(XLMRModel):
+        def reset_parameters(self, seed: int) -> None:
+            return None
+
+    return MetaXLMRModel
+
+
 def owned_params(named_params, tp_rank: int, vocab_size: int, vocab_start: int) -> int:
     """Elements of `named_params` this rank counts for the whole model: sharded tensors on every
     TP rank, replicated ones on TP rank 0, never the tied decoder copy, vocabulary rows without
@@ -184,7 +196,7 @@ def build_rank(cfg, world_size: int, rank: int, gpu: str, per_node: int, corpus)
     p = cfg.parallel
     g = init_parallel(p.tensor, p.pipeline, p.data or None)
     with torch.device("meta"):
-        chunks = build_pipeline_stages(cfg.model, g, p, init_seed=cfg.train.seed)   # meta: no memory, no draw
+        chunks = build_pipeline_stages(cfg.model, g, p, init_seed=cfg.train.seed, model_cls=_meta_model_cls())
     padded = chunks[0].padded_vocab
     v0, v1 = vocab_range(padded, g.tp_rank, g.tp_size)
     named = [(n, q) for c in chunks for n, q in c.named_parameters()]
