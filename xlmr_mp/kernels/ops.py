@@ -78,8 +78,18 @@ def _ln_fits(x: torch.Tensor) -> bool:
     return (h // wide if h % wide == 0 else h) <= _LN_MAX_PACKS
 
 
+def _like(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """t in x's dtype (a differentiable cast; t itself where they agree). Under autocast x, a
+    product, is bf16 / fp16 while biases, LayerNorm parameters and LayerNorm outputs are fp32:
+    adding them as they are would promote the activation back to fp32 and keep the fused kernels
+    (which take one dtype) from ever running."""
+    return t if t is None or t.dtype == x.dtype else t.to(x.dtype)
+
+
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU of x + bias; x [..., H], bias [H]."""
+    """Exact (erf) GELU of x + bias in x's dtype (an fp32 bias next to a bf16 / fp16 x, as under
+    autocast, is cast to x's dtype); x [..., H], bias [H]."""
+    bias = _like(bias, x)
     if (bias is not None and bias.dim() == 1 and bias.dtype == x.dtype
             and dispatch.use_fused(x, "bias_gelu")):
         from xlmr_mp.kernels.fused import BiasGelu
@@ -91,12 +101,18 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 def bias_dropout_add_layernorm(x, bias, residual, weight, ln_bias, p: float, training: bool,
                                eps: float = 1e-5):
-    """Post-LN sublayer epilogue: LayerNorm(residual + Dropout(x + bias)) over the last dim."""
-    same_dtype = all(t is None or t.dtype == x.dtype for t in (bias, residual, weight, ln_bias))
-    if (weight is not None and ln_bias is not None and residual.shape == x.shape and same_dtype
+    """Post-LN sublayer epilogue: LayerNorm(residual + Dropout(x + bias)) over the last dim.
+    The sum is in x's dtype: under autocast x (a TP layer's output) is bf16 / fp16 while the
+    residual (the previous LayerNorm's output) is fp32, and the bias and the residual are cast to
+    x's dtype (megatron-core's bias-dropout-add casts its residual likewise). The LayerNorm is then
+    autocast's on the reference path (fp32), the fused kernel's (fp32 statistics, its parameters
+    and output in x's dtype) where dispatched."""
+    bias, residual = _like(bias, x), _like(residual, x)
+    if (weight is not None and ln_bias is not None and residual.shape == x.shape
             and _ln_fits(x) and dispatch.use_fused(x, "bias_dropout_add_layernorm")):
         from xlmr_mp.kernels.fused import BiasDropoutAddLayerNorm
-        return BiasDropoutAddLayerNorm.apply(x, bias, residual, weight, ln_bias, p, training, eps)
+        return BiasDropoutAddLayerNorm.apply(x, bias, residual, _like(weight, x), _like(ln_bias, x), p, training,
+                                             eps)
     return bias_dropout_add_layernorm_ref(x, bias, residual, weight, ln_bias, p, training, eps)
 
 

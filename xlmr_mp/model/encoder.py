@@ -27,13 +27,35 @@ from xlmr_mp.parallel.mappings import tp_size_of
 from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
 
 
+# The additive bias at padding keys in half precision: Megatron's -10000. exp() of it underflows to 0
+# as of finfo.min, and it stays finite when a score is added to it in the dtype itself (fp16's
+# finfo.min minus any score above 16 is -inf, and a fully padded row of -inf gives NaN).
+HALF_PADDING_BIAS = -1e4
+
+
+def padding_bias_value(dtype: torch.dtype) -> float:
+    """The additive attention bias of a padding key in `dtype`: finfo.min in fp32 / fp64 (as HF
+    builds it), HALF_PADDING_BIAS in fp16 / bf16; finite in every dtype."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return HALF_PADDING_BIAS
+    return torch.finfo(dtype).min
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the attention scores of activations like x are computed in: the autocast dtype
+    of x's device type when autocast is on there, x's dtype otherwise."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive key-padding bias [B, 1, 1, S] from a [B, S] mask (1 = real token), as HF builds it
-    (dtype's most negative finite value at padding keys, so fully padded rows stay finite)."""
+    """Additive key-padding bias [B, 1, 1, S] in `dtype` from a [B, S] mask (1 = real token): 0 at
+    real keys, padding_bias_value(dtype) at padding keys (finite, so fully padded rows stay finite)."""
     if attention_mask is None:
         return None
     keep = attention_mask[:, None, None, :].to(dtype)
-    return (1.0 - keep) * torch.finfo(dtype).min
+    return (1.0 - keep) * padding_bias_value(dtype)
 
 
 class SelfAttention(nn.Module):
@@ -86,8 +108,8 @@ class SelfAttention(nn.Module):
             # heads from qkv in place and returns [B, S, heads * D] (kernels/attention_cpu.py)
             return self.out(attention_cpu.attention(qkv, bias, 1.0 / math.sqrt(self.head_dim)))
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, heads, S, D]
-        if bias is not None and bias.dtype != q.dtype:  # e.g. autocast: keep padding finite in fp16
-            bias = bias.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
+        if bias is not None and bias.dtype != q.dtype:  # a bias built in another dtype: padding stays finite
+            bias = torch.where(bias < 0, padding_bias_value(q.dtype), 0.0).to(q.dtype)
         if recompute:
             ctx = self.recomputed_core(q, k, v, bias)
         else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import zlib
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.kernels import embeddings_cpu, encoder_layer_cpu, mlm_head_cpu, ops
 from xlmr_mp.model.config import ModelConfig
-from xlmr_mp.model.encoder import EncoderLayer, attention_bias
+from xlmr_mp.model.encoder import EncoderLayer, activation_dtype, attention_bias
 from xlmr_mp.model.sharding import partition_dim, shard_tensor
 from xlmr_mp.parallel.layers import check_divisible, mark_sequence_parallel
 from xlmr_mp.parallel.mappings import gather_sequence, tp_rank_of, tp_size_of
@@ -53,6 +54,31 @@ def position_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """fairseq/HF positions: real tokens count from pad_id + 1, pads stay at pad_id."""
     mask = input_ids.ne(pad_id).int()
     return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + pad_id
+
+
+def padding_free(attention_mask: torch.Tensor) -> bool:
+    """Whether a [B, S] attention mask on the host has no padding position, so that no attention
+    bias is needed (SDPA then may take its flash kernel). A mask on a device counts as padded:
+    reading it would be a host sync. The training schedule decides on the host copy before the batch
+    moves (parallel/schedule.py: device_micro_batch), so an unpadded batch reaches no device mask."""
+    return attention_mask.device.type == "cpu" and bool(attention_mask.all())
+
+
+def masked_rows(labels: torch.Tensor, device: torch.device):
+    """(rows, target ids, count) of the masked positions (label != -100) of flat labels [T]: rows
+    [M] and targets [M] int64 on `device`, count a 0-d float tensor on `device`. Labels on the host
+    (the training schedule leaves them there) are searched there, in numpy, and the results copied
+    without blocking: nothing waits for the device. Labels already on a device are searched there
+    (nonzero: one host sync, the count being data-dependent)."""
+    if labels.device.type == "cpu":
+        sel = torch.from_numpy(np.flatnonzero(labels.numpy() != IGNORE_INDEX))
+    else:
+        sel = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    target = labels.index_select(0, sel)
+    count = torch.full((), float(sel.numel()), device=device)
+    if sel.device != device:
+        sel, target = sel.to(device, non_blocking=True), target.to(device, non_blocking=True)
+    return sel, target, count
 
 
 class Embeddings(nn.Module):
@@ -298,9 +324,9 @@ class XLMRModel(nn.Module):
         elif x.dim() != 3 or not x.is_floating_point():
             raise TypeError(f"a stage without embeddings takes hidden [B, S, H] floats, got {x.dtype} "
                             f"{tuple(x.shape)}")
-        if attention_mask is not None and attention_mask.is_cpu and bool(attention_mask.all()):
+        if attention_mask is not None and padding_free(attention_mask):
             attention_mask = None      # no padding key: no bias to build and add (HF's SDPA path drops it too)
-        bias = attention_bias(attention_mask, x.dtype)
+        bias = attention_bias(attention_mask, activation_dtype(x))      # in the compute dtype under autocast
         layers = list(self.layers.values())
         recompute = self.recompute == "full" and torch.is_grad_enabled()
         if not recompute and encoder_layer_cpu.stack_applies(layers, x, bias):
@@ -321,9 +347,8 @@ class XLMRModel(nn.Module):
         fast = self.lm_head.masked_loss_sum_labels(h, flat, self.decoder_weight())
         if fast is not None:                  # fp32 CPU at TP = 1: the masked rows found in C++
             return fast
-        sel = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-        loss_sum = self.lm_head.masked_loss_sum(h, sel, self.decoder_weight(), flat.index_select(0, sel))
-        return loss_sum, torch.tensor(float(sel.numel()), device=hidden.device)
+        sel, target, count = masked_rows(flat, h.device)
+        return self.lm_head.masked_loss_sum(h, sel, self.decoder_weight(), target), count
 
     def loss_and_count(self, x, attention_mask=None, labels=None):
         """(loss_sum, num_masked) of this microbatch. With gradient accumulation / DP, divide the

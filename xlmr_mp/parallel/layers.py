@@ -3,7 +3,10 @@
 parameter names and call convention otherwise.
 
 Both return `(output, bias)` with the bias NOT added (megatron's `skip_bias_add=True`), so the
-caller fuses it into the next op (`ops.bias_gelu`, `ops.bias_dropout_add_layernorm`).
+caller fuses it into the next op (`ops.bias_gelu`, `ops.bias_dropout_add_layernorm`). The bias
+comes back in the output's dtype (`bias_like`): under bf16 / fp16 autocast the product is in the
+compute dtype while the bias parameter stays fp32, and adding the fp32 bias would promote the
+activation (the QKV output, the FFN intermediate) back to fp32.
 Weights are created empty; `XLMRModel.reset_parameters` fills them from full-size tensors, so the
 initial model is the same at every TP size.
 Activations may be batch-first [B, S, H]: without sequence parallelism megatron's layers only
@@ -20,14 +23,13 @@ row-parallel biases, position embeddings) get partial gradients: they are marked
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from xlmr_mp.errors import ConfigError
 from xlmr_mp.parallel.mappings import gather_sequence, reduce_scatter_sequence, tp_size_of
+from xlmr_mp.parallel.megatron_import import megatron_module
 
 
 def check_divisible(value: int, tp: int, option: str) -> int:
@@ -40,15 +42,23 @@ def check_divisible(value: int, tp: int, option: str) -> int:
 
 def megatron_config(params_dtype=torch.float32, sequence_parallel: bool = False):
     """The megatron-core ModelParallelConfig our layers are built with (CPU allocation, no init)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.model_parallel_config import ModelParallelConfig
+    ModelParallelConfig = megatron_module("megatron.core.model_parallel_config").ModelParallelConfig
     return ModelParallelConfig(use_cpu_initialization=True, perform_initialization=False,
                                params_dtype=params_dtype, sequence_parallel=sequence_parallel)
 
 
 def _no_init(_):
     return None
+
+
+def bias_like(bias, out: torch.Tensor):
+    """The skipped bias in the dtype of the layer's output `out` (a differentiable cast, so the fp32
+    parameter still gets an fp32 gradient): under autocast the product is bf16 / fp16 and the fp32
+    bias would promote `out + bias` to fp32 (megatron-core likewise casts what it adds to the
+    activation's dtype). The bias itself where the dtypes agree (fp32 training: nothing changes)."""
+    if bias is None or bias.dtype == out.dtype:
+        return bias
+    return bias.to(out.dtype)
 
 
 class _LocalLinear(nn.Module):
@@ -60,7 +70,8 @@ class _LocalLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x):
-        return F.linear(x, self.weight), self.bias
+        out = F.linear(x, self.weight)
+        return out, bias_like(self.bias, out)
 
 
 def column_parallel_linear(in_features: int, out_features: int, tp_group=None, bias: bool = True,
@@ -103,6 +114,10 @@ def _without_extra_state(cls):
             super().__init__(*args, **kwargs)
             self._load_state_dict_pre_hooks.clear()
 
+        def forward(self, *args, **kwargs):
+            out, bias = super().forward(*args, **kwargs)
+            return out, bias_like(bias, out)
+
     Layer.__name__ = Layer.__qualname__ = cls.__name__
     return Layer
 
@@ -112,19 +127,15 @@ _CLASSES: dict = {}
 
 def _column_cls():
     if "column" not in _CLASSES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-        _CLASSES["column"] = _without_extra_state(ColumnParallelLinear)
+        layers = megatron_module("megatron.core.tensor_parallel.layers")
+        _CLASSES["column"] = _without_extra_state(layers.ColumnParallelLinear)
     return _CLASSES["column"]
 
 
 def _row_cls():
     if "row" not in _CLASSES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from megatron.core.tensor_parallel.layers import RowParallelLinear
-        _CLASSES["row"] = _without_extra_state(RowParallelLinear)
+        layers = megatron_module("megatron.core.tensor_parallel.layers")
+        _CLASSES["row"] = _without_extra_state(layers.RowParallelLinear)
     return _CLASSES["row"]
 
 
@@ -138,7 +149,8 @@ class SequenceParallelColumnLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_local)) if bias else None
 
     def forward(self, x):
-        return F.linear(gather_sequence(x, self.tp_group), self.weight), self.bias
+        out = F.linear(gather_sequence(x, self.tp_group), self.weight)
+        return out, bias_like(self.bias, out)
 
 
 class SequenceParallelRowLinear(nn.Module):
@@ -153,7 +165,8 @@ class SequenceParallelRowLinear(nn.Module):
             self.bias.sequence_parallel = True
 
     def forward(self, x):
-        return reduce_scatter_sequence(F.linear(x, self.weight), self.tp_group), self.bias
+        out = reduce_scatter_sequence(F.linear(x, self.weight), self.tp_group)
+        return out, bias_like(self.bias, out)
 
 
 def mark_sequence_parallel(module: nn.Module) -> None:

@@ -16,7 +16,9 @@ Between stages only the hidden states travel ([B, S, H] float, the only tensor w
 [B, S/TP, H] under sequence parallelism, `layout.stage_hidden_shape`); the attention mask and the
 labels are passed to every stage as keyword arguments from the micro-batch dicts, so every rank
 of a pipeline group must call `step()` with the same micro-batches (each rank of one DP replica
-reads the same data). Backward starts from loss_sum_mb / global_num_masked (the loss normalisation
+reads the same data). Nothing in a step waits for the device but the one read of its loss: an
+all-ones mask is dropped on its host copy and the labels stay on the host (`device_micro_batch`),
+the micro-batch losses are summed on the device. Backward starts from loss_sum_mb / global_num_masked (the loss normalisation
 contract), so gradients accumulate exactly as in a single-process loop over the same micro-batches.
 Gradients are accumulated, not zeroed and not reduced: `parallel/grads.finalize_grads` does that;
 `step()` arms the sequence-parallel gradient hooks it relies on.
@@ -41,6 +43,21 @@ from xlmr_mp.parallel.state import get_rng_tracker
 # loss_fn(chunk, x, attention_mask, labels) -> 0-d tensor: sum of the masked-token loss of one
 # micro-batch (x: input_ids [B, S] on the first stage, hidden states elsewhere)
 StageLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def device_micro_batch(mb: dict, device) -> tuple:
+    """(input_ids, attention_mask or None, labels) of micro-batch `mb` (host tensors from the data
+    loader) for a forward on `device`, without a host sync: the mask is dropped when its host copy
+    has no padding (decided before the copy, so no device read; SDPA then gets no bias and may take
+    its flash kernel, as HF drops an all-ones mask), input_ids and the mask are copied without
+    blocking, and the labels stay on the host: the head finds its masked rows there and copies
+    them without blocking (model/xlmr.py: masked_rows), where searching device labels would wait
+    for the forward."""
+    mask = mb["attention_mask"]
+    if mask is not None and mask.device.type == "cpu" and bool(mask.numpy().all()):   # read on the host
+        mask = None
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)   # noqa: E731
+    return move(mb["input_ids"]), move(mask), mb["labels"]
 
 
 def _comm_device(group) -> torch.device:
@@ -240,13 +257,12 @@ class PipelineSchedule:
         return self._train_schedules[n]
 
     def _loss_sum(self, mb: dict) -> torch.Tensor:
-        dev = self.device
+        ids, mask, labels = device_micro_batch(mb, self.device)
         with (self.autocast() if self.autocast is not None else contextlib.nullcontext()):
-            return self.loss_fn(self.chunks[0], mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
-                                mb["labels"].to(dev))
+            return self.loss_fn(self.chunks[0], ids, mask, labels)
 
     def _step_no_pipeline(self, micro_batches) -> float:
-        total = 0.0
+        total = None
         for mb in micro_batches:
             # each backward below is Tensor.backward() right after its forward: the CPU fast-path
             # nodes may add their parameters' gradients to .grad without autograd edges
@@ -254,14 +270,15 @@ class PipelineSchedule:
                 loss_sum = self._loss_sum(mb)
             loss = loss_sum / self._global_num_masked
             (loss * self._loss_scale).backward()
-            total += loss.item()
-        return total
+            total = _accumulate(total, loss)
+        return _host_value(total)
 
     def _run(self, schedule, micro_batches, train: bool) -> Optional[float]:
-        dev = self.device
-        cat = lambda key: torch.cat([mb[key] for mb in micro_batches]).to(dev)  # noqa: E731
-        kwargs = dict(attention_mask=cat("attention_mask"), labels=cat("labels"))
-        args = (cat("input_ids"),) if self.has_first_stage else ()
+        # one concatenated micro-batch for the whole step, moved as device_micro_batch moves one
+        ids, mask, labels = device_micro_batch({key: torch.cat([mb[key] for mb in micro_batches])
+                                                for key in ("input_ids", "attention_mask", "labels")}, self.device)
+        kwargs = dict(labels=labels) if mask is None else dict(attention_mask=mask, labels=labels)
+        args = (ids,) if self.has_first_stage else ()
         target = kwargs["labels"] if self.has_last_stage else None
         losses: list = []
         if train:
@@ -270,10 +287,10 @@ class PipelineSchedule:
             schedule.eval(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if not self.has_last_stage:
             return None
-        total = 0.0
+        total = None
         for loss in losses:
-            total += loss.item() / self._loss_scale
-        return total
+            total = _accumulate(total, loss, self._loss_scale)
+        return _host_value(total)
 
     @torch.no_grad()
     def evaluate(self, micro_batches: Sequence[dict]) -> tuple[float, int]:
@@ -302,12 +319,28 @@ class PipelineSchedule:
 
     def _evaluate_group(self, micro_batches) -> float:
         if self.pp_size == 1:
-            return sum(self._loss_sum(mb).item() for mb in micro_batches)
+            total = None
+            for mb in micro_batches:
+                total = _accumulate(total, self._loss_sum(mb))
+            return _host_value(total)
         key = (len(micro_batches), tuple(micro_batches[0]["input_ids"].shape))
         if key not in self._eval_schedules:
             kind = "looped_bfs" if len(self.chunks) > 1 else "gpipe"
             self._eval_schedules[key] = self._build_schedule(kind, len(micro_batches))[1]
         return broadcast_step_loss(self._run(self._eval_schedules[key], micro_batches, train=False), self.groups)
+
+
+def _accumulate(total: Optional[torch.Tensor], loss: torch.Tensor, divisor: float = 1.0) -> torch.Tensor:
+    """total + loss / divisor in fp64 on the loss's device: a step's losses are summed there and read
+    once (_host_value), not with a host sync per micro-batch. The same float64 operations, in the
+    same order, as summing loss.item() / divisor on the host, so the same bits."""
+    v = loss.detach().to(torch.float64) / divisor
+    return v if total is None else total + v
+
+
+def _host_value(total: Optional[torch.Tensor]) -> float:
+    """The step's summed loss as a float: its one host sync (0.0 for no micro-batch)."""
+    return 0.0 if total is None else total.item()
 
 
 def _chunk_device(chunk: nn.Module) -> torch.device:
