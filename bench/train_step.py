@@ -241,7 +241,8 @@ def peer_step(a, cfg, device):
 
 def measure_peer(a, cfg, device) -> dict:
     """HF XLMRobertaForMaskedLM, same shape / micro-batch / precision, torch AdamW, one device."""
-    from xlmr_mp.metrics import memory_stats
+    from xlmr_mp.metrics import memory_stats, reset_peak_memory
+    reset_peak_memory(device)       # the peer's own peak, not ours (measured before it, in this process)
     step = peer_step(a, cfg, device)
     for _ in range(a.warmup):
         step()
@@ -264,17 +265,14 @@ def rank_main(rank, world, a, port):
         torch.set_num_threads(1)
     ours = measure_ours(a, world)
     import torch.distributed as dist
-    peer = None
-    if (not dist.is_initialized() or dist.get_rank() == 0) and not a.no_peer:
-        peer = measure_peer(a, ours["cfg"], torch.device(ours["device"]))
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:           # our figures first: a peer cut short (a time limit, out of memory) leaves them written
+        report(a, world, ours)
+    if rank0 and not a.no_peer:
+        report_peer(a, world, ours, measure_peer(a, ours["cfg"], torch.device(ours["device"])))
     if dist.is_initialized():
         dist.barrier()
-        rank0 = dist.get_rank() == 0
         dist.destroy_process_group()
-    else:
-        rank0 = True
-    if rank0:
-        report(a, world, ours, peer)
 
 
 def _mfu_text(ours) -> str:
@@ -283,7 +281,7 @@ def _mfu_text(ours) -> str:
     return f"MFU {100 * ours['mfu']:.2f}% (peak {ours['peak_tflops']:.3f} TFLOP/s/device)"
 
 
-def report(a, world, ours, peer):
+def report(a, world, ours):
     lines = [
         f"# {bench_log.utc_stamp()}  commit {bench_log.commit()}  "
         f"cpus {os.cpu_count()}  torch {torch.__version__}",
@@ -298,11 +296,6 @@ def report(a, world, ours, peer):
         f"optimizer-state bytes per rank: max {max(ours['opt_bytes']) / 2 ** 20:.1f} MiB, min "
         f"{min(ours['opt_bytes']) / 2 ** 20:.1f} MiB, max/min {max(ours['opt_bytes']) / max(min(ours['opt_bytes']), 1):.3f}",
     ]
-    if peer is not None:
-        lines.append(f"peer (HF XLMRobertaForMaskedLM + torch AdamW, 1 device, micro={a.micro_batch} accum={a.accum}): "
-                     f"{peer['tokens_per_s']:.1f} tokens/s, {peer['step_s'] * 1e3:.1f} ms/step, "
-                     f"peak mem {peer['mem_gib']:.2f} GiB")
-        lines.append(f"ratio ours/peer (tokens/s per device): {ours['tokens_per_s'] / world / peer['tokens_per_s']:.3f}")
     if ours.get("kernels_ab"):
         lines.append(ours["kernels_ab"])
     if ours.get("paired_peer"):
@@ -315,6 +308,13 @@ def report(a, world, ours, peer):
     if a.note:
         lines.append(f"note: {a.note}")
     bench_log.emit("\n".join(lines), a.out)
+
+
+def report_peer(a, world, ours, peer):
+    bench_log.emit("\n".join([
+        f"peer (HF XLMRobertaForMaskedLM + torch AdamW, 1 device, micro={a.micro_batch} accum={a.accum}): "
+        f"{peer['tokens_per_s']:.1f} tokens/s, {peer['step_s'] * 1e3:.1f} ms/step, peak mem {peer['mem_gib']:.2f} GiB",
+        f"ratio ours/peer (tokens/s per device): {ours['tokens_per_s'] / world / peer['tokens_per_s']:.3f}"]), a.out)
 
 
 def main():

@@ -222,3 +222,44 @@ def test_train_step_time_ends_after_a_device_sync(monkeypatch, tmp_path):
         destroy_parallel()
         if ours:
             dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- bench/train_step.py on a GPU
+
+def test_peak_memory_reset_on_the_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append(("reset", device)))
+    metrics.reset_peak_memory(torch.device("cuda", 2))
+    assert calls == ["empty_cache", ("reset", torch.device("cuda", 2))]
+
+
+def test_peer_peak_is_its_own_and_our_figures_come_first(monkeypatch, tmp_path):
+    """The peer's peak memory is measured from a reset made after our run (on a GPU the allocator's
+    peak would otherwise be ours), and our figures are written before the peer runs: a peer cut
+    short leaves them in --out."""
+    import argparse
+
+    import train_step
+    events = []
+    monkeypatch.setattr(metrics, "reset_peak_memory", lambda device: events.append("reset"))
+    monkeypatch.setattr(train_step, "peer_step", lambda a, cfg, device: lambda: events.append("peer step"))
+    train_step.measure_peer(argparse.Namespace(warmup=1, steps=2, accum=1, micro_batch=2), types.SimpleNamespace(
+        data=types.SimpleNamespace(seq_length=8)), torch.device("cpu"))
+    assert events == ["reset", "peer step", "peer step", "peer step"]
+
+    out = tmp_path / "r.txt"
+    a = argparse.Namespace(preset="tiny", tp=1, pp=1, virtual_stages=1, micro_batch=2, accum=1, recompute="none",
+                           zero=False, plan="", note="", out=str(out), no_peer=False)
+    ours = {"tokens_per_s": 10.0, "tflops": 1e-3, "step_s": 0.1, "mem_gib": 0.3, "peak_tflops": 1.0, "mfu": 1e-3,
+            "loss": 7.0, "params_rank0": 1, "global_batch": 2, "seq": 8, "fpt": 1.0, "dtype": "fp32",
+            "device": "cpu", "cfg": None, "opt_bytes": [1.0]}
+    monkeypatch.setattr(train_step, "measure_ours", lambda a, world: ours)
+
+    def peer_dies(*args):
+        raise MemoryError("the peer ran out of memory")
+
+    monkeypatch.setattr(train_step, "measure_peer", peer_dies)
+    with pytest.raises(MemoryError):
+        train_step.rank_main(0, 1, a, 0)
+    assert "ours: 10.0 tokens/s total" in out.read_text()

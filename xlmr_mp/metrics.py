@@ -143,6 +143,19 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement on `device` (what `memory_stats` reports): on a GPU, after
+    returning the cached blocks of freed tensors (a model measured before and dropped), the peak
+    allocated from now on; on the CPU the peak RSS from now on, where the kernel allows it."""
+    import gc
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
 def memory_stats(device: torch.device) -> Dict[str, float]:
     """Peak memory in GiB: allocated on the GPU, or the process's peak RSS on the CPU."""
     if device.type == "cuda":
