@@ -101,8 +101,10 @@ def test_report_rows_curves_and_time_split(tmp_path, corpus):
         langs = c.languages
         finish_cell(st, out, c, evals={"mbpc": {l: v for l in langs}, "retrieval": {l: 10 * v for l in langs}},
                     curve={("mbpc", 50): {l: v + 10 for l in langs}, ("retrieval", 50): {l: 5 * v for l in langs}},
-                    timing={"prepare": 10.0, "train": 60.0, "mbpc": 20.0, "retrieval": 5.0, "curve": 25.0,
-                            "curve/mbpc": 20.0, "curve/retrieval": 5.0})
+                    timing={"prepare": 10.0, "train": 60.0, "mbpc": 20.0, "retrieval": 5.0, "curve": 20.0,
+                            "curve/mbpc": 16.0, "curve/retrieval": 4.0, "eval_start": 5.0},
+                    cpu={"prepare": 0.0, "train": 50.0, "mbpc": 20.0, "retrieval": 5.0, "curve": 20.0,
+                         "curve/mbpc": 16.0, "curve/retrieval": 4.0, "eval_start": 5.0})
     paths = write_report(st, out)
     rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
     mb = [r for r in rows if r["cell"] == "t-L2-1" and r["metric"] == "mbpc" and r["language"] == "en"]
@@ -116,9 +118,12 @@ def test_report_rows_curves_and_time_split(tmp_path, corpus):
     figs = {os.path.basename(p) for p in paths}
     assert {"t_curve_mbpc.png", "t_curve_retrieval.png"} <= figs
     assert "## Where a cell's time goes" in md
-    assert "| t-L2-1 | 0m10s 8% (shared) | 1m00s 50% | 0m20s 17% | 0m05s 4% | 0m25s 21% | 2m00s | train |" in md
+    # wall: 120 s in all (curve/mbpc and curve/retrieval are parts of curve, not added); CPU: 100 s
+    assert "| t-L2-1 | 0m10s 8% (shared) | 1m00s 50% | 0m20s 17% | 0m05s 4% | 0m20s 17% | 0m05s 4% | 2m00s | train |" in md
+    assert "| t-L2-1 | 0m00s 0% (shared) | 0m50s 50% | 0m20s 20% | 0m05s 5% | 0m20s 20% | 0m05s 5% | 1m40s | train |" in md
     status = format_status(st, out)
-    assert "prep" in status and "curve" in status and "1m00s" in status and "2m00s" in status
+    assert "prep" in status and "curve" in status and "eval_start" in status
+    assert "1m00s" in status and "2m00s" in status and "1m40s" in status
     assert "time per phase" in status
 
 
@@ -185,9 +190,12 @@ def test_one_cell_with_curves_end_to_end(tmp_path_factory):
     kept = sorted(os.path.basename(p) for p in glob.glob(os.path.join(d, "run", "checkpoints", "step_*")))
     assert kept == ["step_00000005", "step_00000010", "step_00000020"]
     t = json.load(open(os.path.join(d, "timing.json")))
-    assert set(t["seconds"]) == {"prepare", "train", "mbpc", "retrieval", "curve", "curve/mbpc", "curve/retrieval"}
+    phases = {"prepare", "train", "mbpc", "retrieval", "curve", "curve/mbpc", "curve/retrieval", "eval_start"}
+    assert set(t["seconds"]) == phases and set(t["cpu"]) == phases
     assert t["built"] and {b["kind"] for b in t["built"]} == {"tokenizer", "dataset"}
-    assert all(v > 0 for v in t["seconds"].values())
+    assert all(v > 0 for v in t["seconds"].values()) and all(v > 0 for v in t["cpu"].values())
+    # one evaluation process for the cell: 6 jobs (2 tasks on the last checkpoint, 2 x 2 curve points)
+    assert len(json.load(open(os.path.join(d, "eval-batch-times.json")))) == 6
     r = subprocess.run(study + ["report", spec, "--out", out], capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))

@@ -36,11 +36,11 @@ def write_spec(path, corpus, **kw):
     return str(path)
 
 
-def finish_cell(study, out, cell, evals=None, curve=None, valid=None, timing=None):
+def finish_cell(study, out, cell, evals=None, curve=None, valid=None, timing=None, cpu=None):
     """Write cell `cell` of `study` under `out` as finished: cell.json (real plan), done.json,
     eval/<task>.json {task, languages, step} for evals = {task: {lang: value}}, eval/curve/
     <task>-step<N>.json for curve = {(task, step): {lang: value}}, run/valid.jsonl for
-    valid = {lang: bpc} at the last step, timing.json for timing = {phase: seconds}."""
+    valid = {lang: bpc} at the last step, timing.json for timing = {phase: seconds} (and cpu)."""
     from xlmr_mp.study.plan import plan_cell
     from xlmr_mp.study.prepare import Preparation, _atomic_json
     from xlmr_mp.study.runner import cell_dir, cell_hash, cell_record
@@ -59,6 +59,9 @@ def finish_cell(study, out, cell, evals=None, curve=None, valid=None, timing=Non
         with open(os.path.join(d, "run", "valid.jsonl"), "w") as f:
             f.write(json.dumps(dict({f"bpc_{l}": v for l, v in valid.items()}, step=plan.steps)) + "\n")
     if timing:
-        _atomic_json(os.path.join(d, "timing.json"), {"seconds": timing, "built": [], "shared": True, "sittings": 1})
+        rec = {"seconds": timing, "built": [], "shared": True, "sittings": 1}
+        if cpu:
+            rec["cpu"] = cpu
+        _atomic_json(os.path.join(d, "timing.json"), rec)
     _atomic_json(os.path.join(d, "done.json"), {"hash": cell_hash(cell), "step": plan.steps})
     return plan

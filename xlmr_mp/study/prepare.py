@@ -185,8 +185,11 @@ class Preparation:
         return int(cap)
 
     # ------------------------------------------------------------------ builders
-    def _record(self, kind: str, key: str, seconds: float, built: Optional[List[dict]] = None) -> None:
+    def _record(self, kind: str, key: str, seconds: float, built: Optional[List[dict]] = None,
+                cpu: Optional[float] = None) -> None:
         rec = {"kind": kind, "key": key, "seconds": round(seconds, 3)}
+        if cpu is not None:
+            rec["cpu"] = round(cpu, 3)
         if built is not None:
             built.append(rec)
         with open(os.path.join(self.root, "builds.jsonl"), "a") as f:
@@ -241,11 +244,11 @@ class Preparation:
                    "--sample-size", str(int(spm["sample_size"])), "--character-coverage",
                    str(spm["character_coverage"]), "--seed", str(spm["seed"]), "--num-threads", "1", "--quiet"]
             self.log(f"[prep] SentencePiece {tok.vocab} pieces on {len(tok.languages)} languages -> {d}")
-            self._run(cmd, os.path.join(tmp, "train_spm.log"), "SentencePiece training")
+            cpu = self._run(cmd, os.path.join(tmp, "train_spm.log"), "SentencePiece training")
             _atomic_json(os.path.join(tmp, "key.json"), {"languages": tok.languages, "vocab": tok.vocab,
                                                         "cap_lines": tok.cap_lines, "spm": spm})
             os.replace(tmp, d)
-            self._record("tokenizer", tok.key, time.time() - t0, built)
+            self._record("tokenizer", tok.key, time.time() - t0, built, cpu)
         return model
 
     def ensure_dataset(self, ds: DatasetSpec, built: Optional[List[dict]] = None) -> str:
@@ -266,20 +269,24 @@ class Preparation:
                    "--workers", str(self.workers), "--split", PREPROCESS_SPLIT, "--seed", str(PREPROCESS_SEED),
                    "--quiet"]
             self.log(f"[prep] dataset of {len(ds.tokenizer.languages)} languages with tok-{ds.tokenizer.key} -> {d}")
-            self._run(cmd, os.path.join(self.root, f"data-{ds.key}.log"), "preprocessing")
+            cpu = self._run(cmd, os.path.join(self.root, f"data-{ds.key}.log"), "preprocessing")
             os.replace(tmp, d)
-            self._record("dataset", ds.key, time.time() - t0, built)
+            self._record("dataset", ds.key, time.time() - t0, built, cpu)
         return d
 
-    def _run(self, cmd: List[str], log_path: str, what: str) -> None:
+    def _run(self, cmd: List[str], log_path: str, what: str) -> float:
+        """Run a builder (its log at log_path); returns its CPU seconds."""
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        from xlmr_mp.study.timing import wait_cpu
         with open(log_path, "w") as log:      # through study.child: dies with this process
-            rc = subprocess.call([sys.executable, "-m", "xlmr_mp.study.child", str(os.getpid())] + cmd,
+            p = subprocess.Popen([sys.executable, "-m", "xlmr_mp.study.child", str(os.getpid())] + cmd,
                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            rc, cpu = wait_cpu(p)
         if rc != 0:
             tail = open(log_path).read()[-2000:]
             raise RuntimeError(f"{what} failed (exit {rc}); log {log_path}:\n{tail}")
+        return cpu
 
     def train_tokens(self, ds: DatasetSpec) -> Optional[Dict[str, int]]:
         """Train-split tokens per language of a built dataset (None before it is built)."""

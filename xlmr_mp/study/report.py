@@ -78,7 +78,9 @@ def cell_metrics(out: str, rec: dict) -> List[tuple]:
         for name in sorted(os.listdir(ev)) if os.path.isdir(ev) else []:
             if not name.endswith(".json") or ".partial" in name:
                 continue
-            j = read_json(os.path.join(ev, name)) or {}
+            j = read_json(os.path.join(ev, name))
+            if not isinstance(j, dict):
+                continue
             task = j.get("task") or name[:-5].split("-step")[0]
             for l, v in sorted((j.get("languages") or {}).items()):
                 if isinstance(v, (int, float)) and v == v:
@@ -262,6 +264,11 @@ def time_split(study: Study, out: str) -> List[str]:
                                                          "checkpoints" if "curve" in cols else "") + ". "
              "Cells run two at a time on a shared machine: absolute times depend on its load, shares less so.", ""]
     lines += timing_table(names, recs, cols, _fmt_time)
+    if any(r and "cpu" in r for r in recs):
+        lines += ["", "CPU seconds (user + system) of each phase's processes, one thread a cell: what the phase "
+                      "costs on a quiet machine, whatever the load while it ran (prepare: only what the cell "
+                      "built itself).", ""]
+        lines += timing_table(names, recs, cols, _fmt_time, key="cpu")
     return lines + [""]
 
 

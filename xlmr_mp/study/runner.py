@@ -30,7 +30,7 @@ from xlmr_mp.run_lock import DirLock, RunDirLocked, is_locked
 from xlmr_mp.study.plan import CellPlan, _fmt_time, plan_cell
 from xlmr_mp.study.prepare import Preparation, _atomic_json, _digest
 from xlmr_mp.study.spec import REPO, Cell, Study
-from xlmr_mp.study.timing import CellTiming, phases, read_timing
+from xlmr_mp.study.timing import CellTiming, phases, read_timing, wait_cpu
 from xlmr_mp.study.timing import total as timing_total
 
 CURVE_TASKS = ("mbpc", "retrieval")     # evaluated on each evaluate_at checkpoint
@@ -138,7 +138,10 @@ class Runner:
         self.trained: List[str] = []          # cells whose trainer ran in this session
 
     # ------------------------------------------------------------------ children
-    def _spawn(self, name: str, cmd: List[str], log_path: str) -> int:
+    def _spawn(self, name: str, cmd: List[str], log_path: str, timing: Optional[CellTiming] = None,
+               phases: tuple = (), measure: Optional[dict] = None) -> int:
+        """Run cmd (its output appended to log_path) as the cell's child; its wall and CPU seconds
+        are added to each of `phases` of `timing` (and set in `measure`)."""
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
                    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -153,11 +156,18 @@ class Runner:
                                      stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                      start_new_session=True)
                 self._procs[name] = p
+            t0 = time.time()
             try:
-                return p.wait()
+                rc, cpu = wait_cpu(p)
             finally:
                 with self._lock:
                     self._procs.pop(name, None)
+            if timing is not None:
+                for ph in phases:
+                    timing.add(ph, time.time() - t0, cpu)
+            if measure is not None:
+                measure.update(seconds=time.time() - t0, cpu=cpu)
+            return rc
 
     def stop(self, signum=None, frame=None) -> None:
         """Stop starting cells; ask running trainers to save and exit (SIGTERM)."""
@@ -183,6 +193,7 @@ class Runner:
         try:
             if cell_state(self.out, cell) == "done":
                 return "done"
+            self._set_aside_stale(cell)
             t0 = time.time()
             self.started[cell.name] = t0
             self._set(cell.name, "running")
@@ -204,9 +215,7 @@ class Runner:
                     return "interrupted"
                 self.trained.append(cell.name)
                 cmd = [self.python, "-m", "xlmr_mp.train", "--config", self.study.base_config] + plan.overrides
-                t_train = time.time()
-                rc = self._spawn(cell.name, cmd, os.path.join(d, "train.log"))
-                timing.add("train", time.time() - t_train)
+                rc = self._spawn(cell.name, cmd, os.path.join(d, "train.log"), timing, ("train",))
                 if rc == EXIT_REQUEUE or self.stopping.is_set():
                     return "interrupted"
                 if rc == EXIT_LOCKED:
@@ -215,11 +224,7 @@ class Runner:
                     return self._fail(cell, "train", rc, f"trained to step {trained_step(run_dir)} of {plan.steps}")
             train_s = time.time() - t0
             t1 = time.time()
-            for task in self.study.evaluate:
-                res = self.evaluate(cell, task, timing=timing)
-                if res != "ok":
-                    return res
-            res = self.evaluate_curve(cell, plan, timing)
+            res = self.evaluate_all(cell, plan, timing)
             if res != "ok":
                 return res
             done = {"hash": cell_hash(cell), "step": plan.steps, "train_seconds": round(train_s, 1),
@@ -233,27 +238,47 @@ class Runner:
         finally:
             lock.release()
 
-    def evaluate_curve(self, cell: Cell, plan: CellPlan, timing: CellTiming) -> str:
-        """mbpc and retrieval on each evaluate_at checkpoint before the last step (the last step's
-        are the final evaluation's), into eval/curve/<task>-step<N>.json; then the checkpoints
-        that are no curve point and not the latest are deleted."""
+    def _set_aside_stale(self, cell: Cell) -> None:
+        """A cell directory whose cell.json has another hash (the cell's settings changed since it
+        ran) holds a model and evaluations of other settings: they are moved to stale-<old hash>/
+        (never reused, never deleted), so the cell trains and evaluates afresh."""
+        d = cell_dir(self.out, cell.name)
+        rec = read_json(os.path.join(d, "cell.json"))
+        if not rec or rec.get("hash") == cell_hash(cell):
+            return
+        names = [n for n in ("run", "eval", "done.json", "timing.json", "cell.json") if os.path.exists(os.path.join(d, n))]
+        dest = os.path.join(d, f"stale-{rec.get('hash')}")
+        os.makedirs(dest, exist_ok=True)
+        for n in names:
+            os.replace(os.path.join(d, n), os.path.join(dest, n))
+        self.log(f"[study] {cell.name}: its settings changed since it ran (hash {rec.get('hash')} -> "
+                 f"{cell_hash(cell)}); the old run and evaluations moved to {dest}")
+
+    def evaluate_all(self, cell: Cell, plan: CellPlan, timing: CellTiming) -> str:
+        """Every task on the last checkpoint (eval/<task>.json), then mbpc and retrieval on each
+        evaluate_at checkpoint before the last step (eval/curve/<task>-step<N>.json), all in one
+        process (evaluate_batch.py); finished ones are skipped. Then the checkpoints that are no
+        curve point and not the latest are deleted."""
         from xlmr_mp.checkpoint.format import step_dir_name
+        d = cell_dir(self.out, cell.name)
+        ck = os.path.join(d, "run", "checkpoints")
+        jobs = [self._eval_job(cell, task, ck, task, None) for task in self.study.evaluate]
         steps = sorted({s for _, s in plan.curve if s < plan.steps})
-        ck = os.path.join(cell_dir(self.out, cell.name), "run", "checkpoints")
         for step in steps:
             model = os.path.join(ck, step_dir_name(step))
             for task in CURVE_TASKS:
-                if os.path.exists(os.path.join(cell_dir(self.out, cell.name), "eval", "curve", f"{task}-step{step}.json")):
-                    continue
-                if not os.path.isdir(model):
+                job = self._eval_job(cell, task, model, f"curve/{task}-step{step}", "curve")
+                if job and not os.path.isdir(model):
                     return self._fail(cell, f"evaluate {task}", -1,
                                       f"the checkpoint of step {step} (evaluate_at) was not kept: {model} is missing "
                                       f"(a cell trained before evaluate_at was set); delete {os.path.dirname(ck)} to "
                                       f"retrain it, or remove evaluate_at")
-                res = self.evaluate(cell, task, model=model, name=f"curve/{task}-step{step}", timing=timing,
-                                    phase="curve")
-                if res != "ok":
-                    return res
+                jobs.append(job)
+        jobs = [j for j in jobs if j]
+        if jobs:
+            res = self._run_batch(cell, jobs, timing)
+            if res != "ok":
+                return res
         if plan.curve:
             keep = {step_dir_name(s) for s in steps}
             latest = os.path.basename(open(os.path.join(ck, "latest")).read().strip()) \
@@ -263,43 +288,65 @@ class Runner:
                     shutil.rmtree(os.path.join(ck, n), ignore_errors=True)
         return "ok"
 
-    def evaluate(self, cell: Cell, task: str, model: Optional[str] = None, name: Optional[str] = None,
-                 timing: Optional[CellTiming] = None, phase: Optional[str] = None) -> str:
-        """tools/evaluate.py TASK on the cell's latest checkpoint (or `model`) into eval/<name>.json."""
+    def _eval_job(self, cell: Cell, task: str, model: str, name: str, phase: Optional[str]) -> Optional[dict]:
+        """The xlmr-evaluate run of `task` on `model` into eval/<name>.json (None: done already, or
+        none of the cell's languages has data for the task)."""
         d = cell_dir(self.out, cell.name)
-        name = name or task
         out = os.path.join(d, "eval", f"{name}.json")
-        if os.path.exists(out):
-            return "ok"
-        os.makedirs(os.path.dirname(out), exist_ok=True)
         langs = [l for l in cell.languages if self.study.eval_languages is None or l in self.study.eval_languages]
         data = os.path.join(self.study.eval_data, EVAL_SUBDIR[task])
         if not os.path.exists(data):
             data = self.study.eval_data
         have = task_languages(task, data)
         if have is not None and [l for l in langs if l not in have]:
-            self.log(f"[study] {cell.name}: {task} has no data for {', '.join(l for l in langs if l not in have)} "
-                     f"under {data}: evaluated without them")
+            if phase is None:
+                self.log(f"[study] {cell.name}: {task} has no data for "
+                         f"{', '.join(l for l in langs if l not in have)} under {data}: evaluated without them")
             langs = [l for l in langs if l in have]
         if not langs:
-            return "ok"
+            return None
         tmp = out[:-len(".json")] + ".partial.json"
-        cmd = [self.python, "-m", "xlmr_mp.cli.evaluate", task, "--model",
-               model or os.path.join(d, "run", "checkpoints"), "--data", data, "--languages", ",".join(langs),
-               "--out", tmp, "--threads", str(self.threads), "--no-progress"] + list(self.study.eval_settings)
-        t0 = time.time()
-        rc = self._spawn(cell.name, cmd, os.path.join(d, f"eval-{task}.log"))
-        if timing is not None:
-            timing.add(phase or task, time.time() - t0)
-            if phase:
-                timing.add(f"{phase}/{task}", time.time() - t0)
+        argv = [task, "--model", model, "--data", data, "--languages", ",".join(langs), "--out", tmp,
+                "--threads", str(self.threads), "--no-progress"] + list(self.study.eval_settings)
+        if os.path.exists(out):
+            if ((read_json(out) or {}).get("command") or [None])[1:] == argv:
+                return None              # done with these inputs (task, model, data, languages, settings)
+            self.log(f"[study] {cell.name}: {out} was made with other inputs (the spec's evaluation settings "
+                     f"changed?): evaluated again")
+        return {"argv": argv, "log": os.path.join(d, f"eval-{task}.log"), "out": out, "tmp": tmp, "task": task,
+                "phase": phase}
+
+    def _run_batch(self, cell: Cell, jobs: List[dict], timing: CellTiming) -> str:
+        """Run `jobs` in one evaluate_batch process; each job's wall and CPU seconds go to its phase
+        (its task, or curve), the process's start (interpreter, imports) to eval_start."""
+        d = cell_dir(self.out, cell.name)
+        os.makedirs(os.path.join(d, "eval", "curve"), exist_ok=True)
+        jpath, tpath = os.path.join(d, "eval-batch-jobs.json"), os.path.join(d, "eval-batch-times.json")
+        _atomic_json(jpath, [{"argv": j["argv"], "log": j["log"]} for j in jobs])
+        if os.path.exists(tpath):
+            os.remove(tpath)
+        whole: Dict[str, float] = {}
+        rc = self._spawn(cell.name, [self.python, "-m", "xlmr_mp.study.evaluate_batch", jpath, tpath],
+                         os.path.join(d, "eval-batch.log"), measure=whole)
+        times = read_json(tpath) or []
+        for j, t in zip(jobs, times):
+            ph = j["phase"] or j["task"]
+            timing.add(ph, t["seconds"], t["cpu"])
+            if j["phase"]:
+                timing.add(f"{j['phase']}/{j['task']}", t["seconds"], t["cpu"])
+            if t["rc"] == 0 and os.path.exists(j["tmp"]):
+                if os.path.exists(j["tmp"][:-len(".json")] + ".png"):
+                    os.replace(j["tmp"][:-len(".json")] + ".png", j["out"][:-len(".json")] + ".png")
+                os.replace(j["tmp"], j["out"])
+        if whole:
+            timing.add("eval_start", max(0.0, whole["seconds"] - sum(t["seconds"] for t in times)),
+                       max(0.0, whole["cpu"] - sum(t["cpu"] for t in times)))
         if self.stopping.is_set() and rc != 0:
             return "interrupted"
-        if rc != 0 or not os.path.exists(tmp):
-            return self._fail(cell, f"evaluate {task}", rc, "see the log")
-        if os.path.exists(tmp[:-len(".json")] + ".png"):
-            os.replace(tmp[:-len(".json")] + ".png", out[:-len(".json")] + ".png")
-        os.replace(tmp, out)
+        bad = next((j for j, t in zip(jobs, times) if t["rc"] != 0), jobs[len(times)] if len(times) < len(jobs) else None)
+        if rc != 0 or bad is not None or any(not os.path.exists(j["out"]) for j in jobs):
+            j = bad or jobs[-1]
+            return self._fail(cell, f"evaluate {j['task']}", rc, f"see the log (eval {' '.join(j['argv'][:3])})")
         return "ok"
 
     def _fail(self, cell: Cell, stage: str, rc: int, why: str) -> str:
@@ -424,7 +471,7 @@ def format_status(study: Study, out: str) -> str:
     short = {"prepare": "prep", "retrieval": "retr"}
     w = max(len(r["cell"]) for r in rows)
     lines = [f"{'cell':<{w}}  {'state':<11} {'step':>11} {'loss':>8} "
-             + " ".join(f"{short.get(c, c):>9}" for c in cols) + f" {'time':>8}"]
+             + " ".join(f"{short.get(c, c):>9}" for c in cols) + f" {'time':>8} {'cpu':>8}"]
     for r in rows:
         step = f"{r['step'] or 0}/{r['steps'] if r['steps'] is not None else '?'}"
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
@@ -436,14 +483,15 @@ def format_status(study: Study, out: str) -> str:
                 v += " b" if r["timing"].get("built") else " s"
             phase.append(f"{v:>9}")
         lines.append(f"{r['cell']:<{w}}  {r['state']:<11} {step:>11} {loss:>8} " + " ".join(phase)
-                     + f" {_fmt_time(r['seconds']) if r['seconds'] is not None else '-':>8}")
+                     + f" {_fmt_time(r['seconds']) if r['seconds'] is not None else '-':>8}"
+                     + f" {_fmt_time(timing_total(r['timing'], 'cpu')) if timing_total(r['timing'], 'cpu') is not None else '-':>8}")
     counts = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     if any(r["timing"] for r in rows):
-        lines.append("time per phase (wall, every sitting added); prep b = built its tokenizer/dataset, "
-                     "s = shared (made by another cell or an earlier run)")
+        lines.append("time per phase (wall, every sitting added; cpu: CPU seconds of the cell's processes); "
+                     "prep b = built its tokenizer/dataset, s = shared (made by another cell or an earlier run)")
     return "\n".join(lines)
 
 
