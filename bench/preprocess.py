@@ -151,6 +151,10 @@ def format_report(rows, nbytes, formats, args):
             assert f_tokens == r["tool_tokens"], f"{fmt} and plain text must encode the same text"
             lines.append(f"{n:>5} {fmt:>8} {nbytes / 1e6 / f_s:>8.2f} {nbytes / 1e6 / r['tool_s']:>9.2f} "
                          f"{r['tool_s'] / f_s:>8.3f} {f_cpu:>7.2f} {r['tool_cpu']:>10.2f} {r['tool_cpu'] / f_cpu:>12.3f}")
+    cpu = getattr(args, "inproc", {})
+    if cpu:
+        lines.append("one process, reading + parsing + encoding, CPU best of 3: " + ", ".join(
+            f"{fmt} {s:.3f} s" + ("" if fmt == "txt" else f" (txt/{fmt} {cpu['txt'] / s:.3f})") for fmt, s in cpu.items()))
     return lines
 
 
@@ -290,6 +294,14 @@ def main():
     print(f"worker path, one process, CPU best of 3: raw encode {raw_cpu:.2f} s, raw np encode {np_cpu:.2f} s, "
           f"tool parse+encode+remap {tool_cpu:.2f} s, raw/tool {raw_cpu / tool_cpu:.3f}, raw np/tool "
           f"{np_cpu / tool_cpu:.3f}")
+    if len(formats) > 1:    # each format read, parsed and encoded in this process, best of 3 (steadier)
+        from xlmr_mp.data.corpus_io import find_language_files, source_format
+        args.inproc = {}
+        for fmt, d in dirs.items():
+            files = find_language_files(d)
+            args.inproc[fmt] = best_cpu(lambda: [
+                preprocess_data.encode_chunk(r, p, source_format(p), 1 << 20, "error", "text", 1234, [0.98, 0.99, 1.0],
+                                             np.uint16) for p in files.values() for r in iter_raw_chunks(p)])
     if len(rows) > 1:
         base = counts[0]
         for n in counts[1:]:
