@@ -164,7 +164,24 @@ def check_all(recs, summary, cfg):
     m = cfg.model
     assert {r["padded_vocab"] for r in recs} == {padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
                                                                    cfg.parallel.tensor)}
-    assert all(0 < r["planned_gib"] < 1000 for r in recs)
+    check_planned_memory(recs, summary, cfg)
+
+
+def check_planned_memory(recs, summary, cfg):
+    """Each rank's planned GiB is the planner's for its own pipeline stage; the largest of them is
+    the planner's whole-layout figure; different stages (embeddings, middle, head) plan differently.
+    Returns {pp_rank: GiB}."""
+    from xlmr_mp.cli.plan import GPUS, GiB, plan
+    gpu, nodes = GPUS[summary["gpu"]], max(1, summary["world_size"] // 8)
+    res = plan(cfg, gpu, nodes, 8, step_time=False)
+    by_pp = {}
+    for r in recs:
+        own = plan(cfg, gpu, nodes, 8, step_time=False, pipeline_rank=r["pp_rank"])["memory"]["total"] / GiB
+        assert r["planned_gib"] == pytest.approx(own, abs=1e-3)
+        by_pp[r["pp_rank"]] = r["planned_gib"]
+    if res["layout"]["stage"] in by_pp:
+        assert max(by_pp.values()) == pytest.approx(res["memory"]["total"] / GiB, abs=1e-3)
+    return by_pp
 
 
 # ----------------------------------------------------------------------------- the shipped launchers
@@ -219,6 +236,7 @@ def test_large_launcher_pipeline_layout_one_rank_per_tp_pp(tmp_path):
     assert not middle["embedding"] and not middle["head"]
     check_all(recs, summary, cfg)
     assert check_layers(recs, cfg) == 2          # (tp 0, dp 0) and (tp 1, dp 0)
+    assert len(set(check_planned_memory(recs, summary, cfg).values())) == 4
 
 
 # ----------------------------------------------------------------------------- every rank of a small layout
@@ -235,6 +253,7 @@ def test_all_ranks_tp_pp_dp_interleaved():
     assert [r["rank"] for r in recs] == list(range(16))
     check_all(recs, summary, cfg)
     assert check_layers(recs, cfg) == 8              # every (tp, dp) pipeline
+    assert len(set(check_planned_memory(recs, summary, cfg).values())) == 2    # embeddings / head stage
     assert check_samples(recs, cfg) == 4             # every DP rank: each batch covered exactly once
     assert summary["max_rank_seconds"] < 10, summary
 
