@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from xlmr_mp.atomic import atomic_write
+from xlmr_mp.data.indexed import read_index_arrays
 from xlmr_mp.data.packing import pack_blocks
 
 EOS_ID = 2
@@ -92,16 +93,14 @@ class PackedLanguageDataset:
 
     def _build(self, fingerprint: dict):
         prefix = self.prefix
-        from megatron.core.datasets.indexed_dataset import _IndexReader  # IndexedDataset's index reader
-        try:  # (IndexedDataset itself cannot open an empty split: it mmaps the empty .bin)
-            index = _IndexReader(prefix + ".idx", multimodal=False)
-            dtype = np.dtype(index.dtype)
+        try:      # megatron-core's MMIDIDX layout, read without megatron-core (data/indexed.py)
+            dtype, sizes, pointers, doc_index = read_index_arrays(prefix)
+            dtype = np.dtype(dtype)
         except Exception as e:  # noqa: BLE001 - say which file is bad
             raise ValueError(f"{prefix}.idx is not a valid megatron-core (MMIDIDX) index "
                              f"({type(e).__name__}: {e}); rebuild it with tools/preprocess_data.py") from e
         try:
             # memory-mapped views of the index: nothing per sentence is copied (there may be billions)
-            sizes, doc_index, pointers = index.sequence_lengths, index.document_indices, index.sequence_pointers
             n_tok = int(sizes.sum(dtype=np.int64))
             if fingerprint["bin_bytes"] != n_tok * dtype.itemsize:
                 raise ValueError(f"{prefix}.bin has {fingerprint['bin_bytes']} bytes but its index describes "
@@ -118,7 +117,7 @@ class PackedLanguageDataset:
                     "num_tokens": n_tok, "num_documents": int(len(doc_index) - 1), "token_offset": offset,
                     "num_blocks": int(len(starts))}
         finally:
-            del index
+            del sizes, pointers, doc_index      # the index's memory maps
         bounds = np.append(starts, starts[-1] + lengths[-1] if len(starts) else 0).astype(np.int64)
         return bounds, meta
 

@@ -188,25 +188,38 @@ class IndexedWriter:
         self._closed = True
 
 
-def read_index(prefix: str) -> Tuple[type, np.ndarray, np.ndarray]:
-    """(token dtype, sequence lengths, document indices) of PREFIX.idx, memory-mapped."""
+def read_index_arrays(prefix: str) -> Tuple[type, np.ndarray, np.ndarray, np.ndarray]:
+    """(token dtype, sequence lengths, byte pointers, document indices) of PREFIX.idx, memory-mapped
+    (nothing per sequence is copied). The trainer's reader: megatron-core is not imported, so reading
+    data does not depend on its version (docs/megatron_core_compat.md). ValueError naming the file
+    for a bad header or a file whose size is not the one its header describes (truncated)."""
     path = prefix + ".idx"
     with open(path, "rb") as f:
         header = f.read(9)
         if header != INDEX_HEADER:
             raise ValueError(f"{path}: not an MMIDIDX index (header {header!r})")
-        version, = struct.unpack("<Q", f.read(8))
-        code, = struct.unpack("<B", f.read(1))
-        n_seq, = struct.unpack("<Q", f.read(8))
-        n_doc, = struct.unpack("<Q", f.read(8))
+        try:
+            version, code, n_seq, n_doc = struct.unpack("<QBQQ", f.read(25))
+        except struct.error:
+            raise ValueError(f"{path}: truncated header") from None
         offset = f.tell()
     if version != 1 or code not in _CODE_DTYPES:
         raise ValueError(f"{path}: unsupported version {version} or dtype code {code}")
+    size, expected = os.path.getsize(path), offset + 12 * n_seq + 8 * n_doc
+    if size != expected:
+        raise ValueError(f"{path}: {size} bytes, but its header describes {n_seq} sequences and {n_doc} document "
+                         f"indices ({expected} bytes): truncated or corrupt")
     mm = np.memmap(path, mode="r", dtype=np.uint8)
     lengths = mm[offset:offset + 4 * n_seq].view(np.int32)
-    offset += 4 * n_seq + 8 * n_seq
-    doc_idx = mm[offset:offset + 8 * n_doc].view(np.int64)
-    return _CODE_DTYPES[code], lengths, doc_idx
+    pointers = mm[offset + 4 * n_seq:offset + 12 * n_seq].view(np.int64)
+    doc_idx = mm[offset + 12 * n_seq:expected].view(np.int64)
+    return _CODE_DTYPES[code], lengths, pointers, doc_idx
+
+
+def read_index(prefix: str) -> Tuple[type, np.ndarray, np.ndarray]:
+    """(token dtype, sequence lengths, document indices) of PREFIX.idx, memory-mapped."""
+    dtype, lengths, _, doc_idx = read_index_arrays(prefix)
+    return dtype, lengths, doc_idx
 
 
 def read_documents(prefix: str, max_documents: Optional[int] = None):

@@ -116,10 +116,8 @@ def _local_groups(tp: int, pp: int) -> ParallelGroups:
 
 
 def _megatron_groups(tp: int, pp: int) -> ParallelGroups:
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state as ps
+    from xlmr_mp.parallel.megatron_import import megatron_module
+    ps = megatron_module("megatron.core.parallel_state")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     # gloo side groups only on a real backend: torch's fake backend (the dry run, xlmr_mp/dry_run.py)
