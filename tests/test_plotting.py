@@ -60,3 +60,18 @@ print("ok")
     assert r.stdout.strip() == "ok" and r.stderr.splitlines() == [SKIP_MESSAGE]
     assert json.load(open(tmp_path / "r.json"))["languages"] == {"en": 1.5}
     assert _entries(tmp_path) == ["r.json"]
+
+
+def test_without_tensorboard_training_metrics_still_go_to_jsonl(tmp_path):
+    """logging.tensorboard=true (the big presets' setting) on a machine without tensorboard: one
+    note, and the metrics are in metrics.jsonl as always."""
+    code = """import sys; sys.modules['tensorboard'] = None
+from xlmr_mp.metrics import MetricsLogger
+m = MetricsLogger(sys.argv[1], 0, jsonl=True, tensorboard=True)
+m.log(1, {"loss": 2.5})
+m.close()
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "tensorboard is not installed" in r.stderr
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
 from typing import Dict, Optional
 
@@ -211,8 +212,14 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:      # a viewer only: the numbers still go to the JSONL files
+                print("note: tensorboard is not installed: logging.tensorboard skipped, metrics in "
+                      f"{run_dir}/*.jsonl (pip install tensorboard, or set logging.tensorboard=false)",
+                      file=sys.stderr, flush=True)
+            else:
+                self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps > `step` from the JSONL files (a resumed run redoes those steps;

@@ -142,3 +142,18 @@ def make_tiny_corpus(out_dir: str, languages: Optional[Iterable[str]] = None, sc
                 f.write("\n".join(doc) + "\n")
         paths[lang] = path
     return paths
+
+
+def make_heldout_sentences(out_dir: str, languages: Optional[Iterable[str]] = None, n_sentences: int = 24,
+                           seed: int = 99) -> Dict[str, str]:
+    """Write `<out_dir>/<lang>.txt`, one sentence per line, drawn with another seed than the corpus
+    (held-out text in the layout `xlmr-evaluate mbpc --data` and a study's flores200_devtest/ read);
+    return {lang: path}."""
+    langs = list(languages) if languages is not None else tiny_languages()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for lang in langs:
+        paths[lang] = os.path.join(out_dir, f"{lang}.txt")
+        with atomic_write(paths[lang], encoding="utf-8") as f:
+            f.write("\n".join(s for d in tiny_documents(lang, n_sentences, seed=seed) for s in d) + "\n")
+    return paths
