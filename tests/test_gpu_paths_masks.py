@@ -34,7 +34,7 @@ def test_schedule_hands_no_mask_for_an_unpadded_batch():
     """The training step (PP 1): the loss function receives no mask for unpadded micro-batches and
     the padded one's mask; the encoder builds a bias for the padded one only."""
     from xlmr_mp.config import ParallelConfig
-    from xlmr_mp.model.stages import masked_lm_loss_sum
+    from xlmr_mp.parallel.stages import masked_lm_loss_sum
     from xlmr_mp.parallel.schedule import PipelineSchedule
     model = tiny_model(dropout=0.0)
     seen = []

@@ -22,7 +22,7 @@ def _micro_batches():
 
 def _step(device_plan: bool, monkeypatch):
     from xlmr_mp.config import ParallelConfig
-    from xlmr_mp.model.stages import masked_lm_loss_sum
+    from xlmr_mp.parallel.stages import masked_lm_loss_sum
     from xlmr_mp.parallel import vocab
     from xlmr_mp.parallel.schedule import PipelineSchedule
     monkeypatch.setenv("XLMR_MP_KERNELS", "reference")     # the torch ops a GPU runs, not the CPU kernels

@@ -97,7 +97,7 @@ def _tiny_model():
 def test_pp1_schedule_is_the_plain_accumulation_loop():
     import torch
     from support.pipeline_bodies import make_micro_batches
-    from xlmr_mp.model.stages import masked_lm_loss_sum
+    from xlmr_mp.parallel.stages import masked_lm_loss_sum
     from xlmr_mp.parallel.schedule import PipelineSchedule
     model, ref = _tiny_model(), _tiny_model()
     mbs = make_micro_batches(3, vocab=120, seed=1)
@@ -117,7 +117,7 @@ def test_pp1_schedule_is_the_plain_accumulation_loop():
 
 def test_schedule_rejects_bad_micro_batches():
     from support.pipeline_bodies import make_micro_batches
-    from xlmr_mp.model.stages import masked_lm_loss_sum
+    from xlmr_mp.parallel.stages import masked_lm_loss_sum
     from xlmr_mp.parallel.schedule import PipelineSchedule
     sched = PipelineSchedule([_tiny_model()], None, ParallelConfig(), 2, masked_lm_loss_sum)
     mbs = make_micro_batches(2, vocab=120)

@@ -149,13 +149,14 @@ def test_stage_hidden_shape():
 
 def test_sp_at_tp1_is_a_no_op():
     """parallel.sequence_parallel=true at TP 1 builds the plain model: same step, same gradients."""
-    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.model.xlmr import XLMRModel
+    from xlmr_mp.parallel.stages import build_pipeline_stages, masked_lm_loss_sum
     from xlmr_mp.parallel.schedule import PipelineSchedule
     cfg = tiny_model_cfg()
     runs = []
     for sp in (True, False):
         pcfg = ParallelConfig(sequence_parallel=sp)
-        chunks = build_pipeline_stages(cfg, None, pcfg, init_seed=3)
+        chunks = build_pipeline_stages(cfg, None, pcfg, init_seed=3, model_cls=XLMRModel)
         assert not chunks[0].sequence_parallel and getattr(chunks[0], "sequence_parallel_grad_sync", None) is None
         sched = PipelineSchedule(chunks, None, pcfg, 2, masked_lm_loss_sum)
         mbs = make_micro_batches(2, seq=15, vocab=cfg.vocab_size)      # odd length is fine at TP 1
@@ -166,7 +167,7 @@ def test_sp_at_tp1_is_a_no_op():
 
 
 def test_schedule_refuses_sp_chunk_without_gradient_hooks():
-    from xlmr_mp.model.stages import masked_lm_loss_sum
+    from xlmr_mp.parallel.stages import masked_lm_loss_sum
     from xlmr_mp.parallel.schedule import PipelineSchedule
 
     class FakeSPChunk(torch.nn.Module):

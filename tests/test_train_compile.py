@@ -6,7 +6,7 @@ import torch
 
 from support.harness import run_distributed
 from support import train_bodies as b
-# dropout on: the compiled graphs must draw eager's masks (kernels/compile.py: fallback_random)
+# dropout on: the compiled graphs must draw eager's masks (parallel/compile.py: fallback_random)
 BASE = ["train.global_batch=8", "train.micro_batch=4", "optim.warmup_steps=2", "model.dropout=0.1",
         "model.attention_dropout=0.1"]
 

@@ -84,7 +84,7 @@ class TrainConfig:
     eval_interval: int = 2000
     eval_batches: int = 10
     device: str = "auto"            # auto | cpu | cuda
-    compile: bool = False           # torch.compile each encoder layer and the MLM head (kernels/compile.py)
+    compile: bool = False           # torch.compile each encoder layer and the MLM head (parallel/compile.py)
     batch_warmup: Optional[dict] = None  # {start: B0, tokens: N}: global batch B0 -> global_batch over N tokens
 
     def validate(self) -> None:

@@ -11,7 +11,7 @@ trainer's own code for it:
 
   groups    parallel/state.py `init_parallel` (Megatron's rank order): tp/pp/dp rank and the members
             of its tensor- and pipeline-parallel groups
-  stages    model/stages.py `build_pipeline_stages` on the meta device (no memory, no init): the
+  stages    parallel/stages.py `build_pipeline_stages` on the meta device (no memory, no init): the
             global stage index of each of its chunks (`vp_stages`, interleaved included), their
             encoder layers, the parameters it holds (`params`), and `params_owned`, the ones it
             counts once for the whole model (each TP-replicated tensor on TP rank 0 only, the last
@@ -189,7 +189,7 @@ def build_rank(cfg, world_size: int, rank: int, gpu: str, per_node: int, corpus)
     import torch
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
-    from xlmr_mp.model.stages import build_pipeline_stages
+    from xlmr_mp.parallel.stages import build_pipeline_stages
     from xlmr_mp.parallel.state import init_parallel
     from xlmr_mp.parallel.vocab import vocab_range
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
@@ -235,7 +235,7 @@ def _warm_imports() -> None:
     import torch  # noqa: F401
     from torch.testing._internal.distributed import fake_pg  # noqa: F401
     import xlmr_mp.data.loader  # noqa: F401
-    import xlmr_mp.model.stages  # noqa: F401
+    import xlmr_mp.parallel.stages  # noqa: F401
     import xlmr_mp.optim  # noqa: F401
     import xlmr_mp.parallel.state  # noqa: F401
     import xlmr_mp.cli.plan  # noqa: F401

@@ -43,11 +43,12 @@ from xlmr_mp.distributed import (all_reduce_floats, destroy_distributed, exit_wi
 from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.metrics import MetricsLogger, flops_per_token, memory_stats, peak_flops, sync_for_timing, throughput
 from xlmr_mp.model.sharding import partition_dim
-from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+from xlmr_mp.model.xlmr import XLMRModel
 from xlmr_mp.optim import LRSchedule, clip_grads, global_grad_norm, norm_counted
 from xlmr_mp.parallel.data_parallel import DistributedAdamW, FlatBuffers, GradReducer, backend_has_reduce_scatter
 from xlmr_mp.parallel.grads import finalize_grads, sync_tied_embedding_weight
 from xlmr_mp.parallel.schedule import PipelineSchedule, step_loss
+from xlmr_mp.parallel.stages import build_pipeline_stages, masked_lm_loss_sum
 from xlmr_mp.parallel.state import destroy_parallel, init_parallel, seed_parallel_rng
 from xlmr_mp.precision import (LossScaleAtMinimum, autocast, build_scaler, device_dtype, grads_have_inf,
                                 unscale_grads)
@@ -145,12 +146,12 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.n_accum = grad_accumulation_steps(cfg)
         self.chunks = [c.to(device) for c in build_pipeline_stages(cfg.model, groups, cfg.parallel,
-                                                                  init_seed=cfg.train.seed)]
+                                                                  init_seed=cfg.train.seed, model_cls=XLMRModel)]
         for c in self.chunks:
             c.set_recompute(cfg.train.recompute)
             c.train()
-        if cfg.train.compile:           # torch.compile of each encoder layer and the head (kernels/compile.py)
-            from xlmr_mp.kernels.compile import compile_chunks
+        if cfg.train.compile:           # torch.compile of each encoder layer and the head (parallel/compile.py)
+            from xlmr_mp.parallel.compile import compile_chunks
             compile_chunks(self.chunks)
         sync_tied_embedding_weight(self.chunks, groups)
         seed_parallel_rng(cfg.train.seed, groups)      # dropout streams (differ per PP / DP / TP rank)

@@ -73,7 +73,7 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
     loss_scale (backward scale, grads unscaled before the optimizer), bf16 (autocast)."""
     opts = dict(recompute="none", loss_scale=1.0, bf16=False)
     opts.update(options or {})
-    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.parallel.stages import build_pipeline_stages, masked_lm_loss_sum
     from xlmr_mp.parallel.grads import finalize_grads, sync_tied_embedding_weight, tied_embedding_weight
     from xlmr_mp.parallel.schedule import PipelineSchedule, broadcast_step_loss
     from xlmr_mp.parallel.state import destroy_parallel, init_parallel
@@ -82,7 +82,7 @@ def pipeline_vs_reference(rank, world_size, tp, pp, virtual_stages, schedule, n_
     pcfg = ParallelConfig(tensor=tp, pipeline=pp, virtual_stages=virtual_stages, schedule=schedule,
                           stage_layers=stage_layers)
     cls = _model_cls()
-    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
+    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED, model_cls=_model_cls())
     sync_tied_embedding_weight(chunks, groups)
     ref = cls(cfg, tp_group=groups.tp_group, init_seed=SEED)
     mine, theirs = _named_params(chunks), dict(ref.named_parameters())
@@ -141,14 +141,14 @@ def shape_inference_keeps_rng(rank, world_size, tp, pp):
     from the same RNG states (no inference any more) must draw the same dropout masks: same
     loss, bitwise-same gradients, same RNG states afterwards. A third step from the advanced
     states must differ (dropout is really active)."""
-    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.parallel.stages import build_pipeline_stages, masked_lm_loss_sum
     from xlmr_mp.parallel.schedule import PipelineSchedule, broadcast_step_loss
     from xlmr_mp.parallel.state import destroy_parallel, get_rng_tracker, init_parallel
     groups = init_parallel(tp, pp, seed=SEED)
     cfg = tiny_model_cfg()
     cfg.dropout, cfg.attention_dropout = 0.1, 0.3
     pcfg = ParallelConfig(tensor=tp, pipeline=pp)
-    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
+    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED, model_cls=_model_cls())
     sched = PipelineSchedule(chunks, groups, pcfg, 2, masked_lm_loss_sum)
     mbs = make_micro_batches(2, vocab=cfg.vocab_size, seed=5)
     n_masked = float(sum(int((m["labels"] != -100).sum()) for m in mbs))

@@ -19,7 +19,7 @@ def warm_imports() -> None:
     that the measured growth is the training state only."""
     import megatron.core.tensor_parallel  # noqa: F401
     import torch.distributed.pipelining  # noqa: F401
-    import xlmr_mp.model.stages  # noqa: F401
+    import xlmr_mp.parallel.stages  # noqa: F401
     import xlmr_mp.parallel.data_parallel  # noqa: F401
     import xlmr_mp.parallel.schedule  # noqa: F401
     import xlmr_mp.train  # noqa: F401

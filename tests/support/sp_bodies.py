@@ -41,7 +41,7 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
     global name), the shape of the hidden states the first stage sends, and this rank's coords.
     `recompute`: activation checkpointing mode of the sequence-parallel chunks."""
     from xlmr_mp.model.xlmr import XLMRModel
-    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.parallel.stages import build_pipeline_stages, masked_lm_loss_sum
     from xlmr_mp.parallel.grads import finalize_grads, sync_tied_embedding_grads, sync_tied_embedding_weight
     from xlmr_mp.parallel.layout import stage_hidden_shape
     from xlmr_mp.parallel.schedule import PipelineSchedule, broadcast_step_loss
@@ -53,7 +53,7 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
     dp = groups.dp_size
     cfg = tiny_model_cfg()
     pcfg = ParallelConfig(tensor=tp, pipeline=pp, sequence_parallel=True)
-    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
+    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED, model_cls=XLMRModel)
     sync_tied_embedding_weight(chunks, groups)
     assert all(c.sequence_parallel for c in chunks) == (tp > 1)
     if sync != "hooks":
@@ -125,13 +125,14 @@ def bad_seq_length(rank, world_size):
     """TP=2 with sequence parallelism: a micro-batch whose length is not divisible by TP is refused
     by the schedule before any forward; returns the error message."""
     from xlmr_mp.config import ConfigError
-    from xlmr_mp.model.stages import build_pipeline_stages, masked_lm_loss_sum
+    from xlmr_mp.model.xlmr import XLMRModel
+    from xlmr_mp.parallel.stages import build_pipeline_stages, masked_lm_loss_sum
     from xlmr_mp.parallel.schedule import PipelineSchedule
     from xlmr_mp.parallel.state import destroy_parallel, init_parallel
     groups = init_parallel(2, 1, seed=SEED)
     cfg = tiny_model_cfg()
     pcfg = ParallelConfig(tensor=2, sequence_parallel=True)
-    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED)
+    chunks = build_pipeline_stages(cfg, groups, pcfg, init_seed=SEED, model_cls=XLMRModel)
     sched = PipelineSchedule(chunks, groups, pcfg, 1, masked_lm_loss_sum)
     mbs = make_micro_batches(1, seq=15, vocab=cfg.vocab_size)
     try:

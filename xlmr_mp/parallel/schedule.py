@@ -8,7 +8,7 @@ over the micro-batches, no communication), so the training loop does not depend 
     loss_sum, n_masked = pipe.evaluate(valid_batches)    # forward only, on every PP rank
 
 The schedule knows no model: `chunks` are this rank's stage modules (chunk order, each with a
-`pipeline_stage_index`, `has_embeddings` / `has_head` flags; `xlmr_mp/model/stages.py` builds
+`pipeline_stage_index`, `has_embeddings` / `has_head` flags; `xlmr_mp/parallel/stages.py` builds
 them) and `loss_fn(chunk, x, attention_mask, labels)` is the last stage's output, the 0-d sum of
 the micro-batch's masked-token loss (as torchtitan's schedules receive their loss function).
 

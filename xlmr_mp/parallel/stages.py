@@ -1,11 +1,14 @@
-"""XLM-R cut into pipeline stages, and the loss the last stage returns.
+"""A model cut into pipeline stages (with the sequence-parallel gradient hooks), and the loss the
+last stage returns.
 
-    chunks = build_pipeline_stages(cfg.model, groups, cfg.parallel, init_seed=cfg.train.seed)
+    chunks = build_pipeline_stages(cfg.model, groups, cfg.parallel, init_seed=cfg.train.seed,
+                                   model_cls=XLMRModel)
     pipe = PipelineSchedule(chunks, groups, cfg.parallel, n_microbatches, masked_lm_loss_sum, ...)
 
 A stage is a contiguous range of encoder layers (`parallel/layout.py` decides which) plus the
-embeddings on global stage 0 and the masked-LM head on the last global stage; each chunk is an
-`XLMRModel` whose parameters keep their global names.
+embeddings on global stage 0 and the masked-LM head on the last global stage; each chunk is a
+`model_cls` (the trainer passes `XLMRModel`: this module knows no model) whose parameters keep
+their global names.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import torch
 from torch import nn
 
 from xlmr_mp.errors import ConfigError
-from xlmr_mp.model.xlmr import XLMRModel
 from xlmr_mp.parallel.grads import attach_sequence_parallel_grad_sync
 from xlmr_mp.parallel.layout import local_stage_indices, sequence_parallel_active, stage_layout, validate_pipeline_config
 
@@ -28,9 +30,11 @@ def masked_lm_loss_sum(chunk: nn.Module, x: torch.Tensor, attention_mask: torch.
     return loss_sum
 
 
-def build_pipeline_stages(model_cfg, groups, parallel_cfg, init_seed: Optional[int] = None,
-                          model_cls=XLMRModel) -> list[nn.Module]:
-    """This rank's model chunks (one per virtual stage, chunk order), each an `XLMRModel` holding
+def build_pipeline_stages(model_cfg, groups, parallel_cfg, init_seed: Optional[int] = None, *,
+                          model_cls) -> list[nn.Module]:
+    """This rank's model chunks (one per virtual stage, chunk order), each a `model_cls` (`XLMRModel`:
+    called as model_cls(model_cfg, tp_group=, layer_ids=, has_embeddings=, has_head=, init_seed=[,
+    sequence_parallel=True])) holding
     its global stage's layers, the embeddings on global stage 0 and the head on the last one.
     Parameters keep global names and are drawn from per-parameter generators seeded by
     (`init_seed`, global name), so they equal the single-process model built with the same seed
