@@ -1,6 +1,6 @@
 """Dry run of a launch layout at its full world size, on one CPU machine, without the hardware:
 
-    python -m xlmr_mp.train --config launch/configs/large.yaml --dry-run --world-size 512 \
+    xlmr-train --preset large --dry-run --world-size 512 \
         --ranks 0,1,511 [--gpu V100-32] [--tasks-per-node 8] [key=value ...]
 
 the way torchtitan (`COMM_MODE=fake_backend`) and Megatron (`--fake-process-group`) check a large
