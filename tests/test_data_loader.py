@@ -215,16 +215,16 @@ def test_batch_warmup_steps_tile_the_stream_and_dp_splits_them(corpus_dir):
     warm = {"start": 4, "tokens": 3000}
     one = _sched_loader(corpus_dir, micro=4, warmup=warm)      # unit micro x DP = 4 in both layouts
     r0, r1 = (_sched_loader(corpus_dir, r, 2, warmup=warm) for r in range(2))
-    sizes = [one.schedules.global_batch(s) for s in range(16)]
+    sizes = [one.phases.global_batch(s) for s in range(16)]
     assert sizes[0] == 4 and sizes[-1] == 8 and len(set(sizes)) == 2
-    assert sizes == [r0.schedules.global_batch(s) for s in range(16)]
+    assert sizes == [r0.phases.global_batch(s) for s in range(16)]
     for s in range(16):
         g = sizes[s]
         assert one.micro_batches_at(s) == g // 4 and r0.micro_batches_at(s) == g // 4
         a = torch.cat([b["input_ids"] for b in _step(one, s)])
         b = torch.cat([x["input_ids"] for x in _step(r0, s) + _step(r1, s)])
         assert a.shape[0] == g and torch.equal(a, b)
-        want = one.samples.batch(one.schedules.sample_start(s), g, one.schedules.mask_prob(s))
+        want = one.samples.batch(one.phases.sample_start(s), g, one.phases.mask_prob(s))
         assert torch.equal(a, want["input_ids"])
 
 

@@ -17,10 +17,11 @@ import yaml
 
 from xlmr_mp.atomic import atomic_write
 from xlmr_mp.data.config import DataConfig
+from xlmr_mp.data.phases import validate_run_phases
 from xlmr_mp.errors import ConfigError
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.parallel.config import ParallelConfig
-from xlmr_mp.parallel.layout import micro_batches_per_step, validate_layout
+from xlmr_mp.parallel.layout import check_micro_batch_count, micro_batches_per_step, schedule_kind, validate_layout
 from xlmr_mp.presets import preset_names, preset_path, resolve_config
 
 __all__ = ["ConfigError", "ParallelConfig", "RunConfig", "load_config", "dump_config", "apply_overrides",
@@ -137,8 +138,16 @@ class RunConfig:
             if hasattr(sub, "validate"):
                 sub.validate()
         validate_layout(self, world_size)
-        from xlmr_mp.schedules import validate_run_schedules
-        validate_run_schedules(self)
+        phases = validate_run_phases(self)
+        if self.train.batch_warmup is not None:     # every size of the warmup must suit the pipeline schedule
+            unit = self.train.micro_batch * max(int(self.parallel.data or 1), 1)
+            kind, pp = schedule_kind(self.parallel), self.parallel.pipeline
+            for _, _, g, _ in phases.batch.runs:
+                try:
+                    check_micro_batch_count(kind, pp, g // unit)
+                except ConfigError as e:
+                    raise ConfigError(f"train.batch_warmup: a global batch of {g} is {g // unit} micro-batches "
+                                      f"per step: {e}") from None
 
 
 grad_accumulation_steps = micro_batches_per_step      # micro-batches per DP rank and optimizer step

@@ -298,8 +298,8 @@ def train(cfg: RunConfig) -> List[float]:
     elif cfg.checkpoint.branch_from:       # a new branch: the parent's state, this run's schedules
         tr.load(resolve_checkpoint_dir(cfg.checkpoint.branch_from), branch=True)
         log0(f"branched from {cfg.checkpoint.branch_from} at step {tr.step}")
-    if env.rank == 0 and hasattr(loader, "schedules"):
-        _write_schedules(loader.schedules, os.path.join(cfg.run_dir, "schedules.yaml"))
+    if env.rank == 0 and hasattr(loader, "phases"):
+        _write_schedules(loader.phases, os.path.join(cfg.run_dir, "schedules.yaml"))
     start_step = tr.step
     tr.logger.truncate_after(tr.step)
     log0(f"world {env.world_size} ({env.source}) = TP {groups.tp_size} x PP {groups.pp_size} x DP {groups.dp_size}; "

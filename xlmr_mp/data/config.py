@@ -25,7 +25,7 @@ class DataConfig:
     span_mean_length: float = 3.0
     num_workers: int = 0             # loader worker processes (samples identical for any value)
     seed: int = 1234
-    # schedules (xlmr_mp/schedules.py): lists of phases {step: N | tokens: N, <value>: ...}
+    # schedules (xlmr_mp/data/phases.py): lists of phases {step: N | tokens: N, <value>: ...}
     alpha_schedule: Optional[list] = None     # [{step: 0, alpha: 0.7}, ...]
     alpha_interpolation: str = "stepped"      # stepped | linear
     alpha_update_steps: int = 100             # linear alpha: one value per this many steps

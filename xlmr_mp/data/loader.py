@@ -13,10 +13,10 @@ whatever num_workers is, and resuming only needs the number of samples consumed.
 Batch (CPU tensors): input_ids [B,S] int64, attention_mask [B,S] int64 (1 = real token),
 labels [B,S] int64 (original id at masked positions, -100 elsewhere), lang [B] int64.
 
-Schedules (xlmr_mp/schedules.py): with data.alpha_schedule / language_schedule the stream is a
+Phases (xlmr_mp/data/phases.py): with data.alpha_schedule / language_schedule the stream is a
 PhasedBlend (one phase per run of steps with one alpha and language set, from the first sample
 of its first step); data.mask_schedule sets each step's mask rate; train.batch_warmup makes step
-s take G_s = schedules.global_batch(s) samples from schedules.sample_start(s), i.e. G_s / (micro x
+s take G_s = phases.global_batch(s) samples from phases.sample_start(s), i.e. G_s / (micro x
 DP) micro-batches per rank (`micro_batches_at(s)`). Without any schedule option the static code
 path of before is used unchanged.
 
@@ -25,7 +25,7 @@ Resume: `state_dict()` -> {"samples_consumed": global samples consumed by all DP
 from there (the next batch is bitwise the one that would have followed). At a global-batch
 boundary the DP size and micro batch may change on resume. `load_state_dict(state, branch=True)`
 (checkpoint.branch_from) keeps the saved history before the saved step and this loader's own
-schedules from it on; a plain resume with other schedule options is refused.
+phases from it on; a plain resume with other schedule options is refused.
 
 Validation: `ValidationLoader` iterates one language's valid split in block order with a fixed
 masking key (pass 0), sharded across DP ranks by batch. Bits per character: each validation batch
@@ -92,26 +92,26 @@ class BlendedSamples:
     """The blended, masked stream of a corpus: `batch(start, count)` -> batch dict of positions
     [start, start + count). Picklable (worker processes re-open the token files).
 
-    schedules (xlmr_mp.schedules.RunSchedules): with an alpha or language schedule the stream is a
+    phases (xlmr_mp.data.phases.RunPhases): with an alpha or language schedule the stream is a
     PhasedBlend with one phase per (alpha, language set) run of steps, starting at the first sample
     of its first step; without (static), today's single BlendSpec index."""
 
-    def __init__(self, corpus: MultilingualCorpus, cfg: DataConfig, masker: Masker, seed: int, schedules=None):
+    def __init__(self, corpus: MultilingualCorpus, cfg: DataConfig, masker: Masker, seed: int, phases=None):
         self.corpus, self.masker, self.seed = corpus, masker, int(seed)
         self.seq_length = cfg.seq_length
         self.phased: Optional[PhasedBlend] = None
         sizes = np.asarray(corpus.sizes(cfg.share_unit), dtype=np.float64)
-        if schedules is None or schedules.is_static():
-            alpha = cfg.alpha if schedules is None else schedules.alpha(0)
+        if phases is None or phases.is_static():
+            alpha = cfg.alpha if phases is None else phases.alpha(0)
             self.q = sampling_weights(sizes, alpha)
             self.spec = BlendSpec(self.q, corpus.num_blocks(), self.seed)
             return
         starts, shares = [], []
-        for step, alpha, langs in schedules.blend_segments():
+        for step, alpha, langs in phases.blend_segments():
             q = np.zeros(len(sizes))
             on = np.arange(len(sizes)) if langs is None else np.array([corpus.languages.index(x) for x in langs])
             q[on] = sampling_weights(sizes[on], alpha)
-            starts.append(schedules.sample_start(step))
+            starts.append(phases.sample_start(step))
             shares.append(q)
         self.phased = PhasedBlend(starts, shares, corpus.num_blocks(), self.seed)
         self.q = shares[0]
@@ -135,19 +135,19 @@ class BlendedSamples:
 class _MicroBatches(torch.utils.data.Dataset):
     """Map-style dataset: micro-batch index m of one DP rank -> its batch dict.
 
-    With schedules, step s has G_s = schedules.global_batch(s) samples from schedules.sample_start(s)
+    With phases, step s has G_s = phases.global_batch(s) samples from phases.sample_start(s)
     and G_s / (micro x DP) micro-batches per rank (batch warmup), at the step's mask rate."""
 
     def __init__(self, samples: BlendedSamples, dp_rank: int, dp_size: int, micro_batch: int, global_batch: int,
-                 schedules=None):
+                 phases=None):
         self.samples, self.dp_rank, self.dp_size = samples, dp_rank, dp_size
         self.micro_batch, self.global_batch = micro_batch, global_batch
         self.accumulation = global_batch // (micro_batch * dp_size)
-        self.schedules = schedules
+        self.phases = phases
         self.runs = []      # (first step, first micro index, micro-batches per step) per batch-size run
-        if schedules is not None:
+        if phases is not None:
             m = 0
-            for step, _, g, n in schedules.batch.runs:
+            for step, _, g, n in phases.batch.runs:
                 if g % (micro_batch * dp_size):
                     raise ValueError(f"global batch {g} at step {step} is not divisible by train.micro_batch="
                                      f"{micro_batch} x DP {dp_size}; keep the batch schedule's unit on resume")
@@ -158,7 +158,7 @@ class _MicroBatches(torch.utils.data.Dataset):
 
     def step_of(self, m: int):
         """(step, micro-batch within the step) of micro index m."""
-        if self.schedules is None:
+        if self.phases is None:
             return divmod(m, self.accumulation)
         import bisect
         s0, m0, per = self.runs[bisect.bisect_right(self._micro0, m) - 1]
@@ -166,29 +166,29 @@ class _MicroBatches(torch.utils.data.Dataset):
         return s0 + d, j
 
     def micro_index(self, step: int, j: int = 0) -> int:
-        if self.schedules is None:
+        if self.phases is None:
             return step * self.accumulation + j
         import bisect
         s0, m0, per = self.runs[bisect.bisect_right([r[0] for r in self.runs], step) - 1]
         return m0 + (step - s0) * per + j
 
     def micro_batches_at(self, step: int) -> int:
-        if self.schedules is None:
+        if self.phases is None:
             return self.accumulation
-        return self.schedules.global_batch(step) // (self.micro_batch * self.dp_size)
+        return self.phases.global_batch(step) // (self.micro_batch * self.dp_size)
 
     def start_of(self, m: int) -> int:
         b, j = self.step_of(m)
-        if self.schedules is None:
+        if self.phases is None:
             return b * self.global_batch + self.dp_rank * (self.global_batch // self.dp_size) + j * self.micro_batch
-        g = self.schedules.global_batch(b)
-        return self.schedules.sample_start(b) + self.dp_rank * (g // self.dp_size) + j * self.micro_batch
+        g = self.phases.global_batch(b)
+        return self.phases.sample_start(b) + self.dp_rank * (g // self.dp_size) + j * self.micro_batch
 
     def __getitem__(self, m: int) -> Dict[str, torch.Tensor]:
-        if self.schedules is None:
+        if self.phases is None:
             return self.samples.batch(self.start_of(int(m)), self.micro_batch)
         step, _ = self.step_of(int(m))
-        return self.samples.batch(self.start_of(int(m)), self.micro_batch, self.schedules.mask_prob(step))
+        return self.samples.batch(self.start_of(int(m)), self.micro_batch, self.phases.mask_prob(step))
 
     def __len__(self) -> int:  # effectively endless
         return 1 << 62
@@ -225,10 +225,10 @@ class MLMLoader:
         if global_batch % (micro_batch * dp_size):
             raise ValueError(f"train.global_batch={global_batch} is not divisible by train.micro_batch="
                              f"{micro_batch} x DP {dp_size}; change train.global_batch or train.micro_batch")
-        from xlmr_mp.schedules import RunSchedules, data_schedule_fields
+        from xlmr_mp.data.phases import RunPhases, data_phase_fields
         self.cfg = cfg
-        self.fields = data_schedule_fields(cfg, global_batch, batch_warmup, micro_batch * dp_size)
-        schedules = RunSchedules([(0, self.fields)])     # validates the schedule options
+        self.fields = data_phase_fields(cfg, global_batch, batch_warmup, micro_batch * dp_size)
+        phases = RunPhases([(0, self.fields)])     # validates the schedule options
         if corpus is None:
             corpus = MultilingualCorpus(cfg.path, split, cfg.seq_length - 1, cfg.languages, cfg.break_mode,
                                         cache=cfg.block_cache)
@@ -236,23 +236,23 @@ class MLMLoader:
         self.masker = make_masker(cfg, vocab_size, mask_id, is_word_start)
         self.seed = cfg.seed if seed is None else seed
         self._layout = (dp_rank, dp_size, micro_batch, global_batch)
-        self._build(schedules)
+        self._build(phases)
         self._micro = 0
         self._it: Optional[Iterator] = None
 
-    def _build(self, schedules) -> None:
-        """(Re)build the stream for `schedules` (a RunSchedules; a plain run without any schedule
+    def _build(self, phases) -> None:
+        """(Re)build the stream for `phases` (a RunPhases; a plain run without any schedule
         option takes today's static code path)."""
-        used = schedules.all_languages()
+        used = phases.all_languages()
         if used is not None:
             missing = [x for x in used if x not in self.languages]
             if missing:
                 raise ValueError(f"data.language_schedule names {missing}, which {self.cfg.path} does not have "
                                  f"(languages: {list(self.languages)}); fix the schedule or data.languages")
-        self.schedules = schedules
-        active = None if schedules.is_trivial() else schedules
+        self.phases = phases
+        active = None if phases.is_trivial() else phases
         self.samples = BlendedSamples(self.corpus, self.cfg, self.masker, self.seed, active)
-        self.dataset = _MicroBatches(self.samples, *self._layout, schedules=active)
+        self.dataset = _MicroBatches(self.samples, *self._layout, phases=active)
         self.q = self.samples.q
 
     @property
@@ -265,26 +265,26 @@ class MLMLoader:
 
     def schedule_values(self, step: int) -> Dict[str, float]:
         """alpha, mask_prob, global_batch and active_languages of step `step` (what the trainer logs)."""
-        return self.schedules.values(step, len(self.languages))
+        return self.phases.values(step, len(self.languages))
 
     @property
     def samples_consumed(self) -> int:
         """Global samples consumed (all DP ranks together)."""
         d = self.dataset
         b, j = d.step_of(self._micro)
-        return self.schedules.sample_start(b) + j * d.micro_batch * d.dp_size
+        return self.phases.sample_start(b) + j * d.micro_batch * d.dp_size
 
     def state_dict(self) -> dict:
         d = self.dataset
         step, j = d.step_of(self._micro)
         return {"samples_consumed": self.samples_consumed, "global_batch": d.global_batch,
                 "seed": self.samples.seed, "languages": list(self.languages), "step": step,
-                "schedule_history": [[s, dict(f)] for s, f in self.schedules.history]}
+                "schedule_history": [[s, dict(f)] for s, f in self.phases.history]}
 
     def load_state_dict(self, state: dict, branch: bool = False) -> None:
         """Continue after state["samples_consumed"] global samples. branch=True (checkpoint.branch_from):
-        the saved schedule history up to the saved step, then this loader's own schedules."""
-        from xlmr_mp.schedules import RunSchedules, same_schedule
+        the saved schedule history up to the saved step, then this loader's own phases."""
+        from xlmr_mp.data.phases import RunPhases, same_phases
         d = self.dataset
         consumed = int(state["samples_consumed"])
         if state.get("seed", self.samples.seed) != self.samples.seed:
@@ -293,29 +293,29 @@ class MLMLoader:
         if state.get("languages", self.languages) != list(self.languages):
             raise ValueError("loader state was saved with another language list (data.languages/data.path)")
         saved = state.get("schedule_history")
-        if saved is None:    # a checkpoint from before schedules: a static run with this loader's batch
+        if saved is None:    # a checkpoint from before phases: a static run with this loader's batch
             saved = [[0, dict(self.fields, global_batch=state.get("global_batch", d.global_batch))]]
         saved = [(int(s), dict(f)) for s, f in saved]
         if branch:
-            step = int(state.get("step", RunSchedules(saved).batch.step_of_sample(consumed)[0]))
-            if RunSchedules(saved).sample_start(step) != consumed:
+            step = int(state.get("step", RunPhases(saved).batch.step_of_sample(consumed)[0]))
+            if RunPhases(saved).sample_start(step) != consumed:
                 raise ValueError(f"cannot branch at samples_consumed={consumed}: not the start of step {step}; "
                                  f"branch from a checkpoint saved at the end of a step")
             history = [h for h in saved if h[0] < step] + [(step, self.fields)]
         else:
-            if not same_schedule(saved[-1][1], self.fields):
+            if not same_phases(saved[-1][1], self.fields):
                 raise ValueError("the schedule options (data.alpha/alpha_schedule/language_schedule/mask_schedule, "
                                  "train.global_batch/batch_warmup) differ from the checkpoint's; to change them "
                                  "from this step on start a new run with checkpoint.branch_from=<checkpoint>")
             history = saved[:-1] + [(saved[-1][0], self.fields)]
-        if [(s, f) for s, f in history] != [(s, f) for s, f in self.schedules.history]:
-            self._build(RunSchedules(history))
+        if [(s, f) for s, f in history] != [(s, f) for s, f in self.phases.history]:
+            self._build(RunPhases(history))
             d = self.dataset
-        step, off = self.schedules.batch.step_of_sample(consumed)
+        step, off = self.phases.batch.step_of_sample(consumed)
         unit = d.micro_batch * d.dp_size
         if off % unit:
             raise ValueError(f"cannot resume at samples_consumed={consumed}: not a micro-batch boundary of "
-                             f"global_batch={self.schedules.global_batch(step)}, micro_batch={d.micro_batch}, "
+                             f"global_batch={self.phases.global_batch(step)}, micro_batch={d.micro_batch}, "
                              f"DP={d.dp_size}; resume with the saved layout or from a global-batch boundary")
         self._micro = d.micro_index(step, off // unit)
         self._close()

@@ -1,6 +1,8 @@
-"""Training schedules: lists of phases keyed by step (or by tokens), parsed, validated, evaluated.
+"""Data and batch phases: the data.*_schedule options and train.batch_warmup, lists of phases keyed
+by step (or by tokens), parsed, validated, evaluated per step. (The pipeline schedule is
+parallel/schedule.py; the learning-rate schedule optim.LRSchedule.)
 
-A schedule option is a list of phases, each a mapping with its start (`step: N` or `tokens: N`;
+A phase option is a list of phases, each a mapping with its start (`step: N` or `tokens: N`;
 the first phase starts at 0) and its value:
 
     data.alpha_schedule:    [{step: 0, alpha: 0.7}, {step: 3000, alpha: 0.5}, {tokens: 2.0e9, alpha: 0.3}]
@@ -19,10 +21,10 @@ from B0 to train.global_batch over the first N tokens, in multiples of train.mic
 (the step's number of micro-batches varies; the loss is still normalised by the step's global
 masked-token count).
 
-A run's schedules form a history: [(0, the run's own)], or for a branch (checkpoint.branch_from)
+A run's phase options form a history: [(0, the run's own)], or for a branch (checkpoint.branch_from)
 the parent's history followed by (branch step, the branch's). At step s the entry with the
 largest start <= s decides every value, so the steps before a branch are exactly the parent's
-and a branch with the parent's schedules is the parent (see `RunSchedules`).
+and a branch with the parent's options is the parent (see `RunPhases`).
 """
 from __future__ import annotations
 
@@ -120,9 +122,9 @@ def parse_batch_warmup(raw: Any, global_batch: int, unit: int) -> Optional[Tuple
     return int(start), int(tokens)
 
 
-# ----------------------------------------------------------------------------- one valued schedule
+# ----------------------------------------------------------------------------- one value's phases
 
-class Schedule:
+class PhaseValue:
     """A value per optimizer step: phases (start step, value), stepped or linear (see module doc)."""
 
     def __init__(self, starts: Sequence[int], values: Sequence[Any], interpolate: str = "stepped", every: int = 1):
@@ -130,7 +132,7 @@ class Schedule:
         self.interpolate, self.every = interpolate, max(int(every), 1)
 
     @classmethod
-    def constant(cls, value) -> "Schedule":
+    def constant(cls, value) -> "PhaseValue":
         return cls([0], [value])
 
     def _phase(self, step: int) -> int:
@@ -182,7 +184,7 @@ class BatchRule:
         return (self.target, self.unit, self.seq, self.warmup)
 
 
-class BatchSchedule:
+class BatchSizes:
     """Global batch and first sample of every step under a history of BatchRules [(from_step, rule)]:
     runs of steps with one batch size, (first step, first sample, batch, steps or None)."""
 
@@ -233,10 +235,10 @@ class BatchSchedule:
         return step + (1 if off else 0)
 
 
-# ----------------------------------------------------------------------------- a run's schedules
+# ----------------------------------------------------------------------------- a run's phases
 
-def data_schedule_fields(data_cfg, global_batch: int, batch_warmup: Optional[dict], unit: int) -> Dict[str, Any]:
-    """The schedule-defining options as plain data (stored in checkpoints for branches);
+def data_phase_fields(data_cfg, global_batch: int, batch_warmup: Optional[dict], unit: int) -> Dict[str, Any]:
+    """The phase-defining options as plain data (stored in checkpoints for branches);
     `unit` = train.micro_batch x DP."""
     d = data_cfg
     return {"alpha": d.alpha, "alpha_schedule": d.alpha_schedule, "alpha_interpolation": d.alpha_interpolation,
@@ -246,28 +248,28 @@ def data_schedule_fields(data_cfg, global_batch: int, batch_warmup: Optional[dic
             "global_batch": int(global_batch), "batch_warmup": batch_warmup, "unit": int(unit)}
 
 
-def schedule_fields(cfg, unit: int) -> Dict[str, Any]:
-    """data_schedule_fields of a RunConfig."""
-    return data_schedule_fields(cfg.data, cfg.train.global_batch, cfg.train.batch_warmup, unit)
+def phase_fields(cfg, unit: int) -> Dict[str, Any]:
+    """data_phase_fields of a RunConfig."""
+    return data_phase_fields(cfg.data, cfg.train.global_batch, cfg.train.batch_warmup, unit)
 
 
-def same_schedule(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    """Whether two schedule_fields define the same schedules (the unit only matters under a batch warmup)."""
+def same_phases(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether two phase_fields define the same phases (the unit only matters under a batch warmup)."""
     if a.get("batch_warmup") is None and b.get("batch_warmup") is None:
         a, b = {k: v for k, v in a.items() if k != "unit"}, {k: v for k, v in b.items() if k != "unit"}
     return a == b
 
 
 class _Entry:
-    """One history entry's schedules; token-keyed phases resolved with the run's BatchSchedule."""
+    """One history entry's phases; token-keyed phases resolved with the run's BatchSizes."""
 
-    def __init__(self, f: Dict[str, Any], batch: Optional[BatchSchedule]):
+    def __init__(self, f: Dict[str, Any], batch: Optional[BatchSizes]):
         self.f = f
         seq = int(f["seq_length"])
 
         def build(raw, option, key, check, const, interpolate="stepped", every=1):
             if raw is None:
-                return Schedule.constant(const), []
+                return PhaseValue.constant(const), []
             phases = parse_phases(raw, option, key, check)
             if any(kind == "tokens" for kind, _, _ in phases) and batch is None:
                 return None, phases
@@ -276,7 +278,7 @@ class _Entry:
                 if starts[i] <= starts[i - 1]:
                     raise ConfigError(f"{option}[{i}] resolves to step {starts[i]}, not after phase {i - 1}'s "
                                       f"step {starts[i - 1]}: phases must be in increasing order")
-            return Schedule(starts, [v for _, _, v in phases], interpolate, every), phases
+            return PhaseValue(starts, [v for _, _, v in phases], interpolate, every), phases
 
         for name in ("alpha_interpolation", "mask_interpolation"):
             if f[name] not in INTERPOLATIONS:
@@ -309,25 +311,25 @@ class _Entry:
         return tuple(seen)
 
 
-class RunSchedules:
+class RunPhases:
     """Every per-step value of a run: alpha, active languages, mask rate, global batch, first sample.
 
-    history: [(from_step, schedule_fields)] in increasing from_step, the first at 0 (see the module
+    history: [(from_step, phase_fields)] in increasing from_step, the first at 0 (see the module
     doc). Validates everything on construction (ConfigError naming the option)."""
 
     def __init__(self, history: Sequence[Tuple[int, Dict[str, Any]]]):
         if not history or history[0][0] != 0 or any(b[0] <= a[0] for a, b in zip(history, history[1:])):
-            raise ValueError(f"RunSchedules: history steps {[h[0] for h in history]} must start at 0 and increase")
+            raise ValueError(f"RunPhases: history steps {[h[0] for h in history]} must start at 0 and increase")
         self.history = [(int(s), dict(f)) for s, f in history]
         self._from = [s for s, _ in self.history]
         rules = [(s, _Entry(f, None).batch_rule) for s, f in self.history]
-        self.batch = BatchSchedule(rules)
+        self.batch = BatchSizes(rules)
         self.entries = [_Entry(f, self.batch) for _, f in self.history]
 
     @classmethod
     def from_config(cls, cfg, unit: int, history: Optional[Sequence] = None, branch_step: Optional[int] = None):
-        """The run's schedules; with a parent `history` and `branch_step`, the branch's."""
-        own = schedule_fields(cfg, unit)
+        """The run's phases; with a parent `history` and `branch_step`, the branch's."""
+        own = phase_fields(cfg, unit)
         if history is None:
             return cls([(0, own)])
         kept = [(s, f) for s, f in history if s < branch_step]
@@ -396,7 +398,7 @@ class RunSchedules:
                 "active_languages": n_corpus_languages if langs is None else len(langs)}
 
     def resolved(self, until_step: Optional[int] = None) -> Dict[str, Any]:
-        """The step-keyed schedules (tokens resolved), for the run directory."""
+        """The step-keyed phases (tokens resolved), for the run directory."""
         return {"history_from_steps": self._from,
                 "blend_phases": [{"step": s, "sample": self.sample_start(s), "alpha": a,
                                   "languages": None if l is None else list(l)} for s, a, l in self.blend_segments()],
@@ -405,20 +407,13 @@ class RunSchedules:
                                 sorted({p for e in self.entries for p in e.mask.starts})]}
 
 
-def validate_run_schedules(cfg) -> None:
-    """Parse and check every schedule option of a RunConfig before anything is allocated."""
+def validate_run_phases(cfg) -> RunPhases:
+    """Parse and check every phase option of a RunConfig (data.*_schedule, train.batch_warmup)
+    before anything is allocated; returns the run's phases. Whether each warmup batch size suits
+    the pipeline schedule is the layout's rule: RunConfig.validate checks `batch.runs` with it."""
     dp = max(int(cfg.parallel.data or 1), 1)
     unit = cfg.train.micro_batch * dp
     if cfg.train.batch_warmup is not None and math.gcd(cfg.train.global_batch, unit) != unit:
         raise ConfigError(f"train.global_batch={cfg.train.global_batch} is not a multiple of "
                           f"train.micro_batch x DP = {unit}")
-    rs = RunSchedules.from_config(cfg, unit)
-    if cfg.train.batch_warmup is not None:          # every size of the warmup must suit the pipeline schedule
-        from xlmr_mp.parallel.layout import check_micro_batch_count, schedule_kind
-        kind, pp = schedule_kind(cfg.parallel), cfg.parallel.pipeline
-        for _, _, g, _ in rs.batch.runs:
-            try:
-                check_micro_batch_count(kind, pp, g // unit)
-            except ConfigError as e:
-                raise ConfigError(f"train.batch_warmup: a global batch of {g} is {g // unit} micro-batches per "
-                                  f"step: {e}") from None
+    return RunPhases.from_config(cfg, unit)

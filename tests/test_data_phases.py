@@ -1,4 +1,4 @@
-"""Schedules (xlmr_mp/schedules.py): phase lists keyed by step or tokens, validated before anything
+"""Data and batch phases (xlmr_mp/data/phases.py): phase lists keyed by step or tokens, validated before anything
 is allocated; per-step values; batch warmup arithmetic; branch histories; wsd and 1-sqrt LR."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 
 from xlmr_mp.config import ConfigError, load_config
 from xlmr_mp.optim import LRSchedule
-from xlmr_mp.schedules import BatchRule, BatchSchedule, RunSchedules, schedule_fields
+from xlmr_mp.data.phases import BatchRule, BatchSizes, RunPhases, phase_fields
 
 from support.train_bodies import TINY
 
@@ -16,7 +16,7 @@ def _cfg(*ov):
 
 
 def _rs(*ov, unit=4):
-    return RunSchedules.from_config(_cfg(*ov), unit)
+    return RunPhases.from_config(_cfg(*ov), unit)
 
 
 def test_stepped_and_linear_alpha_per_step():
@@ -50,7 +50,7 @@ def test_tokens_keys_resolve_to_the_first_step_reaching_them():
 
 def test_batch_warmup_grows_in_units_and_samples_tile_the_stream():
     rule = BatchRule(32, unit=4, seq_length=10, warmup=(8, 2000))
-    bs = BatchSchedule([(0, rule)])
+    bs = BatchSizes([(0, rule)])
     sizes = [bs.global_batch(s) for s in range(30)]
     assert sizes[0] == 8 and sizes[-1] == 32 and all(g % 4 == 0 for g in sizes)
     assert sizes == sorted(sizes) and len(set(sizes)) > 3
@@ -64,12 +64,12 @@ def test_batch_warmup_grows_in_units_and_samples_tile_the_stream():
 
 
 def test_branch_history_keeps_the_parent_before_the_branch_step():
-    parent = schedule_fields(_cfg("data.alpha_schedule=[{step: 0, alpha: 0.7}, {step: 20, alpha: 0.3}]"), 4)
-    same = RunSchedules([(0, parent), (12, parent)])
-    ref = RunSchedules([(0, parent)])
+    parent = phase_fields(_cfg("data.alpha_schedule=[{step: 0, alpha: 0.7}, {step: 20, alpha: 0.3}]"), 4)
+    same = RunPhases([(0, parent), (12, parent)])
+    ref = RunPhases([(0, parent)])
     assert same.blend_segments() == ref.blend_segments() and same.batch.runs == ref.batch.runs
-    other = schedule_fields(_cfg("data.language_schedule=[{step: 0, languages: [en]}]"), 4)
-    br = RunSchedules([(0, parent), (12, other)])
+    other = phase_fields(_cfg("data.language_schedule=[{step: 0, languages: [en]}]"), 4)
+    br = RunPhases([(0, parent), (12, other)])
     assert [(s, a, l) for s, a, l in br.blend_segments()] == [(0, 0.7, None), (12, 0.3, ("en",))]
     assert [br.alpha(s) for s in (11, 12, 25)] == [0.7, 0.3, 0.3]
 
@@ -92,6 +92,16 @@ def test_bad_schedules_fail_at_config_time_naming_the_option(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [override])
     assert needle in str(e.value)
+
+
+def test_every_warmup_batch_size_must_suit_the_pipeline_schedule():
+    """RunConfig.validate checks each global batch of the warmup with the layout's micro-batch rule
+    (parallel/layout.py), which data/phases.py does not import."""
+    ov = ["parallel.pipeline=2", "train.micro_batch=2", "train.global_batch=16"]
+    load_config(TINY, ov + ["train.batch_warmup={start: 4, tokens: 1000}"], world_size=2)
+    with pytest.raises(ConfigError, match=r"train.batch_warmup: a global batch of 2 is 1 micro-batches per step: "
+                                          r"1F1B needs at least parallel.pipeline=2"):
+        load_config(TINY, ov + ["train.batch_warmup={start: 2, tokens: 1000}"], world_size=2)
 
 
 def test_language_schedule_must_be_within_data_languages():
@@ -117,7 +127,7 @@ def test_wsd_and_1_sqrt_learning_rates():
 def test_mmbert_like_preset_resolves():
     import os
     cfg = load_config(os.path.join(os.path.dirname(TINY), "mmbert_like.yaml"), world_size=32)
-    r = RunSchedules.from_config(cfg, cfg.train.micro_batch * cfg.parallel.data)
+    r = RunPhases.from_config(cfg, cfg.train.micro_batch * cfg.parallel.data)
     seg = r.blend_segments()
     assert [(a, len(l)) for _, a, l in seg] == [(0.7, 60), (0.5, 110), (0.3, 129)]
     assert seg[2][0] == 1_450_000 and 0.7 < seg[1][0] / cfg.train.train_steps < 0.8    # tokens 4.8e12
