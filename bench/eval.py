@@ -51,7 +51,7 @@ def run_config(shape: str, extra=()):
 def tiny_tokenizer(workdir: str):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import train_spm
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     from xlmr_mp.tokenizer import XLMRTokenizer
     make_tiny_corpus(os.path.join(workdir, "corpus"))
     assert train_spm.main(["--input", os.path.join(workdir, "corpus"), "--output-prefix",
@@ -71,7 +71,7 @@ def eval_model(shape: str, tok):
 
 
 def flores_lines(lang: str, n: int):
-    from xlmr_mp.data.tiny_corpus import tiny_documents
+    from xlmr_mp.fixtures.demo_corpus import tiny_documents
     path = os.path.join(SHARED, "flores200_devtest", f"{lang}.txt")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -98,7 +98,7 @@ def sib_data(workdir: str, n_train: int):
     shared = os.path.join(SHARED, "sib200")
     if os.path.isfile(os.path.join(shared, "en", "train.tsv")):
         return shared, "SIB-200 en"
-    from xlmr_mp.data.tiny_corpus import tiny_documents
+    from xlmr_mp.fixtures.demo_corpus import tiny_documents
     d = os.path.join(workdir, "sib", "en")
     os.makedirs(d, exist_ok=True)
     sents = [s for doc in tiny_documents("en", 1100, seed=4) for s in doc]

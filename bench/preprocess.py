@@ -59,7 +59,7 @@ def build_corpus(out_dir, mb):
                 for r in range(reps):
                     f.write(data if r == 0 else b"\n" + data)
         return langs, f"../shared/corpus slice ({len(langs)} languages)"
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     scale = mb * 1e6 / 180e3
     paths = make_tiny_corpus(out_dir, scale=scale)
     return list(paths), f"built-in tiny corpus x{scale:.0f}"

@@ -34,7 +34,7 @@ else
 fi
 
 echo "== 2/4 tiny corpus -> $OUT/corpus"
-python -c "from xlmr_mp.data.tiny_corpus import make_tiny_corpus; make_tiny_corpus('$OUT/corpus')"
+python -c "from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus; make_tiny_corpus('$OUT/corpus')"
 
 echo "== 3/4 SentencePiece (1000 pieces -> vocab 1002) and preprocessing -> $OUT/data"
 [ -f "$OUT/spm/tiny.model" ] || python tools/train_spm.py --input "$OUT/corpus" --output-prefix "$OUT/spm/tiny" \

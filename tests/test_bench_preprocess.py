@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from support.prep import ROOT, train_tiny_spm
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
 
 
 def test_bench_preprocess_smoke(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from support import train_bodies as b
 from support.prep import train_tiny_spm
 from xlmr_mp.config import ConfigError, load_config
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
 
 
 @pytest.fixture(scope="module")

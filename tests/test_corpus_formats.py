@@ -17,7 +17,7 @@ zstandard = pytest.importorskip("zstandard")
 from support.prep import run_tool, train_tiny_spm  # noqa: E402
 from xlmr_mp.data.corpus_io import (CorpusError, corpus_ranges, find_language_files, iter_documents,  # noqa: E402
                                     iter_raw_chunks)
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus  # noqa: E402
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus  # noqa: E402
 
 LANGS = ("en", "ru")
 

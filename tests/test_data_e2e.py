@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from support.prep import run_tool, train_tiny_spm
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
 
 LANGS = ["en", "fr", "zh", "ur", "sw"]
 

@@ -22,7 +22,7 @@ FAST = dict(epochs="12", lr="1e-3", batch_size="8", dropout="0.0")
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from support.prep import train_tiny_spm
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     from xlmr_mp.tokenizer import XLMRTokenizer
     d = tmp_path_factory.mktemp("ft_tok")
     make_tiny_corpus(d / "corpus")

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_study_and_evaluation_finish_without_matplotlib(tmp_path):
-    from xlmr_mp.data.tiny_corpus import make_heldout_sentences, make_tiny_corpus
+    from xlmr_mp.fixtures.demo_corpus import make_heldout_sentences, make_tiny_corpus
     block = tmp_path / "block"
     block.mkdir()
     (block / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")

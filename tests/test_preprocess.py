@@ -14,7 +14,7 @@ from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.data.corpus_io import (CorpusError, RawChunk, align_range_start, iter_documents, iter_raw_chunks,
                                     parse_chunk)
 from xlmr_mp.data.indexed import IndexedWriter, read_documents, read_index
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
 from xlmr_mp.tokenizer import XLMRTokenizer
 
 SPLITS = ("train", "valid", "test")

@@ -12,7 +12,7 @@ import pytest
 
 from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.data.corpus_io import CorpusError
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
 
 BAD = b"bad \xff\xfe line\n"
 

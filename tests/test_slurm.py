@@ -253,7 +253,7 @@ def test_preprocess_slurm_mpi_across_nodes_matches_single_process(slurm, tmp_pat
     byte for byte, as one process."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import train_spm
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     corpus = tmp_path / "corpus"
     make_tiny_corpus(corpus, languages=["en", "ru", "zh"], scale=0.6)
     assert train_spm.main(["--input", str(corpus), "--output-prefix", str(tmp_path / "spm"), "--vocab-size", "800",

@@ -19,7 +19,7 @@ from support.study_cells import finish_cell, write_spec
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     d = str(tmp_path_factory.mktemp("corpus"))
     make_tiny_corpus(d)
     return d

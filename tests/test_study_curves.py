@@ -14,7 +14,7 @@ from support.study_cells import ROOT, finish_cell, study_env, write_spec
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     d = str(tmp_path_factory.mktemp("corpus"))
     make_tiny_corpus(d)
     return d
@@ -163,7 +163,7 @@ def _env():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_one_cell_with_curves_end_to_end(tmp_path_factory):
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus, tiny_documents
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus, tiny_documents
     root = tmp_path_factory.mktemp("curves")
     corpus = str(root / "corpus")
     make_tiny_corpus(corpus, languages=["en", "sw", "fr"], scale=0.5)

@@ -52,7 +52,7 @@ def _write_spec(path, corpus, eval_dir, **extra):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus, tiny_documents
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus, tiny_documents
     root = tmp_path_factory.mktemp("study")
     corpus = str(root / "corpus")
     make_tiny_corpus(corpus, languages=["en", "sw", "fr"], scale=0.5)

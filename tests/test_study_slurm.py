@@ -20,7 +20,7 @@ TINY = os.path.join(ROOT, "xlmr_mp", "presets", "tiny.yaml")
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_study_runs_as_a_job_array(slurm, tmp_path):  # noqa: F811
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     corpus = str(tmp_path / "corpus")
     make_tiny_corpus(corpus, languages=["en", "sw"], scale=0.5)
     spec = str(tmp_path / "spec.yaml")

@@ -2,7 +2,7 @@ import os
 import unicodedata
 
 from xlmr_mp.data.corpus_io import iter_documents
-from xlmr_mp.data.tiny_corpus import DEFAULT_SIZES, make_tiny_corpus, tiny_languages
+from xlmr_mp.fixtures.demo_corpus import DEFAULT_SIZES, make_tiny_corpus, tiny_languages
 
 
 def _scripts(text):

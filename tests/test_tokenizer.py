@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 
 from support.prep import train_tiny_spm
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
 from xlmr_mp.tokenizer import TokenizerError, XLMRTokenizer, read_fairseq_dict
 
 TEXTS = ["The city river goes to the market.", "Люди читают книга сегодня.", "人们 城市 河流 学校。",

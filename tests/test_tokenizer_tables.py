@@ -13,7 +13,7 @@ from xlmr_mp.data.config import DataConfig
 from xlmr_mp.data.indexed import read_documents
 from xlmr_mp.data.loader import ValidationLoader, make_masker
 from xlmr_mp.data.masking import sentencepiece_tables
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
 from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.tokenizer import XLMRTokenizer, read_fairseq_dict
 

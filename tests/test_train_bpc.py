@@ -16,7 +16,7 @@ from support import train_bodies as b
 from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.config import load_config
 from xlmr_mp.data.loader import ValidationLoader
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
 from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.tokenizer import XLMRTokenizer
 

@@ -8,7 +8,7 @@ import sentencepiece as spm
 
 from support.prep import run_tool
 from xlmr_mp.data.corpus_io import iter_sentences
-from xlmr_mp.data.tiny_corpus import DEFAULT_SIZES, make_tiny_corpus
+from xlmr_mp.fixtures.demo_corpus import DEFAULT_SIZES, make_tiny_corpus
 
 
 def test_sampling_probabilities():

@@ -10,7 +10,7 @@ import numpy as np
 from support import train_bodies as b
 from support.prep import run_tool, train_tiny_spm
 from xlmr_mp.data.indexed import read_index
-from xlmr_mp.data.tiny_corpus import make_tiny_corpus, tiny_languages
+from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus, tiny_languages
 
 
 def test_tiny_corpus_has_a_validation_document_in_every_language(tmp_path):

@@ -76,7 +76,7 @@ class SyntheticCorpus:
 
     def __init__(self, seq_length: int, languages: Optional[Sequence[str]] = None,
                  blocks_per_language: Optional[Dict[str, int]] = None):
-        from xlmr_mp.data.tiny_corpus import DEFAULT_SIZES
+        from xlmr_mp.fixtures.demo_corpus import DEFAULT_SIZES
         self.languages = list(languages) if languages else list(DEFAULT_SIZES)
         sizes = blocks_per_language or {lang: 1000 * DEFAULT_SIZES.get(lang, 100) for lang in self.languages}
         self.blocks = [int(sizes[lang]) for lang in self.languages]

@@ -18,7 +18,7 @@ EVAL_LANGS = ("en", "zh", "ur")
 
 def eval_lines(lang: str, n: int = 24, seed: int = 11):
     """Held-out-style lines of the tiny corpus generator (another seed than the training text)."""
-    from xlmr_mp.data.tiny_corpus import tiny_documents
+    from xlmr_mp.fixtures.demo_corpus import tiny_documents
     return [s for d in tiny_documents(lang, n, seed=seed) for s in d][:n]
 
 
@@ -62,7 +62,7 @@ def trained_run(base_dir: str) -> dict:
     """The tiny TP=2 run (built once under base_dir; later calls reuse it)."""
     from support.harness import run_distributed
     from support.prep import run_tool, train_tiny_spm
-    from xlmr_mp.data.tiny_corpus import make_tiny_corpus
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     try:
         from xlmr_mp.model.sharding import local_to_full
     except ImportError:                     # before the sharding table moved beside the model
