@@ -26,6 +26,7 @@ import time
 import torch  # noqa: E402
 import bench_log  # noqa: E402  (bench/, beside this script)
 
+from xlmr_mp import kernels  # noqa: E402
 from xlmr_mp.kernels import encoder_layer_cpu  # noqa: E402
 from xlmr_mp.model.config import ModelConfig  # noqa: E402
 from xlmr_mp.model.encoder import EncoderLayer  # noqa: E402
@@ -102,6 +103,7 @@ def bench_shape(B, S, H, heads, F, rounds):
                       dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
     layer = EncoderLayer(cfg).train()
+    kernels.apply(layer, "cpu")
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0.0, 0.05) if p.dim() > 1 else p.uniform_(-0.1, 0.1)

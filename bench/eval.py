@@ -60,11 +60,13 @@ def tiny_tokenizer(workdir: str):
 
 
 def eval_model(shape: str, tok):
+    from xlmr_mp import kernels
     from xlmr_mp.eval.api import EvalModel
     from xlmr_mp.model.xlmr import XLMRModel
     cfg = run_config(shape).model
     model = XLMRModel(cfg, init_seed=0).eval()
     model.strip_vocab_padding = True
+    kernels.apply(model, "cpu")
     import dataclasses
     return EvalModel(model=model, tokenizer=tok, source=f"random {shape}", kind="xlmr_mp", step=0,
                      config=dataclasses.asdict(cfg))

@@ -33,6 +33,7 @@ from xlmr_mp.metrics import peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 
 def _setup(args, device):
+    from xlmr_mp import kernels
     from xlmr_mp.model.config import ModelConfig
     from xlmr_mp.model.xlmr import MLMHead
     from xlmr_mp.parallel.vocab import padded_vocab_size
@@ -42,6 +43,7 @@ def _setup(args, device):
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     head = MLMHead(cfg, vp).to(device=device, dtype=dtype)
+    kernels.apply(head, device)           # the model's path in training: the fused paths applied
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.02, generator=None)
@@ -57,10 +59,8 @@ def _setup(args, device):
 def _chunked(head, weight, hidden, labels):
     """The model path (MLMHead.masked_loss_sum): masked positions gathered, then the chunked
     vocab-parallel loss (parallel/vocab.py), never holding the [masked, V] fp32 logits."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    flat = labels.reshape(-1)
-    sel = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    return head.masked_loss_sum(h, sel, weight, flat.index_select(0, sel)) / sel.numel()
+    loss_sum, count = head.masked_loss_sum(hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), weight)
+    return loss_sum / count
 
 
 def _gathered(head, weight, hidden, labels):

@@ -5,6 +5,7 @@ a bad id's error, and the dispatch rule."""
 import pytest
 import torch
 
+from xlmr_mp import kernels
 from xlmr_mp.kernels import dispatch, embeddings_cpu
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.xlmr import Embeddings
@@ -22,6 +23,7 @@ def _emb(dropout=0.1, hidden=40):
         for p in emb.parameters():
             p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
         emb.token_type_embeddings.copy_(torch.randn_like(emb.token_type_embeddings) * 0.1)
+    kernels.apply(emb, "cpu")
     return emb
 
 

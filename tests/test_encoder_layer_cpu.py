@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from xlmr_mp import kernels
 from xlmr_mp.kernels import attention_cpu, cpu_fast_path, encoder_layer_cpu
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.encoder import EncoderLayer, attention_bias
@@ -25,6 +26,7 @@ def _layer(hidden=64, heads=4, ffn=128, dropout=0.1, attention_dropout=0.0, seed
     with torch.no_grad():   # non-trivial LayerNorm affine and biases, so every gradient is tested
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and p.numel() == hidden else 0.0))
+    kernels.apply(layer, "cpu")
     return layer
 
 
@@ -349,26 +351,23 @@ def test_gradients_into_grad_leaves_the_parameters_out_of_the_graph():
 
 
 def _trainer_body(rank, world_size, run_dir):
-    import contextlib as cl
     from support import train_bodies as b
-    from xlmr_mp.parallel import schedule
     from xlmr_mp.parallel.state import destroy_parallel
     taken = []
     real = encoder_layer_cpu.edge_free_targets
     encoder_layer_cpu.edge_free_targets = lambda params: taken.append(real(params) is not None) or real(params)
     out = {}
     for mode in ("edges", "edge_free"):
-        if mode == "edges":
-            schedule.gradients_into_grad = cl.nullcontext
         cfg = b.tiny_cfg(["train.global_batch=8", "train.micro_batch=4", "model.dropout=0.1",
                           f"run_dir={run_dir}/{mode}", "logging.jsonl=false"], world_size)
         tr, _ = b.make_trainer(cfg)
+        if mode == "edges":          # the schedule without the applied kernels' micro-batch context
+            tr.schedule.micro_batch = None
         taken.clear()
         ms = [tr.train_step() for _ in range(3)]
         out[mode] = {"losses": [m["loss"] for m in ms], "grad_norms": [m["grad_norm"] for m in ms],
                      "params": b.local_params(tr), "taken": list(taken)}
         destroy_parallel()
-        schedule.gradients_into_grad = cpu_fast_path.gradients_into_grad
     return out
 
 

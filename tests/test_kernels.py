@@ -1,6 +1,7 @@
 """CPU tests of xlmr_mp.kernels: each torch reference equals the plain composition it replaces,
-the backward formulas the CUDA kernels implement equal autograd, the chunked MLM shard
-cross-entropy equals the full one (also TP=2 on gloo), and the XLMR_MP_KERNELS dispatch."""
+the backward formulas the CUDA kernels implement equal autograd, the MLM shard statistics and
+gradient of the fused CUDA rows (their references) combine to the full cross-entropy, and the
+XLMR_MP_KERNELS dispatch. (The masked-LM loss itself: tests/test_chunked_loss.py.)"""
 import math
 import types
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support.harness import run_distributed
 from xlmr_mp.kernels import dispatch, mlm_xent, ops
+from xlmr_mp.parallel.vocab import local_targets, vocab_parallel_masked_lm_loss
 
 
 def _gen(seed=0):
@@ -148,18 +149,6 @@ def _xent_problem(M=13, D=8, V=101, dtype=torch.float64, seed=8):
     return h, w, b, t
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 32, 101, 1000])
-def test_chunked_stats_equal_plain_composition(chunk):
-    h, w, b, t = _xent_problem()
-    for start, end in ((0, 101), (0, 40), (40, 101), (17, 18)):  # full vocab and shards
-        ref = mlm_xent.shard_xent_stats_ref(h, w[start:end], b[start:end], t, start)
-        got = mlm_xent.shard_xent_stats_chunked(h, w[start:end], b[start:end], t, start, chunk)
-        for a, e in zip(got, ref):
-            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
-        owned = (t >= start) & (t < end)
-        assert torch.all(ref[1][~owned] == 0)
-
-
 def test_shard_stats_combine_to_full_cross_entropy():
     h, w, b, t = _xent_problem()
     full = F.cross_entropy(F.linear(h, w, b), t, reduction="none")
@@ -170,55 +159,12 @@ def test_shard_stats_combine_to_full_cross_entropy():
     torch.testing.assert_close((lse - tl).double(), full, rtol=1e-6, atol=1e-6)
 
 
-def test_chunked_path_never_materialises_full_fp32_logits(monkeypatch):
-    h, w, b, t = _xent_problem(V=300, dtype=torch.float32)
-    widths = []
-    real_linear = F.linear
-
-    def spy(x, weight, bias=None):
-        out = real_linear(x, weight, bias)
-        widths.append(out.shape[-1])
-        return out
-
-    monkeypatch.setattr(mlm_xent.F, "linear", spy)
-    h.requires_grad_(True)
-    loss = mlm_xent.mlm_cross_entropy(h, w, b, t, chunk=64)
-    loss.sum().backward()
-    assert widths and max(widths) <= 64
-
-
-@pytest.mark.parametrize("chunk", [5, 64])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_mlm_cross_entropy_values_and_grads_equal_torch(chunk, with_bias):
-    h, w, b, t = _xent_problem()
-    b = b if with_bias else None
-    leaves = [x.clone().requires_grad_(True) for x in (h, w) + ((b,) if with_bias else ())]
-    ref_leaves = [x.clone().requires_grad_(True) for x in leaves]
-    g = torch.randn(h.shape[0], generator=_gen(9), dtype=torch.float64)
-    loss = mlm_xent.mlm_cross_entropy(leaves[0], leaves[1], leaves[2] if with_bias else None, t, chunk=chunk)
-    ref = F.cross_entropy(F.linear(ref_leaves[0], ref_leaves[1], ref_leaves[2] if with_bias else None), t,
-                          reduction="none")
-    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
-    grads = torch.autograd.grad(loss, leaves, g.float())
-    ref_grads = torch.autograd.grad(ref, ref_leaves, g)
-    for a, e in zip(grads, ref_grads):
-        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6)
-
-
-def test_mlm_cross_entropy_bf16_close_to_fp64():
-    h, w, b, t = _xent_problem(M=9, D=16, V=77)
-    loss = mlm_xent.mlm_cross_entropy(h.bfloat16(), w.bfloat16(), b.bfloat16(), t, chunk=20)
-    assert loss.dtype == torch.float32
-    ref = F.cross_entropy(F.linear(h, w, b), t, reduction="none")
-    torch.testing.assert_close(loss.double(), ref, rtol=0.05, atol=0.1)
-
-
 def test_shard_xent_grad_formula_equals_autograd():
     h, w, b, t = _xent_problem()
     start, end = 20, 70
     logits = F.linear(h, w[start:end], b[start:end]).requires_grad_(True)
     lse_full = torch.logsumexp(F.linear(h, w, b), dim=-1)
-    t_local = mlm_xent.local_targets(t, start, end - start)
+    t_local = local_targets(t, start, end - start)
     owned = t_local >= 0
     tl = torch.where(owned, logits.gather(1, t_local.clamp(min=0)[:, None]).squeeze(1), torch.zeros(()).double())
     # loss = lse (over the full vocabulary, a function of these logits too) - target logit
@@ -228,31 +174,6 @@ def test_shard_xent_grad_formula_equals_autograd():
     (dl,) = torch.autograd.grad(loss, (logits,), g)
     got = mlm_xent.shard_xent_grad_ref(logits.detach(), t_local, lse_full.float(), g)
     torch.testing.assert_close(got, dl, rtol=1e-5, atol=1e-6)
-
-
-def test_mlm_cross_entropy_rejects_bad_shapes():
-    h, w, b, t = _xent_problem()
-    with pytest.raises(ValueError, match="weight"):
-        mlm_xent.mlm_cross_entropy(h, w[:, :3], b, t)
-    with pytest.raises(ValueError, match="target"):
-        mlm_xent.mlm_cross_entropy(h, w, b, t[:3])
-    with pytest.raises(ValueError, match="chunk"):
-        mlm_xent.mlm_cross_entropy(h, w, b, t, chunk=0)
-
-
-def test_vocab_parallel_mlm_cross_entropy_tp2_equals_single_process():
-    h, w, b, t = _xent_problem(M=11, D=8, V=57, dtype=torch.float32)
-    g = torch.randn(11, generator=_gen(11))
-    results = run_distributed(__import__("support.kernels_bodies", fromlist=["shard_xent_rank"]).shard_xent_rank, world_size=2,
-                              args=(h, w, b, t, g, 10), timeout=120)
-    hh, ww, bb = (x.clone().double().requires_grad_(True) for x in (h, w, b))
-    ref = F.cross_entropy(F.linear(hh, ww, bb), t, reduction="none")
-    ref.backward(g.double())
-    for loss, *_ in results:
-        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sum(r[1] for r in results).double(), hh.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.cat([r[2] for r in results]).double(), ww.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.cat([r[3] for r in results]).double(), bb.grad, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ dispatch
@@ -272,8 +193,9 @@ def test_switch_fused_on_cpu_raises_naming_the_switch(monkeypatch):
         dispatch.use_fused(x, "bias_gelu")
     with pytest.raises(dispatch.KernelUnavailable, match="XLMR_MP_KERNELS"):
         ops.bias_gelu(x, b)
+    h, w, b, t = _xent_problem(dtype=torch.float32)
     with pytest.raises(dispatch.KernelUnavailable, match="XLMR_MP_KERNELS"):
-        mlm_xent.mlm_cross_entropy(*_xent_problem())
+        vocab_parallel_masked_lm_loss(h, w, b, t)
 
 
 def test_switch_fused_without_extension_raises(monkeypatch):

@@ -218,27 +218,30 @@ def test_mlm_xent_stats_and_inplace_grad(ext, dtype, M, V):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mlm_cross_entropy_fused_matches_chunked_reference(ext, dtype, monkeypatch):
+def test_masked_lm_loss_fused_rows_match_the_torch_rows(ext, dtype, monkeypatch):
+    """The one masked-LM loss (parallel/vocab.py) with the fused CUDA rows and with its torch rows,
+    in value and every gradient, against float64 (several chunks of rows)."""
+    from xlmr_mp.parallel.vocab import vocab_parallel_masked_lm_loss
     g = torch.Generator(device="cuda").manual_seed(3)
     M, D, V = 97, 64, 5003
     h = torch.randn(M, D, device="cuda", generator=g).to(dtype)
     w = (torch.randn(V, D, device="cuda", generator=g) * 0.1).to(dtype)
     b = (torch.randn(V, device="cuda", generator=g) * 0.1).to(dtype)
     t = torch.randint(0, V, (M,), device="cuda", generator=g)
-    gl = torch.randn(M, device="cuda", generator=g)
+    up = torch.tensor(0.37, device="cuda")
     outs = {}
     for mode in ("fused", "reference"):
         monkeypatch.setenv(dispatch.ENV, mode)
         leaves = [_leaf(x) for x in (h, w, b)]
-        loss = mlm_xent.mlm_cross_entropy(*leaves, t, chunk=1024)
-        outs[mode] = (loss, *_grads(loss, leaves, gl))
+        loss = vocab_parallel_masked_lm_loss(*leaves, t, chunk_rows=32)
+        outs[mode] = (loss, *_grads(loss, leaves, up))
     leaves64 = [_leaf(x.double()) for x in (h, w, b)]
-    ref = F.cross_entropy(F.linear(*leaves64), t, reduction="none")
-    rgrads = _grads(ref, leaves64, gl.double())
+    ref = F.cross_entropy(F.linear(*leaves64), t, reduction="sum")
+    rgrads = _grads(ref, leaves64, up.double())
     leaves_lp = [_leaf(x) for x in (h, w, b)]  # the torch low-precision path: full lowp logits
-    tl = F.cross_entropy(F.linear(*leaves_lp), t, reduction="none")
-    tgrads = _grads(tl, leaves_lp, gl.to(dtype))
+    tl = F.cross_entropy(F.linear(*leaves_lp), t, reduction="sum")
+    tgrads = _grads(tl, leaves_lp, up.to(dtype))
     for i, name in enumerate(("loss", "dhidden", "dweight", "dbias")):
         r, tp = (ref, tl) if i == 0 else (rgrads[i - 1], tgrads[i - 1])
         for mode in ("fused", "reference"):
-            assert_within(f"mlm_cross_entropy {mode} {name}", outs[mode][i], tp, r)
+            assert_within(f"masked-LM loss {mode} {name}", outs[mode][i], tp, r)

@@ -6,6 +6,8 @@ whole model against XLMR_MP_KERNELS=reference, and the dispatch rule."""
 import pytest
 import torch
 
+from xlmr_mp import kernels
+from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.kernels import dispatch, mlm_head_cpu
 from xlmr_mp.kernels.cpu_fast_path import blas_sgemm
 from xlmr_mp.model.config import ModelConfig
@@ -26,12 +28,20 @@ def _case(hidden=48, vocab=203, padded=208, rows=60, masked=23, seed=0):
     with torch.no_grad():   # non-trivial LayerNorm affine and biases, so every gradient is tested
         for p in head.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 and p.numel() == hidden else 0.0))
+    kernels.apply(head, "cpu")                              # transform's bias + GELU: the CPU kernel, as in training
     weight = (torch.randn(padded, hidden, generator=g) * 0.2).requires_grad_(True)
     hidden_states = torch.randn(rows, hidden, generator=g).requires_grad_(True)
     sel = torch.randperm(rows, generator=g)[:masked].sort().values
     target = torch.randint(0, vocab, (masked,), generator=g)
     target[0] = vocab - 1                                   # the last real row
     return head, weight, hidden_states, sel, target
+
+
+def _node(head, hidden_states, sel, target, weight, n_real, chunk_rows):
+    """The node's loss sum over rows `sel` of hidden_states against decoder rows `target`."""
+    labels = torch.full((hidden_states.shape[0],), IGNORE_INDEX, dtype=torch.int64)
+    labels[sel] = target
+    return mlm_head_cpu.masked_loss_sum_labels(head, hidden_states, labels, 0, weight, n_real, chunk_rows)[0]
 
 
 def _grads(head, weight, hidden_states, fn):
@@ -48,7 +58,7 @@ def test_node_equals_the_module_path_in_loss_and_every_gradient(chunk_rows):
     head, weight, hs, sel, target = _case()
     assert mlm_head_cpu.applies(head, hs, weight)
     n_real = head.vocab_size
-    node = _grads(head, weight, hs, lambda: mlm_head_cpu.masked_loss_sum(head, hs, sel, target, weight, n_real,
+    node = _grads(head, weight, hs, lambda: _node(head, hs, sel, target, weight, n_real,
                                                                            chunk_rows))
     ref = _grads(head, weight, hs, lambda: vocab_parallel_masked_lm_loss(
         head.transform(hs.index_select(0, sel)), weight, head.bias, target, None, 0, n_real, chunk_rows=chunk_rows))
@@ -66,7 +76,7 @@ def test_node_equals_the_module_path_in_loss_and_every_gradient(chunk_rows):
 def test_no_gradient_call_gives_the_same_loss():
     head, weight, hs, sel, target = _case(seed=3)
     with torch.no_grad():
-        a = mlm_head_cpu.masked_loss_sum(head, hs, sel, target, weight, head.vocab_size, 1000)
+        a = _node(head, hs, sel, target, weight, head.vocab_size, 1000)
         b = vocab_parallel_masked_lm_loss(head.transform(hs.index_select(0, sel)), weight, head.bias, target, None,
                                           0, head.vocab_size)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -108,7 +118,7 @@ def test_a_chunk_above_the_kept_scratch_gets_its_own_buffer():
     head, weight, hs, sel, target = _case(hidden=16, vocab=45003, padded=45008, rows=120, masked=100, seed=4)
     assert sel.numel() * head.vocab_size > 1 << 22
     ext = dispatch._cpu_extension()
-    node = _grads(head, weight, hs, lambda: mlm_head_cpu.masked_loss_sum(head, hs, sel, target, weight,
+    node = _grads(head, weight, hs, lambda: _node(head, hs, sel, target, weight,
                                                                            head.vocab_size, 1000))
     ref = _grads(head, weight, hs, lambda: vocab_parallel_masked_lm_loss(
         head.transform(hs.index_select(0, sel)), weight, head.bias, target, None, 0, head.vocab_size))
@@ -119,11 +129,10 @@ def test_a_chunk_above_the_kept_scratch_gets_its_own_buffer():
 
 
 def test_labels_entry_finds_the_masked_rows_itself():
-    """The model's entry (MLMHead.masked_loss_sum_labels): labels [T] with IGNORE_INDEX where not
-    masked and an offset subtracted; the C++ call gathers the rows: the same loss, count and every
+    """The node's entry (what kernels.apply installs as MLMHead.masked_loss_sum): labels [T] with
+    IGNORE_INDEX where not masked and an offset subtracted; the C++ call gathers the rows: the same loss, count and every
     gradient as the module path on the gathered rows (unmasked rows' hidden gradient exactly 0);
     no masked row at all: loss 0, count 0, zero gradients."""
-    from xlmr_mp.ids import IGNORE_INDEX
     head, weight, hs, sel, target = _case()
     labels = torch.full((hs.shape[0],), IGNORE_INDEX, dtype=torch.int64)
     labels[sel] = target + 5
@@ -164,7 +173,7 @@ def test_masked_rows_in_parts_equal_the_module_path(chunk_rows):
         assert ext.mlm_head_parts(sel.numel(), 48, head.vocab_size, 1) == 1
         assert ext.mlm_head_parts(20, 48, head.vocab_size, 2) == 1              # < 16 rows a part
         assert ext.mlm_head_parts(sel.numel(), 64, 250002, 2) == 1              # the decoder's copies too large
-        got = _grads(head, weight, hs, lambda: mlm_head_cpu.masked_loss_sum(head, hs, sel, target, weight,
+        got = _grads(head, weight, hs, lambda: _node(head, hs, sel, target, weight,
                                                                               head.vocab_size, chunk_rows))
         ref = _grads(head, weight, hs, lambda: vocab_parallel_masked_lm_loss(
             head.transform(hs.index_select(0, sel)), weight, head.bias, target, None, 0, head.vocab_size,

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from xlmr_mp import kernels
 from xlmr_mp.atomic import atomic_write
 from xlmr_mp.checkpoint.format import resolve_checkpoint_dir
 from xlmr_mp.checkpoint.manager import CheckpointManager, rng_state, set_rng_state  # noqa: F401 (re-exported)
@@ -150,6 +151,7 @@ class Trainer:
         for c in self.chunks:
             c.set_recompute(cfg.train.recompute)
             c.train()
+        self.kernels = kernels.apply(self.chunks, device)     # the fused paths, before compiling
         if cfg.train.compile:           # torch.compile of each encoder layer and the head (parallel/compile.py)
             from xlmr_mp.parallel.compile import compile_chunks
             compile_chunks(self.chunks)
@@ -169,7 +171,8 @@ class Trainer:
                                    and backend_has_reduce_scatter(groups.dp_group))
         self.schedule = PipelineSchedule(self.chunks, groups, cfg.parallel, self.n_accum, masked_lm_loss_sum,
                                          device=device, autocast=lambda: autocast(cfg.precision.dtype, device),
-                                         variable_micro_batches=bool(cfg.train.batch_warmup))
+                                         variable_micro_batches=bool(cfg.train.batch_warmup),
+                                         micro_batch=self.kernels.micro_batch)
         self.lr_schedule = LRSchedule.from_config(cfg.optim, cfg.train.train_steps)
         self.scaler = build_scaler(cfg.precision)
         self.loader, self.valid = loader, valid

@@ -1,14 +1,18 @@
-"""A tiny XLMRModel and a padded masked-LM batch for the tests that run the whole model through a
-CPU kernel path and through XLMR_MP_KERNELS=reference (test_attention_cpu, test_encoder_layer_cpu)."""
+"""A tiny XLMRModel with the CPU fast paths applied (kernels.apply) and a padded masked-LM batch,
+for the tests that run the whole model through a CPU kernel path and through
+XLMR_MP_KERNELS=reference (test_attention_cpu, test_encoder_layer_cpu)."""
 import torch
 
 
 def tiny_model(dropout: float = 0.1):
     from xlmr_mp.model.config import ModelConfig
+    from xlmr_mp import kernels
     from xlmr_mp.model.xlmr import XLMRModel
     cfg = ModelConfig(vocab_size=200, hidden_size=48, num_layers=2, num_heads=4, ffn_size=96, max_positions=40,
                       dropout=dropout, attention_dropout=0.0, make_vocab_size_divisible_by=8)
-    return XLMRModel(cfg, init_seed=0)
+    model = XLMRModel(cfg, init_seed=0)
+    kernels.apply(model, "cpu")
+    return model
 
 
 def padded_batch():

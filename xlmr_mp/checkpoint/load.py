@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from xlmr_mp import kernels
 from xlmr_mp.checkpoint.model_io import CheckpointError, load_full_model_state, local_state_for
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.xlmr import XLMRModel
@@ -24,11 +25,14 @@ __all__ = ["load_model", "model_from_full_state", "run_tokenizer_path", "Checkpo
 def model_from_full_state(cfg: ModelConfig, full: dict, device: str = "cpu",
                           dtype: torch.dtype = torch.float32) -> XLMRModel:
     """A TP-1 XLMRModel in eval mode holding the full (unsharded) state dict `full`, whose logits
-    are over the real vocabulary (padding ids stripped)."""
+    are over the real vocabulary (padding ids stripped), with the fused paths of `device` applied
+    (xlmr_mp.kernels.apply)."""
     model = XLMRModel(cfg, init_seed=0)
     model.load_state_dict(local_state_for(model, full), strict=True)
     model.strip_vocab_padding = True
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    kernels.apply(model, device)
+    return model
 
 
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> XLMRModel:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from xlmr_mp import kernels
 from xlmr_mp.atomic import atomic_dir
 from xlmr_mp.ids import IGNORE_INDEX
 from xlmr_mp.model.config import ModelConfig
@@ -112,7 +113,8 @@ class Classifier(nn.Module):
 
 def encoder_from(model: XLMRModel, dropout: Optional[float] = None) -> XLMRModel:
     """A copy of `model`'s encoder (embeddings and layers, no MLM head) at TP 1, with hidden and
-    attention dropout set to `dropout` (None keeps the model's)."""
+    attention dropout set to `dropout` (None keeps the model's), with the fused paths of its
+    device applied (xlmr_mp.kernels.apply)."""
     fields = {f.name: getattr(model.cfg, f.name) for f in dataclasses.fields(ModelConfig)}
     if dropout is not None:
         fields.update(dropout=float(dropout), attention_dropout=float(dropout))
@@ -120,7 +122,10 @@ def encoder_from(model: XLMRModel, dropout: Optional[float] = None) -> XLMRModel
     enc = XLMRModel(cfg, has_head=False, init_seed=0)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
     enc.load_state_dict(own, strict=True)
-    return enc.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    enc = enc.to(device)
+    kernels.apply(enc, device)
+    return enc
 
 
 def encoder_hf_state(encoder: XLMRModel) -> Dict[str, torch.Tensor]:

@@ -1,5 +1,9 @@
-"""Fused ops of an XLM-R step and their torch references.
+"""Fused ops of an XLM-R step beside their torch references, applied to a built model from outside:
 
+    applied = kernels.apply(chunks, device)     # once, before torch.compile and the first step
+    PipelineSchedule(..., micro_batch=applied.micro_batch)
+
+fast_paths.py  `apply`: installs the ops and C++ nodes below on a model's modules, says what it applied
 ops.py       bias_gelu, bias_dropout_add_layernorm, scaled_masked_softmax (+ *_ref, backward refs)
 attention_cpu.py  fused CPU self-attention (csrc/attention_cpu.cpp) beside SDPA, at short sequences
 bias_gelu_cpu.py  fused CPU bias + exact GELU (csrc/bias_gelu_cpu.cpp) beside ops.bias_gelu_ref
@@ -11,7 +15,8 @@ mlm_head_cpu.py  the masked-LM head + chunked loss over the masked rows as one n
              path (MLMHead.transform + parallel/vocab.py's chunked loss)
 cpu_fast_path.py  what those nodes share: torch's sgemm_ (MKL in the x86 wheels, checked on a small
              product), tensor addresses, the dropout mask, the fp32/contiguous check
-mlm_xent.py  masked-LM cross-entropy on a vocabulary shard (plain, chunked, fused; TP combine)
+mlm_xent.py  references of the fused CUDA masked-LM rows (used inside parallel/vocab.py's loss)
 dispatch.py  XLMR_MP_KERNELS=auto|fused|reference and the measured FASTER_ON table
 fused.py     autograd.Functions over the CUDA extension xlmr_mp._cuda (csrc/cuda)
 """
+from xlmr_mp.kernels.fast_paths import AppliedKernels, apply, fast_paths  # noqa: E402,F401  (re-export)

@@ -5,7 +5,8 @@ cross-entropy, which is what runs whenever `applies` is False).
     d = h Wd^T    a = gelu(d + bd)    z = LN(a)    loss = sum_i CE(z_i Wdec^T + bdec, target_i)
 
 over h = hidden[masked rows]. One C++ call (csrc/mlm_head_cpu.cpp) finds and gathers the masked
-rows from the labels (the model's entry, `masked_loss_sum_labels`), does the forward and, as the
+rows from the labels (`masked_loss_sum_labels`, which kernels.apply installs in place of
+MLMHead.masked_loss_sum where `applies`), does the forward and, as the
 chunked loss does, the gradients for an upstream gradient of 1 chunk by chunk (the [chunk, V]
 logits become softmax - onehot in place and never outlive their chunk); the backward scales them.
 GEMMs through torch's own sgemm (kernels/cpu_fast_path.py), the rows through the AVX2 kernels (bias +
@@ -90,12 +91,3 @@ def masked_loss_sum_labels(head, hidden: torch.Tensor, labels: torch.Tensor, off
     return _MaskedHeadLoss.apply(hidden.contiguous(), labels, int(offset), *params[:4], decoder_weight, params[4],
                                  int(n_real), float(head.eps), int(chunk_rows), bool(need_grad))
 
-
-def masked_loss_sum(head, hidden: torch.Tensor, sel: torch.Tensor, target: torch.Tensor,
-                    decoder_weight: torch.Tensor, n_real: int, chunk_rows: int) -> torch.Tensor:
-    """Sum of the masked-LM cross-entropy (0-d fp32) of MLMHead `head` over the rows `sel` of
-    hidden [T, H] against target [M] (decoder row ids; rows >= n_real of the decoder are padding,
-    never predicted). Check `applies` first."""
-    labels = torch.full((hidden.shape[0],), IGNORE_INDEX, dtype=torch.int64, device=hidden.device)
-    labels[sel] = target.to(torch.int64)
-    return masked_loss_sum_labels(head, hidden, labels, 0, decoder_weight, n_real, chunk_rows)[0]

@@ -1,28 +1,18 @@
-"""Fused-op entry points used by the model. Each op has a plain torch reference here (`*_ref`);
-the public names run the CUDA kernel (csrc/cuda, autograd in fused.py) when `dispatch.use_fused`
+"""Fused-op entry points that `kernels.apply` installs in the model's op slots
+(model/encoder.py, model/xlmr.py). Each has the contract of its plain torch reference, which lives
+in the model (model/functional.py, imported here as `*_ref`) or here (`scaled_masked_softmax_ref`).
+The public names run the CUDA kernel (csrc/cuda, autograd in fused.py) when `dispatch.use_fused`
 says so (CUDA tensor, extension built, XLMR_MP_KERNELS switch, measured FASTER_ON table), bias_gelu
-the AVX2 CPU kernel (bias_gelu_cpu.py) on fp32 CPU tensors, and the reference otherwise. The MLM vocabulary-shard cross-entropy lives in mlm_xent.py."""
+the AVX2 CPU kernel (bias_gelu_cpu.py) on fp32 CPU tensors, and the reference otherwise."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from xlmr_mp.kernels import bias_gelu_cpu, dispatch
-from xlmr_mp.kernels.mlm_xent import mlm_cross_entropy  # noqa: F401  (re-exported)
-
-
-def bias_gelu_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU of x + bias."""
-    return F.gelu(x + bias)
-
-
-def bias_dropout_add_layernorm_ref(x, bias, residual, weight, ln_bias, p: float, training: bool,
-                                   eps: float = 1e-5):
-    """Post-LN sublayer epilogue: LayerNorm(residual + Dropout(x + bias))."""
-    if bias is not None:
-        x = x + bias
-    y = residual + F.dropout(x, p=p, training=training)
-    return F.layer_norm(y, (y.shape[-1],), weight, ln_bias, eps)
+from xlmr_mp.model.functional import attention as attention_ref
+from xlmr_mp.model.functional import bias_dropout_add_layernorm_ref, bias_gelu_ref  # noqa: F401  (the references)
+from xlmr_mp.model.functional import cast_like as _like
 
 
 def scaled_masked_softmax_ref(scores: torch.Tensor, mask: torch.Tensor | None, scale: float):
@@ -76,14 +66,6 @@ def _ln_fits(x: torch.Tensor) -> bool:
     h = x.shape[-1]
     wide = 16 // x.element_size()
     return (h // wide if h % wide == 0 else h) <= _LN_MAX_PACKS
-
-
-def _like(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """t in x's dtype (a differentiable cast; t itself where they agree). Under autocast x, a
-    product, is bf16 / fp16 while biases, LayerNorm parameters and LayerNorm outputs are fp32:
-    adding them as they are would promote the activation back to fp32 and keep the fused kernels
-    (which take one dtype) from ever running."""
-    return t if t is None or t.dtype == x.dtype else t.to(x.dtype)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -151,3 +133,12 @@ def masked_softmax_attention(q, k, v, bias, scale: float, dropout_p: float = 0.0
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p, True)
     return torch.matmul(probs, v)
+
+
+def attention(q, k, v, bias, scale: float, dropout_p: float = 0.0):
+    """model/functional.attention's contract (q, k, v [B, heads, S, D], additive key-padding bias
+    [B, 1, 1, S] | None): `masked_softmax_attention` where `attention_uses_masked_softmax(q)`,
+    scaled_dot_product_attention otherwise."""
+    if attention_uses_masked_softmax(q):      # fp16 on sm_70: no flash kernel in SDPA
+        return masked_softmax_attention(q, k, v, bias, scale, dropout_p)
+    return attention_ref(q, k, v, bias, scale, dropout_p)

@@ -10,6 +10,11 @@ in the parallel layers (xlmr_mp.parallel.layers).
 QKV weight layout (global, [3H, H]): Megatron's per-head interleave, row (h * 3 + j) * D + d for
 head h, j in (q, k, v), d < D = H / heads; a contiguous split by rows then gives each TP rank whole
 heads. The HF name map (xlmr_mp.checkpoint.hf) converts from/to HF's separate query/key/value.
+
+These modules are the reference: plain torch and megatron-core TP layers, no device or kernel
+branch. Their elementwise ops are class attributes (`bias_gelu`, `bias_dropout_add_layernorm`,
+`attend`; model/functional.py) and the attention context and the layer's forward are methods:
+`xlmr_mp.kernels.apply` may replace them on an instance by fused implementations of the same contract.
 """
 from __future__ import annotations
 
@@ -17,10 +22,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from xlmr_mp.kernels import attention_cpu, encoder_layer_cpu, ops
+from xlmr_mp.model import functional
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.parallel.layers import check_divisible, column_parallel_linear, mark_sequence_parallel, row_parallel_linear
 from xlmr_mp.parallel.mappings import tp_size_of
@@ -59,9 +63,11 @@ def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the local heads, through scaled_dot_product_attention (flash
-    or memory-efficient kernels on GPUs that have them, the math path elsewhere); in fp32 on a CPU
-    at S <= 128 without attention dropout, the fused CPU kernel (kernels/attention_cpu.py)."""
+    """Multi-head self-attention over the local heads; `attend(q, k, v, bias, scale, dropout_p)`
+    is scaled_dot_product_attention (flash or memory-efficient kernels on GPUs that have them, the
+    math path elsewhere)."""
+
+    attend = staticmethod(functional.attention)
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
@@ -81,10 +87,7 @@ class SelfAttention(nn.Module):
         """softmax(q k^T / sqrt(D) + bias) v with attention dropout; q, k, v [B, heads, S, D]."""
         p = self.attention_dropout if self.training else 0.0
         with tp_rng_context(self.tp_size):  # heads differ per TP rank: sharded-region RNG stream
-            if ops.attention_uses_masked_softmax(q):   # fp16 on sm_70: no flash kernel in SDPA
-                return ops.masked_softmax_attention(q, k, v, bias, 1.0 / math.sqrt(self.head_dim), p)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p,
-                                                  scale=1.0 / math.sqrt(self.head_dim))
+            return self.attend(q, k, v, bias, 1.0 / math.sqrt(self.head_dim), p)
 
     # Eager under train.compile (a graph break around it): dynamo cannot trace checkpoint's custom
     # context_fn (the RNG-stream replay), and the recomputed region is attention alone.
@@ -102,11 +105,13 @@ class SelfAttention(nn.Module):
         if qkv_bias is not None:
             qkv = qkv + qkv_bias
         qkv = qkv.view(B, S, self.local_heads, 3, self.head_dim)
+        return self.out(self.context(qkv, bias))
+
+    def context(self, qkv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the local heads: qkv [B, S, heads, 3, D] (per-head interleaved q, k, v),
+        key-padding bias [B, 1, 1, S] | None -> context [B, S, heads * D], the output projection's input."""
+        B, S = qkv.shape[:2]
         recompute = self.selective_recompute and torch.is_grad_enabled()
-        if not recompute and attention_cpu.applies(qkv, bias, self.attention_dropout if self.training else 0.0):
-            # fp32 CPU at short sequences, no attention dropout: the fused kernel, which reads the
-            # heads from qkv in place and returns [B, S, heads * D] (kernels/attention_cpu.py)
-            return self.out(attention_cpu.attention(qkv, bias, 1.0 / math.sqrt(self.head_dim)))
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, heads, S, D]
         if bias is not None and bias.dtype != q.dtype:  # a bias built in another dtype: padding stays finite
             bias = torch.where(bias < 0, padding_bias_value(q.dtype), 0.0).to(q.dtype)
@@ -114,12 +119,13 @@ class SelfAttention(nn.Module):
             ctx = self.recomputed_core(q, k, v, bias)
         else:
             ctx = self.core(q, k, v, bias)
-        ctx = ctx.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim)
-        return self.out(ctx)
+        return ctx.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim)
 
 
 class FeedForward(nn.Module):
-    """fc1 (column-parallel) -> exact GELU -> fc2 (row-parallel)."""
+    """fc1 (column-parallel) -> exact GELU (`bias_gelu`, with fc1's bias) -> fc2 (row-parallel)."""
+
+    bias_gelu = staticmethod(functional.bias_gelu)
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
@@ -131,13 +137,16 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         h, b = self.fc1(x)
-        return self.fc2(ops.bias_gelu(h, b))
+        return self.fc2(self.bias_gelu(h, b))
 
 
 class EncoderLayer(nn.Module):
     """One post-LN transformer layer; forward(x [B, S, H], bias [B, 1, 1, S] | None) -> [B, S, H].
     With sequence parallelism x and the output are sequence shards [B, S/TP, H] (bias stays full),
-    and the hidden dropout, now on a TP-sharded region, draws from the tensor-parallel RNG stream."""
+    and the hidden dropout, now on a TP-sharded region, draws from the tensor-parallel RNG stream.
+    Each sublayer ends in `bias_dropout_add_layernorm` (model/functional.py)."""
+
+    bias_dropout_add_layernorm = staticmethod(functional.bias_dropout_add_layernorm)
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
@@ -156,14 +165,12 @@ class EncoderLayer(nn.Module):
     def _epilogue(self, y, y_bias, residual, ln):
         if self.sequence_parallel and self.training and self.dropout > 0:
             with tp_rng_context(self.tp_size):
-                return ops.bias_dropout_add_layernorm(y, y_bias, residual, ln.weight, ln.bias, self.dropout,
-                                                      self.training, self.eps)
-        return ops.bias_dropout_add_layernorm(y, y_bias, residual, ln.weight, ln.bias, self.dropout,
-                                              self.training, self.eps)
+                return self.bias_dropout_add_layernorm(y, y_bias, residual, ln.weight, ln.bias, self.dropout,
+                                                       self.training, self.eps)
+        return self.bias_dropout_add_layernorm(y, y_bias, residual, ln.weight, ln.bias, self.dropout,
+                                               self.training, self.eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if encoder_layer_cpu.applies(self, x, bias):   # fp32 CPU at TP = 1: the layer as one autograd node
-            return encoder_layer_cpu.layer_forward(self, x, bias)
         a, a_bias = self.attention(x, bias)
         x = self._epilogue(a, a_bias, x, self.attention_layernorm)
         f, f_bias = self.ffn(x)

@@ -23,6 +23,12 @@ Parameter names (HF XLMRobertaForMaskedLM equivalents in xlmr_mp/checkpoint/hf.p
                                              gradient the trainer all-reduces with the first stage
 
 Layout: batch-first [B, S, H] everywhere, including between pipeline stages.
+
+The model is the reference (plain torch + the TP layers of xlmr_mp/parallel, no device or kernel
+branch). `xlmr_mp.kernels.apply` may replace, on an instance, `Embeddings.forward`,
+`XLMRModel.encode_layers`, `MLMHead.masked_loss_sum` and the ops of model/encoder.py by fused
+implementations of the same contracts. The one masked-LM loss is `loss_and_count` (its head part
+`MLMHead.masked_loss_sum`, its cross-entropy parallel/vocab.py's `vocab_parallel_masked_lm_loss`).
 """
 from __future__ import annotations
 
@@ -36,16 +42,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from xlmr_mp.ids import IGNORE_INDEX
-from xlmr_mp.kernels import embeddings_cpu, encoder_layer_cpu, mlm_head_cpu, ops
+from xlmr_mp.model import functional
 from xlmr_mp.model.config import ModelConfig
 from xlmr_mp.model.encoder import EncoderLayer, activation_dtype, attention_bias
 from xlmr_mp.model.sharding import partition_dim, shard_tensor
 from xlmr_mp.parallel.layers import check_divisible, mark_sequence_parallel
 from xlmr_mp.parallel.mappings import gather_sequence, tp_rank_of, tp_size_of
 from xlmr_mp.parallel.state import RecomputeRNG, tp_rng_context
-from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, mlm_loss_chunk_rows,
-                                    padded_vocab_size, parallel_lm_logits, real_rows,
-                                    vocab_parallel_masked_lm_loss, vocab_range)
+from xlmr_mp.parallel.vocab import (VocabParallelEmbedding, mask_padded_logits, padded_vocab_size,
+                                    parallel_lm_logits, vocab_parallel_masked_lm_loss, vocab_range)
 
 RECOMPUTE_MODES = ("none", "full", "selective")
 
@@ -101,7 +106,9 @@ class Embeddings(nn.Module):
             mark_sequence_parallel(self.position_embeddings)
             mark_sequence_parallel(self.layernorm)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def check_input(self, input_ids: torch.Tensor) -> None:
+        """Raise TypeError / ValueError (naming the option to change) unless input_ids [B, S] are
+        int64 / int32 ids whose positions fit model.max_positions."""
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"the first stage takes input_ids [B, S] int64, got {input_ids.dtype} "
                             f"{tuple(input_ids.shape)}")
@@ -109,8 +116,10 @@ class Embeddings(nn.Module):
             raise ValueError(f"sequence length {input_ids.shape[1]} needs {input_ids.shape[1] + self.pad_id + 1} "
                              f"position rows but model.max_positions={self.max_positions}; shorten "
                              f"data.seq_length or raise model.max_positions")
-        if embeddings_cpu.applies(self, input_ids):      # fp32 CPU at TP = 1: one autograd node
-            return embeddings_cpu.embeddings_forward(self, input_ids)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S] -> embeddings [B, S, H] ([B, S/TP, H] under sequence parallelism)."""
+        self.check_input(input_ids)
         pos = position_ids(input_ids, self.pad_id)
         if self.sequence_parallel:
             if input_ids.shape[1] % self.tp_size:
@@ -130,6 +139,8 @@ class Embeddings(nn.Module):
 class MLMHead(nn.Module):
     """dense -> GELU -> LayerNorm -> tied decoder (+ output bias), on the local vocabulary shard."""
 
+    bias_gelu = staticmethod(functional.bias_gelu)
+
     def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, own_decoder: bool = False):
         super().__init__()
         self.tp_group = tp_group
@@ -146,7 +157,7 @@ class MLMHead(nn.Module):
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
         """dense -> GELU -> LayerNorm: h [..., H] -> [..., H], the decoder's input."""
-        x = ops.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias)
+        x = self.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias)
         return self.layernorm(x)
 
     def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
@@ -154,27 +165,15 @@ class MLMHead(nn.Module):
         logits = parallel_lm_logits(self.transform(h), decoder_weight, self.bias, self.tp_group)
         return mask_padded_logits(logits, self.vocab_size, self.vocab_start)
 
-    def masked_loss_sum(self, hidden: torch.Tensor, sel: torch.Tensor, decoder_weight: torch.Tensor,
-                        target: torch.Tensor) -> torch.Tensor:
-        """Sum of the cross-entropy of the masked tokens, rows `sel` of hidden [T, H], against their
-        global target ids [M], through the chunked vocab-parallel loss (parallel/vocab.py: the
-        [M, V_local] fp32 logits are never held for the whole masked set); fp32 on an AVX2 CPU at
-        TP = 1, the whole head as one node (kernels/mlm_head_cpu.py)."""
-        if sel.numel() and mlm_head_cpu.applies(self, hidden, decoder_weight):   # (no masked row: the torch path)
-            labels = torch.full((hidden.shape[0],), IGNORE_INDEX, dtype=torch.int64, device=hidden.device)
-            labels[sel] = target.to(torch.int64)
-            return self.masked_loss_sum_labels(hidden, labels, decoder_weight)[0]
-        return vocab_parallel_masked_lm_loss(self.transform(hidden.index_select(0, sel)), decoder_weight, self.bias,
+    def masked_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, decoder_weight: torch.Tensor):
+        """(sum of the cross-entropy of the masked tokens (0-d fp32), their number (0-d float)) over
+        the rows of hidden [T, H] whose label [T] is not -100 (global target ids), through the
+        chunked vocab-parallel loss (parallel/vocab.py: the [M, V_local] fp32 logits are never held
+        for the whole masked set). The transform runs on the masked rows only."""
+        sel, target, count = masked_rows(labels, hidden.device)
+        loss = vocab_parallel_masked_lm_loss(self.transform(hidden.index_select(0, sel)), decoder_weight, self.bias,
                                              target, self.tp_group, self.vocab_start, self.vocab_size)
-
-    def masked_loss_sum_labels(self, hidden: torch.Tensor, labels: torch.Tensor, decoder_weight: torch.Tensor):
-        """(loss sum, masked count) over the rows of hidden [T, H] whose label [T] is set, as one C++
-        node that finds the rows itself (kernels/mlm_head_cpu.py), or None where it does not apply."""
-        if not mlm_head_cpu.applies(self, hidden, decoder_weight):
-            return None
-        n_real = real_rows(decoder_weight.shape[0], self.vocab_size, self.vocab_start)
-        return mlm_head_cpu.masked_loss_sum_labels(self, hidden, labels, self.vocab_start, decoder_weight, n_real,
-                                                   mlm_loss_chunk_rows(n_real))
+        return loss, count
 
 
 class XLMRModel(nn.Module):
@@ -187,7 +186,8 @@ class XLMRModel(nn.Module):
       head, labels       -> mean masked-LM loss over positions with labels != -100 (scalar)
       head, no labels    -> logits [B, S, V_local] for every position (vocabulary shard when TP > 1,
                             padding ids at -inf; `strip_vocab_padding=True` at TP 1 cuts them off)
-    `loss_and_count` gives (loss_sum, num_masked) for normalising by a global token count.
+    `loss_and_count` gives (loss_sum, num_masked) for normalising by a global token count: the
+    model's one masked-LM loss.
     """
 
     def __init__(self, cfg: ModelConfig, tp_group=None, layer_ids: Optional[Sequence[int]] = None,
@@ -327,37 +327,34 @@ class XLMRModel(nn.Module):
         if attention_mask is not None and padding_free(attention_mask):
             attention_mask = None      # no padding key: no bias to build and add (HF's SDPA path drops it too)
         bias = attention_bias(attention_mask, activation_dtype(x))      # in the compute dtype under autocast
-        layers = list(self.layers.values())
+        return self.encode_layers(x, bias)
+
+    def encode_layers(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """This stage's layers in order (each checkpointed under train.recompute=full): x [B, S, H],
+        key-padding bias [B, 1, 1, S] | None -> [B, S, H]."""
         recompute = self.recompute == "full" and torch.is_grad_enabled()
-        if not recompute and encoder_layer_cpu.stack_applies(layers, x, bias):
-            return encoder_layer_cpu.stack_forward(layers, x, bias)   # fp32 CPU: all layers as one node
-        for layer in layers:
+        for layer in self.layers.values():
             if recompute:
                 x = checkpoint(layer, x, bias, use_reentrant=False, context_fn=RecomputeRNG())
             else:
                 x = layer(x, bias)
         return x
 
-    def masked_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor):
-        """(sum of the CE over positions with labels != -100, their number as a float tensor);
-        the head runs on those positions only."""
-        hidden = self._full_sequence(hidden)
-        h = hidden.reshape(-1, hidden.shape[-1])
-        flat = labels.reshape(-1)
-        fast = self.lm_head.masked_loss_sum_labels(h, flat, self.decoder_weight())
-        if fast is not None:                  # fp32 CPU at TP = 1: the masked rows found in C++
-            return fast
-        sel, target, count = masked_rows(flat, h.device)
-        return self.lm_head.masked_loss_sum(h, sel, self.decoder_weight(), target), count
-
     def loss_and_count(self, x, attention_mask=None, labels=None):
-        """(loss_sum, num_masked) of this microbatch. With gradient accumulation / DP, divide the
-        summed loss by the GLOBAL number of masked tokens (every position weighs the same)."""
+        """(sum of the masked-token cross-entropy (0-d fp32), number of masked tokens (0-d float)) of
+        this micro-batch: x as in forward, labels [B, S] global ids, -100 where not masked. The head
+        runs on the masked positions only. With gradient accumulation / DP, divide the summed loss
+        by the GLOBAL number of masked tokens (every position weighs the same)."""
         if not self.has_head:
             raise RuntimeError("loss_and_count needs a model with the MLM head (has_head=True)")
         if labels is None:
             raise ValueError("loss_and_count needs labels [B, S] (-100 where not masked)")
-        return self.masked_loss_sum(self.encode(x, attention_mask), labels)
+        return self._masked_loss(self.encode(x, attention_mask), labels)
+
+    def _masked_loss(self, hidden: torch.Tensor, labels: torch.Tensor):
+        hidden = self._full_sequence(hidden)
+        return self.lm_head.masked_loss_sum(hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1),
+                                            self.decoder_weight())
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -365,7 +362,7 @@ class XLMRModel(nn.Module):
         if not self.has_head:
             return hidden
         if labels is not None:
-            loss_sum, count = self.masked_loss_sum(hidden, labels)
+            loss_sum, count = self._masked_loss(hidden, labels)
             return loss_sum / count.clamp(min=1.0)
         logits = self.lm_head(self._full_sequence(hidden), self.decoder_weight())
         if self.strip_vocab_padding:

@@ -35,7 +35,6 @@ from torch import nn
 from xlmr_mp.distributed import all_reduce_floats
 from xlmr_mp.errors import ConfigError
 from xlmr_mp.ids import IGNORE_INDEX
-from xlmr_mp.kernels.cpu_fast_path import gradients_into_grad
 from xlmr_mp.parallel.grads import sequence_parallel_syncs
 from xlmr_mp.parallel.layout import check_micro_batch_count, check_sequence_parallel, schedule_kind
 from xlmr_mp.parallel.state import get_rng_tracker
@@ -134,11 +133,14 @@ class PipelineSchedule:
 
     `loss_fn`: the last stage's loss (module docstring). `autocast`: optional zero-argument
     callable returning the forward's autocast context (bf16 / fp16); the backward runs outside it.
+    `micro_batch`: optional zero-argument callable returning the context each micro-batch's
+    forward runs in at PP=1, its backward being Tensor.backward() of its loss right after (what
+    `kernels.apply`'s result offers as `micro_batch`; None: no context).
     `device`: where the stages' tensors live (default: the chunks' parameter device)."""
 
     def __init__(self, chunks: Sequence[nn.Module], groups, parallel_cfg, n_microbatches: int,
                  loss_fn: StageLoss, device: Optional[torch.device] = None, autocast=None,
-                 variable_micro_batches: bool = False):
+                 variable_micro_batches: bool = False, micro_batch=None):
         if not callable(loss_fn):
             raise TypeError(f"PipelineSchedule needs loss_fn(chunk, x, attention_mask, labels), got {loss_fn!r}")
         self.chunks = list(chunks)
@@ -149,6 +151,7 @@ class PipelineSchedule:
         self.kind = schedule_kind(parallel_cfg)
         self.loss_fn = loss_fn
         self.autocast = autocast
+        self.micro_batch = micro_batch
         self.device = device or _chunk_device(self.chunks[0])
         self._global_num_masked = 1.0
         self._loss_scale = 1.0
@@ -264,9 +267,8 @@ class PipelineSchedule:
     def _step_no_pipeline(self, micro_batches) -> float:
         total = None
         for mb in micro_batches:
-            # each backward below is Tensor.backward() right after its forward: the CPU fast-path
-            # nodes may add their parameters' gradients to .grad without autograd edges
-            with gradients_into_grad():
+            # each backward below is Tensor.backward() right after its forward (`micro_batch`'s promise)
+            with (self.micro_batch() if self.micro_batch is not None else contextlib.nullcontext()):
                 loss_sum = self._loss_sum(mb)
             loss = loss_sum / self._global_num_masked
             (loss * self._loss_scale).backward()

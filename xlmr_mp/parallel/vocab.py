@@ -138,6 +138,13 @@ MLM_DEVICE_CHUNK_BYTES = 2 ** 30
 MLM_DEVICE_GRAD_BYTES = 4 * 2 ** 30
 
 
+def local_targets(target: torch.Tensor, vocab_start: int, local_vocab: int) -> torch.Tensor:
+    """Global target ids [M] -> int64 column in this shard [vocab_start, vocab_start + local_vocab),
+    or -1 where another shard owns the id."""
+    t = target.long() - vocab_start
+    return torch.where((t >= 0) & (t < local_vocab), t, torch.full_like(t, -1))
+
+
 def real_rows(local_rows: int, vocab_size: int, vocab_start: int) -> int:
     """How many of a shard's `local_rows` decoder rows (global ids from vocab_start) are real
     vocabulary, not padding: the rows a masked-LM loss may predict."""
@@ -198,7 +205,6 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, group, vocab_start, n_real, chunk_rows, product_rows, need_grad):
         from xlmr_mp.kernels import dispatch
-        from xlmr_mp.kernels.mlm_xent import local_targets
         cdt = _compute_dtype(hidden)
         tp = tp_size_of(group)
         host = product_rows == 0
@@ -337,8 +343,9 @@ def vocab_parallel_masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bi
     global ids. Ids >= vocab_size (vocabulary padding) are never predicted. Equals
     vocab_parallel_cross_entropy(mask_padded_logits(parallel_lm_logits(...)), target).sum() in
     value and gradient without holding more than [chunk_rows, V/TP] fp32 logits (default: the
-    device's plan, mlm_loss_plan: a 256 MiB budget on the host); the fused
-    CUDA kernels (kernels/mlm_xent, XLMR_MP_KERNELS) replace the torch softmax where dispatched."""
+    device's plan, mlm_loss_plan: a 256 MiB budget on the host). The masked-LM loss of the package:
+    the fused rows (csrc/xent_cpu.cpp on an AVX2 CPU at TP = 1; the CUDA kernels of kernels/fused.py
+    where XLMR_MP_KERNELS dispatches them) are implementations inside it, not other losses."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or target.shape != hidden.shape[:1]:
         raise ValueError(f"vocab_parallel_masked_lm_loss: hidden [M, H], weight [V_local, H], target [M] expected; "
                          f"got {tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(target.shape)}")

@@ -209,6 +209,7 @@ def _calibrate_shape(shape: dict, threads: int, seconds: float) -> float:
     """Seconds per optimizer step of this shape, from timing micro-steps for about `seconds`."""
     import torch
     from xlmr_mp.config import load_config
+    from xlmr_mp import kernels
     from xlmr_mp.model.xlmr import XLMRModel
     cfg = load_config(None, [f"model.{k}={shape[k]}" for k in ("hidden_size", "num_layers", "num_heads",
                                                                 "ffn_size", "vocab_size")]
@@ -219,6 +220,7 @@ def _calibrate_shape(shape: dict, threads: int, seconds: float) -> float:
     try:
         g = torch.Generator().manual_seed(0)
         model = XLMRModel(cfg.model)
+        kernels.apply(model, "cpu")           # the trainer's CPU paths
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         mb, seq = shape["micro_batch"], shape["seq_length"]
         ids = torch.randint(4, shape["vocab_size"], (mb, seq), generator=g)
