@@ -105,6 +105,9 @@ def test_report_rows_curves_and_time_split(tmp_path, corpus):
                             "curve/mbpc": 16.0, "curve/retrieval": 4.0, "eval_start": 5.0},
                     cpu={"prepare": 0.0, "train": 50.0, "mbpc": 20.0, "retrieval": 5.0, "curve": 20.0,
                          "curve/mbpc": 16.0, "curve/retrieval": 4.0, "eval_start": 5.0})
+    tok = json.load(open(os.path.join(out, "cells", "t-L2-1", "cell.json")))["tokenizer"]
+    with open(os.path.join(out, "prep", "builds.jsonl"), "w") as f:
+        f.write(json.dumps({"kind": "tokenizer", "key": tok, "seconds": 65.0, "cpu": 61.0, "pid": 1}) + "\n")
     paths = write_report(st, out)
     rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
     mb = [r for r in rows if r["cell"] == "t-L2-1" and r["metric"] == "mbpc" and r["language"] == "en"]
@@ -121,6 +124,7 @@ def test_report_rows_curves_and_time_split(tmp_path, corpus):
     # wall: 120 s in all (curve/mbpc and curve/retrieval are parts of curve, not added); CPU: 100 s
     assert "| t-L2-1 | 0m10s 8% (shared) | 1m00s 50% | 0m20s 17% | 0m05s 4% | 0m20s 17% | 0m05s 4% | 2m00s | train |" in md
     assert "| t-L2-1 | 0m00s 0% (shared) | 0m50s 50% | 0m20s 20% | 0m05s 5% | 0m20s 20% | 0m05s 5% | 1m40s | train |" in md
+    assert f"| tokenizer {tok} | 1m05s | 1m01s | 4 finished cell(s): t-L2-1, t-L2-2, t-L3-1, t-L3-2 |" in md
     status = format_status(st, out)
     assert "prep" in status and "curve" in status and "eval_start" in status
     assert "1m00s" in status and "2m00s" in status and "1m40s" in status
@@ -161,8 +165,11 @@ def _env():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_one_cell_with_curves_end_to_end(tmp_path_factory):
+    """One cell with evaluate_at through the CLI: curve JSONs, kept checkpoints, the time split
+    (wall and CPU per phase, one evaluation process), rows with step and tokens, the figure; then
+    the same cell from scratch elsewhere gives the same results.csv bytes (deliverable 5)."""
     from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus, tiny_documents
     root = tmp_path_factory.mktemp("curves")
     corpus = str(root / "corpus")
@@ -205,3 +212,11 @@ def test_one_cell_with_curves_end_to_end(tmp_path_factory):
     assert os.path.exists(os.path.join(out, "figures", "t_curve_mbpc.png"))
     r = subprocess.run(study + ["status", spec, "--out", out], capture_output=True, text=True, env=_env())
     assert r.returncode == 0 and "curve" in r.stdout and " b " in r.stdout, r.stdout
+    # the same cell from scratch in another study directory: the same rows, bit for bit (curve points
+    # included), whatever the timings (timing.json, the JSONs' seconds) of the two runs
+    out2 = str(root / "out2")
+    r = subprocess.run(study + ["run", spec, "--out", out2, "--no-calibrate", "--threads", "1"], capture_output=True,
+                       text=True, env=_env(), timeout=800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert subprocess.run(study + ["report", spec, "--out", out2], capture_output=True, env=_env()).returncode == 0
+    assert open(os.path.join(out, "results.csv")).read() == open(os.path.join(out2, "results.csv")).read()

@@ -269,7 +269,32 @@ def time_split(study: Study, out: str) -> List[str]:
                       "costs on a quiet machine, whatever the load while it ran (prepare: only what the cell "
                       "built itself).", ""]
         lines += timing_table(names, recs, cols, _fmt_time, key="cpu")
+    builds = _builds(out)
+    if builds:
+        users: Dict[str, List[str]] = {}
+        for n in names:
+            rec = read_json(os.path.join(cell_dir(out, n), "cell.json")) or {}
+            for k in (rec.get("tokenizer"), rec.get("dataset")):
+                users.setdefault(k, []).append(n)
+        lines += ["", "Shared preparation (prep/builds.jsonl): each artefact is built once and used by every cell "
+                      "listed.", "", "| artefact | wall | CPU | used by |", "|---|---|---|---|"]
+        for b in builds:
+            u = users.get(b["key"], [])
+            lines.append(f"| {b['kind']} {b['key']} | {_fmt_time(b['seconds'])} | "
+                         f"{_fmt_time(b['cpu']) if 'cpu' in b else '-'} | {len(u)} finished cell(s)"
+                         f"{': ' + ', '.join(u) if len(u) <= 6 else ''} |")
     return lines + [""]
+
+
+def _builds(out: str) -> List[dict]:
+    p = os.path.join(out, "prep", "builds.jsonl")
+    rows = []
+    for line in open(p) if os.path.exists(p) else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
 
 
 def _count(states: Dict[str, str]) -> Dict[str, int]:
