@@ -1,7 +1,9 @@
 """The package's layers point one way, read from the source with `ast` (nothing is imported):
 no import cycle inside xlmr_mp/ (function-level imports included), nothing in xlmr_mp/parallel/
-imports xlmr_mp.model, nothing in xlmr_mp/model/ calls a torch.distributed collective, the layout
-rules import no torch, and no source file is over 600 lines. Each rule is also run on a small
+imports xlmr_mp.model, nothing in xlmr_mp/model/ calls a torch.distributed collective, nothing in
+xlmr_mp/model/ nor the pipeline schedule (xlmr_mp/parallel/schedule.py) imports xlmr_mp.kernels
+(fused paths are applied to a built model from outside: kernels.apply), the layout rules import no
+torch, and no source file is over 600 lines. Each rule is also run on a small
 synthetic tree that breaks it, so the checks themselves are seen to fail."""
 from __future__ import annotations
 
@@ -149,6 +151,15 @@ def find_cycle(graph: dict):
     return None
 
 
+def imports_into(graph: dict, source: str, target: str) -> dict:
+    """{module: sorted imports} of the modules of `graph` named `source` or under it that import
+    `target` or a module under it (function-level imports included)."""
+    def under(m, p):
+        return m == p or m.startswith(p + ".")
+    out = {m: sorted(n for n in deps if under(n, target)) for m, deps in graph.items() if under(m, source)}
+    return {m: d for m, d in out.items() if d}
+
+
 def collective_calls(path: str) -> list:
     """(line, call) of every call of a torch.distributed collective in one file: through a name
     bound to torch.distributed (`import torch.distributed as dist`), through `torch.distributed.X`,
@@ -216,6 +227,21 @@ def test_parallel_does_not_import_the_model():
     bad = {m: sorted(n for n in deps if n == "xlmr_mp.model" or n.startswith("xlmr_mp.model."))
            for m, deps in graph.items() if m.startswith("xlmr_mp.parallel")}
     assert not {m: d for m, d in bad.items() if d}, bad
+
+
+def test_model_imports_no_kernel():
+    """The model is the reference: no module of xlmr_mp/model/ imports xlmr_mp.kernels."""
+    graph = import_graph(ROOT)
+    assert "xlmr_mp.model.xlmr" in graph and "xlmr_mp.kernels.fast_paths" in graph
+    assert imports_into(graph, "xlmr_mp.model", "xlmr_mp.kernels") == {}
+
+
+def test_pipeline_schedule_imports_no_kernel():
+    """The schedule knows no kernel: what the CPU nodes need around a micro-batch comes in as
+    PipelineSchedule(micro_batch=...) from kernels.apply's result."""
+    graph = import_graph(ROOT)
+    assert "xlmr_mp.parallel.schedule" in graph
+    assert imports_into(graph, "xlmr_mp.parallel.schedule", "xlmr_mp.kernels") == {}
 
 
 def test_model_calls_no_collective():
@@ -287,6 +313,24 @@ def test_checks_find_what_they_look_for(tmp_path):
     _write(tmp_path, "tools/big.py", "x = 1\n" * (MAX_LINES + 1))
     _write(tmp_path, "tools/ok.py", "x = 1\n" * MAX_LINES)
     assert long_files(str(tmp_path)) == [(os.path.join("tools", "big.py"), MAX_LINES + 1)]
+
+
+def test_kernel_import_checks_find_what_they_look_for(tmp_path):
+    _write(tmp_path, "xlmr_mp/__init__.py", "")
+    _write(tmp_path, "xlmr_mp/kernels/__init__.py", "from xlmr_mp.kernels.ops import f\n")
+    _write(tmp_path, "xlmr_mp/kernels/ops.py", "from xlmr_mp.model import xlmr\ndef f():\n    pass\n")
+    _write(tmp_path, "xlmr_mp/model/__init__.py", "")
+    _write(tmp_path, "xlmr_mp/model/xlmr.py", "import torch\n")
+    _write(tmp_path, "xlmr_mp/model/encoder.py", "def g():\n    from xlmr_mp.kernels import ops\n")
+    _write(tmp_path, "xlmr_mp/model/heads.py", "from xlmr_mp import kernels\n")
+    _write(tmp_path, "xlmr_mp/parallel/__init__.py", "")
+    _write(tmp_path, "xlmr_mp/parallel/schedule.py", "from xlmr_mp.kernels.ops import f\n")
+    _write(tmp_path, "xlmr_mp/parallel/vocab.py", "def h():\n    from xlmr_mp.kernels import ops\n")
+    graph = import_graph(str(tmp_path))
+    assert imports_into(graph, "xlmr_mp.model", "xlmr_mp.kernels") == {
+        "xlmr_mp.model.encoder": ["xlmr_mp.kernels.ops"], "xlmr_mp.model.heads": ["xlmr_mp.kernels"]}
+    assert imports_into(graph, "xlmr_mp.parallel.schedule", "xlmr_mp.kernels") == {
+        "xlmr_mp.parallel.schedule": ["xlmr_mp.kernels.ops"]}
 
 
 @pytest.mark.parametrize("ignored", ["__pycache__/x.py", "golden/x.py"])
