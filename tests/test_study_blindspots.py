@@ -393,3 +393,42 @@ def test_group_value_uses_the_members_present():
     vals = {"en": 1.0, "fr": 2.0, "de": 3.0, "ru": 4.0, "zh": 5.0, "sw": 6.0, "ur": 7.0, "es": 100.0}
     assert group_value(vals, "High") == 1.5 and group_value(vals, "Low") == 6.5 and group_value(vals, "All") == 4.0
     assert group_value({"en": 1.0}, "Low") is None and group_value({"sw": 3.0}, "Low") == 3.0
+
+
+def test_finetuning_interval_over_seeds_by_hand(tmp_path, corpus, monkeypatch):
+    """The SIB-200 / UD POS JSON's extra.ci95 (3 fine-tuning seeds, STUDY.md): t_{0.975, m-1} x sd /
+    sqrt(m) over the seeds' test scores, fixed here by hand (per-seed accuracies 50 / 60 / 70:
+    mean 60, sd 10, 4.303 x 10 / sqrt(3) = 24.8434). Seen failing with the division by sqrt(m)
+    dropped and with the quantile of m instead of m - 1 degrees of freedom."""
+    from support.prep import train_tiny_spm
+    from xlmr_mp.eval import finetune as FT
+    from xlmr_mp.eval import sib200
+    from xlmr_mp.eval.api import EvalModel, EvalOptions
+    from xlmr_mp.model.config import ModelConfig
+    from xlmr_mp.model.xlmr import XLMRModel
+    from xlmr_mp.tokenizer import XLMRTokenizer
+    os.makedirs(tmp_path / "text")
+    (tmp_path / "text" / "en.txt").write_text("".join(f"word {k} here and there.\n\n" for k in range(300)))
+    tok = XLMRTokenizer(train_tiny_spm(tmp_path / "text", tmp_path / "m", vocab_size=300))
+    for lang, split, n in (("en", "train", 6), ("en", "dev", 3), ("en", "test", 3), ("fr", "test", 3)):
+        os.makedirs(tmp_path / "sib" / lang, exist_ok=True)
+        rows = "".join(f"{k}\t{('a', 'b')[k % 2]}\tword {k} here.\n" for k in range(n))
+        (tmp_path / "sib" / lang / f"{split}.tsv").write_text("index_id\tcategory\ttext\n" + rows)
+    table = {1: {"en": 50.0, "fr": 20.0}, 2: {"en": 60.0, "fr": 20.0}, 3: {"en": 70.0, "fr": 26.0}}
+    monkeypatch.setattr(FT, "train_seed", lambda *a, **k: ([], 0, 1.0))
+    monkeypatch.setattr(FT, "predict", lambda clf, enc, bs, device="cpu", show=False, desc="": desc)
+
+    def score(metric, gold, pred, labels):
+        if isinstance(pred, str) and " test " in pred:          # "sib200 seed S test LANG"
+            return table[int(pred.split()[2])][pred.split()[-1]]
+        return 0.0
+    monkeypatch.setattr(FT, "score", score)
+    monkeypatch.setattr(FT, "_prediction_rows", lambda *a: [])
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=1, num_heads=2, ffn_size=32,
+                      max_positions=130, dropout=0.0, attention_dropout=0.0)
+    em = EvalModel(model=XLMRModel(cfg, init_seed=1).eval(), tokenizer=tok, source="random", kind="xlmr_mp")
+    r = sib200.run(em, EvalOptions(data=str(tmp_path / "sib"), seeds=[1, 2, 3], languages=["en", "fr"],
+                                   progress=False))
+    assert r.languages == {"en": 60.0, "fr": 22.0} and r.std["en"] == 10.0
+    assert abs(r.extra["ci95"]["en"] - 24.8434) < 1e-4                   # 4.303 x 10 / sqrt(3)
+    assert abs(r.extra["ci95"]["fr"] - 4.303 * math.sqrt(12.0) / math.sqrt(3)) < 1e-9   # sd sqrt(12): 8.6060
