@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from xlmr_mp import metrics
-from xlmr_mp.checkpoint.manager import cuda_rng_state, set_cuda_rng_state
+from xlmr_mp.checkpoint.state import cuda_rng_state, set_cuda_rng_state
 from xlmr_mp.precision import resolve_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -35,7 +35,8 @@ import yaml
 from xlmr_mp import kernels
 from xlmr_mp.atomic import atomic_write
 from xlmr_mp.checkpoint.format import resolve_checkpoint_dir
-from xlmr_mp.checkpoint.manager import CheckpointManager, rng_state, set_rng_state  # noqa: F401 (re-exported)
+from xlmr_mp.checkpoint.manager import CheckpointManager
+from xlmr_mp.checkpoint.state import TrainState, rng_state, set_rng_state  # noqa: F401 (re-exported)
 from xlmr_mp.config import ConfigError, RunConfig, dump_config, grad_accumulation_steps, load_config
 from xlmr_mp.presets import preset_names
 from xlmr_mp.data import loader as L
@@ -137,8 +138,9 @@ def warn_validation_gaps(train_languages: List[str], valid_languages: List[str],
 # ----------------------------------------------------------------------------- trainer
 
 class Trainer:
-    """The model chunks, optimizer, scaler, loader and step counter of one rank (the TrainState),
-    and the step / evaluate / save / load operations `train()` strings together."""
+    """One rank's training: it builds the model chunks, optimizer, scaler and loader, holds them in
+    `state` (a TrainState, checkpoint/state.py: what a checkpoint saves and restores), and has the
+    step / evaluate / save / load operations `train()` strings together."""
 
     def __init__(self, cfg: RunConfig, groups, device: torch.device, loader=None, valid=None):
         self.cfg, self.groups, self.device = cfg, groups, device
@@ -176,11 +178,20 @@ class Trainer:
         self.lr_schedule = LRSchedule.from_config(cfg.optim, cfg.train.train_steps)
         self.scaler = build_scaler(cfg.precision)
         self.loader, self.valid = loader, valid
-        self.step = 0
+        self.state = TrainState(self.chunks, self.optimizer, self.scaler, loader)
         self.checkpoints = CheckpointManager(cfg, groups)
         self.logger = MetricsLogger(cfg.run_dir, self.rank, cfg.logging.jsonl, cfg.logging.tensorboard)
         self.fpt = flops_per_token(cfg.model, cfg.data.seq_length, cfg.data.mask_prob)
         self.peak = peak_flops(device, cfg.precision.dtype)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken: the TrainState's."""
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
 
     # ------------------------------------------------------------------ one step
     def micro_batches_at(self, step: int) -> int:
@@ -256,11 +267,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
         """Checkpoint this TrainState (collective; checkpoint/manager.py)."""
-        return self.checkpoints.save(self)
+        return self.checkpoints.save(self.state)
 
     def load(self, path: str, load_optim: bool = True, branch: bool = False) -> None:
         """Restore from a step directory saved at any layout (`CheckpointManager.load`)."""
-        self.checkpoints.load(self, path, load_optim, branch)
+        self.checkpoints.load(self.state, path, load_optim, branch)
 
     def resume_path(self) -> Optional[str]:
         return self.checkpoints.resume_path()
