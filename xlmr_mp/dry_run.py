@@ -113,7 +113,7 @@ class _IndexRecorder:
 
 def _meta_model_cls():
     """XLMRModel without its parameter initialisation: on the meta device there is nothing to draw,
-    and torch's meta `normal_` costs ~0.7 s a rank (most of a rank's build)."""
+    and torch's meta `normal_` would be most of a rank's build."""
     from xlmr_mp.model.xlmr import XLMRModel
 
     class MetaXLMRModel(XLMRModel):
