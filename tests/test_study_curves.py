@@ -220,3 +220,18 @@ def test_one_cell_with_curves_end_to_end(tmp_path_factory):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert subprocess.run(study + ["report", spec, "--out", out2], capture_output=True, env=_env()).returncode == 0
     assert open(os.path.join(out, "results.csv")).read() == open(os.path.join(out2, "results.csv")).read()
+
+
+def test_paper_small_grid_a_curve_points(shared_corpus):
+    """launch/studies/paper_small.yaml (pre-registered): grid A's 12 cells carry evaluate_at at the
+    quarters, no other grid does except through an identical cell (B-L7, E-p100 = A-H64-L7)."""
+    from xlmr_mp.study.plan import curve_points
+    from xlmr_mp.study.spec import load_spec
+    st = load_spec(os.path.join(ROOT, "launch", "studies", "paper_small.yaml"))
+    a = [c for c in st.cells if c.grid == "A"]
+    assert sorted(c.name for c in a) == sorted(f"A-{w}-{l}-{s}" for w in ("H64", "H96") for l in ("L7", "L15", "L30")
+                                               for s in (1, 2))
+    assert all(c.evaluate_at == [0.25, 0.5, 0.75, 1.0] for c in a)
+    assert not [c.name for c in st.cells if c.grid != "A" and c.evaluate_at]
+    assert {g for c in a for g, _ in c.aliases} == {"B", "E"}
+    assert [s for _, s in curve_points(a[0].evaluate_at, 370)[1]] == [93, 186, 279, 370]
