@@ -432,3 +432,21 @@ def test_finetuning_interval_over_seeds_by_hand(tmp_path, corpus, monkeypatch):
     assert r.languages == {"en": 60.0, "fr": 22.0} and r.std["en"] == 10.0
     assert abs(r.extra["ci95"]["en"] - 24.8434) < 1e-4                   # 4.303 x 10 / sqrt(3)
     assert abs(r.extra["ci95"]["fr"] - 4.303 * math.sqrt(12.0) / math.sqrt(3)) < 1e-9   # sd sqrt(12): 8.6060
+
+
+def test_file_hash_cache_sees_a_same_size_rewrite(tmp_path, corpus):
+    """The corpus file hashes are cached (prep/file_hashes.json); a rewrite of the same size whose
+    mtime is put back (cp -p, rsync -a) must still give a new hash, hence new keys. Seen failing
+    with the cache keyed by path, size and mtime only."""
+    copy_dir = tmp_path / "c"
+    shutil.copytree(corpus, copy_dir)
+    st = _study(tmp_path, str(copy_dir), **BASE)
+    out = tmp_path / "out"
+    key = _prep(tmp_path, st).tokenizer_for(st.cells[0]).key
+    p = copy_dir / "sw.txt"
+    text, s = p.read_text(), os.stat(p)
+    p.write_text(text.replace("a", "e", 1) if "a" in text else "x" + text[1:])
+    os.utime(p, ns=(s.st_atime_ns, s.st_mtime_ns))
+    assert os.stat(p).st_size == s.st_size and os.stat(p).st_mtime_ns == s.st_mtime_ns
+    from xlmr_mp.study.prepare import Preparation
+    assert Preparation(st, str(out), log=lambda *_: None).tokenizer_for(st.cells[0]).key != key

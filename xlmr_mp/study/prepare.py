@@ -87,7 +87,7 @@ class Preparation:
 
     # ------------------------------------------------------------------ keys
     def file_hash(self, lang: str) -> str:
-        """SHA-256 of the corpus file of `lang` (cached by path, size and mtime)."""
+        """SHA-256 of the corpus file of `lang` (cached by path, size, mtime, ctime and inode)."""
         if lang in self._file_hashes:
             return self._file_hashes[lang]
         path = self.corpus_file(lang)
@@ -99,7 +99,8 @@ class Preparation:
                 cache = json.load(open(cache_path))
             except ValueError:
                 cache = {}
-        ck = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+        # ctime and inode too: a same-size rewrite with its mtime restored (cp -p, rsync -a) still changes them
+        ck = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
         if ck not in cache:
             h = hashlib.sha256()
             with open(path, "rb") as f:
