@@ -49,8 +49,7 @@ def run_config(shape: str, extra=()):
 
 
 def tiny_tokenizer(workdir: str):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import train_spm
+    from xlmr_mp.cli import train_spm
     from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     from xlmr_mp.tokenizer import XLMRTokenizer
     make_tiny_corpus(os.path.join(workdir, "corpus"))

@@ -270,9 +270,8 @@ def main():
               f"{wall_mbs / raw_mbs:>9.3f} {r['raw_cpu']:>10.2f} {r['tool_cpu']:>11.2f} "
               f"{r['raw_cpu'] / r['tool_cpu']:>13.3f}")
     # steadier on a busy machine: CPU of the tool's per-chunk worker path vs raw encoding, best of 3, in-process
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
     import numpy as np
-    import preprocess_data
+    from xlmr_mp.cli import preprocess_data
     import sentencepiece as spm
     from xlmr_mp.data.corpus_io import iter_raw_chunks
     preprocess_data._init_worker(model)

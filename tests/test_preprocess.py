@@ -54,7 +54,7 @@ def _same_tree(a, b):
 
 def test_roundtrip_with_megatron_reader(setup):
     """Decoding every document gives back the SentencePiece-normalised input, in its split."""
-    import preprocess_data
+    from xlmr_mp.cli import preprocess_data
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     tok = XLMRTokenizer(setup["model"])
     cumulative = preprocess_data.parse_split("80,10,10")

@@ -82,7 +82,7 @@ class _SilentPool:
 
 
 def test_a_helper_that_never_answers_fails_after_the_timeout(prep, tmp_path):
-    import preprocess_data as P
+    from xlmr_mp.cli import preprocess_data as P
     from xlmr_mp.data.split import SPLITS
     args = P.build_parser().parse_args(["--input", str(prep["dir"] / "corpus"), "--tokenizer", prep["model"],
                                         "--output-dir", str(tmp_path / "out"), "--workers", "2", "--task-timeout", "0.5"])

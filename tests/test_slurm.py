@@ -251,8 +251,7 @@ def test_bad_layout_fails_before_srun(slurm, data_dir, tmp_path, bad, names):
 def test_preprocess_slurm_mpi_across_nodes_matches_single_process(slurm, tmp_path):
     """launch/preprocess.slurm: 2 nodes x 2 MPI ranks (srun --mpi=pmix) write the same datasets,
     byte for byte, as one process."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import train_spm
+    from xlmr_mp.cli import train_spm
     from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
     corpus = tmp_path / "corpus"
     make_tiny_corpus(corpus, languages=["en", "ru", "zh"], scale=0.6)

@@ -12,7 +12,7 @@ from xlmr_mp.fixtures.demo_corpus import DEFAULT_SIZES, make_tiny_corpus
 
 
 def test_sampling_probabilities():
-    import train_spm
+    from xlmr_mp.cli import train_spm
     counts = np.array([800.0, 200.0, 50.0])
     assert np.allclose(train_spm.sampling_probs(counts, 1.0), counts / counts.sum())
     q = train_spm.sampling_probs(counts, 0.3)

@@ -8,8 +8,6 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = os.path.join(ROOT, "tools")
-if TOOLS not in sys.path:
-    sys.path.insert(0, TOOLS)
 
 
 def run_tool(name, *args, check=True, env=None, timeout=300, prefix=()):
@@ -44,7 +42,7 @@ def run_tool_main(name, *args):
 
 def train_tiny_spm(corpus_dir, prefix, vocab_size=1000, extra=()):
     """Train a tiny SentencePiece model with tools/train_spm.py (in-process); returns PREFIX.model."""
-    import train_spm
+    from xlmr_mp.cli import train_spm
     rc = train_spm.main(["--input", str(corpus_dir), "--output-prefix", str(prefix), "--vocab-size", str(vocab_size),
                          "--quiet", *map(str, extra)])
     assert rc == 0

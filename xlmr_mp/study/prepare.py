@@ -239,7 +239,7 @@ class Preparation:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             spm = self.study.spm
-            cmd = [sys.executable, os.path.join(REPO, "tools", "train_spm.py"), "--input", text,
+            cmd = [sys.executable, "-m", "xlmr_mp.cli.train_spm", "--input", text,
                    "--output-prefix", os.path.join(tmp, "spm"), "--vocab-size", str(tok.vocab),
                    "--languages", ",".join(tok.languages), "--alpha", str(spm["alpha"]),
                    "--sample-size", str(int(spm["sample_size"])), "--character-coverage",
@@ -265,7 +265,7 @@ class Preparation:
             tmp = f"{d}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", text,
+            cmd = [sys.executable, "-m", "xlmr_mp.cli.preprocess_data", "--input", text,
                    "--tokenizer", model, "--output-dir", tmp, "--languages", ",".join(ds.tokenizer.languages),
                    "--workers", str(self.workers), "--split", PREPROCESS_SPLIT, "--seed", str(PREPROCESS_SEED),
                    "--quiet"]
