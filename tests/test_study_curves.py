@@ -125,6 +125,7 @@ def test_report_rows_curves_and_time_split(tmp_path, corpus):
     assert "| t-L2-1 | 0m10s 8% (shared) | 1m00s 50% | 0m20s 17% | 0m05s 4% | 0m20s 17% | 0m05s 4% | 2m00s | train |" in md
     assert "| t-L2-1 | 0m00s 0% (shared) | 0m50s 50% | 0m20s 20% | 0m05s 5% | 0m20s 20% | 0m05s 5% | 1m40s | train |" in md
     assert f"| tokenizer {tok} | 1m05s | 1m01s | 4 finished cell(s): t-L2-1, t-L2-2, t-L3-1, t-L3-2 |" in md
+    assert "Largest phase by CPU seconds: train in 4 of 4 cells." in md
     status = format_status(st, out)
     assert "prep" in status and "curve" in status and "eval_start" in status
     assert "1m00s" in status and "2m00s" in status and "1m40s" in status

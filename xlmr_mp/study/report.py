@@ -250,7 +250,7 @@ def curve_points(rows: List[dict], grid: str, metric: str, recs: List[dict]) -> 
 def time_split(study: Study, out: str) -> List[str]:
     """report.md section: seconds and share of each phase per cell (from the runner's timing.json)."""
     from xlmr_mp.study.plan import _fmt_time
-    from xlmr_mp.study.timing import phases, read_timing, timing_table
+    from xlmr_mp.study.timing import largest, phases, read_timing, timing_table
     names = [c.name for c in study.cells if cell_state(out, c) == "done"]
     recs = [read_timing(cell_dir(out, n)) for n in names]
     if not any(recs):
@@ -269,6 +269,14 @@ def time_split(study: Study, out: str) -> List[str]:
                       "costs on a quiet machine, whatever the load while it ran (prepare: only what the cell "
                       "built itself).", ""]
         lines += timing_table(names, recs, cols, _fmt_time, key="cpu")
+        big: Dict[str, int] = {}
+        for r in recs:
+            if r and "cpu" in r:
+                k = largest(r, cols, "cpu")
+                big[k] = big.get(k, 0) + 1
+        n = sum(big.values())
+        lines += ["", f"Largest phase by CPU seconds: " + ", ".join(f"{k} in {v} of {n} cells"
+                                                               for k, v in sorted(big.items(), key=lambda kv: -kv[1])) + "."]
     builds = _builds(out)
     if builds:
         users: Dict[str, List[str]] = {}
