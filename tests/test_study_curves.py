@@ -103,8 +103,8 @@ def test_report_rows_curves_and_time_split(tmp_path, corpus):
                     curve={("mbpc", 50): {l: v + 10 for l in langs}, ("retrieval", 50): {l: 5 * v for l in langs}},
                     timing={"prepare": 10.0, "train": 60.0, "mbpc": 20.0, "retrieval": 5.0, "curve": 20.0,
                             "curve/mbpc": 16.0, "curve/retrieval": 4.0, "eval_start": 5.0},
-                    cpu={"prepare": 0.0, "train": 50.0, "mbpc": 20.0, "retrieval": 5.0, "curve": 20.0,
-                         "curve/mbpc": 16.0, "curve/retrieval": 4.0, "eval_start": 5.0})
+                    cpu={"prepare": 0.0, "train": 30.0, "mbpc": 20.0, "retrieval": 5.0, "curve": 40.0,
+                         "curve/mbpc": 32.0, "curve/retrieval": 8.0, "eval_start": 5.0})
     tok = json.load(open(os.path.join(out, "cells", "t-L2-1", "cell.json")))["tokenizer"]
     with open(os.path.join(out, "prep", "builds.jsonl"), "w") as f:
         f.write(json.dumps({"kind": "tokenizer", "key": tok, "seconds": 65.0, "cpu": 61.0, "pid": 1}) + "\n")
@@ -123,9 +123,9 @@ def test_report_rows_curves_and_time_split(tmp_path, corpus):
     assert "## Where a cell's time goes" in md
     # wall: 120 s in all (curve/mbpc and curve/retrieval are parts of curve, not added); CPU: 100 s
     assert "| t-L2-1 | 0m10s 8% (shared) | 1m00s 50% | 0m20s 17% | 0m05s 4% | 0m20s 17% | 0m05s 4% | 2m00s | train |" in md
-    assert "| t-L2-1 | 0m00s 0% (shared) | 0m50s 50% | 0m20s 20% | 0m05s 5% | 0m20s 20% | 0m05s 5% | 1m40s | train |" in md
+    assert "| t-L2-1 | 0m00s 0% (shared) | 0m30s 30% | 0m20s 20% | 0m05s 5% | 0m40s 40% | 0m05s 5% | 1m40s | curve |" in md
     assert f"| tokenizer {tok} | 1m05s | 1m01s | 4 finished cell(s): t-L2-1, t-L2-2, t-L3-1, t-L3-2 |" in md
-    assert "Largest phase by CPU seconds: train in 4 of 4 cells." in md
+    assert "Largest phase by CPU seconds: curve in 4 of 4 cells." in md      # by wall seconds: train
     status = format_status(st, out)
     assert "prep" in status and "curve" in status and "eval_start" in status
     assert "1m00s" in status and "2m00s" in status and "1m40s" in status
