@@ -2,7 +2,7 @@
 
 Checked in README.md, docs/*.md, DEVELOPERS.md and bench/results/README.md:
 - every relative link resolves to a file (and its `#anchor` to a heading of that file, by GitHub's
-  slug rule); repository paths in `inline code` exist;
+  slug rule); repository paths and `xlmr-*` commands in `inline code` exist;
 - every shell command in a bash/sh code block: `python tools/X.py`, `bash X.sh`, `sbatch X.slurm` ->
   the file exists; `xlmr-*` -> a console_scripts entry of setup.py; each `--flag` after a known
   command -> an option of that command's argparse parser (captured in one subprocess by running the
@@ -48,6 +48,8 @@ TOP_DIRS = ("xlmr_mp/", "tools/", "bench/", "launch/", "csrc/", "tests/", "docs/
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 # Path segments that stand for something the reader supplies, not a file of the repository.
 PLACEHOLDERS = {"NAME", "DIR", "OUT", "X", "P", "SPEC", "FILE", "TYPE", "PATH", "GPU", "DATE", "TASK"}
+# Words shaped like a command that are a command's subcommand (`xlmr-convert xlmr-to-hf`).
+SUBCOMMANDS = {"xlmr-to-hf"}
 # Commands whose key=value arguments are run-config overrides (validated against the dataclasses).
 CONFIG_ANCHORS = {"xlmr-train", "xlmr-plan", "module:xlmr_mp.train", "launch/demo.sh", "launch/local.sh",
                   "launch/xlmr_base.slurm", "launch/xlmr_large.slurm", "launch/scaling_study.slurm",
@@ -147,12 +149,14 @@ def repo_path_exists(token: str) -> bool:
 
 def path_problems(rel: str) -> list:
     prose, _ = split_markdown(read(rel))
-    problems = []
+    problems, scripts = [], console_scripts()
     for no, line in prose:
         for span in CODE_SPAN.findall(line):
             for tok in span.split():
                 if tok.startswith(TOP_DIRS) and not repo_path_exists(tok):
                     problems.append(f"{rel}:{no}: `{tok}` does not exist")
+                if re.fullmatch(r"xlmr-[a-z0-9-]*[a-z0-9]", tok) and tok not in scripts and tok not in SUBCOMMANDS:
+                    problems.append(f"{rel}:{no}: `{tok}` is not a console_scripts entry of setup.py")
     return problems
 
 
