@@ -97,12 +97,14 @@ def test_export_hf_reloads_with_same_logits(kind, tmp_path):
 
 
 def test_encoder_from_copies_weights_and_sets_dropout():
+    from xlmr_mp import kernels
     from xlmr_mp.eval.heads import encoder_from
     from xlmr_mp.model.config import ModelConfig
     from xlmr_mp.model.xlmr import XLMRModel
     cfg = ModelConfig(vocab_size=100, hidden_size=16, num_layers=2, num_heads=2, ffn_size=32, max_positions=40,
                       dropout=0.0, attention_dropout=0.0)
     model = XLMRModel(cfg, init_seed=5).eval()
+    kernels.apply(model, "cpu")                   # as load_model gives it; encoder_from applies them too
     enc = encoder_from(model, dropout=0.2).eval()
     assert enc.lm_head is None and enc.cfg.dropout == 0.2 and enc.cfg.attention_dropout == 0.2
     assert model.cfg.dropout == 0.0
