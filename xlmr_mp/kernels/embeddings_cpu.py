@@ -1,5 +1,6 @@
 """XLM-R's input embeddings as ONE autograd node on a CPU, beside their reference (the Embeddings
-module of xlmr_mp/model/xlmr.py, which is what runs whenever `applies` is False).
+module of xlmr_mp/model/xlmr.py, which is what runs whenever `applies` is False; kernels.apply
+installs `embeddings_forward` as Embeddings.forward).
 
     pos = fairseq positions of ids    y = (word[ids] + token_type) + position[pos]    out = Dropout(LN(y))
 

@@ -8,20 +8,21 @@ At the shapes a scaling study runs on a CPU (hidden 64-256, a few hundred tokens
 a layer's step is a few dozen small kernels, and the autograd graph around them (about 130 nodes,
 views and transposes per layer, each with its saved tensors and engine bookkeeping) costs as much
 again. Here the forward of a model's (or a pipeline stage's) layers is ONE C++ call and the
-backward another (csrc/encoder_layer_cpu.cpp; `stack_forward`, which XLMRModel.encode uses; one
-layer alone, `layer_forward`, is what EncoderLayer.forward and full recompute use): each layer's
+backward another (csrc/encoder_layer_cpu.cpp; `stack_forward`, which kernels.apply installs as
+XLMRModel.encode_layers; one layer alone, `layer_forward`, installed as EncoderLayer.forward, what
+full recompute runs): each layer's
 12 GEMMs through the BLAS sgemm torch itself calls (MKL's `sgemm_` in libtorch_cpu,
 kernels/cpu_fast_path.py; each product torch.mm's bits) or, for small layers cut into single-threaded
 parts (hidden <= 64, FFN <= 256: `_C.encoder_small_products`), through csrc/small_gemm_avx2.h's
-register tiles (no packing, the QKV bias in the tile's epilogue; ~8% faster than MKL's at the tiny
-preset's products, tests/test_small_gemm_cpu.py against torch.mm), between the AVX2 kernels of
+register tiles (no packing, the QKV bias in the tile's epilogue; tests/test_small_gemm_cpu.py
+against torch.mm), between the AVX2 kernels of
 xlmr_mp._C for attention (attention_cpu.cpp), bias + GELU (bias_gelu_cpu.cpp) and each sublayer's
 bias + dropout + residual add + LayerNorm in one pass (layernorm_cpu.cpp, which also gives the
 bias gradients). Between the kernels and the layers there is no Python, no tensor allocation (the
 activations the backward needs live in one workspace tensor, taken from cpu_fast_path.WORKSPACES
 and given back when the backward lets it go, so its pages stay mapped between steps) and no
 autograd bookkeeping: per micro-batch the Python, module and engine work of one node instead of
-one per layer (at the tiny preset about 0.1 ms a layer and micro-batch). With several threads the
+one per layer. With several threads the
 batch rows are cut into one part a thread, each running every layer single-threaded (one fork per
 call, not one per kernel and GEMM; `_C.encoder_parts` says how many). The hidden-dropout masks are
 the Bernoulli draws the module path makes, in its order, so outputs and gradients equal the
@@ -34,8 +35,8 @@ attention dropout in training (the attention kernel has none), at S <= attention
 (`fused` lifts it), with contiguous parameters, and not under selective recompute (which
 recomputes the attention core alone); several layers as one node (`stack_applies`) also need
 no module hooks on a layer and one config. Full recompute wraps each one-layer node like any
-other; double backward is not supported. Timings: bench/encoder_layer_cpu.py, results in
-bench/results/encoder_layer_cpu.txt.
+other; double backward is not supported. Timings: bench/encoder_layer_cpu.py (results in
+bench/results/).
 """
 from __future__ import annotations
 
