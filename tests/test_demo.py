@@ -1,8 +1,11 @@
 """`bash launch/demo.sh`, the README's first command, end to end (2 training steps, into a temporary
 OUT): it installs nothing on an installed machine and never reaches for system packages or test
 tooling (apt-get / mpirun / SLURM are shimmed to fail loudly), and it trains with bits per character
-for every one of the tiny corpus's seven languages."""
+for every one of the tiny corpus's seven languages; it scores the run (mBPC JSON and plot) and ends
+by saying where the run's files are and what to run next, with the installed commands, and the
+conversion command it prints works as printed."""
 import os
+import shlex
 import subprocess
 
 import pytest
@@ -26,6 +29,19 @@ def test_demo_installs_only_what_it_needs_and_validates_every_language(tmp_path)
     for lang in ("en", "fr", "ru", "zh", "hi", "ur", "sw"):
         assert f"bpc_{lang} " in valid[-1], (lang, valid[-1])
     assert "WARNING" not in p.stdout
+    out = str(tmp_path / "demo")
+    tail = p.stdout[p.stdout.index("== done. This run:"):]
+    for path in ("run/metrics.jsonl", "run/valid.jsonl", "run/config.yaml", "run/checkpoints/step_00000002",
+                 "eval/mbpc.png", "eval/mbpc.json", "study.yaml"):
+        assert os.path.join(out, path) in tail and os.path.exists(os.path.join(out, path)), (path, tail)
+    nxt = [line.strip() for line in tail[tail.index("Next:"):].splitlines()[1:] if line.startswith("  xlmr-")]
+    assert [c.split()[0] for c in nxt] == ["xlmr-evaluate", "xlmr-convert", "xlmr-study", "xlmr-train"], nxt
+    convert = shlex.split(nxt[1])
+    r = subprocess.run(convert, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.exists(os.path.join(out, "hf", "config.json")) and os.path.exists(os.path.join(out, "hf", "model.safetensors"))
+    from xlmr_mp.study.spec import load_spec
+    assert [c.name for c in load_spec(os.path.join(out, "study.yaml")).cells] == ["demo-1", "demo-2"]
 
 
 def test_demo_leaves_test_and_cluster_tooling_to_ci():
