@@ -6,7 +6,9 @@
 fast_paths.py  `apply`: installs the ops and C++ nodes below on a model's modules, says what it applied
 ops.py       bias_gelu, bias_dropout_add_layernorm, scaled_masked_softmax (+ *_ref, backward refs)
 attention_cpu.py  fused CPU self-attention (csrc/attention_cpu.cpp) beside SDPA, at short sequences
-bias_gelu_cpu.py  fused CPU bias + exact GELU (csrc/bias_gelu_cpu.cpp) beside ops.bias_gelu_ref
+bias_gelu_op.py  torch.ops.xlmr_mp.bias_gelu: bias + exact GELU as a registered op (CPU and CUDA keys,
+             fake, autograd through the registered backward op)
+bias_gelu_cpu.py  when the op's AVX2 CPU key (csrc/bias_gelu_cpu.cpp) replaces ops.bias_gelu_ref
 encoder_layer_cpu.py  a model's (or stage's) post-LN layers as one autograd node on a CPU at TP = 1: one
              C++ call each way (csrc/encoder_layer_cpu.cpp: the kernels above, csrc/layernorm_cpu.cpp's
              bias-dropout-add-LayerNorm, torch's own sgemm) beside the module path

@@ -1,5 +1,6 @@
 """autograd.Functions over the CUDA kernels of `xlmr_mp._cuda` (csrc/cuda). Each matches its
-torch reference in ops.py / mlm_xent.py; dispatch.py decides which one runs."""
+torch reference in ops.py / mlm_xent.py; dispatch.py decides which one runs. (bias + GELU is the
+registered op torch.ops.xlmr_mp.bias_gelu, kernels/bias_gelu_op.py.)"""
 from __future__ import annotations
 
 import torch
@@ -12,23 +13,6 @@ def _ext():
     if ext is None:
         raise RuntimeError("xlmr_mp._cuda is not built; see xlmr_mp/kernels/dispatch.py")
     return ext
-
-
-class BiasGelu(torch.autograd.Function):
-    """gelu(x + bias), exact erf GELU; x [..., H], bias [H]."""
-
-    @staticmethod
-    def forward(ctx, x, bias):
-        x = x.contiguous()
-        bias = bias.contiguous()
-        ctx.save_for_backward(x, bias)
-        return _ext().bias_gelu_fwd(x, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, bias = ctx.saved_tensors
-        dx, dbias = _ext().bias_gelu_bwd(grad.contiguous(), x, bias)
-        return dx, dbias
 
 
 class BiasDropoutAddLayerNorm(torch.autograd.Function):

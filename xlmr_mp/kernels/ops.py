@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from xlmr_mp.kernels import bias_gelu_cpu, dispatch
+from xlmr_mp.kernels.bias_gelu_op import bias_gelu_backward_ref  # noqa: F401  (the backward's reference)
 from xlmr_mp.model.functional import attention as attention_ref
 from xlmr_mp.model.functional import bias_dropout_add_layernorm_ref, bias_gelu_ref  # noqa: F401  (the references)
 from xlmr_mp.model.functional import cast_like as _like
@@ -26,15 +27,6 @@ def scaled_masked_softmax_ref(scores: torch.Tensor, mask: torch.Tensor | None, s
 
 # Backward formulas the CUDA kernels implement, in torch (fp32 math), so that CPU tests can check them
 # against autograd and GPU tests can check the kernels against them.
-
-def bias_gelu_backward_ref(grad, x, bias):
-    """(dx, dbias) of gelu(x + bias): dx = grad * (Phi(z) + z * phi(z)), z = x + bias."""
-    z = (x + bias).float()
-    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
-    pdf = 0.3989422804014327 * torch.exp(-0.5 * z * z)
-    dx = grad.float() * (cdf + z * pdf)
-    return dx.to(x.dtype), dx.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype)
-
 
 def bias_dropout_add_layernorm_backward_ref(grad, y, keep, weight, mean, rstd, p: float):
     """(dx, dresidual, dweight, dln_bias) of LayerNorm(y), y = residual + keep * (x + bias) / (1 - p),
@@ -74,9 +66,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     bias = _like(bias, x)
     if (bias is not None and bias.dim() == 1 and bias.dtype == x.dtype
             and dispatch.use_fused(x, "bias_gelu")):
-        from xlmr_mp.kernels.fused import BiasGelu
-        return BiasGelu.apply(x, bias)
-    if bias_gelu_cpu.applies(x, bias):     # fp32 on an AVX2 CPU: csrc/bias_gelu_cpu.cpp
+        return torch.ops.xlmr_mp.bias_gelu(x, bias)     # the registered op's CUDA key
+    if bias_gelu_cpu.applies(x, bias):     # fp32 on an AVX2 CPU: the op's CPU key, csrc/bias_gelu_cpu.cpp
         return bias_gelu_cpu.bias_gelu(x, bias)
     return bias_gelu_ref(x, bias)
 
