@@ -30,7 +30,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from xlmr_mp.data.corpus_io import CorpusError, ParsedChunk, RawChunk
+from xlmr_mp.data.chunks import CorpusError, ParsedChunk, RawChunk
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ _IN_BLOCK = 1 << 16         # compressed bytes fed per step
 
 
 def _error_type():
-    from xlmr_mp.data.corpus_io import CorpusError
+    from xlmr_mp.data.chunks import CorpusError
     return CorpusError
 
 
