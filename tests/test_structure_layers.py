@@ -34,8 +34,6 @@ LAYERS = (
 # Upward imports the restructuring of issue 29 has not removed yet: (importer, imported) -> why.
 # An entry that no longer occurs fails the test, so the list only shrinks.
 PENDING = {
-    ("xlmr_mp.kernels.mlm_xent", "xlmr_mp.parallel.vocab"):
-        "issue 29 deliverable 3: the second masked-LM loss (kernels/mlm_xent.py) is to be removed",
     ("xlmr_mp.dry_run", "xlmr_mp.cli.plan"):
         "the memory planner lives in a command module (cli/plan.py); issue 29 deliverable 4 ('plan' names two things)",
 }

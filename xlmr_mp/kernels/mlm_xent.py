@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xlmr_mp.parallel.vocab import local_targets
+
+def local_targets(target: torch.Tensor, vocab_start: int, local_vocab: int) -> torch.Tensor:
+    """Global target ids [M] -> int64 column in this shard [vocab_start, vocab_start + local_vocab),
+    or -1 where another shard owns the id (also the rows of the loss's torch path, parallel/vocab.py)."""
+    t = target.long() - vocab_start
+    return torch.where((t >= 0) & (t < local_vocab), t, torch.full_like(t, -1))
 
 
 def shard_xent_stats_ref(hidden, weight, bias, target, vocab_start: int = 0):

@@ -138,13 +138,6 @@ MLM_DEVICE_CHUNK_BYTES = 2 ** 30
 MLM_DEVICE_GRAD_BYTES = 4 * 2 ** 30
 
 
-def local_targets(target: torch.Tensor, vocab_start: int, local_vocab: int) -> torch.Tensor:
-    """Global target ids [M] -> int64 column in this shard [vocab_start, vocab_start + local_vocab),
-    or -1 where another shard owns the id."""
-    t = target.long() - vocab_start
-    return torch.where((t >= 0) & (t < local_vocab), t, torch.full_like(t, -1))
-
-
 def real_rows(local_rows: int, vocab_size: int, vocab_start: int) -> int:
     """How many of a shard's `local_rows` decoder rows (global ids from vocab_start) are real
     vocabulary, not padding: the rows a masked-LM loss may predict."""
@@ -205,6 +198,7 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, group, vocab_start, n_real, chunk_rows, product_rows, need_grad):
         from xlmr_mp.kernels import dispatch
+        from xlmr_mp.kernels.mlm_xent import local_targets
         cdt = _compute_dtype(hidden)
         tp = tp_size_of(group)
         host = product_rows == 0
