@@ -197,7 +197,8 @@ def test_changed_cell_is_set_aside_and_changed_evaluation_redone(tmp_path, corpu
     """The cell directory and its eval JSONs are artefacts too: a run made under other settings is
     moved to stale-<hash>/ (seen failing without Runner._set_aside_stale: the old model would be
     reported under the new settings); an eval JSON made with other evaluation inputs is redone
-    (seen failing with the command comparison in Runner._eval_job removed)."""
+    (seen failing with the command comparison in Runner._eval_job removed); a finished job's
+    .partial.json left by a stopped batch is kept (seen failing without that check)."""
     import json
     from xlmr_mp.study.runner import Runner, cell_dir
     st = _study(tmp_path, corpus, **dict(BASE, evaluate=["mbpc"], eval_data=corpus))
@@ -211,6 +212,10 @@ def test_changed_cell_is_set_aside_and_changed_evaluation_redone(tmp_path, corpu
     with open(job["out"], "w") as f:
         json.dump({"task": "mbpc", "languages": {"en": 1.0}, "command": ["xlmr-evaluate"] + job["argv"]}, f)
     assert r._eval_job(cell, "mbpc", os.path.join(d, "run", "checkpoints"), "mbpc", None) is None   # up to date
+    # a job that finished inside a batch stopped before its end (only its .partial.json written) is kept
+    os.replace(job["out"], job["tmp"])
+    assert r._eval_job(cell, "mbpc", os.path.join(d, "run", "checkpoints"), "mbpc", None) is None
+    assert os.path.exists(job["out"]) and not os.path.exists(job["tmp"])
     st2 = _study(tmp_path, corpus, "s2.yaml", **dict(BASE, evaluate=["mbpc"], eval_data=corpus,
                                                     eval_settings=["--seeds=1,2"]))
     r2 = Runner(st2, out, log=lambda *_: None)

@@ -308,8 +308,13 @@ class Runner:
         tmp = out[:-len(".json")] + ".partial.json"
         argv = [task, "--model", model, "--data", data, "--languages", ",".join(langs), "--out", tmp,
                 "--threads", str(self.threads), "--no-progress"] + list(self.study.eval_settings)
+        same = lambda p: ((read_json(p) or {}).get("command") or [None])[1:] == argv   # noqa: E731
+        if os.path.exists(tmp) and same(tmp):   # finished inside a batch that was stopped before its end
+            if os.path.exists(tmp[:-len(".json")] + ".png"):
+                os.replace(tmp[:-len(".json")] + ".png", out[:-len(".json")] + ".png")
+            os.replace(tmp, out)
         if os.path.exists(out):
-            if ((read_json(out) or {}).get("command") or [None])[1:] == argv:
+            if same(out):
                 return None              # done with these inputs (task, model, data, languages, settings)
             self.log(f"[study] {cell.name}: {out} was made with other inputs (the spec's evaluation settings "
                      f"changed?): evaluated again")
