@@ -19,7 +19,11 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from xlmr_mp.study.prepare import _atomic_json
+from xlmr_mp.atomic import atomic_write_text
+
+
+def _atomic_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 TIMING_FILE = "timing.json"
 
