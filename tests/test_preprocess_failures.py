@@ -109,3 +109,35 @@ def test_mpi_failure_removes_its_shards(prep, tmp_path):
                  check=False, timeout=240)
     assert r.returncode != 0 and f"fr.txt:{line}" in r.stderr, r.stderr[-2000:]
     assert _everything(out) == [], "an MPI run that failed while encoding leaves no shard or folder"
+
+
+def _sleep_forever():
+    import time
+    time.sleep(1e9)
+
+
+def test_close_pool_never_hangs_on_a_blocked_terminate():
+    """The tool's pool shutdown returns and kills the helpers even when Pool.terminate() blocks
+    (seen once in CI: preprocess_data hung 300 s after a bad line with --workers 3)."""
+    import multiprocessing as mp
+    import threading
+    import time
+    from xlmr_mp.cli.preprocess_data import close_pool
+
+    helper = mp.get_context("spawn").Process(target=_sleep_forever, daemon=True)
+    helper.start()
+
+    class BlockedPool:
+        _pool = [helper]
+
+        def terminate(self):
+            time.sleep(1e9)
+
+    t = threading.Thread(target=close_pool, args=(BlockedPool(), 0.5), daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "close_pool hung on a blocked terminate()"
+    helper.join(10)
+    assert not helper.is_alive() and helper.exitcode is not None
+    assert time.monotonic() - t0 < 20

@@ -41,6 +41,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 import time
 
 import numpy as np
@@ -313,6 +314,20 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=1, sort_keys=True)
 
 
+def close_pool(pool, wait_s: float = 30.0) -> None:
+    """Stop the helper encoders without ever hanging the tool: `Pool.terminate()` runs in a daemon
+    thread and, when it has not returned after `wait_s` seconds (CPython's terminate can block on the
+    task queue's lock that an idle helper holds while it waits for work), the helpers are killed and
+    the tool goes on to report its result or error."""
+    t = threading.Thread(target=pool.terminate, name="pool-terminate", daemon=True)
+    t.start()
+    t.join(wait_s)
+    if t.is_alive():
+        for w in list(getattr(pool, "_pool", [])):
+            if w.is_alive():
+                w.kill()
+
+
 def _make_pool(args, announce=True):
     """The tokenizer for this process, and a pool of --workers - 1 helper encoders (None for 1)."""
     _init_worker(args.tokenizer)
@@ -370,7 +385,7 @@ def run_single(args, files):
     finally:
         progress.close()
         if pool is not None:
-            pool.terminate()
+            close_pool(pool)
     args.main_cpu_s = time.process_time() - c0
     args.sched = sched
     return stats, time.perf_counter() - t0
@@ -415,7 +430,7 @@ def run_mpi(args, files, comm):
     finally:
         progress.close()
         if pool is not None:
-            pool.terminate()
+            close_pool(pool)
     errors = [e for e in comm.allgather(error) if e]
     if errors:                          # no language is complete yet: remove the partial output
         if rank == 0:
