@@ -5,17 +5,10 @@ import sys
 
 import pytest
 
-from support.study_cells import TINY, write_spec
+from support.study_cells import TINY, corpus, write_spec  # noqa: F401 (corpus: a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
-    d = str(tmp_path_factory.mktemp("corpus"))
-    make_tiny_corpus(d)
-    return d
 
 
 def _spec(tmp_path, corpus, **kw):

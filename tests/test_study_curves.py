@@ -9,15 +9,8 @@ import sys
 
 import pytest
 
-from support.study_cells import ROOT, finish_cell, study_env, write_spec
+from support.study_cells import ROOT, corpus, finish_cell, study_env, write_spec  # noqa: F401 (corpus: a fixture)
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
-    d = str(tmp_path_factory.mktemp("corpus"))
-    make_tiny_corpus(d)
-    return d
 
 
 def _load(tmp_path, corpus, **kw):

@@ -4,6 +4,7 @@ so that report / status code is checked against numbers fixed in the test."""
 import json
 import os
 
+import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,3 +66,11 @@ def finish_cell(study, out, cell, evals=None, curve=None, valid=None, timing=Non
         _atomic_json(os.path.join(d, "timing.json"), rec)
     _atomic_json(os.path.join(d, "done.json"), {"hash": cell_hash(cell), "step": plan.steps})
     return plan
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus
+    d = str(tmp_path_factory.mktemp("corpus"))
+    make_tiny_corpus(d)
+    return d
