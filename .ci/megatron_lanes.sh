@@ -6,7 +6,7 @@
 # installs on this Python (pip's choice: 0.16.1 on 3.11), and `.ci/run` runs the whole suite there.
 # The megatron-core calls we make and how 0.16 and 0.19 differ: docs/megatron_core_compat.md.
 #   bash .ci/megatron_lanes.sh                 # the fast lane on the lowest version
-#   bash .ci/megatron_lanes.sh tests/test_tp.py   # other pytest arguments instead of the whole fast lane
+#   bash .ci/megatron_lanes.sh tests/parallel/test_tp.py   # other pytest arguments instead of the whole fast lane
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"

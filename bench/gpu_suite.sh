@@ -7,7 +7,7 @@
 #   bash bench/gpu_suite.sh                  # results in bench/results/gpu_suite_<time>/
 #   bash bench/gpu_suite.sh --plan           # print the planned seconds per step, the total and the file count
 #   bash bench/gpu_suite.sh --dry-run        # CPU: the plan, then every step at a tiny shape (CI:
-#                                            # tests/test_gpu_suite_dryrun.py)
+#                                            # tests/tools/test_gpu_suite_dryrun.py)
 #
 # The GPU image (torch 2.11+cu130, transformers, sentencepiece, pybind11, numpy, pyyaml, tqdm,
 # safetensors, nvcc; Python 3.12; no network) lacks megatron-core. TP = PP = 1, all this suite runs,
@@ -30,7 +30,7 @@
 #   install      the --wheels folder (pip --no-index), then the runtime imports (torch, numpy, ...)
 #   build        pip install --no-build-isolation --no-deps -e . for this GPU's arch only, when
 #                xlmr_mp._C / xlmr_mp._cuda do not import
-#   kernel_tests tests/test_kernels_gpu.py (fused kernels against float64 references)
+#   kernel_tests tests/kernels/test_kernels_gpu.py (fused kernels against float64 references)
 #   kernels_*    bench/kernels_gpu.py bf16 (torch.compile peers last) and fp16 (no compile): fused vs
 #                eager vs compiled, % of copy bandwidth, FASTER_ON entries; JSON after every measurement
 #   train_*      bench/train_step.py at large and base, fused kernels (XLMR_MP_KERNELS=fused) against
@@ -214,7 +214,7 @@ if [ "$DRY" = 1 ]; then
   if [ -n "$WHEELS" ]; then step install 300 install_step --dry-run
   else echo "install skipped: no --wheels" >> "$WORK/commands.txt"; SKIPPED=$((SKIPPED + 1)); fi
   step build 60 "$PY" -c "import xlmr_mp._C"
-  step kernel_tests 300 "$PY" -m pytest -q --collect-only tests/test_kernels_gpu.py
+  step kernel_tests 300 "$PY" -m pytest -q --collect-only tests/kernels/test_kernels_gpu.py
   step kernels_bf16 60 "$PY" bench/kernels_gpu.py --help
   step kernels_fp16 60 "$PY" bench/kernels_gpu.py --help
   step train_large_bf16_fused 300 "$PY" bench/train_step.py "${TINY[@]}" --precision auto --plan CPU --out "$WORK/train_step.txt"
@@ -225,7 +225,7 @@ if [ "$DRY" = 1 ]; then
 else
   gpu_step install install_step ""
   gpu_step build build_step
-  gpu_step kernel_tests "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py
+  gpu_step kernel_tests "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_gpu.py
   gpu_step kernels_bf16 "$PY" bench/kernels_gpu.py --dtype bf16 --iters 20 --budget-s "$(( $(limit_of kernels_bf16) - 15 ))" --out "$WORK/kernels_bf16.json"
   gpu_step kernels_fp16 "$PY" bench/kernels_gpu.py --dtype fp16 --iters 20 --no-compile --budget-s "$(( $(limit_of kernels_fp16) - 12 ))" --out "$WORK/kernels_fp16.json"
   GPU_PLAN="$("$PY" -c "import torch; n = torch.cuda.get_device_name(); print('H200' if 'H200' in n else 'H100' if 'H100' in n else 'A100-80')")"

@@ -1,6 +1,6 @@
 // Index building for the multilingual MLM data pipeline (xlmr_mp/data/): sentence packing into
 // blocks and the blended (language, block) index. Python references: xlmr_mp/data/packing.py and
-// xlmr_mp/data/blend.py; tests/test_data_blend.py checks C++ == Python bit for bit.
+// xlmr_mp/data/blend.py; tests/data/test_data_blend.py checks C++ == Python bit for bit.
 #pragma once
 #include <cstdint>
 #include <vector>

@@ -1,6 +1,6 @@
 // small_gemm_avx2.h's register-blocked GEMM as a call for code outside the AVX2 regions (the encoder
 // layer's per-part products, encoder_layer_cpu.cpp), plus the 8 x 8 block transpose. The torch reference
-// is torch.mm (tests/test_small_gemm_cpu.py). Only where cpu_kernels_supported(); elsewhere they throw.
+// is torch.mm (tests/kernels/test_small_gemm_cpu.py). Only where cpu_kernels_supported(); elsewhere they throw.
 #pragma once
 #include <cstdint>
 

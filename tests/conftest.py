@@ -12,12 +12,10 @@ every test is that slow; `slurm` (needs the local cluster) likewise in SLURM. An
 no collected test fails a full collection. Each feature area keeps a fast test where one exists."""
 import os
 import re
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 SHARED_CORPUS = os.path.abspath(os.path.join(ROOT, "..", "shared", "corpus"))
 
 
@@ -53,7 +51,7 @@ def tree_changes(before, after):
 
 @pytest.fixture(scope="session", autouse=True)
 def test_runs_root(tmp_path_factory):
-    """Root of the default run directories of this session (tests/_train_bodies.tiny_cfg)."""
+    """Root of the default run directories of this session (tests/support/train_bodies.tiny_cfg)."""
     root = str(tmp_path_factory.mktemp("runs"))
     os.environ["XLMR_MP_TEST_RUNS"] = root
     return root
@@ -75,15 +73,15 @@ def repo_runs_untouched(request):
 # More than ~8 s each on a quiet 2-core machine (multi-process gloo runs, trainer CLI runs, mpirun,
 # the preprocessing benchmark), by node-id prefix: modules (or test-name prefixes) with no faster test.
 SLOW = (
-    "tests/test_train_parallel.py", "tests/test_train_resume.py",
-    "tests/test_pipeline.py",
-    "tests/test_train_resume_dropout.py", "tests/test_train_launchers.py",
-    "tests/test_checkpoint_reshard.py::test_tp2pp2_to_dp4_and_back",
-    "tests/test_bench_preprocess.py",
-    "tests/test_preprocess.py::test_killed_run", "tests/test_preprocess.py::test_mpi",
+    "tests/train/test_train_parallel.py", "tests/train/test_train_resume.py",
+    "tests/parallel/test_pipeline.py",
+    "tests/train/test_train_resume_dropout.py", "tests/train/test_train_launchers.py",
+    "tests/checkpoint/test_checkpoint_reshard.py::test_tp2pp2_to_dp4_and_back",
+    "tests/tools/test_bench_preprocess.py",
+    "tests/data/test_preprocess.py::test_killed_run", "tests/data/test_preprocess.py::test_mpi",
 )
 # Need the local two-node SLURM cluster (launch/slurm_cluster.sh; skipped without slurm-wlm).
-SLURM = ("tests/test_slurm.py",)
+SLURM = ("tests/tools/test_slurm.py",)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CUDA compile-only toolchain for tools/compile_kernels.py and tests/test_kernels_compile.py:
+# CUDA compile-only toolchain for tools/compile_kernels.py and tests/kernels/test_kernels_compile.py:
 # sm_70 (V100) is built through NVRTC (nvidia-cuda-nvrtc-cu12) with cuda_fp16.h / cuda_bf16.h from
 # nvidia-cuda-runtime-cu12 and ptxas from nvidia-cuda-nvcc-cu12 (nvcc 13 no longer targets sm_70).
 # These three wheels depend on nothing (no torch), ~100 MB together. sm_80 / sm_90 use the

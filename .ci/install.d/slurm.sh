@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SLURM + munge for the launcher tests (tests/test_slurm.py starts a local cluster with
+# SLURM + munge for the launcher tests (tests/tools/test_slurm.py starts a local cluster with
 # launch/slurm_cluster.sh). .ci/install.sh already apt-installs slurm-wlm and munge when missing;
 # this hook makes sure the pieces the local cluster needs are there, and never fails the install
 # (without SLURM the launcher tests skip with the reason).
