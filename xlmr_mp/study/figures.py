@@ -3,8 +3,10 @@
 Per grid and metric: the curse curve (x = number of languages, High / Low / All, one panel per
 value of the other axes: Figures 2 and 4), alpha (Figure 5), vocabulary (Figure 6), any other
 varying axis as a categorical plot, a language x cell heatmap of the change against the grid's
-first cell, and learning curves per language (valid bits per character against step).
-Error bars are 95% confidence intervals over seeds where there are several.
+first cell; the capacity figure of a grid over languages and width (Figure 4: one panel per group,
+one line per width, x = number of languages: capacity_points is its data); learning curves per
+language against tokens seen, one line per cell (valid bits per character from the trainer; each
+evaluate_at metric). Error bars are 95% confidence intervals over seeds where there are several.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Dict, List
 
 from xlmr_mp.plotting import pyplot, save_figure
 from xlmr_mp.study.spec import Study
+from xlmr_mp.study.stats import LOWER_IS_BETTER, aggregate, row_axes, seedless
 
 LINES = ("High", "Low", "All")
 
@@ -44,6 +47,12 @@ def _varying(agg: Dict[tuple, dict]) -> Dict[str, List[str]]:
 def _label(k: tuple, var: Dict[str, List[str]]) -> str:
     """A cell key named by the axes that vary in the figure."""
     return " ".join(v for a, v in k if a in var) or " ".join(v for _, v in k)
+
+
+def _natural(x) -> tuple:
+    """Sort key that orders L7 before L15 and H64 before H96 (digit runs compared as numbers)."""
+    import re
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.findall(r"\d+|\D+", str(x)))
 
 
 def _errorbar(ax, xs, ts, label, **kw):
@@ -166,78 +175,122 @@ def grid_figures(study: Study, grid: str, metric: str, agg: Dict[tuple, dict], f
 
 
 def learning_curves(study: Study, out: str, grid: str, recs: List[dict], fig_dir: str) -> List[str]:
-    """valid bits per character per language against step, one line per cell (mean over seeds)."""
-    plt = _plt()
-    if plt is None:
-        return []
-    curves: Dict[str, Dict[str, Dict[int, List[float]]]] = {}
-    avs = [next((av for g, av in [(r["grid"], r["axis_values"])] + [tuple(x) for x in r.get("aliases", [])]
-                 if g == grid), r["axis_values"]) for r in recs]
-    var = _varying({tuple((a, v) for a, v in av.items() if a != "seed"): None for av in avs})
-    for r, av in zip(recs, avs):
-        label = _label(tuple((a, v) for a, v in av.items() if a != "seed"), var)
+    """The trainer's validation bits per character per language against tokens seen, one line per
+    cell (colour: its axis values, line style: its seed), from each cell's run/valid.jsonl."""
+    points: Dict[tuple, Dict[str, list]] = {}
+    for r in recs:
+        av = next((av for g, av in [(r["grid"], r["axis_values"])] + [tuple(x) for x in r.get("aliases", [])]
+                   if g == grid), r["axis_values"])
+        key = tuple((a, av[a]) for a in study.axes if a in av and a != "seed")
         p = os.path.join(out, "cells", r["name"], "run", "valid.jsonl")
-        if not os.path.exists(p):
-            continue
-        for line in open(p):
+        per_token = int(r["shape"]["global_batch"]) * int(r["shape"]["seq_length"])
+        for line in open(p) if os.path.exists(p) else []:
             try:
                 e = json.loads(line)
             except ValueError:
                 continue
             for k, v in e.items():
                 if k.startswith("bpc_"):
-                    curves.setdefault(k[4:], {}).setdefault(label, {}).setdefault(int(e["step"]), []).append(v)
-    if not curves:
-        return []
-    langs = sorted(curves)
-    n = len(langs)
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axs = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
-    for ax, l in zip(axs.flat, langs):
-        for label, by_step in sorted(curves[l].items()):
-            steps = sorted(by_step)
-            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=label, lw=1)
-        ax.set_title(l, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("valid bits/char", fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in list(axs.flat)[n:]:
-        ax.axis("off")
-    axs[0][0].legend(fontsize=6)
-    fig.suptitle(f"{grid}: learning curves (mean over seeds)", fontsize=10)
-    return [save_figure(fig, os.path.join(fig_dir, f"{grid}_learning_curves.png"), dpi=100)]
+                    points.setdefault((key, str(av.get("seed", r["seed"]))), {}).setdefault(k[4:], []).append(
+                        (int(e["step"]) * per_token, float(v)))
+    for by_lang in points.values():
+        for l in by_lang:
+            by_lang[l].sort()
+    return _facets(grid, points, "valid bits/char", f"{grid}: validation bits per character against tokens seen, "
+                   "one line per cell", os.path.join(fig_dir, f"{grid}_learning_curves.png"))
 
 
 def metric_curves(grid: str, metric: str, points: Dict[tuple, Dict[str, list]], fig_dir: str) -> List[str]:
     """Learning curves of an evaluated metric (evaluate_at): per language, the metric against tokens
     seen, one line per cell (colour: the cell's axis values, line style: its seed); [] without points."""
+    return _facets(grid, points, metric, f"{grid}: {metric} against tokens seen (evaluate_at checkpoints), "
+                   "one line per cell", os.path.join(fig_dir, f"{grid}_curve_{metric}.png"), marker="o")
+
+
+def _facets(grid: str, points: Dict[tuple, Dict[str, list]], ylabel: str, title: str, path: str,
+            marker: str = "") -> List[str]:
+    """One panel per language, one line per (cell key, seed) of `points` {(key, seed): {lang: [(x, y)]}},
+    the legend in its own panel after the last language; [] without points or matplotlib."""
     plt = _plt() if points else None
     if plt is None:
         return []
-    keys = sorted({k for k, _ in points})
+    keys = sorted({k for k, _ in points}, key=_natural)
     var = _varying({k: None for k in keys})
-    seeds = sorted({sd for _, sd in points}, key=str)
+    seeds = sorted({sd for _, sd in points}, key=_natural)
     styles = ["-", "--", ":", "-."]
     colours = {k: f"C{i % 10}" for i, k in enumerate(keys)}
     langs = sorted({l for d in points.values() for l in d})
-    cols = min(4, len(langs))
-    rows = (len(langs) + cols - 1) // cols
+    cols = min(4, len(langs) + 1)
+    rows = (len(langs) + 1 + cols - 1) // cols
     fig, axs = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    handles: Dict[str, object] = {}
     for ax, l in zip(axs.flat, langs):
-        for (k, sd), by_lang in sorted(points.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        for (k, sd), by_lang in sorted(points.items(), key=lambda kv: (_natural(kv[0][0]), _natural(kv[0][1]))):
             if l not in by_lang:
                 continue
             xs, ys = zip(*by_lang[l])
-            ax.plot(xs, ys, marker="o", ms=3, lw=1, color=colours[k], ls=styles[seeds.index(sd) % len(styles)],
-                    label=f"{_label(k, var)} s{sd}" if len(seeds) > 1 else _label(k, var))
+            label = f"{_label(k, var)} seed {sd}" if len(seeds) > 1 else _label(k, var)
+            (h,) = ax.plot(xs, ys, marker=marker or None, ms=3, lw=1, color=colours[k],
+                           ls=styles[seeds.index(sd) % len(styles)])
+            handles.setdefault(label, h)
         ax.set_title(l, fontsize=9)
-        ax.set_xlabel("tokens seen", fontsize=8)
-        ax.set_ylabel(metric, fontsize=8)
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x / 1e6:g}"))
+        ax.set_xlabel("tokens seen (millions)", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axs.flat)[len(langs):]:
+    rest = list(axs.flat)[len(langs):]
+    for ax in rest:
         ax.axis("off")
-    axs[0][0].legend(fontsize=6)
-    fig.suptitle(f"{grid}: {metric} against tokens seen (evaluate_at checkpoints), one line per cell\n"
-                 f"(corpus: much of it translated news)", fontsize=10)
-    return [save_figure(fig, os.path.join(fig_dir, f"{grid}_curve_{metric}.png"), dpi=100)]
+    rest[0].legend(list(handles.values()), list(handles), loc="center", fontsize=7, title="cell", title_fontsize=8,
+                   ncol=1 if len(handles) <= 14 else 2, frameon=False)
+    fig.suptitle(f"{title}\n(corpus: much of it translated news)", fontsize=10)
+    return [save_figure(fig, path, dpi=100)]
+
+
+def capacity_points(rows: List[dict], grid: str, metric: str, line_axis: str = "width") -> Dict[str, Dict[str, list]]:
+    """The capacity figure's data: line value (e.g. H64) -> group (High, Low, All) -> [(number of
+    languages, mean, 95% half-width, seeds)] by number of languages; the mean and interval are
+    stats.aggregate's (a group's value per seed, then the interval over seeds)."""
+    n_of = {seedless(row_axes(r)): int(r["n_languages"]) for r in rows if r["grid"] == grid}
+    out: Dict[str, Dict[str, list]] = {}
+    for k, d in aggregate(rows, grid, metric).items():
+        for g in LINES:
+            if g in d:
+                out.setdefault(dict(k).get(line_axis, ""), {}).setdefault(g, []).append((n_of[k],) + tuple(d[g]))
+    for by_g in out.values():
+        for g in by_g:
+            by_g[g].sort()
+    return out
+
+
+def capacity_figure(grid: str, metric: str, points: Dict[str, Dict[str, list]], out_path: str) -> List[str]:
+    """Figure 4's form: one panel per group (High, Low, All), x = number of languages, one line per
+    width, error bars = 95% CI over seeds; [] without points or matplotlib."""
+    plt = _plt() if points else None
+    if plt is None:
+        return []
+    fig, axs = plt.subplots(1, len(LINES), figsize=(12.0, 3.8), squeeze=False)
+    lines = sorted(points, key=_natural)
+    xs_all = sorted({p[0] for by_g in points.values() for ps in by_g.values() for p in ps})
+    for ax, g in zip(axs[0], LINES):
+        for i, line in enumerate(lines):
+            ps = points[line].get(g, [])
+            if not ps:
+                continue
+            shift = 1.0 + 0.02 * (i - (len(lines) - 1) / 2)           # side by side: bars do not hide each other
+            _errorbar(ax, [p[0] * shift for p in ps], [(p[1], p[2]) for p in ps], line)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([str(x) for x in xs_all])
+        ax.minorticks_off()
+        ax.set_xlabel("number of languages")
+        ax.set_title(g, fontsize=10)
+        ax.grid(alpha=0.3)
+    axs[0][0].set_ylabel(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
+    axs[0][-1].legend(fontsize=8, title="width", title_fontsize=8)
+    n = sorted({p[3] for by_g in points.values() for ps in by_g.values() for p in ps})
+    fig.suptitle(f"Capacity against languages (Figure 4 analogue), grid {grid}: {metric}, mean and 95% CI over "
+                 f"{'/'.join(map(str, n))} seed(s)\n(tiny models on mostly translated news: trends, not magnitudes)",
+                 fontsize=9)
+    return [save_figure(fig, out_path)]

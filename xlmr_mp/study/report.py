@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from typing import Dict, List, Optional
 
+from xlmr_mp.study.expectations import REGISTERED, section as expectations_section
 from xlmr_mp.study.runner import cell_dir, cell_state, read_json
 from xlmr_mp.study.spec import Study
-
-GROUPS = {"High": ["en", "fr"], "Low": ["sw", "ur"], "All": ["en", "fr", "de", "ru", "zh", "sw", "ur"]}
-LOWER_IS_BETTER = {"valid_bpc", "mbpc", "bpc", "bits_per_char"}
-# two-sided 95% Student t quantiles by degrees of freedom
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
+from xlmr_mp.study.stats import (GROUPS, LOWER_IS_BETTER, aggregate, ci95, group_value,  # noqa: F401 (re-exported)
+                                  row_axes)
 
 CAVEATS = """\
 - Corpus: ../shared/corpus, 129 languages of 0.2-5 MB each (about 26M tokens with a 16k vocabulary;
@@ -38,20 +34,6 @@ CAVEATS = """\
 - mBPC and valid_bpc are tokenizer-independent (bits per character), so they compare vocabularies;
   SIB-200 differences under 3 points are noise (204 test rows a language).
 """
-
-
-def ci95(values: List[float]) -> tuple:
-    """(mean, half-width of the 95% CI, n); half-width nan for one value."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    m = sum(values) / n
-    if n == 1:
-        return m, float("nan"), 1
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    df = n - 1
-    t = _T95.get(df) or _T95[max(k for k in _T95 if k <= df)]
-    return m, t * sd / math.sqrt(n), n
 
 
 def _memberships(rec: dict) -> List[tuple]:
@@ -128,46 +110,6 @@ def write_csv(rows: List[dict], path: str, axes: List[str]) -> None:
     os.replace(tmp, path)
 
 
-def group_value(values: Dict[str, float], group: str) -> Optional[float]:
-    vs = [values[l] for l in GROUPS[group] if l in values]
-    return sum(vs) / len(vs) if vs else None
-
-
-def seedless(av: dict) -> tuple:
-    return tuple((a, v) for a, v in av.items() if a != "seed")
-
-
-def aggregate(rows: List[dict], grid: str, metric: str) -> Dict[tuple, Dict[str, tuple]]:
-    """seed-less cell key -> {language or group: (mean, ci, n)} over seeds."""
-    per: Dict[tuple, Dict[int, Dict[str, float]]] = {}
-    keys: Dict[tuple, dict] = {}
-    rows = [r for r in rows if r["grid"] == grid and r["metric"] == metric]
-    last: Dict[str, int] = {}
-    for r in rows:
-        last[r["cell"]] = max(last.get(r["cell"], 0), int(r["step"]))
-    for r in rows:
-        if int(r["step"]) != last[r["cell"]]:          # an evaluate_at point: learning curves only
-            continue
-        av = {k: r[k] for k in r if k not in ("study", "grid", "cell", "seed", "n_languages", "language",
-                                              "metric", "value", "step", "tokens") and r[k] != ""}
-        k = seedless(av)
-        keys[k] = av
-        per.setdefault(k, {}).setdefault(r["seed"], {})[r["language"]] = float(r["value"])
-    out = {}
-    for k, by_seed in per.items():
-        d = {}
-        langs = sorted({l for v in by_seed.values() for l in v})
-        for l in langs:
-            d[l] = ci95([v[l] for v in by_seed.values() if l in v])
-        for g in GROUPS:
-            vals = [group_value(v, g) for v in by_seed.values()]
-            vals = [v for v in vals if v is not None]
-            if vals:
-                d[g] = ci95(vals)
-        out[k] = d
-    return out
-
-
 def _fmt_ci(t: Optional[tuple]) -> str:
     if not t:
         return "-"
@@ -191,27 +133,48 @@ def write_report(study: Study, out: str) -> List[str]:
           f"Cells: {sum(1 for s in states.values() if s == 'done')} of {len(states)} finished "
           f"({', '.join(f'{n} {s}' for s, n in sorted(_count(states).items()))}). Only finished cells are reported.", "",
           "## Corpus caveats", "", CAVEATS]
+    reg = REGISTERED.get(study.name)
+    if reg:
+        md += expectations_section(list(reg.rules), rows, memberships(study))
     metrics = sorted({r["metric"] for r in rows}, key=lambda m: (m != "mbpc", m != "valid_bpc", m))
+
+    def link(ps):
+        paths.extend(ps)
+        return [line for p in ps for line in (f"![{os.path.basename(p)}](figures/{os.path.basename(p)})", "")]
     for grid in study.grids:
         g_recs = [r for r in recs if any(g == grid for g, _ in _memberships(r))]
         md += [f"## Grid {grid}", ""]
+        md += fixed_params_note(study, grid, reg.listed_widths.get(grid) if reg else None)
         if not g_recs:
             md += ["No finished cell.", ""]
             continue
         md += run_card(g_recs, grid)
+        if varying_axes(study, grid) == {"languages", "width"}:
+            md += ["### Capacity against languages (Figure 4 analogue)", "",
+                   "High, Low and All against the number of languages, one line per width, error bars the 95% CI "
+                   "over seeds (figures/<grid>_capacity_<metric>.png). Figure 4 of the paper asks whether more "
+                   "capacity relieves the curse of multilinguality: here, whether the wider model's line rises "
+                   "less with languages (expectations A.2 and H.6). Tiny models on mostly translated text: trends, "
+                   "not magnitudes; nothing here is a GPU-scale claim.", ""]
+            for metric in metrics:
+                md += link(F.capacity_figure(grid, metric, F.capacity_points(rows, grid, metric),
+                                             os.path.join(fig_dir, f"{grid}_capacity_{metric}.png")))
+        curves = F.learning_curves(study, out, grid, g_recs, fig_dir)
+        for metric in metrics:
+            curves += F.metric_curves(grid, metric, curve_points(rows, grid, metric, g_recs), fig_dir)
+        if curves:
+            md += ["### Learning curves", "", "Per language, the metric against tokens seen, one line per cell "
+                   "(colour: the cell's axis values, line style: its seed): the trainer's validation bits per "
+                   "character at each validation step, and each evaluate_at metric on the kept checkpoints.", ""]
+            md += link(curves)
         for metric in metrics:
             agg = aggregate(rows, grid, metric)
             if not agg:
                 continue
-            figs = F.grid_figures(study, grid, metric, agg, fig_dir)
-            lc = F.learning_curves(study, out, grid, g_recs, fig_dir) if metric == metrics[0] else []
-            lc += F.metric_curves(grid, metric, curve_points(rows, grid, metric, g_recs), fig_dir)
-            for p in figs + lc:
-                paths.append(p)
-                md += [f"![{os.path.basename(p)}](figures/{os.path.basename(p)})", ""]
             md += [f"### {metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better), "
-                   f"mean ± 95% CI over seeds", "",
-                   "| cell | High | Low | All | " + " | ".join(sorted({l for d in agg.values() for l in d
+                   f"mean ± 95% CI over seeds", ""]
+            md += link(F.grid_figures(study, grid, metric, agg, fig_dir))
+            md += ["| cell | High | Low | All | " + " | ".join(sorted({l for d in agg.values() for l in d
                                                                      if l not in GROUPS})) + " |"]
             langs = sorted({l for d in agg.values() for l in d if l not in GROUPS})
             md.append("|" + "---|" * (4 + len(langs)))
@@ -228,6 +191,61 @@ def write_report(study: Study, out: str) -> List[str]:
     return paths
 
 
+def memberships(study: Study) -> List[tuple]:
+    """(grid, axis values) of every cell of the study, finished or not, aliases included."""
+    return [(c.grid, c.axis_values) for c in study.cells] + [(g, av) for c in study.cells for g, av in c.aliases]
+
+
+def varying_axes(study: Study, grid: str) -> set:
+    """The axes (seed left out) that take more than one value among the grid's cells in the spec."""
+    vals: Dict[str, set] = {}
+    for g, av in memberships(study):
+        if g == grid:
+            for a, v in av.items():
+                vals.setdefault(a, set()).add(v)
+    return {a for a, vs in vals.items() if len(vs) > 1 and a != "seed"}
+
+
+def fixed_params_note(study: Study, grid: str, listed: Optional[Dict[int, int]]) -> List[str]:
+    """report.md lines for a grid sized by fixed_params: per vocabulary the width and FFN the spec's
+    solver chose (plan.solve_width, as `plan` and `run` use it) and their parameters; with `listed`
+    (the widths the design lists per vocabulary, FFN 4 x width) those too, and the deviation."""
+    from xlmr_mp.config import load_config
+    from xlmr_mp.study.plan import count_params, solve_width
+    cells = [c for c in study.cells if c.grid == grid and c.fixed_params]
+    if not cells:
+        return []
+    lines = ["| vocabulary | target parameters | the spec's solver: width / FFN, parameters |"
+             + (" listed in STUDY.md: width / FFN, parameters |" if listed else ""),
+             "|---|---|---|" + ("---|" if listed else "")]
+    differ = []
+    for c in sorted(cells, key=lambda c: c.vocab):
+        m = load_config(study.base_config, c.run_overrides + [f"model.vocab_size={c.vocab + 2}"], validate=False).model
+        h, f, p = solve_width(m, c.fixed_params)
+        row = f"| {c.vocab} | {c.fixed_params:,.0f} | {h} / {f}, {p:,} |"
+        if listed and c.vocab in listed:
+            lh = listed[c.vocab]
+            object.__setattr__(m, "hidden_size", lh)
+            object.__setattr__(m, "ffn_size", 4 * lh)
+            lp = sum(count_params(m))
+            row += f" {lh} / {4 * lh}, {lp:,} |"
+            if (lh, 4 * lh) != (h, f):
+                differ.append(f"{c.vocab} ({lh} listed, {h} / {f} solved; {lp / 1e6:.2f}M against {p / 1e6:.2f}M)")
+        lines.append(row)
+    note = ["### Sizing at fixed parameters", "",
+            f"`fixed_params` sizes each cell: the width whose parameter count is nearest the target, then the FFN "
+            f"trimmed to land within a few hundred parameters of it (`plan.solve_width`).", ""] + lines + [""]
+    if differ:
+        note += [f"**Documented deviation from STUDY.md**: the design lists (vocabulary, width) pairs which, with "
+                 f"the recipe's FFN of 4 x width (STUDY.md names none), are not at one parameter count; the cells "
+                 f"are sized by the spec's solver instead (`fixed_params` {cells[0].fixed_params:,.0f}), which holds "
+                 f"the count at {cells[0].fixed_params / 1e6:.1f}M, the design's stated intent (\"about 2.0M params "
+                 f"fixed\"). Where the solver keeps the listed width it trims the FFN, so such a cell is not the "
+                 f"shape of a fixed-shape cell of the same width. Vocabularies whose shape differs: "
+                 + "; ".join(differ) + ".", ""]
+    return note
+
+
 def curve_points(rows: List[dict], grid: str, metric: str, recs: List[dict]) -> Dict[tuple, Dict[str, list]]:
     """(seed-less cell key, seed) -> {language: [(tokens, value)] by tokens}, for the cells of `grid`
     with more than one step of `metric` (evaluate_at); {} when none has."""
@@ -237,9 +255,7 @@ def curve_points(rows: List[dict], grid: str, metric: str, recs: List[dict]) -> 
         if r["grid"] != grid or r["metric"] != metric:
             continue
         by_cell.setdefault(r["cell"], {}).setdefault(r["language"], []).append((int(r["tokens"]), float(r["value"])))
-        keys[r["cell"]] = (tuple((a, r[a]) for a in r if a not in ("study", "grid", "cell", "seed", "n_languages",
-                                                               "language", "metric", "value", "step", "tokens")
-                                 and r[a] != ""), r["seed"])
+        keys[r["cell"]] = (tuple(row_axes(r).items()), r["seed"])
     out = {}
     for cell, langs in by_cell.items():
         if any(len(v) > 1 for v in langs.values()):
@@ -277,6 +293,7 @@ def time_split(study: Study, out: str) -> List[str]:
         n = sum(big.values())
         lines += ["", f"Largest phase by CPU seconds: " + ", ".join(f"{k} in {v} of {n} cells"
                                                                for k, v in sorted(big.items(), key=lambda kv: -kv[1])) + "."]
+        lines += train_share(names, recs)
     builds = _builds(out)
     if builds:
         users: Dict[str, List[str]] = {}
@@ -292,6 +309,21 @@ def time_split(study: Study, out: str) -> List[str]:
                          f"{_fmt_time(b['cpu']) if 'cpu' in b else '-'} | {len(u)} finished cell(s)"
                          f"{': ' + ', '.join(u) if len(u) <= 6 else ''} |")
     return lines + [""]
+
+
+def train_share(names: List[str], recs: List[Optional[dict]]) -> List[str]:
+    """The summary line: training's share of each cell's CPU seconds (timing.shares), its range and median."""
+    from xlmr_mp.study.timing import shares
+    sh = [(n, shares(r, ["train"], "cpu")["train"]) for n, r in zip(names, recs) if r and "cpu" in r]
+    if not sh:
+        return []
+    vals = sorted(v for _, v in sh)
+    k = len(vals)
+    med = vals[k // 2] if k % 2 else (vals[k // 2 - 1] + vals[k // 2]) / 2
+    lo, hi = min(sh, key=lambda x: x[1]), max(sh, key=lambda x: x[1])
+    return ["", f"Training's share of each cell's CPU seconds: {100 * lo[1]:.0f}% ({lo[0]}) to {100 * hi[1]:.0f}% "
+                f"({hi[0]}), median {100 * med:.0f}% over {k} cell(s): "
+                + ", ".join(f"{n} {100 * v:.0f}%" for n, v in sh) + "."]
 
 
 def _builds(out: str) -> List[dict]:
