@@ -29,11 +29,23 @@ def test_plan_fits_one_gpu_command():
     assert {"install", "build"} <= {n for n, _ in steps}   # installing and building count too
 
 
-def test_gpu_branch_runs_exactly_the_planned_steps():
-    text = open(SUITE).read()
-    planned = re.findall(r'^  "(\w+) \d+"$', text, re.M)
-    run = re.findall(r"gpu_step (\w+) ", text.split('if [ "$DRY" = 1 ]; then')[-1].split("\nelse\n")[1])
-    assert run == planned
+def test_gpu_branch_runs_exactly_the_planned_steps(tmp_path):
+    """The GPU branch (no --dry-run), with a stand-in interpreter that reports a CUDA device and
+    succeeds at every command: the steps it records are the planned ones, in order, each under its
+    planned limit."""
+    py = tmp_path / "python"
+    py.write_text("#!/bin/sh\nexit 0\n")
+    py.chmod(0o755)
+    out = tmp_path / "suite"
+    p = subprocess.run(["bash", SUITE, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHON=str(py), TMPDIR=str(tmp_path)))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    planned, _, _ = _plan(subprocess.run(["bash", SUITE, "--plan"], capture_output=True, text=True, timeout=60).stdout)
+    with tarfile.open(out / "gpu_suite.tar.gz") as tar:
+        commands = tar.extractfile("./commands.txt").read().decode().splitlines()
+    ran = [re.match(r"(\w+) rc=0 (\d+)s-limit", c) for c in commands]
+    assert all(ran), commands
+    assert [(m.group(1), int(m.group(2))) for m in ran] == planned, commands
 
 
 @pytest.mark.slow               # ten suite steps, one with the HF peer

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.tools.launchers import sbatch_opts, training_command
 from xlmr_mp.config import grad_accumulation_steps, load_config
 from xlmr_mp.precision import resolve_dtype
 
@@ -15,34 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPTS = ["launch/xlmr_base.slurm", "launch/xlmr_large.slurm", "launch/preprocess.slurm",
            "launch/scaling_study.slurm", "launch/local.sh", "launch/slurm_cluster.sh",
            "launch/tools/slurm_common.sh"]
-
-
-def _sbatch_opts(path):
-    opts = {}
-    for line in open(os.path.join(ROOT, path)):
-        m = re.match(r"#SBATCH\s+--([\w-]+)(?:=(\S+))?", line)
-        if m:
-            opts[m.group(1)] = m.group(2)
-    return opts
-
-
-def _preset(path):
-    """The preset a launcher uses by default (CONFIG="${CONFIG:-...}")."""
-    m = re.search(r'CONFIG="\$\{CONFIG:-([^}]+)\}"', open(os.path.join(ROOT, path)).read())
-    return m.group(1)
-
-
-def _defaults(path):
-    """The DEFAULTS=( ... ) override list of a launcher, with ${VAR:-x} left as the fallback x."""
-    text = open(os.path.join(ROOT, path)).read()
-    body = re.search(r"^DEFAULTS=\(\n(.*?)\n\)", text, re.S | re.M).group(1)
-    items = []
-    for line in body.strip().splitlines():
-        line = line.strip().strip('"')
-        line = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line)
-        line = re.sub(r"\$\{\w+:-\$\{\w+:-([^}]*)\}\}", r"\1", line)
-        items.append(line)
-    return items
 
 
 @pytest.mark.parametrize("path", SCRIPTS)
@@ -56,14 +29,16 @@ def test_scripts_parse(path):
     ("launch/xlmr_base.slurm", 32, 16, 2),
     ("launch/scaling_study.slurm", 4, 16, 4),
 ])
-def test_paper_defaults_are_a_valid_layout(path, nodes, micro, accum):
-    opts = _sbatch_opts(path)
+def test_paper_defaults_are_a_valid_layout(tmp_path, path, nodes, micro, accum):
+    opts = sbatch_opts(path)
     assert int(opts["nodes"]) == nodes
     assert opts["ntasks-per-node"] == opts["gpus-per-node"] == "8", "one task per GPU"
     assert opts["signal"] == "USR1@300" and "requeue" in opts and opts["open-mode"] == "append"
     assert opts["output"].startswith("logs/%x-")
+    job = training_command(tmp_path, path)       # what the job at its own size would train with
     world = nodes * 8
-    cfg = load_config(_preset(path), [o for o in _defaults(path) if not o.startswith("run_dir")], world_size=world)
+    assert (job.world_size, job.tasks_per_node) == (world, 8)
+    cfg = job.resolve()
     assert cfg.train.micro_batch == micro and grad_accumulation_steps(cfg) == accum
     assert cfg.train.micro_batch * accum * cfg.parallel.data == cfg.train.global_batch
     if path != "launch/scaling_study.slurm":
@@ -74,16 +49,20 @@ def test_paper_defaults_are_a_valid_layout(path, nodes, micro, accum):
     assert resolve_dtype(cfg.precision.dtype, "cuda", (9, 0)) == "bf16"
 
 
-def test_large_header_arithmetic_matches_the_model():
-    """The parameter count the header's memory arithmetic starts from is the model's."""
-    cfg = load_config(None, ["model.preset=large"])
-    m = cfg.model
+def test_large_launcher_trains_the_560M_model_its_header_plans_for(tmp_path):
+    """The Large job's model (built on the meta device from the config the launcher passes) has the
+    parameter count the header's memory arithmetic starts from (P ~ 560M), and it is this sum."""
+    import dataclasses
+    import torch
+    from xlmr_mp.model.xlmr import XLMRModel
+    m = training_command(tmp_path, "launch/xlmr_large.slurm").resolve().model
     h, f, v = m.hidden_size, m.ffn_size, m.vocab_size
     layer = 4 * h * h + 2 * h * f + 9 * h + f   # QKV/out + FFN weights, biases, 2 LayerNorms
-    total = v * h + m.max_positions * h + m.num_layers * layer + (h * h + 3 * h + v)
-    assert abs(total / 1e6 - 560) < 2
-    text = open(os.path.join(ROOT, "launch/xlmr_large.slurm")).read()
-    assert "P ~ 560M" in text and "micro 8" in text and "8192 / DP 512 = 16" in text
+    embeddings = v * h + m.max_positions * h + 2 * h            # word and position tables, LayerNorm
+    total = embeddings + m.num_layers * layer + (h * h + 3 * h + v)   # + the masked-LM head
+    with torch.device("meta"):
+        built = sum(p.numel() for p in XLMRModel(dataclasses.replace(m, make_vocab_size_divisible_by=1)).parameters())
+    assert built == total and abs(total / 1e6 - 560) < 2
 
 
 @pytest.mark.parametrize("bad, names", [
@@ -158,14 +137,21 @@ def test_local_sh_bad_layout_fails_before_torchrun(tmp_path):
     assert not os.path.exists(tmp_path / "launch")
 
 
-def test_sweep_cells_are_valid_configs():
-    cells = [line.split() for line in open(os.path.join(ROOT, "launch/sweeps/scaling.txt"))
-             if line.strip() and not line.lstrip().startswith("#")]
-    assert int(_sbatch_opts("launch/scaling_study.slurm")["array"].split("-")[1]) == len(cells) - 1
-    defaults = [o for o in _defaults("launch/scaling_study.slurm") if not o.startswith("run_dir")]
-    names = [c[0] for c in cells]
-    assert len(set(names)) == len(names)
-    for name, *over in cells:
-        over = [o.replace("$DATA_ROOT", "/data") for o in over]
-        cfg = load_config(_preset("launch/scaling_study.slurm"), defaults + over, world_size=32)
-        assert cfg.model.hidden_size % cfg.model.num_heads == 0, name
+def test_sweep_cells_are_valid_configs(tmp_path):
+    """Every array task of the scaling study trains a valid config (its cell's overrides on the job's
+    defaults, at the job's world size), the task past the last cell stops naming the fix, and the
+    #SBATCH --array range covers exactly the cells."""
+    last = int(sbatch_opts("launch/scaling_study.slurm")["array"].split("-")[1])
+    run_dirs = []
+    for task in range(last + 1):
+        job = training_command(tmp_path, "launch/scaling_study.slurm", task=task, DATA_ROOT="/data")
+        cfg = job.resolve()
+        assert cfg.model.hidden_size % cfg.model.num_heads == 0, task
+        assert cfg.train.global_batch == 2048 and job.world_size == 32, task
+        run_dirs.append(next(o for o in job.overrides if o.startswith("run_dir=")))
+    assert len(set(run_dirs)) == len(run_dirs)      # one run directory per cell
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="1", SLURM_ARRAY_TASK_ID=str(last + 1))
+    p = subprocess.run(["bash", "launch/scaling_study.slurm"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and f"array index {last + 1} has no cell" in p.stderr and "fix --array" in p.stderr

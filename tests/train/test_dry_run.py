@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import pytest
 
-from tests.tools.test_launch import _sbatch_opts
+from tests.tools.launchers import sbatch_opts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,7 +54,7 @@ def _fake_slurm_bin(tmp_path, srun_marker=None):
 
 def _launch(tmp_path, script, ranks, *args, dry_run_only=True, srun_marker=None):
     """Run launcher `script` as SLURM starts it at its own #SBATCH size; returns (process, world, run_dir)."""
-    opts = _sbatch_opts(script)
+    opts = sbatch_opts(script)
     nodes, per_node = int(opts["nodes"]), int(opts["ntasks-per-node"])
     run_dir = str(tmp_path / "run")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -190,7 +190,7 @@ def check_planned_memory(recs, summary, cfg):
 @pytest.mark.parametrize("script", ["launch/xlmr_large.slurm", "launch/xlmr_base.slurm"])
 def test_launcher_full_size_ranks(tmp_path, script):
     """Ranks 0, 1, a middle one and the last of the launcher's own layout at its full size."""
-    opts = _sbatch_opts(script)
+    opts = sbatch_opts(script)
     world = int(opts["nodes"]) * int(opts["ntasks-per-node"])
     assert world == {"launch/xlmr_large.slurm": 512, "launch/xlmr_base.slurm": 256}[script]
     ranks = [0, 1, world // 2, world - 1]
