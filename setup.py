@@ -51,7 +51,6 @@ CONSOLE_SCRIPTS = [
     "xlmr-merge = xlmr_mp.cli.merge_datasets:main",
     "xlmr-evaluate = xlmr_mp.cli.evaluate:main",
     "xlmr-study = xlmr_mp.cli.study:main",
-    "xlmr-schedule-study = xlmr_mp.cli.schedule_study:main",
     "xlmr-convert = xlmr_mp.cli.convert_checkpoint:main",
     "xlmr-plan = xlmr_mp.cli.plan:main",
     "xlmr-compile-kernels = xlmr_mp.cli.compile_kernels:main",

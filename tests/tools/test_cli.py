@@ -31,7 +31,7 @@ def console_scripts(root: str = ROOT) -> dict:
 def test_the_commands_of_the_issue_are_declared():
     assert set(console_scripts()) == {
         "xlmr-train", "xlmr-preprocess", "xlmr-train-spm", "xlmr-merge", "xlmr-evaluate", "xlmr-study",
-        "xlmr-schedule-study", "xlmr-convert", "xlmr-plan", "xlmr-compile-kernels", "xlmr-download-cc100"}
+        "xlmr-convert", "xlmr-plan", "xlmr-compile-kernels", "xlmr-download-cc100"}
     assert console_scripts()["xlmr-train"] == "xlmr_mp.train:main"
 
 

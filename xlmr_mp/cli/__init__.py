@@ -5,8 +5,7 @@
     xlmr-train-spm        cli/train_spm.py         SentencePiece vocabulary
     xlmr-merge            cli/merge_datasets.py    concatenate datasets
     xlmr-evaluate         cli/evaluate.py          mBPC, retrieval, zero-shot transfer
-    xlmr-study            cli/study.py             scaling studies
-    xlmr-schedule-study   cli/schedule_study.py    the schedule study (launch/studies/schedules.yaml)
+    xlmr-study            cli/study.py             scaling and schedule studies
     xlmr-convert          cli/convert_checkpoint.py  Hugging Face <-> xlmr_mp, resharding
     xlmr-plan             cli/plan.py              memory and step time of a layout
     xlmr-compile-kernels  cli/compile_kernels.py   compile-only check of csrc/cuda (a source checkout)

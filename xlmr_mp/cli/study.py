@@ -9,7 +9,8 @@
 The study directory (--out, default runs/studies/<name>) holds prep/ (tokenizers and datasets
 shared by the cells, keyed by content hash), cells/<name>/ (run directory, logs, evaluation
 JSON, done.json) and the report (results.csv, figures/*.png, report.md). `run` is idempotent
-and resumable: run it again after an interruption, a failure or a change of the spec.
+and resumable: run it again after an interruption, a failure or a change of the spec. A branch
+(a grid with parent and branch_at) runs after its parent, from the parent's checkpoint.
 """
 from __future__ import annotations
 
@@ -97,11 +98,19 @@ def main(argv=None) -> int:
         R.slurm_submit(study, out, args.sbatch_arg, dry_run=args.dry_run)
         return 0
     est = {}
-    if not args.no_calibrate:
-        prep = Preparation(study, out, workers=threads)
-        plans = P.plan_study(study, prep, out)
-        P.estimate_times(plans, out, threads, args.calibrate_seconds)
-        est = {p.cell.name: p.est_seconds for p in plans}
+    prep = Preparation(study, out, workers=threads)
+    try:            # a branch whose parent keeps no checkpoint at branch_at fails here, before any training
+        if not args.no_calibrate:
+            plans = P.plan_study(study, prep, out)
+            P.estimate_times(plans, out, threads, args.calibrate_seconds)
+            est = {p.cell.name: p.est_seconds for p in plans}
+        else:
+            for c in study.cells:
+                if c.parent is not None:
+                    P.plan_cell(study, prep, c, out)
+    except SpecError as e:
+        print(f"spec error: {e}", file=sys.stderr)
+        return 2
     r = R.Runner(study, out, jobs=jobs, threads=threads, progress_every=args.progress_every, est=est,
                  order=args.order)
     states = r.run()

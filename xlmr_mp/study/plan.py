@@ -12,6 +12,9 @@ Sizes and epochs are exact once the cell's dataset is prepared, estimated (chara
 With `evaluate_at` (fractions of the steps) the checkpoint interval is the fractions' common
 divisor times the steps (rounded; curve_points), every checkpoint is kept, and each fraction's
 point is the saved step nearest to it (its exact step and tokens are what results.csv records).
+A branch (spec.py: parent, branch_at) trains with checkpoint.branch_from set to its parent's
+checkpoint at branch_at; planning it checks that the parent keeps that checkpoint (SpecError naming
+the key and the fix; with a budget, once the parent's dataset is built and its steps are exact).
 """
 from __future__ import annotations
 
@@ -109,6 +112,39 @@ def curve_points(fractions: List[float], steps: int) -> tuple:
     return interval, sorted(points, key=lambda p: p[1])
 
 
+def kept_checkpoints(steps: int, interval: int, keep_last: int, start: int = 0) -> List[int]:
+    """The checkpoint steps a run of `steps` steps started at step `start` keeps once complete: one
+    every `interval` steps after `start` (0: none) and the last step, the last `keep_last` of them."""
+    kept = [s for s in range(interval, steps, interval) if s > start] if interval else []
+    return (kept + [steps])[-keep_last:]
+
+
+def branch_checkpoint(out_dir: str, cell: Cell) -> str:
+    """The checkpoint a branch starts from: its parent's at branch_at."""
+    from xlmr_mp.checkpoint.format import step_dir_name
+    return os.path.join(os.path.abspath(out_dir), "cells", cell.parent.name, "run", "checkpoints",
+                        step_dir_name(cell.branch_at))
+
+
+def check_branch(study: Study, prep: Preparation, cell: Cell, steps: int, out_dir: str) -> None:
+    """SpecError unless the parent of branch `cell` keeps a checkpoint at branch_at and the branch
+    trains past it (not checked while a budgeted parent's steps are estimates)."""
+    from xlmr_mp.config import load_config
+    parent = cell.parent
+    pp = plan_cell(study, prep, parent, out_dir)
+    pc = load_config(study.base_config, pp.overrides, validate=False)
+    kept = kept_checkpoints(pp.steps, pc.checkpoint.interval, pc.checkpoint.keep_last, parent.branch_at or 0)
+    if (pp.exact or not parent.budget) and cell.branch_at not in kept:
+        raise SpecError(
+            f"{study.path}: grid {cell.grid}: branch_at={cell.branch_at} is not a checkpoint step {parent.name} keeps "
+            f"(it keeps {', '.join(map(str, kept))}: checkpoint.interval={pc.checkpoint.interval}, steps={pp.steps}, "
+            f"checkpoint.keep_last={pc.checkpoint.keep_last}); set branch_at to one of them or set {parent.name}'s "
+            f"checkpoint.interval and checkpoint.keep_last in its overrides")
+    if cell.branch_at >= steps:
+        raise SpecError(f"{study.path}: grid {cell.grid}: branch_at={cell.branch_at} leaves cell {cell.name} nothing "
+                        f"to train (it trains {steps} steps); branch earlier or train longer")
+
+
 def _round_steps(steps: int) -> int:
     return steps if steps < 50 else int(math.ceil(steps / 10) * 10)
 
@@ -189,7 +225,14 @@ def plan_cell(study: Study, prep: Preparation, cell: Cell, out_dir: str) -> Cell
                           "data.languages=[" + ",".join(cell.languages) + "]", f"data.alpha={cell.alpha}",
                           f"train.seed={cell.seed}", f"data.seed={cell.seed}", f"train.train_steps={steps}",
                           f"run_dir={run_dir}"]
+    if cell.parent is not None:
+        check_branch(study, prep, cell, steps, out_dir)
+        derived.append(f"checkpoint.branch_from={branch_checkpoint(out_dir, cell)}")
     overrides = defaults + cell.run_overrides + derived      # the spec's own keys win over the defaults
+    try:                                                      # the run config the trainer will validate
+        load_config(study.base_config, overrides)
+    except ConfigError as e:
+        raise SpecError(f"{study.path}: cell {cell.name}: {e}") from None
     m = cfg.model
     shape = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
              "ffn_size": m.ffn_size, "vocab_size": m.vocab_size, "seq_length": seq, "global_batch": gb,
@@ -281,7 +324,8 @@ def format_plan(study: Study, plans: List[CellPlan], prep: Preparation, jobs: in
         c = p.cell
         sh = p.shape
         lines.append(f"\n{c.name}  [{', '.join(f'{a}={v}' for a, v in c.axis_values.items())}]"
-                     + (f"  (also {', '.join(g for g, _ in c.aliases)})" if c.aliases else ""))
+                     + (f"  (also {', '.join(g for g, _ in c.aliases)})" if c.aliases else "")
+                     + (f"  branch of {c.parent.name} at step {c.branch_at}" if c.parent else ""))
         lines.append(f"  shape H{sh['hidden_size']} L{sh['num_layers']} A{sh['num_heads']} F{sh['ffn_size']} "
                      f"V{sh['vocab_size']}; params {p.params:,} (embedding {p.params_embedding:,}, "
                      f"rest {p.params_rest:,})" + (f"; fixed_params target {c.fixed_params:,.0f}" if c.fixed_params else ""))

@@ -9,7 +9,10 @@ Per cell (one worker thread each, `--jobs` at a time, threads divided between th
 Children run through `xlmr_mp.study.child` (they die with the runner, even on SIGKILL) in their
 own session; SIGINT / SIGTERM make the runner stop starting cells and send SIGTERM to the
 trainers, which save a checkpoint and exit 75: the next `run` continues from there.
-`--slurm`: preparation here, then one array task per unfinished cell (launch/scaling_study.slurm).
+A branch (a cell with a parent, spec.py) starts once its parent is done, from the parent's
+checkpoint at branch_at, which the parent keeps; its parent failing fails it.
+`--slurm`: preparation here, then one array task per unfinished cell (launch/scaling_study.slurm);
+a branch is submitted once its parent is done.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from typing import Dict, List, Optional
 
 from xlmr_mp.checkpoint.format import STEP_DIR_PATTERN
 from xlmr_mp.run_lock import DirLock, RunDirLocked, is_locked
-from xlmr_mp.study.plan import CellPlan, _fmt_time, plan_cell
+from xlmr_mp.study.plan import CellPlan, _fmt_time, branch_checkpoint, plan_cell
 from xlmr_mp.study.prepare import Preparation, _atomic_json, _digest
 from xlmr_mp.study.spec import REPO, Cell, Study
 from xlmr_mp.study.timing import CellTiming, phases, read_timing, wait_cpu
@@ -213,6 +216,10 @@ class Runner:
             if trained_step(run_dir) < plan.steps:
                 if not allow_train:
                     return "interrupted"
+                if cell.parent is not None and trained_step(run_dir) == 0 \
+                        and not os.path.isdir(branch_checkpoint(self.out, cell)):
+                    return self._fail(cell, "train", -1, f"its parent's checkpoint {branch_checkpoint(self.out, cell)} "
+                                                         f"is missing (is {cell.parent.name} done?)")
                 self.trained.append(cell.name)
                 cmd = [self.python, "-m", "xlmr_mp.train", "--config", self.study.base_config] + plan.overrides
                 rc = self._spawn(cell.name, cmd, os.path.join(d, "train.log"), timing, ("train",))
@@ -258,7 +265,7 @@ class Runner:
         """Every task on the last checkpoint (eval/<task>.json), then mbpc and retrieval on each
         evaluate_at checkpoint before the last step (eval/curve/<task>-step<N>.json), all in one
         process (evaluate_batch.py); finished ones are skipped. Then the checkpoints that are no
-        curve point and not the latest are deleted."""
+        curve point, no branch point of another cell and not the latest are deleted."""
         from xlmr_mp.checkpoint.format import step_dir_name
         d = cell_dir(self.out, cell.name)
         ck = os.path.join(d, "run", "checkpoints")
@@ -280,7 +287,7 @@ class Runner:
             if res != "ok":
                 return res
         if plan.curve:
-            keep = {step_dir_name(s) for s in steps}
+            keep = {step_dir_name(s) for s in steps + list(cell.branch_points)}
             latest = os.path.basename(open(os.path.join(ck, "latest")).read().strip()) \
                 if os.path.exists(os.path.join(ck, "latest")) else None
             for n in os.listdir(ck) if os.path.isdir(ck) else []:
@@ -358,6 +365,7 @@ class Runner:
         d = cell_dir(self.out, cell.name)
         log = os.path.join(d, "train.log" if stage == "train" else
                            (f"eval-{stage.split()[-1]}.log" if stage.startswith("evaluate") else "train.log"))
+        os.makedirs(d, exist_ok=True)
         _atomic_json(os.path.join(d, "failed.json"), {"stage": stage, "exit": rc, "why": why, "log": log})
         tail = ""
         if os.path.exists(log):
@@ -398,8 +406,29 @@ class Runner:
             total += max(0.0, e * scale_c - (now - self.started[c] if self.states[c] == "running" and c in self.started else 0))
         return _fmt_time(total / min(self.jobs, len(left)))
 
+    def _parent_state(self, cell: Cell) -> Optional[str]:
+        """None for a cell trained from scratch, else its parent's state (this run's, or on disk)."""
+        if cell.parent is None:
+            return None
+        return self.states.get(cell.parent.name) or cell_state(self.out, cell.parent)
+
+    def _next(self, queue: List[Cell], active: set) -> Optional[Cell]:
+        """The first queued cell that can start (a branch: once its parent is done); a branch whose
+        parent cannot finish in this run (failed, interrupted, not scheduled) is failed here."""
+        for c in list(queue):
+            ps = self._parent_state(c)
+            if ps is None or ps == "done":
+                queue.remove(c)
+                return c
+            if c.parent.name in active or any(q.name == c.parent.name for q in queue):
+                continue
+            queue.remove(c)
+            self._set(c.name, self._fail(c, "branch", -1, f"its parent {c.parent.name} is {ps}; run it first "
+                                                          f"(a branch starts from its checkpoint at step {c.branch_at})"))
+        return None
+
     def run(self) -> Dict[str, str]:
-        """Run every unfinished cell; returns {cell: final state}."""
+        """Run every unfinished cell (a branch after its parent); returns {cell: final state}."""
         cells = self.study.cells
         for c in cells:
             self.states[c.name] = cell_state(self.out, c)
@@ -419,7 +448,9 @@ class Runner:
                 queue = list(todo)
                 while queue or futs:
                     while queue and len(futs) < self.jobs and not self.stopping.is_set():
-                        c = queue.pop(0)
+                        c = self._next(queue, {f.name for f in futs.values()})
+                        if c is None:
+                            break
                         futs[ex.submit(self.run_cell, c)] = c
                     if not futs:
                         break
@@ -445,7 +476,8 @@ def cell_record(cell: Cell, plan: CellPlan) -> dict:
             "steps": plan.steps, "sizes": plan.sizes, "q": plan.q, "epochs": plan.epochs,
             "tokenizer": plan.tokenizer.key, "tokenizer_languages": plan.tokenizer.languages,
             "dataset": plan.dataset.key, "overrides": plan.overrides, "warnings": plan.warnings,
-            "evaluate_at": cell.evaluate_at, "curve": [list(p) for p in plan.curve]}
+            "evaluate_at": cell.evaluate_at, "curve": [list(p) for p in plan.curve], "label": cell.label or cell.name,
+            "parent": cell.parent.name if cell.parent else None, "branch_at": cell.branch_at}
 
 
 # ----------------------------------------------------------------------------- status
@@ -509,6 +541,9 @@ def slurm_submit(study: Study, out: str, sbatch_args: List[str], dry_run: bool =
     lines = []
     for c in study.cells:
         if cell_state(out, c) == "done":
+            continue
+        if c.parent is not None and cell_state(out, c.parent) != "done":
+            log(f"[study] {c.name}: not submitted, a branch of {c.parent.name} (not done yet): submit again then")
             continue
         prep.ensure_dataset(prep.dataset_for(c))
         plan = plan_cell(study, prep, c, out)

@@ -12,6 +12,13 @@ several keys per value. `grids` is a list of sub-studies (name, axes, exclude an
 of their own) whose cells share preparation; cells equal in every setting are trained once.
 `evaluate_at` (top level or per grid): fractions of a cell's steps, e.g. [0.25, 0.5, 0.75, 1.0], whose
 checkpoints are kept and evaluated with mbpc and retrieval (learning curves; plan.curve_points).
+A grid's `overrides` is a list of key=value strings or a mapping key: value (lists and mappings as
+values, e.g. a data.alpha_schedule); `label` names its cells in figures.
+Branches: a grid with `parent` (a cell of an earlier grid) and `branch_at` (a step) makes cells that
+start from the parent's checkpoint at that step (checkpoint.branch_from) with the parent's run
+overrides, then the grid's own; they train the parent's model on the parent's data (same languages,
+vocabulary, tokenizer, cap_lines, fixed_params) and run after it. plan.py checks that the parent
+keeps a checkpoint at branch_at.
 Unknown keys, empty language sets and languages missing from the corpus fail here, naming the key.
 """
 from __future__ import annotations
@@ -31,7 +38,11 @@ TOP_KEYS = ("name", "description", "corpus", "eval_data", "base_config", "preset
             "budget", "tokenizer", "fixed_params", "cap_lines", "evaluate", "grids", "spm",
             "eval_languages", "eval_settings", "evaluate_at")
 GRID_KEYS = ("name", "axes", "exclude", "overrides", "budget", "tokenizer", "fixed_params", "cap_lines",
-             "evaluate_at")
+             "evaluate_at", "label", "parent", "branch_at")
+BRANCH_SAME = ("languages", "vocab", "tokenizer", "cap_all", "fixed_params")   # a branch's cell keeps its parent's
+# set by the runner (the cell's directory, its prepared dataset and tokenizer, its languages, the parent's
+# checkpoint of a branch), never by a spec
+DERIVED_KEYS = ("run_dir", "data.path", "data.tokenizer", "data.languages", "checkpoint.dir", "checkpoint.branch_from")
 CELL_KEYS = ("languages", "vocab", "alpha", "seed", "tokenizer", "cap_lines", "fixed_params", "budget",
              "budget.mode", "budget.tokens", "budget.characters", "budget.base_languages")
 BUDGET_KEYS = ("mode", "tokens", "characters", "base_languages")
@@ -63,13 +74,21 @@ class Cell:
     run_overrides: List[str]               # key=value from overrides and run-config axes, in order
     aliases: List[tuple] = field(default_factory=list)   # (grid, axis_values) of identical cells
     evaluate_at: List[float] = field(default_factory=list)   # fractions of the steps (learning curves)
+    label: str = ""                        # its name in figures (default: the cell's name)
+    parent: Optional["Cell"] = None        # a branch: started from parent's checkpoint at step branch_at
+    branch_at: Optional[int] = None
+    branch_points: List[int] = field(default_factory=list)   # steps other cells branch from (kept)
 
     def key(self) -> dict:
-        """Every setting that determines the cell's training (not its names)."""
-        return {"languages": self.languages, "vocab": self.vocab, "alpha": self.alpha, "seed": self.seed,
-                "tokenizer": self.tokenizer, "cap_lines": self.cap_lines, "cap_all": self.cap_all,
-                "fixed_params": self.fixed_params,
-                "budget": self.budget, "run_overrides": self.run_overrides}
+        """Every setting that determines the cell's training (not its names); a branch's includes
+        its parent's name and key and the branch step."""
+        k = {"languages": self.languages, "vocab": self.vocab, "alpha": self.alpha, "seed": self.seed,
+             "tokenizer": self.tokenizer, "cap_lines": self.cap_lines, "cap_all": self.cap_all,
+             "fixed_params": self.fixed_params,
+             "budget": self.budget, "run_overrides": self.run_overrides}
+        if self.parent is not None:
+            k["branch"] = {"parent": self.parent.name, "parent_key": self.parent.key(), "at": self.branch_at}
+        return k
 
 
 @dataclass
@@ -254,7 +273,10 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
             lst = all_axes.setdefault(a, [])
             lst.extend(v for v in vs if v not in lst)
         defaults = {k: copy.deepcopy(g.get(k, raw.get(k))) for k in ("budget", "tokenizer", "fixed_params", "cap_lines")}
-        g_over = list(ov) + list(g.get("overrides") or [])
+        where_g = f"grids[{gi}] ({gname})"
+        parent, branch_at = _branch(g, where_g, cells, grid_raws[gi + 1:], path)
+        g_over = (list(parent.run_overrides) if parent else list(ov)) \
+            + _grid_overrides(g.get("overrides"), path, f"{where_g}.overrides")
         ev_at = _evaluate_at(g.get("evaluate_at", raw.get("evaluate_at")), path, f"grid {gname}", bool(eval_data))
         names = list(axes)
         for combo in itertools.product(*[list(axes[a].items()) for a in names]):
@@ -279,6 +301,17 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
             varying = [a for a in names if len(axes[a]) > 1]
             cell = _make_cell(gname, av, settings, run_ov, corpus_langs, corpus, path, where, named, varying)
             cell.evaluate_at = list(ev_at)
+            cell.label = str(g.get("label", ""))
+            for o in run_ov:
+                if o.split("=", 1)[0].strip() in DERIVED_KEYS:
+                    raise SpecError(f"{path}: {where}: {o.split('=', 1)[0].strip()} is set by the runner (the cell's "
+                                    f"directory, dataset, tokenizer and languages; a grid's parent and branch_at); "
+                                    f"remove it from the overrides")
+            if parent is not None:
+                _check_branch(cell, parent, path, f"{where_g}.parent")
+                cell.parent, cell.branch_at = parent, branch_at
+                if branch_at not in parent.branch_points:
+                    parent.branch_points.append(branch_at)
             key = repr(sorted(cell.key().items()))
             if key in by_key:        # trained once; its learning curve has every grid's points
                 by_key[key].aliases.append((gname, av))
@@ -302,6 +335,57 @@ def load_spec(path: str, check_corpus: bool = True) -> Study:
                  description=str(raw.get("description", "")), corpus_languages=corpus_langs)
 
 
+def _branch(g: dict, where: str, cells: Dict[str, Cell], later: List[Any], path: str) -> tuple:
+    """(parent cell, branch_at) of a grid with parent and branch_at, (None, None) without them."""
+    if "parent" not in g and "branch_at" not in g:
+        return None, None
+    if ("parent" in g) != ("branch_at" in g):
+        raise SpecError(f"{path}: {where}: a branch needs both parent and branch_at (it has only "
+                        f"{'parent' if 'parent' in g else 'branch_at'}); give both, or neither for cells trained "
+                        f"from scratch")
+    name, at = g["parent"], g["branch_at"]
+    if isinstance(at, bool) or not isinstance(at, int) or at < 1:
+        raise SpecError(f"{path}: {where}.branch_at={at!r} must be a step (an integer >= 1) at which the parent "
+                        f"keeps a checkpoint")
+    if name in cells:
+        return cells[name], at
+    later_names = [str(x.get("name")) for x in later if isinstance(x, dict)]
+    if name == g.get("name"):
+        raise SpecError(f"{path}: {where}.parent={name!r} is the grid itself; name a cell of an earlier grid")
+    if name in later_names:
+        raise SpecError(f"{path}: {where}.parent={name!r} comes later in grids; a branch starts from its parent's "
+                        f"checkpoint: move the grid {name!r} before {g.get('name')!r}")
+    raise SpecError(f"{path}: {where}.parent={name!r} is not a cell of an earlier grid (cells so far: "
+                    f"{', '.join(cells) or 'none'}); name one of them")
+
+
+def _check_branch(cell: Cell, parent: Cell, path: str, where: str) -> None:
+    """SpecError unless `cell` trains the parent's model on the parent's data (BRANCH_SAME)."""
+    for k in BRANCH_SAME:
+        mine, theirs = getattr(cell, k), getattr(parent, k)
+        if mine != theirs:
+            key = "cap_lines" if k == "cap_all" else k
+            raise SpecError(f"{path}: {where}={parent.name!r}: cell {cell.name} has {key}={mine!r} but its parent "
+                            f"has {theirs!r}; a branch continues the parent's model on its data: give it the "
+                            f"parent's {key}")
+
+
+def _grid_overrides(raw: Any, path: str, where: str) -> List[str]:
+    """key=value strings of a grid's overrides: a list of them (kept as written) or a mapping
+    key: value (each key a run-config field; lists and mappings written as YAML flow text)."""
+    if raw is None:
+        return []
+    if isinstance(raw, dict):
+        for k in raw:
+            err = run_config_key_error(str(k))
+            if err:
+                raise SpecError(f"{path}: {where}: unknown key {str(k)!r}: {err}")
+        return [f"{k}={_override_text(v)}" for k, v in raw.items()]
+    if not isinstance(raw, list) or any(not isinstance(o, str) or "=" not in o for o in raw):
+        raise SpecError(f"{path}: {where} must be a list of key=value strings or a mapping key: value")
+    return list(raw)
+
+
 def _evaluate_at(raw: Any, path: str, where: str, has_eval_data: bool) -> List[float]:
     """The sorted fractions of evaluate_at (each in (0, 1]); SpecError naming the key otherwise."""
     if raw is None:
@@ -316,9 +400,17 @@ def _evaluate_at(raw: Any, path: str, where: str, has_eval_data: bool) -> List[f
     return sorted({float(v) for v in vals})
 
 
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+        return True
+
+
 def _override_text(v: Any) -> str:
+    """A YAML value as the text of a key=value override: lists and mappings in flow style on one
+    line, keys in the spec's order, YAML anchors written out."""
     if isinstance(v, (list, dict)):
-        return yaml.safe_dump(v, default_flow_style=True).strip()
+        return yaml.dump(v, Dumper=_NoAliases, default_flow_style=True, sort_keys=False,
+                         width=float("inf")).strip()
     return str(v)
 
 
