@@ -33,8 +33,9 @@ FIXED = {("H64", 7, 1): {"en": 3.0, "fr": 3.2, "sw": 4.0, "ur": 4.4},
 def test_capacity_points_by_hand():
     """H64 L7 per seed: High 3.1 / 3.3, Low 4.2 / 4.5, All (the four present) 3.65 / 3.9; mean and
     t(1) x sd / sqrt(2) = 12.706 x |a - b| / 2. Languages outside the groups (es) never count; one
-    seed has no interval. Seen failing with the division by sqrt(n) dropped in stats.ci95 and with
-    the groups averaged over cells instead of per seed."""
+    seed has no interval. Seen failing with the division by sqrt(n) dropped in stats.ci95, with the
+    group's interval taken over its languages instead of over seeds, and with x read from the wrong
+    column."""
     from xlmr_mp.study.figures import capacity_points
     pts = capacity_points(_rows(FIXED), "A", "mbpc")
     assert sorted(pts) == ["H64", "H96"] and sorted(pts["H64"]) == ["All", "High", "Low"]

@@ -8,7 +8,11 @@ tokenizer) and each evaluated task's headline metric (tools/evaluate.py --out JS
 Each row has the step and tokens seen of its checkpoint: with evaluate_at, mbpc and retrieval rows
 of the earlier checkpoints too (learning curves); tables and group figures use each cell's last step.
 Groups (../shared/STUDY.md): High = en fr, Low = sw ur, All = en fr de ru zh sw ur; mean and 95%
-confidence interval (Student t) over seeds. The time split per cell (timing.py) is in report.md only.
+confidence interval (Student t) over seeds (stats.py). The time split per cell (timing.py) is in
+report.md only, with training's share of each cell's CPU seconds.
+report.md also holds, for a study registered in expectations.py, the expectation table (its verdict
+rule is that module's docstring); per grid over languages x width the capacity figure (Figure 4);
+per grid the learning curves against tokens seen; for a fixed_params grid the solver's shapes.
 """
 from __future__ import annotations
 
