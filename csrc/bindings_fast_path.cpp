@@ -2,8 +2,8 @@
 // layer, the input embeddings and the masked-LM head as single C++ calls, and the BLAS they use.
 // They take raw addresses (uintptr_t) of float32 / int64 C-contiguous tensors that the Python
 // wrappers (xlmr_mp/kernels/{encoder_layer,embeddings,mlm_head}_cpu.py) allocated or checked, 0 for
-// an absent optional one: a call passes about 20 of them, and a numpy view costs ~2 us each where
-// an int costs ~0.1 us.
+// an absent optional one: a call passes about 20 of them, and an int argument costs a small fraction
+// of what a numpy view does (bench/results/README.md).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

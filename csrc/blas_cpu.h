@@ -32,8 +32,8 @@ void column_sum(const float* X, int64_t rows, int64_t cols, float* out, bool acc
 // in turn. In blocks, each loop a plain vectorisable pass.
 void add_part_copies(float* out, const float* copies, int64_t stride, int ncopies, int64_t len, bool accumulate);
 // Temporary floats for one call: up to kScratchKeepFloats from a per-thread buffer kept for the
-// thread's life (no allocation and no fresh pages, so no page faults, once grown: ~1000 faults a
-// step at the tiny preset with a buffer per call); a larger request gets its own buffer, freed at
+// thread's life (no allocation and no fresh pages, so no page faults once grown, where a buffer per
+// call faults its pages in anew: bench/results/README.md); a larger request gets its own buffer, freed at
 // the end of the call (a [rows, 250k] logits chunk is not worth holding between steps). `slot`
 // keeps users apart: 0 the encoder layer, 1 the head, 2 the embeddings, 3 the encoder layer's
 // per-part gradient copies (taken by the calling thread beside its slot 0), 4 the encoder's

@@ -19,8 +19,8 @@ namespace cpu {
 // Built with OpenMP (setup.py, on Linux) the ranges run on the process's OpenMP team: torch's own
 // intra-op pool (torch loads libgomp.so.1 first and this module resolves to that same runtime), so
 // the kernels share its threads. The std::thread fallback spawns threads per call; those compete
-// with torch's OpenMP workers still spinning after the previous op, which on the 2-core CI machine
-// made the attention kernel at 2 threads 2.3x slower than on the OpenMP team (bench/attention_cpu.py).
+// with torch's OpenMP workers still spinning after the previous op, so a kernel runs measurably slower
+// there than on the OpenMP team (bench/results/README.md, Attention).
 template <typename F>
 void parallel_range(int64_t n, int threads, F f) {
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));

@@ -105,8 +105,8 @@ LayerGrads grads_in(const LayerShape& s, float* buf) {
 // Parts the batch is cut into, one a thread. A part runs every layer of the call on its batch rows
 // with single-threaded kernels and GEMMs (MKL runs sequentially inside an OpenMP region), so a call
 // has one fork and join instead of one per kernel and GEMM (about 25 a layer), and each GEMM keeps
-// a core's full speed: at the tiny preset's [512, 64] x [64, 192] two threads on one product reach
-// ~85% of twice one thread's rate. Rows must split evenly enough: B a multiple of the threads, or
+// a core's full speed (two threads on one small product reach less than twice one thread's rate:
+// bench/results/README.md). Rows must split evenly enough: B a multiple of the threads, or
 // at least 4 rows a thread. The backward's parts write the parameters' gradients of their rows into
 // their own copies (the first part into the outputs), added in part order at the end: only while
 // those stay small (copied_layers x the layer's parameters <= kMaxPartialFloats), else one part
@@ -138,9 +138,8 @@ void for_each_part(const LayerShape& s, int n, Fn f) {
 }
 
 // Which GEMM a part's products take: small_gemm (small_gemm_cpu.h: register tiles, no packing, the
-// bias in the tile's epilogue) where it beats the BLAS, i.e. single-threaded at hidden <= 64, ffn <= 256
-// and a part of <= 2048 rows (measured per product against MKL on the 2-core Zen 4 CI machine: ~8%
-// faster at the tiny preset's 256 x 64 x {64, 128, 192}, ~3% at ffn 256, slower from hidden 96 on);
+// bias in the tile's epilogue) where it measured faster than the BLAS per product: single-threaded at
+// hidden <= 64, ffn <= 256 and a part of <= 2048 rows (the measurements: bench/results/README.md);
 // else the BLAS sgemm (threaded when the call is not cut into parts).
 constexpr int64_t kSmallMaxHidden = 64, kSmallMaxFfn = 256, kSmallMaxRows = 2048;
 

@@ -97,9 +97,9 @@ HeadGrads head_grads_in(float* buf, int64_t H, int64_t V, bool b_dec) {
 }
 
 // Parts the masked rows are cut into, one a thread, each running the whole head single-threaded
-// (one fork instead of one per GEMM and kernel): at the tiny preset's ~75 rows x 1002 x 64 MKL's
-// threaded products gain nothing from a second thread (one call: 406 us on one thread, 435 on two),
-// while two halves take about half. Only while the parts' gradient copies stay small (<= 256k
+// (one fork instead of one per GEMM and kernel): at a small head's shapes MKL's threaded products
+// gain nothing from a second thread, while two halves on two threads take about half the time
+// (bench/results/README.md). Only while the parts' gradient copies stay small (<= 256k
 // floats a part: the decoder's V x H is summed once per part) and each part has >= 16 rows.
 constexpr int64_t kHeadMaxPartFloats = int64_t(1) << 18, kHeadMinPartRows = 16;
 

@@ -8,9 +8,9 @@ namespace xlmr_mp {
 
 // Row-major C [M, N] = op(A) B (+ colbias [N]) (+ C with `accumulate`): op(A) [M, K] is A [M, K] (row
 // stride lda), or with ta A [K, M] transposed; B [K, N] (row stride ldb). Single-threaded; each output's
-// sum runs over k in order (one FMA chain). For products a core keeps in L1/L2: at a layer's per-part
-// shapes of the tiny preset (H 64, F 128, 256 rows) ~8% faster than MKL's sgemm, at H >= 96 slower
-// (encoder_layer_cpu.cpp's small_products decides).
+// sum runs over k in order (one FMA chain). For products a core keeps in L1/L2 (small layers' per-part
+// shapes), where it measured faster than MKL's sgemm; where it is used is encoder_layer_cpu.cpp's
+// small_products rule (the measurements: bench/results/README.md).
 void small_gemm(bool ta, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                 bool accumulate, float* C, int64_t ldc, const float* colbias);
 
