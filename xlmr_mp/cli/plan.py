@@ -28,7 +28,7 @@ through each node's network link, or NVLink within a node; not overlapped: an up
 The `--json` output has the keys `memory` (the components above plus `total`, bytes), `fits`,
 `gpu`, `layout`, `step_time_s` (compute, tp_comm, pp_comm, dp_comm, bubble, optimizer, total),
 `tokens_per_s`, `mfu`, and `days_for_steps` (train.train_steps at that step time).
-The model is checked against measured CPU peaks in tests/test_plan.py (within 15%).
+The model is checked against measured CPU peaks in tests/tools/test_plan.py (within 15%).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ LOSS_CHUNK_BYTES = 256 * 2 ** 20   # xlmr_mp.parallel.vocab.MLM_LOSS_CHUNK_BYTES
 
 
 def loss_chunk_rows(local_vocab: int) -> int:
-    """xlmr_mp.parallel.vocab.mlm_loss_chunk_rows without importing torch (tests/test_plan.py checks
+    """xlmr_mp.parallel.vocab.mlm_loss_chunk_rows without importing torch (tests/tools/test_plan.py checks
     that the two agree)."""
     return max(16, LOSS_CHUNK_BYTES // (4 * max(1, local_vocab)))
 

@@ -17,8 +17,8 @@ Phases (xlmr_mp/data/phases.py): with data.alpha_schedule / language_schedule th
 PhasedBlend (one phase per run of steps with one alpha and language set, from the first sample
 of its first step); data.mask_schedule sets each step's mask rate; train.batch_warmup makes step
 s take G_s = phases.global_batch(s) samples from phases.sample_start(s), i.e. G_s / (micro x
-DP) micro-batches per rank (`micro_batches_at(s)`). Without any schedule option the static code
-path of before is used unchanged.
+DP) micro-batches per rank (`micro_batches_at(s)`). Without any schedule option the stream is the
+static index (one BlendSpec) and every step takes train.global_batch samples.
 
 Resume: `state_dict()` -> {"samples_consumed": global samples consumed by all DP ranks together,
 "schedule_history": [[from_step, schedule options], ...], ...}; `load_state_dict()` continues
@@ -94,7 +94,7 @@ class BlendedSamples:
 
     phases (xlmr_mp.data.phases.RunPhases): with an alpha or language schedule the stream is a
     PhasedBlend with one phase per (alpha, language set) run of steps, starting at the first sample
-    of its first step; without (static), today's single BlendSpec index."""
+    of its first step; without (static), the single BlendSpec index."""
 
     def __init__(self, corpus: MultilingualCorpus, cfg: DataConfig, masker: Masker, seed: int, phases=None):
         self.corpus, self.masker, self.seed = corpus, masker, int(seed)
@@ -242,7 +242,7 @@ class MLMLoader:
 
     def _build(self, phases) -> None:
         """(Re)build the stream for `phases` (a RunPhases; a plain run without any schedule
-        option takes today's static code path)."""
+        option takes the static code path)."""
         used = phases.all_languages()
         if used is not None:
             missing = [x for x in used if x not in self.languages]

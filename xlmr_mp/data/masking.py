@@ -57,7 +57,8 @@ class Masker:
         self.is_word_start = is_word_start
 
     def _rng(self, key: int) -> np.random.Generator:
-        """Generator(Philox(key=key)) at counter 0; one bit generator re-keyed (3x cheaper than new)."""
+        """Generator(Philox(key=key)) at counter 0: one bit generator re-keyed per call rather than a new
+        Generator per sample (the cheaper of the two: bench/results/README.md)."""
         if getattr(self, "_bitgen", None) is None:
             self._bitgen = np.random.Philox(key=0)
             self._gen = np.random.Generator(self._bitgen)

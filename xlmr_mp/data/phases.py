@@ -380,12 +380,12 @@ class RunPhases:
         return out
 
     def is_trivial(self) -> bool:
-        """No schedule option anywhere in the history: the loader keeps today's code path."""
+        """No schedule option anywhere in the history: the loader keeps its static code path."""
         return len(self.history) == 1 and all(self.history[0][1].get(k) is None for k in
                                               ("alpha_schedule", "language_schedule", "mask_schedule", "batch_warmup"))
 
     def is_static(self) -> bool:
-        """One alpha and every language all run long: today's static index applies (it is indexed by
+        """One alpha and every language all run long: the static index applies (it is indexed by
         stream position, so the batch schedule does not matter)."""
         seg = self.blend_segments()
         return len(seg) == 1 and seg[0][2] is None

@@ -20,9 +20,10 @@ bits per character agree with the ids the preprocessor wrote, whatever the dicti
 
 Batch encoding for preprocessing (`encode_flat`) asks SentencePiece (>= 0.2.3) for one int32
 buffer per sentence instead of a list of Python ints, and flattens and remaps the buffers in C++
-(`xlmr_mp._C.flatten_id_buffers`; Python reference `flatten_id_buffers_reference`), which
-costs ~25% less CPU than SentencePiece's own list output. Older SentencePiece, or
-XLMR_MP_SPM_BUFFERS=0, takes the list path; both give the same ids (checked at load time).
+(`xlmr_mp._C.flatten_id_buffers`; Python reference `flatten_id_buffers_reference`): no Python int
+per token, so it costs less CPU than SentencePiece's own list output (bench/results/README.md).
+Older SentencePiece, or XLMR_MP_SPM_BUFFERS=0, takes the list path; both give the same ids
+(checked at load time).
 """
 from __future__ import annotations
 
