@@ -6,8 +6,9 @@ the same process, in alternating rounds, and each fitted by least squares to
     step time = fixed + per_sample * micro_batch
 
 `fixed` is what a step costs whatever the batch: per-op dispatch, autograd, Python, the optimizer
-(the accumulation count is held constant). At the tiny preset (4 layers of 64) it is about half of
-our step at micro 8, which is why fused kernels move that step less than their own speed-ups.
+(the accumulation count is held constant). Where `fixed` is a large share of a step, a fused
+kernel moves the step less than its own speed-up; each run prints that share at the largest
+micro-batch (the recorded fits: bench/results/step_overhead_cpu.txt).
 
     python bench/step_overhead.py                                        # tiny preset, micro 1 2 4 8
     python bench/step_overhead.py --micro 1 4 16 --rounds 5 --out bench/results/step_overhead_cpu.txt

@@ -195,7 +195,7 @@ def kernels_ab(tr, rounds: int) -> str:
 def paired_peer(tr, a, cfg, device, rounds: int) -> str:
     """Our step and the peer's in alternating blocks of 5 steps in this one process (one device), so
     that the machine's drift cancels pair by pair; the sequential figures above can drift between the
-    two phases (on the 2-core CI machine HF's step moved 53-80 ms from run to run)."""
+    two phases (how far, on a shared machine: bench/results/README.md)."""
     import gc
     import statistics
     sync = torch.cuda.synchronize if device.type == "cuda" else None
