@@ -281,6 +281,7 @@ def capacity_figure(grid: str, metric: str, points: Dict[str, Dict[str, list]], 
             shift = 1.0 + 0.02 * (i - (len(lines) - 1) / 2)           # side by side: bars do not hide each other
             _errorbar(ax, [p[0] * shift for p in ps], [(p[1], p[2]) for p in ps], line)
         ax.set_xscale("log", base=2)
+        ax.set_xlim(min(xs_all) / 1.3, max(xs_all) * 1.3)
         ax.set_xticks(xs_all)
         ax.set_xticklabels([str(x) for x in xs_all])
         ax.minorticks_off()
