@@ -1,10 +1,10 @@
 // Fused post-LayerNorm sublayer epilogue, run twice per XLM-R layer:
-//   y   = residual + dropout(x + bias)          (y rounded to T, as the torch composition does)
+//   y   = residual + keep * (x + bias)          (each step rounded to T, as the torch composition does)
 //   out = LayerNorm(y) * gamma + beta
-// x, residual, out, y [rows, H]; bias, gamma, beta [H]; bias may be null. Forward saves y, the
-// keep-mask (uint8, only when dropping) and per-row mean / rstd (fp32) for the backward.
+// x, residual, out, y, keep [rows, H]; bias, gamma, beta [H]; bias and keep may be null. keep is the
+// dropout multiplier drawn by the caller (0 where dropped, 1 / (1 - p) where kept: F.dropout's), so
+// the kernel is deterministic. Forward saves y and per-row mean / rstd (fp32) for the backward.
 // One row per block; each thread keeps ITEMS packs of VEC elements in registers.
-// Dropout bits: Philox4x32-10 keyed by (seed, element index / 4, offset); keep iff u >= p.
 // No torch includes.
 #pragma once
 #include "common.cuh"
@@ -14,17 +14,15 @@ namespace xlmr_mp {
 template <typename T, int VEC, int ITEMS>
 __global__ void bdaln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ bias,
                                  const T* __restrict__ residual, const T* __restrict__ gamma,
-                                 const T* __restrict__ beta, T* __restrict__ out,
-                                 T* __restrict__ y_save, unsigned char* __restrict__ keep_mask,
+                                 const T* __restrict__ beta, const T* __restrict__ keep,
+                                 T* __restrict__ out, T* __restrict__ y_save,
                                  float* __restrict__ mean_out, float* __restrict__ rstd_out, int H,
-                                 float p, float eps, unsigned long long seed,
-                                 unsigned long long offset) {
+                                 float eps) {
   typedef Pack<T, VEC> P;
   __shared__ float smem[32];
   const long long row = blockIdx.x;
   const int packs = H / VEC;
-  const bool drop = keep_mask != nullptr;
-  const float scale = drop ? 1.f / (1.f - p) : 1.f;
+  const bool drop = keep != nullptr;
   float v[ITEMS][VEC];
   float sum = 0.f;
 #pragma unroll
@@ -34,29 +32,21 @@ __global__ void bdaln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ 
       const long long base = row * H + (long long)k * VEC;
       P xv = *reinterpret_cast<const P*>(x + base);
       P rv = *reinterpret_cast<const P*>(residual + base);
-      P bv;
+      P bv, kv;
       if (bias != nullptr) bv = *reinterpret_cast<const P*>(bias + k * VEC);
-      Pack<unsigned char, VEC> mv;
-      U4 rnd{0u, 0u, 0u, 0u};
+      if (drop) kv = *reinterpret_cast<const P*>(keep + base);
       P yv;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         float a = to_float(xv.v[j]);
         if (bias != nullptr) a = to_float(from_float<T>(a + to_float(bv.v[j])));
-        if (drop) {
-          const long long e = base + j;
-          if (j == 0 || (e & 3) == 0) rnd = philox4x32_10(seed, (unsigned long long)(e >> 2), offset);
-          const bool keep = u32_to_unit(u4_get(rnd, (int)(e & 3))) >= p;
-          mv.v[j] = keep ? 1 : 0;
-          a = keep ? to_float(from_float<T>(a * scale)) : 0.f;
-        }
+        if (drop) a = to_float(from_float<T>(a * to_float(kv.v[j])));
         const T yt = from_float<T>(to_float(rv.v[j]) + a);
         yv.v[j] = yt;
         v[it][j] = to_float(yt);
         sum += v[it][j];
       }
       *reinterpret_cast<P*>(y_save + base) = yv;
-      if (drop) *reinterpret_cast<Pack<unsigned char, VEC>*>(keep_mask + base) = mv;
     }
   }
   const float mean = block_sum(sum, smem) / H;
@@ -93,13 +83,13 @@ __global__ void bdaln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ 
 }
 
 // Row part of the backward: with xhat = (y - mean) * rstd and g = dout * gamma,
-//   dresidual = rstd * (g - mean(g) - xhat * mean(g * xhat)),   dx = dresidual * keep / (1 - p).
+//   dresidual = rstd * (g - mean(g) - xhat * mean(g * xhat)),   dx = dresidual * keep.
 template <typename T, int VEC, int ITEMS>
 __global__ void bdaln_bwd_rows_kernel(const T* __restrict__ dout, const T* __restrict__ y,
-                                      const unsigned char* __restrict__ keep_mask,
+                                      const T* __restrict__ keep,
                                       const T* __restrict__ gamma, const float* __restrict__ mean_in,
                                       const float* __restrict__ rstd_in, T* __restrict__ dresidual,
-                                      T* __restrict__ dx, int H, float p) {
+                                      T* __restrict__ dx, int H) {
   typedef Pack<T, VEC> P;
   __shared__ float smem[32];
   const long long row = blockIdx.x;
@@ -126,20 +116,19 @@ __global__ void bdaln_bwd_rows_kernel(const T* __restrict__ dout, const T* __res
   }
   const float m1 = block_sum(s1, smem) / H;
   const float m2 = block_sum(s2, smem) / H;
-  const float scale = keep_mask != nullptr ? 1.f / (1.f - p) : 1.f;
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
     const int k = threadIdx.x + it * blockDim.x;
     if (k < packs) {
       const long long base = row * H + (long long)k * VEC;
-      Pack<unsigned char, VEC> mv;
-      if (keep_mask != nullptr) mv = *reinterpret_cast<const Pack<unsigned char, VEC>*>(keep_mask + base);
+      P kv;
+      if (keep != nullptr) kv = *reinterpret_cast<const P*>(keep + base);
       P rv, xv;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float d = rstd * (g[it][j] - m1 - xh[it][j] * m2);
         rv.v[j] = from_float<T>(d);
-        const float dd = keep_mask != nullptr ? (mv.v[j] ? d * scale : 0.f) : d;
+        const float dd = keep != nullptr ? d * to_float(kv.v[j]) : d;
         xv.v[j] = from_float<T>(dd);
       }
       *reinterpret_cast<P*>(dresidual + base) = rv;

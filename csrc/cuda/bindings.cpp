@@ -1,5 +1,6 @@
 // pybind11 bindings of the CUDA launchers as `xlmr_mp._cuda` (built by setup.py's
-// cuda_extensions() only with a CUDA build of torch). Python wrappers: xlmr_mp/kernels/fused.py.
+// cuda_extensions() only with a CUDA build of torch). They are the CUDA keys of the registered ops
+// torch.ops.xlmr_mp.* (xlmr_mp/kernels/*_op.py).
 #include <torch/extension.h>
 
 #include <vector>
@@ -8,11 +9,10 @@ namespace xlmr_mp {
 at::Tensor bias_gelu_fwd(const at::Tensor& x, const at::Tensor& bias);
 std::vector<at::Tensor> bias_gelu_bwd(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& bias);
 std::vector<at::Tensor> bdaln_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-                                  const at::Tensor& residual, const at::Tensor& gamma,
-                                  const at::Tensor& beta, double p, bool training, double eps);
-std::vector<at::Tensor> bdaln_bwd(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& keep,
-                                  const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd,
-                                  double p, bool has_bias);
+                                  const at::Tensor& residual, const c10::optional<at::Tensor>& keep,
+                                  const at::Tensor& gamma, const at::Tensor& beta, double eps);
+std::vector<at::Tensor> bdaln_bwd(const at::Tensor& dout, const at::Tensor& y, const c10::optional<at::Tensor>& keep,
+                                  const at::Tensor& gamma, const at::Tensor& mean, const at::Tensor& rstd);
 at::Tensor scaled_masked_softmax_fwd(const at::Tensor& scores, const c10::optional<at::Tensor>& mask,
                                      double scale);
 at::Tensor scaled_masked_softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale);
@@ -26,7 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_fwd", &xlmr_mp::bias_gelu_fwd, "gelu(x + bias)");
   m.def("bias_gelu_bwd", &xlmr_mp::bias_gelu_bwd, "(dx, dbias) of gelu(x + bias)");
   m.def("bdaln_fwd", &xlmr_mp::bdaln_fwd,
-        "LayerNorm(residual + dropout(x + bias)) -> (out, y, keep_mask, mean, rstd)");
+        "LayerNorm(residual + keep * (x + bias)) -> (out, y, mean, rstd)");
   m.def("bdaln_bwd", &xlmr_mp::bdaln_bwd, "-> (dx, dresidual, dweight, dln_bias, dbias)");
   m.def("scaled_masked_softmax_fwd", &xlmr_mp::scaled_masked_softmax_fwd, "softmax(scale * s, masked -inf)");
   m.def("scaled_masked_softmax_bwd", &xlmr_mp::scaled_masked_softmax_bwd, "grad of scaled masked softmax");

@@ -1,5 +1,5 @@
-// Device-side helpers shared by the xlmr_mp kernels: dtype conversion, vector packs, reductions,
-// Philox dropout bits. Self-contained (cuda_fp16.h / cuda_bf16.h only, no torch, no std headers)
+// Device-side helpers shared by the xlmr_mp kernels: dtype conversion, vector packs, reductions.
+// Self-contained (cuda_fp16.h / cuda_bf16.h only, no torch, no std headers)
 // so every kernel header compiles on its own with nvcc or NVRTC (sm_70 through NVRTC + ptxas).
 #pragma once
 #include <cuda_fp16.h>
@@ -77,38 +77,6 @@ __device__ __forceinline__ MaxSum warp_maxsum(MaxSum v) {
     v = maxsum_merge(v, u);
   }
   return v;
-}
-
-// Philox4x32-10 (Salmon et al. 2011): four 32-bit random words for counter
-// (ctr_lo, ctr_hi, off_lo, off_hi) under key = seed.
-struct U4 { unsigned int x, y, z, w; };
-
-__device__ __forceinline__ U4 philox4x32_10(unsigned long long seed, unsigned long long counter,
-                                            unsigned long long offset) {
-  unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)(seed >> 32);
-  unsigned int c0 = (unsigned int)counter, c1 = (unsigned int)(counter >> 32);
-  unsigned int c2 = (unsigned int)offset, c3 = (unsigned int)(offset >> 32);
-#pragma unroll
-  for (int r = 0; r < 10; ++r) {
-    const unsigned int hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-    const unsigned int hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return U4{c0, c1, c2, c3};
-}
-
-__device__ __forceinline__ unsigned int u4_get(const U4& r, int i) {
-  return i == 0 ? r.x : (i == 1 ? r.y : (i == 2 ? r.z : r.w));
-}
-
-// Uniform in [0, 1) from the top 24 bits.
-__device__ __forceinline__ float u32_to_unit(unsigned int b) {
-  return (float)(b >> 8) * (1.0f / 16777216.0f);
 }
 
 // Column sums of a [rows, cols] row-major matrix, split over row groups: partial[gridDim.y, cols]

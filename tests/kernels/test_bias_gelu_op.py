@@ -52,26 +52,16 @@ def test_equals_the_reference_in_value_and_gradients(device, shape):
     torch.testing.assert_close(db, rdb, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_key_runs_the_avx2_kernel(monkeypatch):
+def test_cpu_key_runs_the_avx2_kernel(cpu_extension_calls):
     """fp32 on a CPU with the kernel: the op's CPU key calls xlmr_mp._C (the same call, so the same
     bits, as the kernel's autograd.Function had); fp64: the reference."""
-    ext = dispatch._cpu_extension()
-    if ext is None:
-        pytest.skip("xlmr_mp._C without the CPU kernels, or a CPU without AVX2/FMA")
-    calls = []
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(ext, name)
-            return lambda *a: calls.append(name) or fn(*a)
-    monkeypatch.setattr(dispatch, "_cpu_extension", lambda: Spy())
     x, b = _args((5, 16), torch.float32, "cpu", True)
     torch.ops.xlmr_mp.bias_gelu(x, b).sum().backward()
-    assert calls == ["bias_gelu_forward", "bias_gelu_backward"]
-    calls.clear()
+    assert cpu_extension_calls == ["bias_gelu_forward", "bias_gelu_backward"]
+    cpu_extension_calls.clear()
     x, b = _args((5, 16), torch.float64, "cpu", True)
     torch.ops.xlmr_mp.bias_gelu(x, b).sum().backward()
-    assert calls == []
+    assert cpu_extension_calls == []
 
 
 def test_meta_and_compile_see_one_op():

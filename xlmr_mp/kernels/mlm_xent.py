@@ -1,11 +1,13 @@
-"""References of the fused CUDA masked-LM rows (csrc/cuda/mlm_xent.cuh, kernels/fused.py:
-`mlm_xent_stats`, `mlm_xent_grad_`), which run inside the one masked-LM loss,
-parallel/vocab.py's `vocab_parallel_masked_lm_loss`, where XLMR_MP_KERNELS dispatches them.
+"""References of the fused masked-LM rows (the registered ops of kernels/mlm_xent_op.py:
+`mlm_xent_stats`, `mlm_xent_grad_`; CUDA keys csrc/cuda/mlm_xent.cuh), which run inside the one
+masked-LM loss, parallel/vocab.py's `vocab_parallel_masked_lm_loss`, where XLMR_MP_KERNELS
+dispatches them.
 
 For the masked tokens' final hidden states h [M, D] and rank t's vocabulary shard [vocab_start,
 vocab_start + V_t) of the decoder: the local logsumexp and target logit of every row
-(`shard_xent_stats_ref`), and the gradient of loss = lse - logits[target] that the fused
-backward writes over the logits in place (`shard_xent_grad_ref`).
+(`xent_stats_ref` of the shard logits, `shard_xent_stats_ref` from h), and the gradient of
+loss = lse - logits[target] that the fused backward writes over the logits in place
+(`shard_xent_grad_ref`).
 """
 from __future__ import annotations
 
@@ -20,14 +22,19 @@ def local_targets(target: torch.Tensor, vocab_start: int, local_vocab: int) -> t
     return torch.where((t >= 0) & (t < local_vocab), t, torch.full_like(t, -1))
 
 
+def xent_stats_ref(logits, t_local):
+    """(lse [M], target logit [M]) of shard logits [M, V] in fp32, the target logit 0 where
+    t_local = -1 (the target is in another shard)."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    tl = lf.gather(1, t_local.clamp(min=0)[:, None]).squeeze(1)
+    return lse, torch.where(t_local >= 0, tl, torch.zeros_like(tl))
+
+
 def shard_xent_stats_ref(hidden, weight, bias, target, vocab_start: int = 0):
-    """Plain composition: logits = hidden @ weight.T + bias (input dtype) in fp32, then the local
-    logsumexp [M] and target logit [M] (0 where the target is not in this shard)."""
-    logits = F.linear(hidden, weight, bias).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    t = local_targets(target, vocab_start, weight.shape[0])
-    tl = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-    return lse, torch.where(t >= 0, tl, torch.zeros_like(tl))
+    """Plain composition: logits = hidden @ weight.T + bias (input dtype), then `xent_stats_ref`
+    with the global targets [M] mapped into this shard."""
+    return xent_stats_ref(F.linear(hidden, weight, bias), local_targets(target, vocab_start, weight.shape[0]))
 
 
 def shard_xent_grad_ref(logits, t_local, lse, grad):

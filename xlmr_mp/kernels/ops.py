@@ -1,63 +1,24 @@
 """Fused-op entry points that `kernels.apply` installs in the model's op slots
 (model/encoder.py, model/xlmr.py). Each has the contract of its plain torch reference, which lives
-in the model (model/functional.py, imported here as `*_ref`) or here (`scaled_masked_softmax_ref`).
-The public names run the CUDA kernel (csrc/cuda, autograd in fused.py) when `dispatch.use_fused`
-says so (CUDA tensor, extension built, XLMR_MP_KERNELS switch, measured FASTER_ON table), bias_gelu
-the AVX2 CPU kernel (bias_gelu_cpu.py) on fp32 CPU tensors, and the reference otherwise."""
+in the model (model/functional.py, imported here as `*_ref`) or beside its registered op
+(`scaled_masked_softmax_ref`, the backward references). The public names run the registered op
+(torch.ops.xlmr_mp.*: its CUDA key is the kernel of csrc/cuda) when `dispatch.use_fused` says so
+(CUDA tensor, extension built, XLMR_MP_KERNELS switch, measured FASTER_ON table), bias_gelu the op's
+AVX2 CPU key (bias_gelu_cpu.py) on fp32 CPU tensors, and the reference otherwise."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from xlmr_mp.kernels import bias_gelu_cpu, dispatch
+from xlmr_mp.kernels import bias_dropout_add_layernorm_op, bias_gelu_cpu, dispatch, masked_softmax_op
+from xlmr_mp.kernels.bias_dropout_add_layernorm_op import (  # noqa: F401  (the backward's reference)
+    backward_ref as bias_dropout_add_layernorm_backward_ref)
 from xlmr_mp.kernels.bias_gelu_op import bias_gelu_backward_ref  # noqa: F401  (the backward's reference)
+from xlmr_mp.kernels.masked_softmax_op import scaled_masked_softmax_backward_ref  # noqa: F401  (the references)
+from xlmr_mp.kernels.masked_softmax_op import scaled_masked_softmax_ref
 from xlmr_mp.model.functional import attention as attention_ref
 from xlmr_mp.model.functional import bias_dropout_add_layernorm_ref, bias_gelu_ref  # noqa: F401  (the references)
 from xlmr_mp.model.functional import cast_like as _like
-
-
-def scaled_masked_softmax_ref(scores: torch.Tensor, mask: torch.Tensor | None, scale: float):
-    """softmax(scale * scores) with positions where mask is True excluded (set to -inf).
-    scores [B, heads, Sq, Sk]; mask broadcastable, True = masked out. Computed in fp32."""
-    s = scores.float() * scale
-    if mask is not None:
-        s = s.masked_fill(mask, float("-inf"))
-    return torch.softmax(s, dim=-1).to(scores.dtype)
-
-
-# Backward formulas the CUDA kernels implement, in torch (fp32 math), so that CPU tests can check them
-# against autograd and GPU tests can check the kernels against them.
-
-def bias_dropout_add_layernorm_backward_ref(grad, y, keep, weight, mean, rstd, p: float):
-    """(dx, dresidual, dweight, dln_bias) of LayerNorm(y), y = residual + keep * (x + bias) / (1 - p),
-    from the saved y, keep mask (None without dropout) and per-row mean / rstd; dbias = dx summed
-    over rows. xhat = (y - mean) * rstd, g = grad * weight:
-    dresidual = rstd * (g - mean(g) - xhat * mean(g * xhat))."""
-    h = y.shape[-1]
-    g2 = grad.float().reshape(-1, h)
-    xhat = (y.float().reshape(-1, h) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
-    g = g2 * weight.float()
-    dres = rstd.reshape(-1, 1) * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-    dx = dres if keep is None else dres * keep.reshape(-1, h).float() / (1.0 - p)
-    return (dx.reshape(y.shape).to(y.dtype), dres.reshape(y.shape).to(y.dtype),
-            (g2 * xhat).sum(0).to(weight.dtype), g2.sum(0).to(weight.dtype))
-
-
-def scaled_masked_softmax_backward_ref(grad, y, scale: float):
-    """d scores of y = softmax(scale * scores): scale * y * (grad - sum(grad * y))."""
-    yf, gf = y.float(), grad.float()
-    return (scale * yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(y.dtype)
-
-
-# Limits of the fused kernels (larger shapes use the reference): LayerNorm rows are held in
-# registers, 8192 packs of 16 bytes (or 8192 elements when H is not a multiple of 16 bytes).
-_LN_MAX_PACKS = 8192
-
-
-def _ln_fits(x: torch.Tensor) -> bool:
-    h = x.shape[-1]
-    wide = 16 // x.element_size()
-    return (h // wide if h % wide == 0 else h) <= _LN_MAX_PACKS
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -82,10 +43,9 @@ def bias_dropout_add_layernorm(x, bias, residual, weight, ln_bias, p: float, tra
     and output in x's dtype) where dispatched."""
     bias, residual = _like(bias, x), _like(residual, x)
     if (weight is not None and ln_bias is not None and residual.shape == x.shape
-            and _ln_fits(x) and dispatch.use_fused(x, "bias_dropout_add_layernorm")):
-        from xlmr_mp.kernels.fused import BiasDropoutAddLayerNorm
-        return BiasDropoutAddLayerNorm.apply(x, bias, residual, _like(weight, x), _like(ln_bias, x), p, training,
-                                             eps)
+            and bias_dropout_add_layernorm_op.cuda_fits(x) and dispatch.use_fused(x, "bias_dropout_add_layernorm")):
+        return bias_dropout_add_layernorm_op.bias_dropout_add_layernorm(x, bias, residual, _like(weight, x),
+                                                                        _like(ln_bias, x), p, training, eps)
     return bias_dropout_add_layernorm_ref(x, bias, residual, weight, ln_bias, p, training, eps)
 
 
@@ -93,8 +53,7 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale
     """softmax(scale * scores) over the last dim, mask True = excluded; scores [B, heads, Sq, Sk]."""
     mask_ok = mask is None or (mask.dim() <= 4 and mask.dtype == torch.bool and mask.device == scores.device)
     if scores.dim() == 4 and mask_ok and dispatch.use_fused(scores, "scaled_masked_softmax"):
-        from xlmr_mp.kernels.fused import ScaledMaskedSoftmax
-        return ScaledMaskedSoftmax.apply(scores, mask, scale)
+        return masked_softmax_op.scaled_masked_softmax(scores, mask, scale)
     return scaled_masked_softmax_ref(scores, mask, scale)
 
 
