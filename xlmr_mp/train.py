@@ -153,10 +153,8 @@ class Trainer:
         for c in self.chunks:
             c.set_recompute(cfg.train.recompute)
             c.train()
-        self.kernels = kernels.apply(self.chunks, device)     # the fused paths, before compiling
-        if cfg.train.compile:           # torch.compile of each encoder layer and the head (parallel/compile.py)
-            from xlmr_mp.parallel.compile import compile_chunks
-            compile_chunks(self.chunks)
+        # the fused paths, then torch.compile where configured (kernels/fast_paths.py, parallel/compile.py)
+        self.kernels = kernels.apply(self.chunks, device, compile=cfg.train.compile)
         sync_tied_embedding_weight(self.chunks, groups)
         seed_parallel_rng(cfg.train.seed, groups)      # dropout streams (differ per PP / DP / TP rank)
         self.named = [(n, p) for c in self.chunks for n, p in c.named_parameters()]

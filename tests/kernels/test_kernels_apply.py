@@ -67,3 +67,23 @@ def test_applied_model_runs_the_nodes_and_equals_the_reference(monkeypatch):
     torch.testing.assert_close(out["fast"][0], out["ref"][0], rtol=1e-5, atol=1e-6)
     for n, g in out["ref"][1].items():
         torch.testing.assert_close(out["fast"][1][n], g, rtol=1e-4, atol=2e-6, msg=n)
+
+
+def test_compile_is_applied_in_the_same_call_when_asked():
+    """apply(..., compile=True) (the run's train.compile) compiles each encoder layer and the head's
+    transform after installing the fused paths (parallel/compile.py), says so, and stays idempotent;
+    without it nothing is compiled. (The compiled trainer's values: tests/train/test_train_compile.py.)"""
+    def compiled(model):
+        layers = [getattr(l, "_compiled_call_impl", None) is not None for l in model.layers.values()]
+        return layers + ["transform" in vars(model.lm_head)]
+    model = _model()
+    plain = kernels.apply(model, "cpu")
+    assert plain.compiled == 0 and "compile" not in plain.applied and "torch.compile" not in str(plain)
+    assert compiled(model) == [False, False, False]
+    applied = kernels.apply(model, "cpu", compile=True)
+    assert applied.applied == plain.applied + ("compile",) and applied.modules == plain.modules
+    assert applied.compiled == 3 and "torch.compile on 3 modules" in str(applied)
+    assert compiled(model) == [True, True, True]
+    transform = model.lm_head.transform
+    assert kernels.apply(model, "cpu", compile=True) == applied and model.lm_head.transform is transform
+    assert model.layers["0"].ffn.bias_gelu is ops.bias_gelu              # the fused ops installed as well

@@ -1,6 +1,8 @@
-"""train.compile: the trainer with torch.compile'd encoder layers and head gives the eager run's
-losses, gradient norms and parameters (tiny preset with dropout, fp32, TP=1; the layout equality tests run
-compiled with XLMR_MP_TEST_COMPILE=1). Slow: compilation takes minutes on a small CPU."""
+"""train.compile: the trainer applies the fused paths and compilation in one call,
+kernels.apply(chunks, device, compile=cfg.train.compile), compiling only when configured; with
+torch.compile'd encoder layers and head it gives the eager run's losses, gradient norms and
+parameters (tiny preset with dropout, fp32, TP=1; the layout equality tests run compiled with
+XLMR_MP_TEST_COMPILE=1). The latter is slow: compilation takes minutes on a small CPU."""
 import pytest
 import torch
 
@@ -25,6 +27,41 @@ def _body(rank, world_size, run_dir):
                      "compiled": all(getattr(l, "_compiled_call_impl", None) is not None for l in layers)}
         destroy_parallel()
     return out
+
+
+def _one_call_body(rank, world_size, run_dir):
+    """Per train.compile value: the trainer's kernels.apply calls, compile_chunks calls and result."""
+    from xlmr_mp import kernels
+    from xlmr_mp.parallel import compile as parallel_compile
+    from xlmr_mp.parallel.state import destroy_parallel
+    calls = []
+    real_apply, real_compile = kernels.apply, parallel_compile.compile_chunks
+    kernels.apply = lambda *a, **k: calls.append(("apply", k.get("compile"))) or real_apply(*a, **k)
+    parallel_compile.compile_chunks = lambda chunks: calls.append(("compile_chunks", None)) or real_compile(chunks)
+    out = {}
+    for flag in ("false", "true"):
+        cfg = b.tiny_cfg(BASE + [f"run_dir={run_dir}/{flag}", "logging.jsonl=false", f"train.compile={flag}"],
+                         world_size)
+        tr, _ = b.make_trainer(cfg)
+        layers = [l for c in tr.chunks for l in c.layers.values()]
+        out[flag] = {"calls": list(calls), "applied": tr.kernels.applied, "compiled": tr.kernels.compiled,
+                     "text": str(tr.kernels),
+                     "layers": [getattr(l, "_compiled_call_impl", None) is not None for l in layers]}
+        calls.clear()
+        destroy_parallel()
+    return out
+
+
+def test_the_trainer_applies_kernels_and_compile_in_one_call(tmp_path):
+    """No step is run (no compilation happens: it starts at the first forward)."""
+    r = run_distributed(_one_call_body, 1, args=(str(tmp_path),), timeout=600)[0]
+    assert r["false"]["calls"] == [("apply", False)]
+    assert r["false"]["compiled"] == 0 and "compile" not in r["false"]["applied"]
+    assert not any(r["false"]["layers"])
+    assert r["true"]["calls"] == [("apply", True), ("compile_chunks", None)]
+    n = len(r["true"]["layers"]) + 1                 # every encoder layer and the head's transform
+    assert r["true"]["compiled"] == n and all(r["true"]["layers"]) and "compile" in r["true"]["applied"]
+    assert f"torch.compile on {n} modules" in r["true"]["text"]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""`apply(model, device)`: the fused paths put on a built model from outside, in one call the
-trainer makes once (as torchtitan applies parallelism and compilation), so that the model itself
-(model/) stays the plain-torch reference and the pipeline schedule knows no kernel.
+"""`apply(model, device, compile=...)`: the fused paths and compilation put on a built model from
+outside, in one call the trainer makes once (as torchtitan applies parallelism and compilation), so
+that the model itself (model/) stays the plain-torch reference and the pipeline schedule knows no
+kernel.
 
 What it installs, on the instances of the model's modules (no class is changed, parameters and
 their names are untouched):
@@ -15,7 +16,11 @@ their names are untouched):
   `EncoderLayer.forward` -> one layer as one node (under full recompute),
   `SelfAttention.context` -> the fused attention kernel (attention_cpu),
   `Embeddings.forward` -> embeddings_cpu, `MLMHead.masked_loss_sum` -> mlm_head_cpu (the head and
-  the loss over the masked rows as one node; the one masked-LM loss's CPU implementation).
+  the loss over the masked rows as one node; the one masked-LM loss's CPU implementation);
+- with `compile=True` (the run's `train.compile`), after the above: torch.compile of each encoder
+  layer and of the masked-LM head's transform, in place (parallel/compile.py's `compile_chunks`, the
+  compile wiring; the compiled graphs trace the installed ops, the C++ nodes stepping aside while
+  tracing as `dispatch.cpu_kernels` says).
 
 `apply` returns an `AppliedKernels`: what it applied, and `micro_batch()`, the context a training
 schedule runs each micro-batch's forward in (`cpu_fast_path.gradients_into_grad` where the C++
@@ -36,6 +41,7 @@ from xlmr_mp.kernels import attention_cpu, embeddings_cpu, encoder_layer_cpu, ml
 from xlmr_mp.kernels.cpu_fast_path import gradients_into_grad
 from xlmr_mp.model.encoder import EncoderLayer, FeedForward, SelfAttention
 from xlmr_mp.model.xlmr import Embeddings, MLMHead, XLMRModel
+from xlmr_mp.parallel import compile as parallel_compile
 from xlmr_mp.parallel.vocab import mlm_loss_chunk_rows, real_rows
 
 FUSED_OPS = ("bias_gelu", "bias_dropout_add_layernorm", "attention")
@@ -50,9 +56,11 @@ def fast_paths(device_type: str) -> tuple:
 
 @dataclass(frozen=True)
 class AppliedKernels:
-    """What `apply` installed (names of `fast_paths`) and on how many modules."""
+    """What `apply` installed (names of `fast_paths`, then "compile" where it compiled) and on how
+    many modules; `compiled`: how many modules torch.compile wraps (0: not compiled)."""
     applied: tuple
     modules: int
+    compiled: int = 0
 
     def micro_batch(self):
         """The context manager a schedule runs one micro-batch's forward in, its backward being
@@ -61,7 +69,8 @@ class AppliedKernels:
         return gradients_into_grad() if "encoder_stack_cpu" in self.applied else contextlib.nullcontext()
 
     def __str__(self) -> str:
-        return f"kernels applied to {self.modules} modules: {', '.join(self.applied) or 'none'}"
+        text = f"kernels applied to {self.modules} modules: {', '.join(self.applied) or 'none'}"
+        return text + (f"; torch.compile on {self.compiled} modules" if self.compiled else "")
 
 
 # ----------------------------------------------------------------------------- the C++ nodes, each beside
@@ -112,11 +121,12 @@ _OP_SLOTS = ((FeedForward, "bias_gelu", ops.bias_gelu), (MLMHead, "bias_gelu", o
              (SelfAttention, "attend", ops.attention))
 
 
-def apply(model: Union[nn.Module, Iterable[nn.Module]], device) -> AppliedKernels:
+def apply(model: Union[nn.Module, Iterable[nn.Module]], device, compile: bool = False) -> AppliedKernels:
     """Install the fast paths of `fast_paths(device type)` on `model` (a module or this rank's
-    pipeline chunks) in place, before torch.compile and before the first forward; returns what
-    was applied. Idempotent. Values and gradients equal the reference model's to rounding (the
-    kernels' tests); which path a call takes is decided at the call, as before."""
+    pipeline chunks) in place, before the first forward, then, with `compile`, torch.compile its
+    encoder layers and head transform (parallel/compile.py); returns what was applied. Idempotent.
+    Values and gradients equal the reference model's to rounding (the kernels' tests); which path
+    a call takes is decided at the call, as before."""
     roots = [model] if isinstance(model, nn.Module) else list(model)
     cpu = torch.device(device).type == "cpu"
     touched = 0
@@ -133,4 +143,7 @@ def apply(model: Union[nn.Module, Iterable[nn.Module]], device) -> AppliedKernel
                         setattr(m, name, types.MethodType(fn, m))
                         hit = True
             touched += hit
-    return AppliedKernels(fast_paths(torch.device(device).type), touched)
+    names = fast_paths(torch.device(device).type)
+    if not compile:
+        return AppliedKernels(names, touched)
+    return AppliedKernels(names + ("compile",), touched, parallel_compile.compile_chunks(roots))

@@ -1,4 +1,6 @@
-"""`train.compile`: torch.compile of each encoder layer and of the masked-LM head's transform.
+"""`train.compile`: torch.compile of each encoder layer and of the masked-LM head's transform,
+applied to a built model by `xlmr_mp.kernels.apply(..., compile=True)` (the trainer's one call),
+after the fused paths are installed.
 
 At the shapes of a tiny scaling study a step is mostly small-op overhead (dozens of kernels per
 layer, each microseconds of work); compiling a layer fuses its elementwise ops (bias, GELU,
@@ -27,14 +29,16 @@ INDUCTOR_OPTIONS = {"fallback_random": True}
 
 def compile_chunks(chunks: Sequence[nn.Module]) -> int:
     """Compile every encoder layer and head transform of the model chunks in place; returns how
-    many modules were compiled."""
+    many modules are compiled. Idempotent: a module compiled already is left as it is."""
     n = 0
     for c in chunks:
         for layer in getattr(c, "layers", {}).values():
-            layer.compile(options=INDUCTOR_OPTIONS)
+            if getattr(layer, "_compiled_call_impl", None) is None:
+                layer.compile(options=INDUCTOR_OPTIONS)
             n += 1
         head = getattr(c, "lm_head", None)
         if head is not None and hasattr(head, "transform"):
-            head.transform = torch.compile(head.transform, dynamic=True, options=INDUCTOR_OPTIONS)
+            if "transform" not in vars(head):       # not yet an instance attribute: the compiled method
+                head.transform = torch.compile(head.transform, dynamic=True, options=INDUCTOR_OPTIONS)
             n += 1
     return n
