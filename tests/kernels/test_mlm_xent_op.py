@@ -1,9 +1,10 @@
-"""The masked-LM rows as registered ops (kernels/mlm_xent_op.py): torch.ops.xlmr_mp.mlm_xent_stats
-and the in-place torch.ops.xlmr_mp.mlm_xent_grad_ pass torch.library.opcheck on CPU (the references'
-keys) and on CUDA with a GPU (csrc/cuda/mlm_xent.cuh); their values equal the plain composition
-(logsumexp, the target logit, softmax - onehot) and the stats' gradient equals autograd's; the
-meta device and torch.compile (fullgraph) take them as ops; the one masked-LM loss
-(parallel/vocab.py) runs them where dispatch says so."""
+"""The masked-LM rows as registered ops (kernels/mlm_xent_op.py): torch.ops.xlmr_mp.mlm_xent_stats,
+the in-place torch.ops.xlmr_mp.mlm_xent_grad_ and mlm_xent_rows_ pass torch.library.opcheck on CPU
+(the references' keys; the AVX2 kernel's for mlm_xent_rows_ in fp32) and on CUDA with a GPU
+(csrc/cuda/mlm_xent.cuh); their values equal the plain composition (logsumexp, the target logit,
+softmax - onehot) and the stats' gradient equals autograd's; the meta device and torch.compile
+(fullgraph) take them as ops; the one masked-LM loss (parallel/vocab.py) runs them where dispatch
+says so."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,6 +61,36 @@ def test_equal_the_composition(m, v, dtype):
     torch.testing.assert_close(p, (expect * scale[:, None]).to(dtype), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("m,v", SHAPES, ids=str)
+def test_rows_opcheck_and_composition(dtype, m, v):
+    """mlm_xent_rows_: the loss logsumexp(row) - row[target] (no target term where the target is
+    outside [0, V), after the max shift) and the rows softmax - onehot, in place."""
+    logits, t = _case(m, v, dtype, "cpu", seed=3)
+    t[0] = v                                                      # outside the vocabulary
+    torch.library.opcheck(torch.ops.xlmr_mp.mlm_xent_rows_.default, (logits.clone(), t))
+    p = logits.clone()
+    loss = torch.ops.xlmr_mp.mlm_xent_rows_(p, t)
+    lf = logits.double()
+    inside = (t >= 0) & (t < v)
+    tl = torch.where(inside, lf.gather(1, t.clamp(0, v - 1)[:, None]).squeeze(1), lf.amax(-1))
+    want = torch.softmax(lf, -1)
+    want[inside.nonzero().squeeze(1), t[inside]] -= 1.0
+    assert loss.dtype == torch.float32 and p.dtype == dtype                 # computed in fp32
+    torch.testing.assert_close(loss.double(), torch.logsumexp(lf, -1) - tl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_cpu_key_runs_the_avx2_kernel(cpu_extension_calls):
+    logits, t = _case(9, 40, torch.float32, "cpu")
+    torch.ops.xlmr_mp.mlm_xent_rows_(logits, t)
+    assert cpu_extension_calls == ["xent_rows"]
+    cpu_extension_calls.clear()
+    logits, t = _case(9, 40, torch.float64, "cpu")
+    torch.ops.xlmr_mp.mlm_xent_rows_(logits, t)
+    assert cpu_extension_calls == []
+
+
 def test_meta_and_compile_see_the_ops():
     lse, tl = STATS(torch.empty(5, 7, device="meta"), torch.empty(5, dtype=torch.long, device="meta"))
     assert lse.shape == tl.shape == (5,) and lse.dtype == torch.float32
@@ -69,11 +100,16 @@ def test_meta_and_compile_see_the_ops():
         lse, tl = STATS(lg, t)
         mlm_xent_op.mlm_xent_grad_(lg, t, lse, torch.ones_like(lse))
         return (lse - tl).sum(), lg
-    for backend in ("eager", "aot_eager"):
-        torch._dynamo.reset()
-        got = torch.compile(rows, fullgraph=True, backend=backend)(logits.clone(), t)
-        want = rows(logits.clone(), t)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), backend
+    def whole(lg, t):
+        return torch.ops.xlmr_mp.mlm_xent_rows_(lg, t).sum(), lg
+    assert torch.ops.xlmr_mp.mlm_xent_rows_(torch.empty(5, 7, device="meta"),
+                                            torch.empty(5, dtype=torch.long, device="meta")).shape == (5,)
+    for fn in (rows, whole):
+        for backend in ("eager", "aot_eager"):
+            torch._dynamo.reset()
+            got = torch.compile(fn, fullgraph=True, backend=backend)(logits.clone(), t)
+            want = fn(logits.clone(), t)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (fn.__name__, backend)
 
 
 def test_the_masked_lm_loss_runs_the_ops_where_dispatched(monkeypatch):

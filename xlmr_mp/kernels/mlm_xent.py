@@ -5,9 +5,9 @@ dispatches them.
 
 For the masked tokens' final hidden states h [M, D] and rank t's vocabulary shard [vocab_start,
 vocab_start + V_t) of the decoder: the local logsumexp and target logit of every row
-(`xent_stats_ref` of the shard logits, `shard_xent_stats_ref` from h), and the gradient of
+(`xent_stats_ref` of the shard logits, `shard_xent_stats_ref` from h), the gradient of
 loss = lse - logits[target] that the fused backward writes over the logits in place
-(`shard_xent_grad_ref`).
+(`shard_xent_grad_ref`), and both at once for one shard (TP = 1: `xent_rows_ref`, the CPU rows).
 """
 from __future__ import annotations
 
@@ -35,6 +35,22 @@ def shard_xent_stats_ref(hidden, weight, bias, target, vocab_start: int = 0):
     """Plain composition: logits = hidden @ weight.T + bias (input dtype), then `xent_stats_ref`
     with the global targets [M] mapped into this shard."""
     return xent_stats_ref(F.linear(hidden, weight, bias), local_targets(target, vocab_start, weight.shape[0]))
+
+
+def xent_rows_ref(logits, target):
+    """(loss [M] fp32, softmax - onehot [M, V] in logits' dtype) of each row of logits [M, V],
+    shifted by the row's max m as the loss's torch rows are: loss = log(sum(exp(row - m))) -
+    (row[target] - m), that is logsumexp(row) - row[target], with no target term (and no onehot)
+    where target is outside [0, V) (what the AVX2 kernel csrc/xent_cpu.cpp computes, in fp32)."""
+    lf = logits.float()
+    shifted = lf - lf.amax(dim=-1, keepdim=True)
+    inside = (target >= 0) & (target < logits.shape[1])
+    col = torch.where(inside, target, torch.zeros_like(target))[:, None]
+    tl = torch.where(inside, shifted.gather(1, col).squeeze(1), shifted.new_zeros(()))
+    e = shifted.exp()
+    s = e.sum(dim=-1)
+    grad = (e / s[:, None]).scatter_add(1, col, -inside.to(lf.dtype)[:, None])
+    return s.log() - tl, grad.to(logits.dtype)
 
 
 def shard_xent_grad_ref(logits, t_local, lse, grad):
