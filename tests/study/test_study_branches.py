@@ -178,6 +178,23 @@ def test_a_failed_parent_fails_its_branches_unrun(tmp_path, corpus):  # noqa: F8
     assert "its parent P is failed" in why
 
 
+def test_curve_clean_up_keeps_the_branch_points(tmp_path, corpus):  # noqa: F811
+    """After a parent's evaluate_at evaluations, the checkpoints that are no curve point are deleted,
+    but not the one a branch starts from."""
+    from types import SimpleNamespace
+    from xlmr_mp.study.runner import Runner
+    st = _spec(tmp_path, corpus, _grids({"name": "B", "parent": "P", "branch_at": 10}))
+    r = Runner(st, str(tmp_path / "out"), jobs=1, threads=1, log=lambda *_: None)
+    ck = os.path.join(r.out, "cells", "P", "run", "checkpoints")
+    for step in (5, 10, 15, 20):
+        os.makedirs(os.path.join(ck, f"step_{step:08d}"))
+    with open(os.path.join(ck, "latest"), "w") as f:
+        f.write("step_00000020\n")
+    r._eval_job = lambda *a, **k: None             # every evaluation done already
+    assert r.evaluate_all(st.cells[0], SimpleNamespace(curve=[(0.25, 5), (1.0, 20)], steps=20), None) == "ok"
+    assert sorted(os.listdir(ck)) == ["latest", "step_00000005", "step_00000010", "step_00000020"]
+
+
 def test_shipped_schedules_spec_resolves_to_the_schedule_study_configs(shared_corpus, tmp_path):
     """launch/studies/schedules.yaml: static, annealed and its two decay branches at step 480, with the
     run configs the schedule study trained (bench/results/schedule_study/)."""
