@@ -215,8 +215,9 @@ if [ "$DRY" = 1 ]; then
   else echo "install skipped: no --wheels" >> "$WORK/commands.txt"; SKIPPED=$((SKIPPED + 1)); fi
   step build 60 "$PY" -c "import xlmr_mp._C"
   step kernel_tests 300 "$PY" -m pytest -q --collect-only tests/kernels/test_kernels_gpu.py
-  step kernels_bf16 60 "$PY" bench/kernels_gpu.py --help
-  step kernels_fp16 60 "$PY" bench/kernels_gpu.py --help
+  KTINY=(--device cpu --tokens 64 --seq 16 --hidden 32 --heads 2 --vocab-shard 100 --iters 2 --copy-mib 1 --no-compile)
+  step kernels_bf16 60 "$PY" bench/kernels_gpu.py "${KTINY[@]}" --dtype bf16 --out "$WORK/kernels_bf16.json"
+  step kernels_fp16 60 "$PY" bench/kernels_gpu.py "${KTINY[@]}" --dtype fp16 --out "$WORK/kernels_fp16.json"
   step train_large_bf16_fused 300 "$PY" bench/train_step.py "${TINY[@]}" --precision auto --plan CPU --out "$WORK/train_step.txt"
   step train_large_bf16_reference 300 "$PY" bench/train_step.py "${TINY[@]}" --precision bf16 --no-peer --out "$WORK/train_step.txt"
   step train_base_bf16_fused 300 "$PY" bench/train_step.py "${TINY[@]}" --precision bf16 --no-peer --plan CPU --out "$WORK/train_step.txt"
