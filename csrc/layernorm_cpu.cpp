@@ -53,7 +53,10 @@ inline void forward_group(const float* x, const float* bias, const float* residu
                           float* y, float* mean, float* rstd, __m256i tail, float inv_cols) {
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < cols; c += W) {  // y = residual + keep * (x + bias), as the reference rounds it
+  // y = residual + keep * (x + bias) in fp32. The compiler may contract the multiply and the add into
+  // one fused multiply-add (one rounding instead of two), so y can differ from the reference's in the
+  // last bit.
+  for (int64_t c = 0; c < cols; c += W) {
     const __m256 bv = bias ? load<TAIL>(bias, c, cols, tail) : _mm256_setzero_ps();
     for (int i = 0; i < R; ++i) {
       const int64_t o = (r0 + i) * cols;

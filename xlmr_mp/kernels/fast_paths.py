@@ -126,7 +126,7 @@ def apply(model: Union[nn.Module, Iterable[nn.Module]], device, compile: bool = 
     pipeline chunks) in place, before the first forward, then, with `compile`, torch.compile its
     encoder layers and head transform (parallel/compile.py); returns what was applied. Idempotent.
     Values and gradients equal the reference model's to rounding (the kernels' tests); which path
-    a call takes is decided at the call, as before."""
+    a call takes is decided at the call."""
     roots = [model] if isinstance(model, nn.Module) else list(model)
     cpu = torch.device(device).type == "cpu"
     touched = 0

@@ -1,13 +1,13 @@
 """`python -m xlmr_mp.study.evaluate_batch JOBS.json TIMES.json`: several `xlmr-evaluate` runs in one process.
 
 A cell's evaluations (every task on the last checkpoint, mbpc and retrieval on each evaluate_at
-checkpoint) used to start one Python process each, paying the interpreter start and the imports of
-torch, the model code and matplotlib every time (several seconds each, more on a loaded machine).
-Here each job is `xlmr_mp.cli.evaluate.main(argv)` with the argv the separate process had, so its
-JSON holds the same numbers; the model is loaded afresh for each job. JOBS.json is a list of
-{"argv": [...], "log": path}; each job's stdout and stderr go to its log (appended). TIMES.json is
-rewritten after every job: [{"rc", "seconds", "cpu"}] (wall and CPU seconds of the job in this
-process). The batch stops at the first job that fails (exit status: that job's).
+checkpoint) run as jobs in this process, so the interpreter start and the imports (torch, the model
+code, matplotlib) are paid once. Each job is `xlmr_mp.cli.evaluate.main(argv)` with the argv of
+`xlmr-evaluate`, so its JSON holds the numbers a separate `xlmr-evaluate` run gives; the model is
+loaded afresh for each job. JOBS.json is a list of {"argv": [...], "log": path}; each job's stdout
+and stderr go to its log (appended). TIMES.json is rewritten after every job: [{"rc", "seconds",
+"cpu"}] (wall and CPU seconds of the job in this process). The batch stops at the first job that
+fails (exit status: that job's).
 """
 from __future__ import annotations
 
