@@ -255,7 +255,7 @@ void backward_rows(const LayerShape& s, const float* grad_out, const float* x, c
 
 int64_t layer_workspace_floats(const LayerShape& s) {
   const int64_t T = s.batch * s.seq, H = s.hidden, F = s.ffn;
-  return T * 3 * H + s.batch * s.heads * s.seq * s.seq + 5 * T * H + 2 * T * F + 4 * T;
+  return T * 3 * H + s.batch * s.heads * s.seq * s.seq + 4 * T * H + 2 * T * F + 4 * T;  // carve's arrays
 }
 
 int64_t encoder_workspace_floats(const LayerShape& s, int layers) {

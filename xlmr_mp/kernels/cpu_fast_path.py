@@ -1,6 +1,9 @@
 """What the C++ fast-path nodes on a CPU share (encoder_layer_cpu.py, embeddings_cpu.py,
-mlm_head_cpu.py; their entry points are csrc/bindings_fast_path.cpp):
+mlm_head_cpu.py, attention_cpu.py; their entry points are csrc/bindings_fast_path.cpp):
 
+- their registration as ops, torch.ops.xlmr_mp.* (`define_cpu_op`: the schema, the CPU kernel, the
+  fake kernel; `set_autograd`: the Autograd kernel), so that autograd, FakeTensor, the meta device
+  and torch.compile see each node as one op; the raw addresses below are taken inside the kernels;
 - their GEMM (csrc/blas_cpu.h): the Fortran `sgemm_` that torch's own libtorch_cpu exports (MKL's in
   the x86 wheels, the BLAS torch.mm calls for fp32 on a CPU), found once with ctypes and handed to
   xlmr_mp._C, which checks it on a small product against plain loops; so those calls' products have
@@ -44,6 +47,44 @@ def blas_sgemm() -> bool:
     return bool(ext.blas_sgemm_selftest())
 
 
+LIBRARY = torch.library.Library("xlmr_mp", "FRAGMENT")
+"""Where the CPU nodes' ops are defined (namespace xlmr_mp, beside the custom_op ones of bias_gelu_op.py)."""
+
+
+def define_cpu_op(schema: str, cpu_kernel, fake_kernel):
+    """torch.ops.xlmr_mp.<name> defined by `schema` ("name(args) -> returns"), with its CPU kernel
+    and its fake kernel (FakeTensor, the meta device, torch.compile's tracing); returns its
+    OpOverload. The nodes are CPU-only: no CUDA key. Through torch.library's low-level Library
+    rather than torch.library.custom_op, whose wrapper (an aliasing check over every tensor
+    argument and output, a dynamo-disabled frame) costs a measurable share of a tiny model's step
+    (bench/results/cpu_node_ops.txt)."""
+    name = schema[:schema.index("(")]
+    LIBRARY.define(schema)
+    LIBRARY.impl(name, cpu_kernel, "CPU")
+    torch.library.register_fake(f"xlmr_mp::{name}", fake_kernel, lib=LIBRARY)
+    return getattr(torch.ops.xlmr_mp, name).default
+
+
+def set_autograd(op, kernel) -> None:
+    """Register `kernel` (the op's arguments -> its outputs, through an autograd.Function whose
+    forward calls the op again under torch._C._AutoDispatchBelowAutograd) as op's Autograd kernel.
+    What torch.library.register_autograd does, without its generic wrapper, which flattens list
+    arguments through pytree and refills defaults on every call: measured too slow for the encoder
+    node's 12 parameters a layer (bench/results/cpu_node_ops.txt)."""
+    LIBRARY.impl(op._schema.name.split("::")[1], kernel, "Autograd")
+
+
+def extension(node: str, gemm: bool = True):
+    """xlmr_mp._C for a node's op kernel (with torch's sgemm set where `gemm`); RuntimeError naming
+    the node where its kernels cannot run (its `applies` is then False)."""
+    ext = dispatch._cpu_extension()
+    if ext is None or (gemm and not blas_sgemm()):
+        raise RuntimeError(f"the CPU {node} kernels are unavailable (xlmr_mp._C without them, a CPU without "
+                           f"AVX2/FMA{', or no usable sgemm_ in libtorch_cpu' if gemm else ''}); check "
+                           f"{node}_cpu.applies() first")
+    return ext
+
+
 def addr(t: torch.Tensor | None) -> int:
     """The address a C++ entry point takes for t (0 for None); t must be float32/int64 C-contiguous."""
     return 0 if t is None else t.data_ptr()
@@ -67,6 +108,8 @@ def _addable_grads(params) -> list | None:
     AccumulateGrad's runs). None otherwise."""
     grads = []
     for p in params:
+        if not p.is_leaf:      # (a traced or computed tensor: no AccumulateGrad, no .grad)
+            return None
         g = p.grad
         if (g is None or g.dtype != torch.float32 or not g.is_contiguous() or g.shape != p.shape
                 or g.is_sparse or p._backward_hooks or p._post_accumulate_grad_hooks):
