@@ -27,9 +27,8 @@ import torch
 from xlmr_mp.kernels import dispatch
 from xlmr_mp.kernels.cpu_fast_path import define_cpu_op, set_autograd
 
-# bench/attention_cpu.py on the 2-core AVX2 CI machine, fp32, forward + backward, one thread,
-# against SDPA (two runs): 1.54-1.70x at S=64 (D 16), 1.06-1.38x at S=128 (D 16-42), 0.96-1.02x
-# at S=256 and 0.76-0.84x at S=512 (D 64).
+# The longest sequence the kernel takes by default: past it SDPA's CPU kernel is as fast or faster
+# (bench/attention_cpu.py; figures in bench/results/attention_cpu.txt).
 MAX_SEQ = 128
 
 

@@ -192,7 +192,7 @@ class BufferPool:
     its backward) and come back here when the last tensor on them is freed, for the next call of
     the same size. A fresh allocation of a few MiB every layer and micro-batch is a fresh mapping
     or heap growth that glibc trims again at the step's end, so its pages fault in anew on first
-    touch: at the tiny preset about 1900 faults a step, roughly a fifth of it. Kept between steps
+    touch (bench/results/README.md has the measured share of a step). Kept between steps
     (like CUDA's caching allocator), the buffers stay mapped: the pool never holds more than was
     live at once, plus what is idle up to `max_idle_bytes` (a buffer over it is freed).
 

@@ -36,7 +36,7 @@ from xlmr_mp.kernels.cpu_fast_path import (addr, blas_sgemm, define_cpu_op, exte
 
 def _params(head) -> tuple:
     """(dense weight, dense bias, LN weight, LN bias, decoder bias) of an MLMHead, from the modules'
-    dicts (nn.Module attribute access costs 1-2 us each)."""
+    dicts, which skips nn.Module.__getattr__'s Python-level lookup."""
     m = head._modules
     dense, ln = m["dense"]._parameters, m["layernorm"]._parameters
     return dense["weight"], dense["bias"], ln["weight"], ln["bias"], head._parameters["bias"]
