@@ -119,3 +119,27 @@ def test_tp1_cpu_row_kernel_runs_and_equals_the_torch_rows(monkeypatch, chunk):
     assert len(calls) == -(-M // chunk)
     for r, n, what in zip(ref, new, ("loss", "d hidden", "d weight", "d bias")):
         torch.testing.assert_close(n, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("start", [0, 20, 60])
+def test_mask_padded_logits_in_place_without_grad_same_values(start):
+    """Without autograd recording the padding columns are filled in place (the same tensor comes
+    back) with exactly the values of the out-of-place mask; with recording a new tensor comes back
+    and the padding columns carry no gradient. start=60: a shard wholly past the real vocabulary."""
+    from xlmr_mp.parallel.vocab import mask_padded_logits
+    logits = torch.randn(5, VP)
+    n_real = max(V - start, 0)
+    expect = logits.clone()
+    expect[:, n_real:] = float("-inf")
+    with torch.no_grad():
+        x = logits.clone()
+        out = mask_padded_logits(x, V, start)
+    assert out.data_ptr() == x.data_ptr()
+    assert torch.equal(out, expect)
+    x = logits.clone().requires_grad_(True)
+    out = mask_padded_logits(x, V, start)
+    assert out is not x and torch.equal(out.detach(), expect) and torch.equal(x.detach(), logits)
+    finite = torch.where(torch.isinf(out), torch.zeros_like(out), out)
+    finite.sum().backward()
+    assert torch.equal(x.grad[:, n_real:], torch.zeros(5, VP - n_real))
+    assert torch.equal(x.grad[:, :n_real], torch.ones(5, n_real))

@@ -68,9 +68,16 @@ def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optiona
 
 def mask_padded_logits(logits: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
     """Set the logits of padding ids (>= vocab_size) in a local shard starting at vocab_start to
-    -inf, so they are never predicted and carry no gradient."""
+    -inf, so they are never predicted and carry no gradient.
+
+    Where no gradient is recorded (evaluation, inference) the padding columns of `logits` are
+    filled in place and `logits` itself is returned: the same values as the out-of-place mask,
+    without writing a second [N, V_local] tensor. With autograd recording, a new tensor."""
     n_real = vocab_size - vocab_start
     if n_real >= logits.shape[-1]:
+        return logits
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        logits[..., max(n_real, 0):].fill_(float("-inf"))
         return logits
     keep = torch.arange(logits.shape[-1], device=logits.device) < n_real
     return logits.masked_fill(~keep, float("-inf"))
