@@ -455,3 +455,36 @@ def test_file_hash_cache_sees_a_same_size_rewrite(tmp_path, corpus):
     assert os.stat(p).st_size == s.st_size and os.stat(p).st_mtime_ns == s.st_mtime_ns
     from xlmr_mp.study.prepare import Preparation
     assert Preparation(st, str(out), log=lambda *_: None).tokenizer_for(st.cells[0]).key != key
+
+
+def test_a_selection_of_cells_keeps_the_shared_tokenizer_of_the_whole_study(tmp_path, corpus, capsys):
+    """`--cells` narrows what runs, not what the study shares: an L2 cell of a study whose shared
+    tokenizer covers L2 + L3 gets the same tokenizer and dataset (keys, languages) when it is the only
+    cell selected, through select_cells and through the CLI's plan. Seen failing with the shared
+    groups taken from study.cells (the selection) instead of study.all_cells: a one-cell rerun of a
+    committed cell then trained on a tokenizer of its own languages only."""
+    from xlmr_mp.cli.study import main
+    from xlmr_mp.study.spec import SpecError, select_cells
+    spec = write_spec(tmp_path / "spec.yaml", corpus, tokenizer="shared")
+    st = _study(tmp_path, corpus, file="spec2.yaml", tokenizer="shared")
+    small = next(c for c in st.cells if c.axis_values["languages"] == "L2")
+    full_tok = _prep(tmp_path, st).tokenizer_for(small)
+    assert full_tok.languages == ["en", "fr", "sw"]
+    sel = select_cells(st, [small.name])
+    assert [c.name for c in sel.cells] == [small.name] and len(sel.all_cells) == len(st.cells)
+    assert [c.name for c in st.cells] == [c.name for c in sel.all_cells]       # the study itself unchanged
+    prep = _prep(tmp_path, sel)
+    assert prep.tokenizer_for(sel.cells[0]) == full_tok
+    assert prep.dataset_for(sel.cells[0]).key == _prep(tmp_path, st).dataset_for(small).key
+    with pytest.raises(SpecError, match="no cell 'nope'"):
+        select_cells(st, [small.name, "nope"])
+
+    def tok_line(argv):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        block = out.split(f"\n{small.name}  ")[1]
+        return next(l for l in block.splitlines() if l.strip().startswith("tokenizer"))
+    out = str(tmp_path / "out_cli")
+    whole = tok_line(["plan", spec, "--out", out, "--no-calibrate"])
+    alone = tok_line(["plan", spec, "--out", out, "--no-calibrate", "--cells", small.name])
+    assert alone == whole and "3 languages" in alone

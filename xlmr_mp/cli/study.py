@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from xlmr_mp.study.spec import SpecError, load_spec
+from xlmr_mp.study.spec import SpecError, load_spec, select_cells
 
 
 def build_parser():
@@ -53,13 +53,11 @@ def main(argv=None) -> int:
         return 2
     out = os.path.abspath(args.out or os.path.join("runs", "studies", study.name))
     if args.cells and args.command != "report":
-        by_name = {c.name: c for c in study.cells}
-        names = [n for n in args.cells.split(",") if n]
-        bad = [n for n in names if n not in by_name]
-        if bad:
-            print(f"--cells: no cell {bad[0]!r} in {args.spec} (cells: {', '.join(by_name)})", file=sys.stderr)
+        try:
+            study = select_cells(study, [n for n in args.cells.split(",") if n])
+        except SpecError as e:
+            print(str(e), file=sys.stderr)
             return 2
-        study.cells = [by_name[n] for n in names]
         args.order = "spec"
     jobs = max(1, args.jobs)
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)

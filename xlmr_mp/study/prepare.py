@@ -119,9 +119,10 @@ class Preparation:
         return find_language_files(self.study.corpus, [lang])[lang]
 
     def _shared_groups(self) -> Dict[tuple, List[str]]:
-        """(vocab, cap_lines) -> union of the languages of the shared-tokenizer cells with them."""
+        """(vocab, cap_lines) -> union of the languages of the shared-tokenizer cells with them, over
+        every cell of the spec (study.all_cells), so that a selection of cells does not change them."""
         groups: Dict[tuple, List[str]] = {}
-        for c in self.study.cells:
+        for c in self.study.all_cells:
             if c.tokenizer == "shared":
                 g = groups.setdefault(self._group_key(c), [])
                 g.extend(l for l in c.languages if l not in g)

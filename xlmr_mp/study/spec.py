@@ -107,6 +107,24 @@ class Study:
     eval_settings: List[str]
     description: str = ""
     corpus_languages: List[str] = field(default_factory=list)
+    # every cell of the spec, whatever `cells` is narrowed to (select_cells): what the study shares
+    # between cells (a shared tokenizer's languages) is a function of the spec, not of a selection
+    all_cells: List[Cell] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.all_cells:
+            self.all_cells = list(self.cells)
+
+
+def select_cells(study: Study, names: List[str]) -> Study:
+    """The study narrowed to the named cells, in that order (`--cells`): `cells` is the selection,
+    `all_cells` stays the spec's, so shared artefacts keep the keys the whole study gives them.
+    SpecError naming an unknown cell and the cells there are."""
+    by_name = {c.name: c for c in study.cells}
+    bad = [n for n in names if n not in by_name]
+    if bad:
+        raise SpecError(f"--cells: no cell {bad[0]!r} in {study.path} (cells: {', '.join(by_name)})")
+    return dataclasses.replace(study, cells=[by_name[n] for n in names], all_cells=list(study.all_cells))
 
 
 def _resolve_path(value: str, spec_path: str, key: str, must_exist: bool = True) -> str:
