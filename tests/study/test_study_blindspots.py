@@ -488,3 +488,29 @@ def test_a_selection_of_cells_keeps_the_shared_tokenizer_of_the_whole_study(tmp_
     whole = tok_line(["plan", spec, "--out", out, "--no-calibrate"])
     alone = tok_line(["plan", spec, "--out", out, "--no-calibrate", "--cells", small.name])
     assert alone == whole and "3 languages" in alone
+
+
+def test_retrieval_is_not_run_on_a_cell_whose_only_language_is_the_pivot(tmp_path, corpus):
+    """A monolingual English cell (STUDY.md's B-en) has nothing to retrieve against the pivot en:
+    retrieval is left out (no job, a log line) while mbpc runs; a French cell still gets fr -> en, and
+    a pivot=fr setting moves the rule to French. Seen failing with the pivot check removed from
+    Runner._eval_job (paper_small's B-en cells failed with 'retrieval needs at least one language
+    besides the pivot en')."""
+    from xlmr_mp.study.runner import Runner, cell_dir
+    ck = lambda st, c: os.path.join(cell_dir(str(tmp_path / "out"), c.name), "run", "checkpoints")  # noqa: E731
+    axes = {"languages": {"en": ["en"], "fr": ["fr"]}, "vocab": {"V500": 500}, "seed": [1]}
+    st = _study(tmp_path, corpus, **dict(BASE, evaluate=["mbpc", "retrieval"], eval_data=corpus, axes=axes))
+    logs = []
+    r = Runner(st, str(tmp_path / "out"), log=logs.append)
+    en, fr = (next(c for c in st.cells if c.languages == [l]) for l in ("en", "fr"))
+    assert r._eval_job(en, "retrieval", ck(st, en), "retrieval", None) is None
+    assert any("pivot en" in l and "not evaluated" in l for l in logs)
+    assert r._eval_job(en, "mbpc", ck(st, en), "mbpc", None) is not None
+    job = r._eval_job(fr, "retrieval", ck(st, fr), "retrieval", None)
+    assert job is not None and job["argv"][job["argv"].index("--languages") + 1] == "fr"
+    st2 = _study(tmp_path, corpus, "s2.yaml", **dict(BASE, evaluate=["retrieval"], eval_data=corpus, axes=axes,
+                                                    eval_settings=["pivot=fr"]))
+    r2 = Runner(st2, str(tmp_path / "out2"), log=lambda *_: None)
+    en2, fr2 = (next(c for c in st2.cells if c.languages == [l]) for l in ("en", "fr"))
+    assert r2._eval_job(fr2, "retrieval", ck(st2, fr2), "retrieval", None) is None
+    assert r2._eval_job(en2, "retrieval", ck(st2, en2), "retrieval", None) is not None

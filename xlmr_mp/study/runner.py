@@ -46,6 +46,17 @@ EVAL_SUBDIR = {"mbpc": "flores200_devtest", "retrieval": "flores200_devtest", "s
                "udpos": "ud", "xnli": "xnli", "ner": "ner"}
 
 
+def retrieval_pivot(eval_settings: List[str]) -> str:
+    """The pivot language of the retrieval task under a spec's eval_settings (its pivot=LANG setting,
+    else the task's default)."""
+    from xlmr_mp.eval.retrieval import DEFAULTS
+    pivot = DEFAULTS["pivot"]
+    for s in eval_settings:
+        if s.startswith("pivot="):
+            pivot = s.split("=", 1)[1]
+    return pivot
+
+
 def task_languages(task: str, data: str) -> Optional[List[str]]:
     """The languages an evaluation task has test data for under `data` (None: not known here);
     e.g. UD has no Swahili treebank, so udpos runs on a cell's other languages."""
@@ -296,8 +307,8 @@ class Runner:
         return "ok"
 
     def _eval_job(self, cell: Cell, task: str, model: str, name: str, phase: Optional[str]) -> Optional[dict]:
-        """The xlmr-evaluate run of `task` on `model` into eval/<name>.json (None: done already, or
-        none of the cell's languages has data for the task)."""
+        """The xlmr-evaluate run of `task` on `model` into eval/<name>.json (None: done already, none
+        of the cell's languages has data for the task, or retrieval with no language but its pivot)."""
         d = cell_dir(self.out, cell.name)
         out = os.path.join(d, "eval", f"{name}.json")
         langs = [l for l in cell.languages if self.study.eval_languages is None or l in self.study.eval_languages]
@@ -310,6 +321,13 @@ class Runner:
                 self.log(f"[study] {cell.name}: {task} has no data for "
                          f"{', '.join(l for l in langs if l not in have)} under {data}: evaluated without them")
             langs = [l for l in langs if l in have]
+        if task == "retrieval":
+            pivot = retrieval_pivot(self.study.eval_settings)
+            if not [l for l in langs if l != pivot]:      # e.g. a monolingual English cell
+                if phase is None:
+                    self.log(f"[study] {cell.name}: retrieval pairs each language with the pivot {pivot}; the cell's "
+                             f"evaluation languages ({', '.join(langs) or 'none'}) hold no other: not evaluated")
+                return None
         if not langs:
             return None
         tmp = out[:-len(".json")] + ".partial.json"
