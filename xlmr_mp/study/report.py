@@ -102,6 +102,29 @@ def collect(study: Study, out: str) -> tuple:
     return rows, recs, states
 
 
+def failure_reason(out: str, name: str) -> str:
+    """One line of why a failed cell stopped: its stage and the first 'error:' line of its record
+    (else the record's first line)."""
+    rec = read_json(os.path.join(cell_dir(out, name), "failed.json")) or {}
+    why = str(rec.get("why") or "")
+    lines = [l.strip() for l in why.splitlines() if l.strip()]
+    err = next((l for l in lines if l.startswith("error:")), lines[0] if lines else "no reason recorded")
+    return f"{rec.get('stage', '?')}: {err}"
+
+
+def unfinished_section(study: Study, out: str, states: Dict[str, str]) -> List[str]:
+    """report.md's list of the spec's cells that have not finished: state, and for a failed cell the
+    reason from its failed.json (e.g. a vocabulary its language's text cannot support)."""
+    rest = [c.name for c in study.cells if states.get(c.name) != "done"]
+    if not rest:
+        return []
+    md = ["## Cells not finished", "", "| cell | state | reason |", "|---|---|---|"]
+    for n in rest:
+        reason = failure_reason(out, n) if states[n] == "failed" else ""
+        md.append(f"| {n} | {states[n]} | {reason.replace('|', '/')} |")
+    return md + [""]
+
+
 def write_csv(rows: List[dict], path: str, axes: List[str]) -> None:
     cols = ["study", "grid", "cell"] + [a for a in axes if a != "seed"] + ["seed", "n_languages", "language",
                                                                            "metric", "value", "step", "tokens"]
@@ -137,6 +160,7 @@ def write_report(study: Study, out: str) -> List[str]:
           f"Cells: {sum(1 for s in states.values() if s == 'done')} of {len(states)} finished "
           f"({', '.join(f'{n} {s}' for s, n in sorted(_count(states).items()))}). Only finished cells are reported.", "",
           "## Corpus caveats", "", CAVEATS]
+    md += unfinished_section(study, out, states)
     reg = REGISTERED.get(study.name)
     if reg:
         md += expectations_section(list(reg.rules), rows, memberships(study))
