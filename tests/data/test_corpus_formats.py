@@ -264,6 +264,32 @@ def test_null_text_is_a_bad_row(base, tmp_path):
     assert kept == [t.split("\n") for t in base["docs"]["en"]]
 
 
+def test_invalid_utf8_or_overlong_line_is_a_bad_row(base, tmp_path):
+    """A row whose bytes are not UTF-8 (a batch is decoded whole, then row by row to find it) and a row
+    holding a line over --max-line-bytes are bad rows named by row and row group; skipped, the other rows
+    keep their documents and boundaries (the bad rows hold several lines)."""
+    docs = list(base["docs"]["en"])
+    raw = [t.encode() for t in docs]
+    raw.insert(7, b"first line\nbad \xff byte\nlast line")
+    path = str(tmp_path / "en.parquet")
+    pq.write_table(pa.table({"text": pa.array(raw, type=pa.binary()).view(pa.string())}), path, row_group_size=5)
+    for chunk_bytes in (1 << 20, 256):
+        with pytest.raises(CorpusError, match=r"en.parquet: row 8 \(row group 1\): invalid UTF-8 at byte 15 of "
+                                              r"the text"):
+            list(iter_documents(path, chunk_bytes=chunk_bytes))
+        kept = list(iter_documents(path, on_bad_line="skip", chunk_bytes=chunk_bytes))
+        assert kept == [t.split("\n") for t in docs]
+    limit = max(len(line.encode()) for t in docs for line in t.split("\n"))
+    texts = list(docs)
+    texts.insert(9, "short\n" + "x" * (limit + 1) + "\nshort again")
+    write_parquet(tmp_path / "long.parquet", texts, row_group_size=5)
+    with pytest.raises(CorpusError, match=rf"long.parquet: row 10 \(row group 1\): a line of the text longer than "
+                                          rf"--max-line-bytes {limit} \({limit + 1} bytes\)"):
+        list(iter_documents(str(tmp_path / "long.parquet"), max_line_bytes=limit))
+    kept = list(iter_documents(str(tmp_path / "long.parquet"), max_line_bytes=limit, on_bad_line="skip"))
+    assert kept == [t.split("\n") for t in docs[:9]] + [["short", "short again"]] + [t.split("\n") for t in docs[9:]]
+
+
 def test_streaming_memory_is_bounded(tmp_path):
     """A 9 MB Parquet row group is read in record batches of about --chunk-bytes holding a few MB of
     Arrow memory, and a zstd file decompressing to ~10 MB is streamed holding under 3 MB of Python

@@ -4,6 +4,7 @@
 A leaf of the readers (corpus_io, parquet_io, zstd_io all import it; it imports none of them)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
@@ -15,7 +16,8 @@ class CorpusError(ValueError):
 
 @dataclass
 class RawChunk:
-    data: bytes                 # whole lines (the last one may lack "\n" at end of file)
+    data: bytes                 # whole lines (the last one may lack "\n" at end of file); columnar input:
+                                # bytes or, in the reading process, a memoryview of the reader's buffer
     first_line: int             # 1-based line number of the first line in data
     skipped: List[Tuple[int, str]] = field(default_factory=list)  # (line, reason) dropped right after data
     offset: int = -1            # byte offset of data in a plain (uncompressed) file; -1 otherwise
@@ -34,9 +36,10 @@ class RawChunk:
     def by_reference(self) -> "RawChunk":
         """The same chunk without its bytes, for a process that re-reads them (plain files only):
         handing an encoder process (offset, length) instead of the text saves pickling and piping
-        the whole corpus through the coordinating process."""
+        the whole corpus through the coordinating process. Other chunks come back with their data as bytes
+        (a memoryview of a reader's buffer is copied, since it cannot be pickled)."""
         if self.offset < 0:
-            return self
+            return self if isinstance(self.data, bytes) else dataclasses.replace(self, data=bytes(self.data))
         return RawChunk(b"", self.first_line, self.skipped, self.offset, self.length, file=self.file, fmt=self.fmt)
 
     def loaded(self, path: str) -> "RawChunk":

@@ -11,10 +11,11 @@ Memory: the reading process decodes one record batch of about `chunk_bytes` of t
 (`ParquetFile.iter_batches` over one row group, only the needed columns, pyarrow's own threads
 off so encoder processes keep the cores); pages are streamed through a 1 MiB read buffer (no
 pre-buffering of the row group's column chunk), so memory is one batch, one page and the column's
-dictionary page, whatever the size of the row group or the file. A batch travels to an encoder process as the column's
-own buffers: its UTF-8 bytes back to back and the rows' offsets (numpy), so encoder processes never
-import pyarrow and the reading process makes no per-row Python object; `parse_documents` turns one
-into sentences with C-level string operations (one join and split per batch).
+dictionary page, whatever the size of the row group or the file. A batch is the column's own buffers:
+its UTF-8 bytes back to back (a view of Arrow's buffer, not a copy, until the chunk goes to an encoder
+process as bytes) and the rows' offsets (numpy), so encoder processes never import pyarrow and the
+reading process makes no per-row Python object; `parse_documents` turns one into sentences with C-level
+string operations (one join, one decode and one split per batch).
 
 Sharding: a file is a list of row groups; MPI ranks and ranges take whole row groups.
 Bad input: a file that is not Parquet, a missing or non-string column (the error lists the
@@ -145,7 +146,8 @@ def _as_strings(arr):
 
 
 def _buffers(arr):
-    """(UTF-8 bytes of the rows' texts back to back, int64 offsets [n + 1] into them, null mask or None)."""
+    """(the rows' UTF-8 texts back to back, int64 offsets [n + 1] into them, null mask or None); the texts
+    are a read-only memoryview of the array's own data buffer (no copy; it keeps the buffer alive)."""
     pa, _ = _pyarrow()
     validity, offsets_buf, data_buf = arr.buffers()
     n, first = len(arr), arr.offset
@@ -153,7 +155,7 @@ def _buffers(arr):
     offsets = np.frombuffer(offsets_buf, dtype=width, count=n + 1, offset=first * np.dtype(width).itemsize)
     offsets = offsets.astype(np.int64)
     a, b = int(offsets[0]), int(offsets[-1])
-    data = bytes(memoryview(data_buf)[a:b]) if data_buf is not None and b > a else b""
+    data = memoryview(data_buf)[a:b] if data_buf is not None and b > a else b""
     nulls = None
     if arr.null_count:
         bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
@@ -238,19 +240,25 @@ def parse_documents(chunk: RawChunk, path: str, max_line_bytes: int = 1 << 20,
                               f"or pass --on-bad-line skip (or raise --max-line-bytes)")
         skipped.append((int(rows[k]) + 1, reason))
 
-    bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+    view = memoryview(data)
+    starts, ends = offsets[:-1].tolist(), offsets[1:].tolist()
     try:
-        texts = [data[a:b].decode("utf-8") for a, b in bounds]
+        # the rows' bytes joined by "\n" decode as a whole exactly when every row is valid UTF-8 (an ASCII
+        # byte never sits inside a multi-byte sequence): one join, one decode and one split for the batch
+        lines = str(b"\n".join([view[a:b] for a, b in zip(starts, ends)]), "utf-8").split("\n")
+        # lines per row: its "\n" bytes + 1
+        newlines = np.flatnonzero(np.frombuffer(view, dtype=np.uint8) == 10) if len(view) else np.zeros(0, np.int64)
+        per_row = np.diff(np.searchsorted(newlines, offsets)) + 1
     except UnicodeDecodeError:
         texts = []
-        for k, (a, b) in enumerate(bounds):
+        for k, (a, b) in enumerate(zip(starts, ends)):
             try:
-                texts.append(data[a:b].decode("utf-8"))
+                texts.append(str(view[a:b], "utf-8"))
             except UnicodeDecodeError as e:
                 bad(k, f"invalid UTF-8 at byte {e.start} of the text")
                 texts.append("")
-    lines = "\n".join(texts).split("\n")
-    per_row = np.fromiter(map(str.count, texts, itertools.repeat("\n")), dtype=np.int64, count=n) + 1
+        lines = "\n".join(texts).split("\n")
+        per_row = np.fromiter(map(str.count, texts, itertools.repeat("\n")), dtype=np.int64, count=n) + 1
     char_limit = max_line_bytes // 4
     if max(map(len, lines)) > char_limit:           # rare: look at the long lines one by one
         row_end = np.cumsum(per_row)
