@@ -514,3 +514,24 @@ def test_retrieval_is_not_run_on_a_cell_whose_only_language_is_the_pivot(tmp_pat
     en2, fr2 = (next(c for c in st2.cells if c.languages == [l]) for l in ("en", "fr"))
     assert r2._eval_job(fr2, "retrieval", ck(st2, fr2), "retrieval", None) is None
     assert r2._eval_job(en2, "retrieval", ck(st2, en2), "retrieval", None) is not None
+
+
+def test_the_last_line_names_only_the_cells_still_failed(tmp_path, corpus):
+    """`run` ends with the cells that failed; one another runner finished meanwhile (paper_small's
+    B-en cells, finished by a second runner on the same directory) is done on disk and is not named
+    (still_failed reads each failed cell's state again). Seen failing with still_failed returning
+    every cell the run saw fail."""
+    from xlmr_mp.study.prepare import _atomic_json
+    from xlmr_mp.study.runner import cell_dir, still_failed
+    axes = {"languages": {"en": ["en"], "fr": ["fr"]}, "vocab": {"V500": 500}, "seed": [1]}
+    st = _study(tmp_path, corpus, **dict(BASE, axes=axes))
+    out = str(tmp_path / "out")
+    en, fr = (next(c for c in st.cells if c.languages == [l]) for l in ("en", "fr"))
+    for c in (en, fr):
+        os.makedirs(cell_dir(out, c.name), exist_ok=True)
+        _atomic_json(os.path.join(cell_dir(out, c.name), "failed.json"), {"stage": "evaluate retrieval", "exit": 2})
+    states = {en.name: "failed", fr.name: "failed"}
+    assert still_failed(st, out, states) == [en.name, fr.name]
+    finish_cell(st, out, en)                      # another runner finished en (failed.json stays)
+    assert still_failed(st, out, states) == [fr.name]
+    assert still_failed(st, out, {en.name: "done", fr.name: "done"}) == []

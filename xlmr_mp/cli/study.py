@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     r = R.Runner(study, out, jobs=jobs, threads=threads, progress_every=args.progress_every, est=est,
                  order=args.order)
     states = r.run()
-    failed = [c for c, s in states.items() if s == "failed"]
+    failed = R.still_failed(study, out, states)
     if r.stopping.is_set():
         print(f"[study] stopped; run `xlmr-study run {args.spec}` again to continue")
         return 130
