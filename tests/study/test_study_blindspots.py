@@ -522,7 +522,8 @@ def test_the_last_line_names_only_the_cells_still_failed(tmp_path, corpus):
     (still_failed reads each failed cell's state again). Seen failing with still_failed returning
     every cell the run saw fail."""
     from xlmr_mp.study.prepare import _atomic_json
-    from xlmr_mp.study.runner import cell_dir, still_failed
+    from xlmr_mp.cli.study import still_failed
+    from xlmr_mp.study.runner import cell_dir
     axes = {"languages": {"en": ["en"], "fr": ["fr"]}, "vocab": {"V500": 500}, "seed": [1]}
     st = _study(tmp_path, corpus, **dict(BASE, axes=axes))
     out = str(tmp_path / "out")

@@ -43,6 +43,14 @@ def build_parser():
     return p
 
 
+def still_failed(study, out: str, states: dict) -> list:
+    """The cells a run saw fail that are not done now: another runner on the same study directory
+    may have finished one since (its done.json with the cell's hash is what counts)."""
+    from xlmr_mp.study.runner import cell_state
+    cells = {c.name: c for c in study.cells}
+    return [n for n, s in states.items() if s == "failed" and cell_state(out, cells[n]) != "done"]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)      # progress lines reach a log file as they happen
@@ -112,7 +120,7 @@ def main(argv=None) -> int:
     r = R.Runner(study, out, jobs=jobs, threads=threads, progress_every=args.progress_every, est=est,
                  order=args.order)
     states = r.run()
-    failed = R.still_failed(study, out, states)
+    failed = still_failed(study, out, states)
     if r.stopping.is_set():
         print(f"[study] stopped; run `xlmr-study run {args.spec}` again to continue")
         return 130

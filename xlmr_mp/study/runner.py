@@ -93,13 +93,6 @@ def read_json(path: str) -> Optional[dict]:
         return None
 
 
-def still_failed(study: Study, out: str, states: Dict[str, str]) -> List[str]:
-    """The cells a run saw fail that are not done now: another runner on the same study directory
-    may have finished one since (its done.json with the cell's hash is what counts)."""
-    cells = {c.name: c for c in study.cells}
-    return [n for n, s in states.items() if s == "failed" and cell_state(out, cells[n]) != "done"]
-
-
 def cell_state(out: str, cell: Cell) -> str:
     """done | running | failed | interrupted | pending."""
     d = cell_dir(out, cell.name)
