@@ -15,10 +15,8 @@ LR = 1e-2
 # How the sequence-parallel gradient sum is done in a run:
 #   "hooks"          the hooks of build_pipeline_stages, armed by PipelineSchedule.step, finalize_grads
 #   "none"           hooks removed, no sum at all (negative control: must differ)
-#   "after_step"     hooks removed; sync_sequence_parallel_grads right after step(), before the
-#                    DP reducer's finish() writes its bucket sums back (negative control at DP > 1)
 #   "after_dp"       hooks removed; sync_sequence_parallel_grads after the DP reduction (SUMs commute)
-SYNC_MODES = ("hooks", "none", "after_step", "after_dp")
+SYNC_MODES = ("hooks", "none", "after_dp")
 
 
 def _errors(mine: dict, ref: dict, cfg, tp_size: int, tp_rank: int) -> dict:
@@ -84,9 +82,6 @@ def sp_train_vs_single(rank, world_size, tp, pp, n_micro, steps, sync="hooks", b
         if sync == "hooks":
             finalize_grads(chunks, groups, reducer)      # as the trainer: SP, DP, tied embedding
         else:
-            if sync == "after_step":
-                for c in chunks:
-                    sync_sequence_parallel_grads(c, groups.tp_group)
             reducer.finish()
             if sync == "after_dp":
                 for c in chunks:
