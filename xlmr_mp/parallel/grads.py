@@ -5,15 +5,16 @@
 in a fixed order (megatron-core's `finalize_model_grads`):
   1. sequence-parallel: gradients of parameters used on sequence shards (LayerNorms, row-parallel
      biases, position embeddings; marked `sequence_parallel`) summed over the TP group;
-  2. data-parallel: the DP reducer's bucket sums written back (`parallel/data_parallel.py`);
+  2. data-parallel: the DP reducer's in-place bucket reductions completed (`parallel/data_parallel.py`);
   3. tied embedding: the word embedding (first stage) and its decoder copy (last stage) summed
      over the embedding group, so both copies take the same optimizer step.
 
-The sequence-parallel sum must be complete before a DP reducer that copies gradients into
-buckets during backward reads them (a sum after that copy would be overwritten by the write-back),
-so it runs from gradient hooks (`SequenceParallelGradSync`), armed by `PipelineSchedule.step` for
-each parameter's last accumulation of the step; step 1 only sums what was accumulated fewer times
-than armed for. Attach the hooks when building the chunks, before such a reducer, so they run first.
+The sequence-parallel sum must be complete before the DP reducer launches the reduction of the
+parameter's bucket: each `.grad` is a view of its bucket and the reductions run in place on it,
+overlapped with backward, so a sum done while one is in flight races with it. It therefore runs from
+gradient hooks (`SequenceParallelGradSync`), armed by `PipelineSchedule.step` for each parameter's
+last accumulation of the step; step 1 only sums what was accumulated fewer times than armed for.
+Attach the hooks when building the chunks, before the reducer's, so they run first.
 
 The tied weight of a chunk comes from its `tied_embedding_weight()` (None where the chunk holds
 neither copy or both); nothing here knows the model's parameter names.
