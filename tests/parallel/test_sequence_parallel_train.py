@@ -122,8 +122,6 @@ def test_sp_sum_after_dp_reduction_commutes(four_rank):
     _same_as_single(four_rank["tp2_dp2_sync_after_dp"])
 
 
-
-
 # ----------------------------------------------------------------------------- single process
 
 def test_validate_names_seq_length_and_option():
