@@ -16,7 +16,7 @@ zstandard = pytest.importorskip("zstandard")
 
 from tests.support.prep import run_tool, train_tiny_spm  # noqa: E402
 from xlmr_mp.data.corpus_io import (CorpusError, corpus_ranges, find_language_files, iter_documents,  # noqa: E402
-                                    iter_raw_chunks)
+                                    iter_raw_chunks, load_chunk, parse_chunk)
 from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus  # noqa: E402
 
 LANGS = ("en", "ru")
@@ -107,6 +107,36 @@ def test_parquet_and_zstd_give_the_plain_text_datasets(base, tmp_path, workers):
         out = tmp_path / f"out_{src.name}"
         prep(src, base["model"], out, "--workers", workers)
         assert_same_output(base["txt_out"], out)
+
+
+def test_deferred_row_groups_are_read_where_encoded(base, tmp_path):
+    """With defer_bytes, a row group of at most that much text comes without data (the reading process
+    decodes nothing and an encoder process gets only its place), larger ones come decoded in batches;
+    loaded, the chunks give the sentences, boundaries, row numbers and bad-row errors of the eager read."""
+    texts = list(base["docs"]["ru"]) + list(base["docs"]["en"])
+    texts.insert(13, None)
+    path = str(tmp_path / "ru.parquet")
+    write_parquet(path, texts, row_group_size=5)
+
+    def read(defer, **kw):
+        sentences, starts, skipped, deferred = [], [], [], 0
+        for raw in iter_raw_chunks(path, 1024, defer_bytes=defer, **kw):
+            if raw.source is not None:
+                assert raw.data == b"" and raw.docs is None
+                deferred += 1
+            chunk = parse_chunk(load_chunk(raw, path), path, "parquet")
+            sentences += chunk.sentences
+            starts += list(chunk.doc_start)
+            skipped += chunk.skipped
+        return sentences, starts, skipped, deferred
+
+    eager = read(0, on_bad_line="skip")
+    assert eager[3] == 0 and eager[2] == [(14, "no text (null in column 'text')")]
+    deferred = read(4096, on_bad_line="skip")
+    assert 0 < deferred[3] < pq.ParquetFile(path).metadata.num_row_groups       # both kinds in one file
+    assert deferred[:3] == eager[:3]
+    with pytest.raises(CorpusError, match=r"ru.parquet: row 14 \(row group 2\): no text \(null in column 'text'\)"):
+        read(1 << 20)
 
 
 def test_folders_of_shards_and_a_language_column(base, tmp_path):

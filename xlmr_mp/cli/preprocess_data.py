@@ -19,10 +19,12 @@ any --workers and any MPI rank count.
 
 Parallel: --workers N = N encoding processes, this one included (it encodes a chunk itself
 whenever its N - 1 helpers have two queued each), so N matches N cores without oversubscription.
-Helpers re-read plain files by offset; only compressed input is piped to them.
+Helpers re-read plain files by offset and decode Parquet row groups of up to 4 chunks themselves
+(larger row groups are decoded here in batches); only compressed input is piped to them.
 
-Streaming: the reader holds about (2 * workers + 2) chunks of --chunk-bytes; token lengths and
-document ends are spooled to disk, so memory does not grow with the file size.
+Streaming: the reader holds about (2 * workers + 2) chunks of --chunk-bytes (Parquet: of up to
+4 x --chunk-bytes, a row group decoded whole); token lengths and document ends are spooled to
+disk, so memory does not grow with the file size.
 
 MPI: plain files are cut into ranges of about --range-bytes at document boundaries (compressed
 files are one range each); ranges go round-robin to ranks, each rank writes shard datasets under
@@ -47,21 +49,25 @@ import time
 import numpy as np
 
 from xlmr_mp.atomic import atomic_write
-from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, CorpusError, RawChunk, corpus_ranges,
+from xlmr_mp.data.corpus_io import (BAD_LINE_POLICIES, PARQUET_EXT, CorpusError, RawChunk, corpus_ranges,
                                     count_lines_before, find_language_files, is_seekable,
-                                    iter_raw_chunks, parse_chunk, source_format)
+                                    iter_raw_chunks, load_chunk, parse_chunk, source_files,
+                                    source_format)
 from xlmr_mp.data.indexed import IndexedWriter, token_dtype
 from xlmr_mp.cli.merge_datasets import merge_datasets
 
 from xlmr_mp.data.split import SPLITS, document_split, parse_split  # noqa: F401 (re-exported for tests)
 
 _TOKENIZER = None  # per-process XLMRTokenizer, set by _init_worker
+DEFER_CHUNKS = 4   # Parquet row groups of up to this many --chunk-bytes are decoded by the encoding process
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(model_path: str, parquet: bool = False) -> None:
     global _TOKENIZER
     from xlmr_mp.tokenizer import XLMRTokenizer
     _TOKENIZER = XLMRTokenizer(model_path)
+    if parquet:                 # helpers decode Parquet row groups: import pyarrow now, not in timed work
+        import pyarrow.parquet  # noqa: F401
 
 
 def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad_line: str,
@@ -72,7 +78,7 @@ def encode_chunk(raw: RawChunk, path: str, fmt: str, max_line_bytes: int, on_bad
     writing process only routes slices and writes bytes.
     """
     cpu0 = time.process_time()
-    raw = raw.loaded(path)
+    raw = load_chunk(raw, path)
     parsed = parse_chunk(raw, path, fmt, max_line_bytes, on_bad_line, json_key)
     ids, lengths, n_unk = _TOKENIZER.encode_flat(parsed.sentences, add_eos=True, num_threads=1, dtype=dtype,
                                                  count_unk=True)
@@ -237,7 +243,7 @@ def process_units(args, pool, units, dtype, progress, on_done):
             sinks[u] = _Sink(prefixes, dtype)
             for raw in iter_raw_chunks(path, args.chunk_bytes, args.max_line_bytes, args.on_bad_line,
                                        start=start, end=end, first_line=first_line, text_key=args.json_key,
-                                       lang_key=args.lang_key, lang=lang):
+                                       lang_key=args.lang_key, lang=lang, defer_bytes=DEFER_CHUNKS * args.chunk_bytes):
                 busy = sum(1 for k, _, o in inflight if k == "chunk" and not o.ready())   # _Done is always ready
                 if pool is not None and busy < pool_limit:
                     work = pool.apply_async(encode_chunk, (raw.by_reference(),) + extra)
@@ -328,8 +334,9 @@ def close_pool(pool, wait_s: float = 30.0) -> None:
                 w.kill()
 
 
-def _make_pool(args, announce=True):
-    """The tokenizer for this process, and a pool of --workers - 1 helper encoders (None for 1)."""
+def _make_pool(args, announce=True, parquet=False):
+    """The tokenizer for this process, and a pool of --workers - 1 helper encoders (None for 1);
+    parquet: the input has Parquet files, which the helpers decode."""
     _init_worker(args.tokenizer)
     if announce and not args.quiet and _TOKENIZER._encode_buffers is None:
         import sentencepiece
@@ -339,9 +346,13 @@ def _make_pool(args, announce=True):
     if args.workers <= 1:
         return None
     n = args.workers - 1
-    pool = mp.get_context("spawn").Pool(n, initializer=_init_worker, initargs=(args.tokenizer,))
+    pool = mp.get_context("spawn").Pool(n, initializer=_init_worker, initargs=(args.tokenizer, parquet))
     pool.map(_ready, range(n), chunksize=1)    # start-up is not part of the timed work
     return pool
+
+
+def _has_parquet(paths) -> bool:
+    return any(f.endswith(PARQUET_EXT) for p in paths for f in source_files(p))
 
 
 def _ready(_):
@@ -358,7 +369,7 @@ def run_single(args, files):
     dtype = _dtype_for(args.tokenizer)
     total = sum(os.path.getsize(p) for p in files.values()) if all(map(is_seekable, files.values())) else None
     progress = _Progress(total, "preprocess", args.quiet)
-    pool = _make_pool(args)
+    pool = _make_pool(args, parquet=_has_parquet(files.values()))
     stats = {}
     langs = list(files)
     units = [(lang, path, 0, None, 1, [os.path.join(args.output_dir, lang, s) for s in SPLITS])
@@ -411,7 +422,7 @@ def run_mpi(args, files, comm):
     error = None
     pool = None
     try:
-        pool = _make_pool(args, announce=rank == 0)
+        pool = _make_pool(args, announce=rank == 0, parquet=_has_parquet(files.values()))
         work = []
         for i, (lang, path, start, end) in enumerate(units):
             if i % size == rank:

@@ -28,6 +28,7 @@ class RawChunk:
     fmt: str = ""               # its format, when it is not the source's
     group: int = -1             # Parquet: the row group the documents come from
     rows: object = None         # Parquet rows filtered (language, null text): 0-based row numbers of docs
+    source: object = None       # a deferred chunk (no data yet): what to read, e.g. parquet_io.DeferredGroup
 
     def __post_init__(self):
         if self.data and not self.length:

@@ -266,13 +266,15 @@ def count_lines_before(path: str, offset: int) -> int:
 def iter_raw_chunks(path: str, chunk_bytes: int = 1 << 20, max_line_bytes: int = 1 << 20,
                     on_bad_line: str = "error", start: int = 0, end: Optional[int] = None,
                     first_line: int = 1, text_key: str = "text", lang_key: Optional[str] = None,
-                    lang: Optional[str] = None) -> Iterator[RawChunk]:
+                    lang: Optional[str] = None, defer_bytes: int = 0) -> Iterator[RawChunk]:
     """Chunks of about chunk_bytes of one source, in order; memory O(chunk_bytes).
 
     A plain text file: blocks of whole lines of path[start:end] (bytes; first_line numbers the
     first). Any other source: its pieces [start:end] (source_pieces), each text file read whole as
     lines, each Parquet row group as batches of documents (keeping the rows whose lang_key column is
     lang, when lang_key is given); chunks of a folder's file name that file and its format.
+    defer_bytes > 0: Parquet row groups of at most that much text come unread, one chunk each, for
+    `load_chunk` to read in the process that encodes them (parquet_io.iter_row_group_chunks).
     """
     if on_bad_line not in BAD_LINE_POLICIES:
         raise CorpusError(f"--on-bad-line {on_bad_line!r}: choose skip or error")
@@ -284,7 +286,7 @@ def iter_raw_chunks(path: str, chunk_bytes: int = 1 << 20, max_line_bytes: int =
     for is_group, run in itertools.groupby(pieces, key=lambda p: not isinstance(p, str)):
         if is_group:
             yield from iter_row_group_chunks(list(run), chunk_bytes, text_key, lang_key, lang, on_bad_line,
-                                             fmt_tag=os.path.isdir(path))
+                                             fmt_tag=os.path.isdir(path), defer_bytes=defer_bytes)
             continue
         for f in run:
             fmt = split_ext(f)[1]
@@ -293,6 +295,15 @@ def iter_raw_chunks(path: str, chunk_bytes: int = 1 << 20, max_line_bytes: int =
                 if f != path:
                     chunk.file = f
                 yield chunk
+
+
+def load_chunk(chunk: RawChunk, path: str) -> RawChunk:
+    """A chunk with its text, in the process that encodes it: a deferred Parquet row group decoded
+    (parquet_io.read_deferred), a by-reference plain-text block re-read (RawChunk.loaded), else itself."""
+    if chunk.source is not None:
+        from xlmr_mp.data.parquet_io import read_deferred
+        return read_deferred(chunk.source)
+    return chunk.loaded(path)
 
 
 def _iter_line_chunks(path: str, chunk_bytes: int, max_line_bytes: int, on_bad_line: str, start: int,

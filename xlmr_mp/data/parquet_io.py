@@ -26,6 +26,7 @@ row (file and row: an error, or skipped and counted with --on-bad-line skip).
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
@@ -165,12 +166,17 @@ def _buffers(arr):
 
 def iter_row_group_chunks(groups: Sequence[RowGroup], chunk_bytes: int, text_key: str,
                           lang_key: Optional[str] = None, lang: Optional[str] = None,
-                          on_bad_line: str = "error", fmt_tag: bool = False) -> Iterator[RawChunk]:
+                          on_bad_line: str = "error", fmt_tag: bool = False,
+                          defer_bytes: int = 0) -> Iterator[RawChunk]:
     """RawChunks of the documents of the given row groups, in order, about chunk_bytes of text each.
 
     first_line is the 1-based row number of the chunk's first row in its file; when rows were left
     out (another language, a null text skipped) the chunk carries the row numbers of those it kept.
-    A null text is an error here (on_bad_line "error") or skipped and counted."""
+    A null text is an error here (on_bad_line "error") or skipped and counted.
+
+    defer_bytes > 0: a row group whose text column is at most defer_bytes comes as one deferred chunk
+    (no data; `source` says what to read) that `read_deferred` decodes whole in whichever process
+    encodes it, so a reading process feeding encoder processes decodes nothing itself."""
     pf, pf_path = None, None
     for g in groups:
         if pf_path != g.file:
@@ -184,6 +190,10 @@ def iter_row_group_chunks(groups: Sequence[RowGroup], chunk_bytes: int, text_key
             keep = pc.fill_null(pc.equal(langs, lang), False).combine_chunks().to_numpy(zero_copy_only=False)
             if not keep.any():
                 continue
+        if 0 < g.text_bytes <= defer_bytes:
+            yield RawChunk(b"", g.first_row + 1, file=g.file if fmt_tag else "", fmt="parquet", group=g.index,
+                           source=DeferredGroup(g, text_key, keep, on_bad_line, fmt_tag))
+            continue
         rows = max(1, int(chunk_bytes * max(g.num_rows, 1) // max(g.text_bytes, 1)))
         batches = iter(_read(pf, g.file, g.index, lambda: pf.iter_batches(
             batch_size=rows, row_groups=[g.index], columns=[text_key], use_threads=False)))
@@ -192,35 +202,79 @@ def iter_row_group_chunks(groups: Sequence[RowGroup], chunk_bytes: int, text_key
             batch = _read(pf, g.file, g.index, lambda: next(batches, None))
             if batch is None:
                 break
-            arr = _as_strings(batch.column(0))
-            n = len(arr)
-            first = g.first_row + done
+            n = batch.num_rows
+            chunk = _batch_chunk(batch.column(0), g, done, keep, text_key, on_bad_line, fmt_tag)
             done += n
-            data, offsets, nulls = _buffers(arr)
-            mask = keep[done - n:done] if keep is not None else np.ones(n, dtype=bool)
-            skipped = []
-            if nulls is not None:
-                for k in np.flatnonzero(nulls & mask).tolist():
-                    reason = f"no text (null in column {text_key!r})"
-                    if on_bad_line == "error":
-                        raise CorpusError(f"{g.file}: row {first + k + 1} (row group {g.index}): {reason}; "
-                                          f"fix the file or pass --on-bad-line skip")
-                    skipped.append((first + k + 1, reason))
-                mask = mask & ~nulls
-            row_numbers = None
-            if not mask.all():
-                kept = np.flatnonzero(mask)
-                if kept.size == 0:
-                    if skipped:
-                        yield RawChunk(b"", first + 1, skipped, -1, 0, docs=np.zeros(1, np.int64),
-                                       file=g.file if fmt_tag else "", fmt="parquet", group=g.index)
-                    continue
-                lengths = np.diff(offsets)[kept]
-                parts = [data[a:b] for a, b in zip(offsets[kept].tolist(), offsets[kept + 1].tolist())]
-                data, offsets = b"".join(parts), np.concatenate([[0], np.cumsum(lengths)])
-                row_numbers = first + kept
-            yield RawChunk(data, first + 1, skipped, -1, len(data), docs=offsets, file=g.file if fmt_tag else "",
-                           fmt="parquet", group=g.index, rows=row_numbers)
+            if chunk is not None:
+                yield chunk
+
+
+@dataclass(frozen=True)
+class DeferredGroup:
+    """A row group to decode where it is encoded (iter_row_group_chunks with defer_bytes)."""
+    group: RowGroup
+    text_key: str
+    keep: object            # bool array [num_rows] of the rows of the language read, or None (all)
+    on_bad_line: str
+    fmt_tag: bool
+
+
+_OPEN = {}                  # this process's last opened Parquet file: {(path, size, mtime): ParquetFile}
+
+
+def read_deferred(ref: DeferredGroup) -> RawChunk:
+    """The chunk of a deferred row group: its documents decoded in one read (same rows, row numbers
+    and errors as iter_row_group_chunks gives without defer_bytes)."""
+    g = ref.group
+    st = os.stat(g.file)
+    key = (g.file, st.st_size, st.st_mtime_ns)
+    pf = _OPEN.get(key)
+    if pf is None:
+        _OPEN.clear()
+        pf = _OPEN[key] = open_parquet(g.file)
+    col = _read(pf, g.file, g.index, lambda: pf.read_row_group(g.index, columns=[ref.text_key],
+                                                                 use_threads=False).column(0))
+    if len(col) != g.num_rows:
+        raise CorpusError(f"{g.file}: row group {g.index} has {len(col)} rows, {g.num_rows} when listed: the "
+                          f"file changed while being read; rerun on a file that is not being written")
+    chunk = _batch_chunk(col, g, 0, ref.keep, ref.text_key, ref.on_bad_line, ref.fmt_tag)
+    if chunk is None:           # every row of another language: nothing to encode
+        chunk = RawChunk(b"", g.first_row + 1, [], -1, 0, docs=np.zeros(1, np.int64),
+                         file=g.file if ref.fmt_tag else "", fmt="parquet", group=g.index)
+    return chunk
+
+
+def _batch_chunk(column, g: RowGroup, done: int, keep, text_key: str, on_bad_line: str,
+                 fmt_tag: bool) -> Optional[RawChunk]:
+    """The chunk of rows [done, done + len(column)) of row group g (None: no row kept, none skipped)."""
+    arr = _as_strings(column)
+    n = len(arr)
+    first = g.first_row + done
+    data, offsets, nulls = _buffers(arr)
+    mask = keep[done:done + n] if keep is not None else np.ones(n, dtype=bool)
+    skipped = []
+    if nulls is not None:
+        for k in np.flatnonzero(nulls & mask).tolist():
+            reason = f"no text (null in column {text_key!r})"
+            if on_bad_line == "error":
+                raise CorpusError(f"{g.file}: row {first + k + 1} (row group {g.index}): {reason}; "
+                                  f"fix the file or pass --on-bad-line skip")
+            skipped.append((first + k + 1, reason))
+        mask = mask & ~nulls
+    row_numbers = None
+    if not mask.all():
+        kept = np.flatnonzero(mask)
+        if kept.size == 0:
+            if skipped:
+                return RawChunk(b"", first + 1, skipped, -1, 0, docs=np.zeros(1, np.int64),
+                                file=g.file if fmt_tag else "", fmt="parquet", group=g.index)
+            return None
+        lengths = np.diff(offsets)[kept]
+        parts = [data[a:b] for a, b in zip(offsets[kept].tolist(), offsets[kept + 1].tolist())]
+        data, offsets = b"".join(parts), np.concatenate([[0], np.cumsum(lengths)])
+        row_numbers = first + kept
+    return RawChunk(data, first + 1, skipped, -1, len(data), docs=offsets, file=g.file if fmt_tag else "",
+                    fmt="parquet", group=g.index, rows=row_numbers)
 
 
 def parse_documents(chunk: RawChunk, path: str, max_line_bytes: int = 1 << 20,
