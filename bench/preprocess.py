@@ -22,9 +22,9 @@ chunk work (start-up excluded from both). On a shared, oversubscribed machine th
 measure of the tool's overhead; wall-clock ratios there mostly measure other people's load.
 
 --formats txt,parquet,zst also measures the tool on the same documents written as Parquet (a `text`
-column, snappy, row groups of about 1 MB of text) and as zstd JSONL (one frame per MB), interleaved
-with the plain-text runs: throughput on each format / on plain text (wall and CPU), both in MB/s of
-the plain text. --out FILE appends that comparison (command, commit, date, load) to FILE.
+column, snappy, row groups of about --row-group-mb MB of text, default 1) and as zstd JSONL (one
+frame per MB), interleaved with the plain-text runs: throughput on each format / on plain text (wall
+and CPU), both in MB/s of the plain text. --out FILE appends that comparison (command, commit, date, load) to FILE.
 """
 from __future__ import annotations
 
@@ -108,8 +108,9 @@ def run_tool(corpus, model, out, workers, tool=None, env=None):
     return timing["seconds"], wall, tokens, cpu
 
 
-def write_formats(corpus, langs, work, formats):
-    """The corpus's documents as Parquet and/or zstd JSONL beside it; {format: input directory}."""
+def write_formats(corpus, langs, work, formats, row_group_mb=1.0):
+    """The corpus's documents as Parquet (row groups of about row_group_mb of text) and/or zstd JSONL
+    beside it; {format: input directory}."""
     from xlmr_mp.data.corpus_io import iter_documents
     dirs = {"txt": corpus}
     for fmt in formats:
@@ -125,7 +126,7 @@ def write_formats(corpus, langs, work, formats):
             import pyarrow.parquet as pq
             per_row = max(1, sum(map(len, texts)) // max(len(texts), 1))
             pq.write_table(pa.table({"text": texts}), os.path.join(dirs["parquet"], f"{lang}.parquet"),
-                           row_group_size=max(1, (1 << 20) // per_row))
+                           row_group_size=max(1, int(row_group_mb * (1 << 20)) // per_row))
         if "zst" in dirs:
             import zstandard
             data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
@@ -198,6 +199,8 @@ def main():
     ap.add_argument("--plot", default=None, help="write a PNG of MB/s per process count (needs matplotlib)")
     ap.add_argument("--formats", default="txt",
                     help="input formats the tool is measured on, e.g. txt,parquet,zst (default txt)")
+    ap.add_argument("--row-group-mb", type=float, default=1.0,
+                    help="Parquet row groups of about this many MB of text (default 1)")
     ap.add_argument("--out", default=None, help="append the --formats comparison to this file")
     args = ap.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="bench_prep_")
@@ -225,7 +228,7 @@ def main():
         print(f"sentencepiece {spm.__version__} has no out_type='numpy': the 'raw np' column is empty")
     formats = [f for f in args.formats.split(",") if f]
     args.load_at_start = os.getloadavg()[0]
-    dirs = write_formats(corpus, langs, work, formats)
+    dirs = write_formats(corpus, langs, work, formats, args.row_group_mb)
     rows = {}
     for n in counts:
         raws, raws_np, tools, others = [], [], [], []

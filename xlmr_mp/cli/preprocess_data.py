@@ -19,11 +19,11 @@ any --workers and any MPI rank count.
 
 Parallel: --workers N = N encoding processes, this one included (it encodes a chunk itself
 whenever its N - 1 helpers have two queued each), so N matches N cores without oversubscription.
-Helpers re-read plain files by offset and decode Parquet row groups of up to 4 chunks themselves
+Helpers re-read plain files by offset and decode Parquet row groups of up to 8 chunks themselves
 (larger row groups are decoded here in batches); only compressed input is piped to them.
 
 Streaming: the reader holds about (2 * workers + 2) chunks of --chunk-bytes (Parquet: of up to
-4 x --chunk-bytes, a row group decoded whole); token lengths and document ends are spooled to
+8 x --chunk-bytes, a row group decoded whole); token lengths and document ends are spooled to
 disk, so memory does not grow with the file size.
 
 MPI: plain files are cut into ranges of about --range-bytes at document boundaries (compressed
@@ -59,7 +59,7 @@ from xlmr_mp.cli.merge_datasets import merge_datasets
 from xlmr_mp.data.split import SPLITS, document_split, parse_split  # noqa: F401 (re-exported for tests)
 
 _TOKENIZER = None  # per-process XLMRTokenizer, set by _init_worker
-DEFER_CHUNKS = 4   # Parquet row groups of up to this many --chunk-bytes are decoded by the encoding process
+DEFER_CHUNKS = 8   # Parquet row groups of up to this many --chunk-bytes are decoded by the encoding process
 
 
 def _init_worker(model_path: str, parquet: bool = False) -> None:

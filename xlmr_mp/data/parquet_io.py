@@ -7,11 +7,15 @@ With `--lang-key`, a column names each row's language and a reader for language 
 whose value is L: it reads the (small) language column of every row group and decodes the text only
 of row groups holding L, so files whose row groups each hold few languages read fastest.
 
-Memory: the reading process decodes one record batch of about `chunk_bytes` of text at a time
+Memory: a row group is decoded one record batch of about `chunk_bytes` of text at a time
 (`ParquetFile.iter_batches` over one row group, only the needed columns, pyarrow's own threads
 off so encoder processes keep the cores); pages are streamed through a 1 MiB read buffer (no
 pre-buffering of the row group's column chunk), so memory is one batch, one page and the column's
-dictionary page, whatever the size of the row group or the file. A batch is the column's own buffers:
+dictionary page, whatever the size of the row group or the file. With `defer_bytes` (the
+preprocessing tool: 8 chunks), a row group of at most that much text is instead handed out unread,
+as a `DeferredGroup` (file, row group, language mask), and decoded whole by `read_deferred` in the
+encoder process that takes it: the reading process then does no decoding and pipes no text for it,
+as with plain text, where encoder processes re-read (offset, length). A batch is the column's own buffers:
 its UTF-8 bytes back to back (a view of Arrow's buffer, not a copy, until the chunk goes to an encoder
 process as bytes) and the rows' offsets (numpy), so encoder processes never import pyarrow and the
 reading process makes no per-row Python object; `parse_documents` turns one into sentences with C-level
