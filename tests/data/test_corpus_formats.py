@@ -17,6 +17,7 @@ zstandard = pytest.importorskip("zstandard")
 from tests.support.prep import run_tool, train_tiny_spm  # noqa: E402
 from xlmr_mp.data.corpus_io import (CorpusError, corpus_ranges, find_language_files, iter_documents,  # noqa: E402
                                     iter_raw_chunks, load_chunk, parse_chunk)
+from xlmr_mp.cli.preprocess_data import DEFER_CHUNKS  # noqa: E402
 from xlmr_mp.data.parquet_io import row_groups  # noqa: E402
 from xlmr_mp.fixtures.demo_corpus import make_tiny_corpus  # noqa: E402
 
@@ -103,7 +104,8 @@ def test_parquet_and_zstd_give_the_plain_text_datasets(base, tmp_path, workers):
     for lang in LANGS:
         write_parquet(pqd / f"{lang}.parquet", base["docs"][lang], row_group_size=5 if lang == "en" else 20)
         sizes = [g.text_bytes for g in row_groups(str(pqd / f"{lang}.parquet"), "text")]
-        assert (max(sizes) <= 8 * 1024) if lang == "en" else (min(sizes) > 8 * 1024)
+        defer = DEFER_CHUNKS * 1024
+        assert (max(sizes) <= defer) if lang == "en" else (min(sizes) > defer)
         assert pq.ParquetFile(pqd / f"{lang}.parquet").metadata.num_row_groups >= (3 if lang == "en" else 2)
         assert len(write_zst(zd / (f"{lang}.jsonl.zst" if lang == "en" else f"{lang}.zst"),
                              jsonl(base["docs"][lang]))) >= 3

@@ -37,8 +37,9 @@ class RawChunk:
     def by_reference(self) -> "RawChunk":
         """The same chunk without its bytes, for a process that re-reads them (plain files only):
         handing an encoder process (offset, length) instead of the text saves pickling and piping
-        the whole corpus through the coordinating process. Other chunks come back with their data as bytes
-        (a memoryview of a reader's buffer is copied, since it cannot be pickled)."""
+        the whole corpus through the coordinating process. A deferred chunk (`source`) has no bytes to
+        leave out; other chunks come back with their data as bytes (a memoryview of a reader's buffer is
+        copied, since it cannot be pickled)."""
         if self.offset < 0:
             return self if isinstance(self.data, bytes) else dataclasses.replace(self, data=bytes(self.data))
         return RawChunk(b"", self.first_line, self.skipped, self.offset, self.length, file=self.file, fmt=self.fmt)

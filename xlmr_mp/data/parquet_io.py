@@ -15,10 +15,10 @@ dictionary page, whatever the size of the row group or the file. With `defer_byt
 preprocessing tool: 8 chunks), a row group of at most that much text is instead handed out unread,
 as a `DeferredGroup` (file, row group, language mask), and decoded whole by `read_deferred` in the
 encoder process that takes it: the reading process then does no decoding and pipes no text for it,
-as with plain text, where encoder processes re-read (offset, length). A batch is the column's own buffers:
-its UTF-8 bytes back to back (a view of Arrow's buffer, not a copy, until the chunk goes to an encoder
-process as bytes) and the rows' offsets (numpy), so encoder processes never import pyarrow and the
-reading process makes no per-row Python object; `parse_documents` turns one into sentences with C-level
+as with plain text, where encoder processes re-read (offset, length). A batch is the column's own
+buffers: its UTF-8 bytes back to back (a view of Arrow's buffer, not a copy, until the chunk goes to
+an encoder process as bytes) and the rows' offsets (numpy), so the decoding process makes no
+per-row Python object; `parse_documents` turns one into sentences with C-level
 string operations (one join, one decode and one split per batch).
 
 Sharding: a file is a list of row groups; MPI ranks and ranges take whole row groups.
@@ -206,10 +206,9 @@ def iter_row_group_chunks(groups: Sequence[RowGroup], chunk_bytes: int, text_key
             batch = _read(pf, g.file, g.index, lambda: next(batches, None))
             if batch is None:
                 break
-            n = batch.num_rows
             chunk = _batch_chunk(batch.column(0), g, done, keep, text_key, on_bad_line, fmt_tag)
-            done += n
-            if chunk is not None:
+            done += batch.num_rows
+            if len(chunk.docs) > 1 or chunk.skipped:        # else every row of another language
                 yield chunk
 
 
@@ -241,16 +240,13 @@ def read_deferred(ref: DeferredGroup) -> RawChunk:
     if len(col) != g.num_rows:
         raise CorpusError(f"{g.file}: row group {g.index} has {len(col)} rows, {g.num_rows} when listed: the "
                           f"file changed while being read; rerun on a file that is not being written")
-    chunk = _batch_chunk(col, g, 0, ref.keep, ref.text_key, ref.on_bad_line, ref.fmt_tag)
-    if chunk is None:           # every row of another language: nothing to encode
-        chunk = RawChunk(b"", g.first_row + 1, [], -1, 0, docs=np.zeros(1, np.int64),
-                         file=g.file if ref.fmt_tag else "", fmt="parquet", group=g.index)
-    return chunk
+    return _batch_chunk(col, g, 0, ref.keep, ref.text_key, ref.on_bad_line, ref.fmt_tag)
 
 
 def _batch_chunk(column, g: RowGroup, done: int, keep, text_key: str, on_bad_line: str,
-                 fmt_tag: bool) -> Optional[RawChunk]:
-    """The chunk of rows [done, done + len(column)) of row group g (None: no row kept, none skipped)."""
+                 fmt_tag: bool) -> RawChunk:
+    """The chunk of rows [done, done + len(column)) of row group g: the rows kept (language, non-null)
+    and the null rows skipped."""
     arr = _as_strings(column)
     n = len(arr)
     first = g.first_row + done
@@ -269,10 +265,8 @@ def _batch_chunk(column, g: RowGroup, done: int, keep, text_key: str, on_bad_lin
     if not mask.all():
         kept = np.flatnonzero(mask)
         if kept.size == 0:
-            if skipped:
-                return RawChunk(b"", first + 1, skipped, -1, 0, docs=np.zeros(1, np.int64),
-                                file=g.file if fmt_tag else "", fmt="parquet", group=g.index)
-            return None
+            return RawChunk(b"", first + 1, skipped, -1, 0, docs=np.zeros(1, np.int64),
+                            file=g.file if fmt_tag else "", fmt="parquet", group=g.index)
         lengths = np.diff(offsets)[kept]
         parts = [data[a:b] for a, b in zip(offsets[kept].tolist(), offsets[kept + 1].tolist())]
         data, offsets = b"".join(parts), np.concatenate([[0], np.cumsum(lengths)])
